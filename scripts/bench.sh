@@ -1,0 +1,491 @@
+#!/usr/bin/env bash
+# Compare pgbench throughput: direct PostgreSQL vs rlsgate vs PgBouncer.
+#
+# Usage: scripts/bench.sh [-d SECONDS] [-c CLIENTS] [-j THREADS] [-r ROUNDS]
+#
+#   -d SECONDS  duration of each pgbench run          (default 10)
+#   -c CLIENTS  pgbench clients (-c)                   (default 8)
+#   -j THREADS  pgbench threads (-j)                   (default 2)
+#   -r ROUNDS   runs per case and target, averaged     (default 2)
+#
+# Environment:
+#   RLSGATE_BIN=path   use this rlsgate binary instead of building one
+#                      (default: cargo build --release, target/release/rlsgate)
+#   SKIP_RLSGATE=1     do not build or start rlsgate; measure direct and
+#                      PgBouncer only (rlsgate columns print "skipped")
+#   BENCH_CASES="..."  subset of: select_simple select_extended
+#                      select_prepared tpcb churn (default: all, in that order)
+#   PG_BIN=dir         PostgreSQL 15 server binaries
+#                      (default /usr/lib/postgresql/15/bin)
+#   BENCH_SCALE=n      pgbench -i scale factor (default 10)
+#   KEEP_TMP=1         keep the temporary directory (logs, configs) at exit
+#
+# Everything runs on 127.0.0.1 in a temporary directory: a throwaway
+# PostgreSQL cluster (run as the `postgres` user when this script runs as
+# root), PgBouncer (installed with apt-get when missing) and rlsgate. All of
+# it is stopped and removed on exit, also after an error or Ctrl-C.
+#
+# Output: progress on stderr; on stdout exactly one line per case:
+#   case=<name> direct_tps=<n> rlsgate_tps=<n> pgbouncer_tps=<n> rlsgate/direct=<r> rlsgate/pgbouncer=<r>
+# followed on the same line by <target>_failed=<n> when pgbench counted failed
+# transactions for that target. A target whose pgbench run errored or aborted
+# (any round) prints tps "error" and its ratios "n/a"; the pgbench output is
+# copied to stderr.
+#
+# Cases (every run: pgbench -n -T D -c C -j J -h 127.0.0.1 -p PORT -U rlsgate_app bench):
+#   select_simple    -S -M simple
+#   select_extended  -S -M extended
+#   select_prepared  -S -M prepared    (PgBouncer before 1.21 does not support
+#                                       protocol-level prepared statements in
+#                                       transaction mode: expect "error" there)
+#   tpcb             built-in TPC-B-like script, -M simple
+#   churn            -S -M simple -C   (a new connection per transaction)
+#
+# rlsgate is started with an HS256 secret from RLSGATE_JWT_SECRET and a token
+# minted by `rlsgate token --secret-env RLSGATE_JWT_SECRET --claim
+# store_id=bench --ttl <T>` is the password of its runs; every transaction it
+# relays gets SET LOCAL app.current_store_id = 'bench'. The pgbench tables
+# carry no RLS policies, so the numbers measure the proxy itself.
+#
+# The server runs with synchronous_commit=off so that write cases measure the
+# proxies rather than WAL flushes (the same for every target).
+
+set -euo pipefail
+
+DURATION=10
+CLIENTS=8
+THREADS=2
+ROUNDS=2
+
+usage() {
+    if [ "${1:-2}" -eq 0 ]; then
+        sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"
+        exit 0
+    fi
+    echo "usage: $0 [-d SECONDS] [-c CLIENTS] [-j THREADS] [-r ROUNDS]   (-h for help)" >&2
+    exit "${1:-2}"
+}
+
+while getopts ":d:c:j:r:h" opt; do
+    case "$opt" in
+        d) DURATION=$OPTARG ;;
+        c) CLIENTS=$OPTARG ;;
+        j) THREADS=$OPTARG ;;
+        r) ROUNDS=$OPTARG ;;
+        h) usage 0 ;;
+        :) echo "bench.sh: option -$OPTARG needs a value" >&2; usage ;;
+        *) echo "bench.sh: unknown option -$OPTARG" >&2; usage ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -eq 0 ] || { echo "bench.sh: unexpected argument: $1" >&2; usage; }
+
+for pair in "-d:$DURATION" "-c:$CLIENTS" "-j:$THREADS" "-r:$ROUNDS"; do
+    val=${pair#*:}
+    if ! [[ $val =~ ^[1-9][0-9]*$ ]]; then
+        echo "bench.sh: ${pair%%:*} needs a positive integer, got '$val'" >&2
+        exit 2
+    fi
+done
+if [ "$THREADS" -gt "$CLIENTS" ]; then
+    echo "bench.sh: -j $THREADS > -c $CLIENTS, using -j $CLIENTS" >&2
+    THREADS=$CLIENTS
+fi
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+SKIP_RLSGATE=${SKIP_RLSGATE:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+SCALE=${BENCH_SCALE:-10}
+ALL_CASES="select_simple select_extended select_prepared tpcb churn"
+CASES=${BENCH_CASES:-$ALL_CASES}
+APP_USER=rlsgate_app
+APP_PASSWORD=benchpw
+DB=bench
+
+for c in $CASES; do
+    case " $ALL_CASES " in
+        *" $c "*) ;;
+        *) echo "bench.sh: unknown case '$c' in BENCH_CASES (known: $ALL_CASES)" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
+
+IS_ROOT=0
+[ "$(id -u)" -eq 0 ] && IS_ROOT=1
+
+as_root() {
+    if [ "$IS_ROOT" -eq 1 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Run a server-side command (initdb, pg_ctl, pgbouncer) as the unprivileged
+# `postgres` user when we are root; PostgreSQL refuses to run as root.
+as_pg() {
+    if [ "$IS_ROOT" -eq 1 ]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Cleanup: registered before anything is started.
+# ---------------------------------------------------------------------------
+TMP=""
+RLSGATE_PID=""
+PG_STARTED=0
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [ -n "$RLSGATE_PID" ] && kill -0 "$RLSGATE_PID" 2>/dev/null; then
+        kill "$RLSGATE_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$RLSGATE_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$RLSGATE_PID" 2>/dev/null
+        wait "$RLSGATE_PID" 2>/dev/null
+    fi
+    if [ -n "$TMP" ] && [ -f "$TMP/pgbouncer.pid" ]; then
+        local bpid
+        bpid=$(cat "$TMP/pgbouncer.pid" 2>/dev/null)
+        if [ -n "$bpid" ] && kill -0 "$bpid" 2>/dev/null; then
+            kill "$bpid" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$bpid" 2>/dev/null || break; sleep 0.1; done
+            kill -9 "$bpid" 2>/dev/null
+        fi
+    fi
+    if [ "$PG_STARTED" -eq 1 ]; then
+        as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -m fast -w stop >/dev/null 2>&1 \
+            || as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [ -n "$TMP" ] && [ -d "$TMP" ]; then
+        if [ "$KEEP_TMP" = 1 ]; then
+            log "kept $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------
+# Prerequisites.
+# ---------------------------------------------------------------------------
+for b in initdb pg_ctl psql pgbench pg_isready; do
+    [ -x "$PG_BIN/$b" ] || die "$PG_BIN/$b not found (install postgresql-15 or set PG_BIN)"
+done
+if [ "$IS_ROOT" -eq 1 ]; then
+    id postgres >/dev/null 2>&1 || die "running as root needs a 'postgres' user to run the server as"
+    command -v runuser >/dev/null || die "runuser not found"
+fi
+
+find_pgbouncer() {
+    PGBOUNCER=$(command -v pgbouncer 2>/dev/null || true)
+    if [ -z "$PGBOUNCER" ] && [ -x /usr/sbin/pgbouncer ]; then PGBOUNCER=/usr/sbin/pgbouncer; fi
+    [ -n "$PGBOUNCER" ]
+}
+if ! find_pgbouncer; then
+    log "installing pgbouncer"
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2; then
+        as_root apt-get update -q >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2
+    fi
+    find_pgbouncer || die "pgbouncer still not found after apt-get install"
+fi
+
+if [ "$SKIP_RLSGATE" = 1 ]; then
+    log "SKIP_RLSGATE=1: rlsgate is not built or measured"
+    RLSGATE_BIN=""
+elif [ -n "${RLSGATE_BIN:-}" ]; then
+    [ -x "$RLSGATE_BIN" ] || die "RLSGATE_BIN=$RLSGATE_BIN is not an executable file"
+else
+    log "building rlsgate (cargo build --release)"
+    (cd "$ROOT" && cargo build --release >&2) || die "cargo build --release failed"
+    RLSGATE_BIN=$ROOT/target/release/rlsgate
+    [ -x "$RLSGATE_BIN" ] || die "build finished but $RLSGATE_BIN does not exist"
+fi
+
+# ---------------------------------------------------------------------------
+# Scratch space and ports.
+# ---------------------------------------------------------------------------
+# Short path: the Unix socket path (dir + /.s.PGSQL.NNNNN) must fit 107 bytes.
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/rlsgate-bench.XXXXXX")
+chmod 755 "$TMP"
+if [ "$IS_ROOT" -eq 1 ]; then chown postgres: "$TMP"; fi
+
+USED_PORTS=" "
+port_in_use() {
+    # A successful connect means someone listens there.
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+# Listen ports come from below the kernel's ephemeral range, so an outgoing
+# connection's local port (pgbench's, the proxies') cannot take them.
+EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[[ $EPHEMERAL_LOW =~ ^[0-9]+$ ]] && [ "$EPHEMERAL_LOW" -gt 12000 ] || EPHEMERAL_LOW=32768
+pick_port() { # sets FREE_PORT (not run in a subshell, so USED_PORTS sticks)
+    local p
+    for _ in $(seq 200); do
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
+        case "$USED_PORTS" in *" $p "*) continue ;; esac
+        if ! port_in_use "$p"; then
+            USED_PORTS="$USED_PORTS$p "
+            FREE_PORT=$p
+            return 0
+        fi
+    done
+    die "no free TCP port found"
+}
+pick_port; PG_PORT=$FREE_PORT
+pick_port; BOUNCER_PORT=$FREE_PORT
+pick_port; RLSGATE_PORT=$FREE_PORT
+
+# libpq settings for every client below: plain TCP on loopback, no TLS or GSS
+# negotiation round trips (the same for all three targets).
+export PGSSLMODE=disable PGGSSENCMODE=disable
+unset PGHOST PGPORT PGUSER PGDATABASE PGPASSWORD PGSERVICE PGOPTIONS 2>/dev/null || true
+
+# ---------------------------------------------------------------------------
+# PostgreSQL.
+# ---------------------------------------------------------------------------
+log "initdb in $TMP/data (port $PG_PORT)"
+as_pg "$PG_BIN/initdb" -D "$TMP/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --no-sync >"$TMP/initdb.log" 2>&1 || { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
+
+# Local socket: trust (setup as superuser). TCP from 127.0.0.1: SCRAM for
+# rlsgate_app (direct runs, PgBouncer and rlsgate upstream connections).
+cat >"$TMP/pg_hba.conf" <<EOF
+local all all trust
+host  all all 127.0.0.1/32 scram-sha-256
+EOF
+if [ "$IS_ROOT" -eq 1 ]; then chown postgres: "$TMP/pg_hba.conf"; fi
+cp "$TMP/pg_hba.conf" "$TMP/data/pg_hba.conf"
+
+PG_OPTS="-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=200"
+PG_OPTS="$PG_OPTS -c password_encryption=scram-sha-256 -c synchronous_commit=off"
+PG_STARTED=1
+as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -o "$PG_OPTS" -l "$TMP/postgres.log" -w -t 60 start >/dev/null \
+    || { tail -n 20 "$TMP/postgres.log" >&2 2>/dev/null; die "PostgreSQL did not start"; }
+
+psql_super() {
+    "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$TMP" -p "$PG_PORT" -U postgres "$@"
+}
+psql_super -d postgres -c "CREATE DATABASE $DB" >&2
+log "pgbench -i -s $SCALE $DB"
+"$PG_BIN/pgbench" -i -q -s "$SCALE" -h "$TMP" -p "$PG_PORT" -U postgres "$DB" >"$TMP/pgbench-init.log" 2>&1 \
+    || { cat "$TMP/pgbench-init.log" >&2; die "pgbench -i failed"; }
+psql_super -d "$DB" >&2 <<EOF
+CREATE ROLE $APP_USER LOGIN PASSWORD '$APP_PASSWORD';
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO $APP_USER;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO $APP_USER;
+EOF
+
+# ---------------------------------------------------------------------------
+# PgBouncer (transaction pooling, same pool size as rlsgate).
+# ---------------------------------------------------------------------------
+cat >"$TMP/userlist.txt" <<EOF
+"$APP_USER" "$APP_PASSWORD"
+EOF
+cat >"$TMP/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=127.0.0.1 port=$PG_PORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $TMP/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 1000
+max_db_connections = 20
+ignore_startup_parameters = extra_float_digits
+logfile = $TMP/pgbouncer.log
+pidfile = $TMP/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+chmod 600 "$TMP/userlist.txt"
+if [ "$IS_ROOT" -eq 1 ]; then chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"; fi
+
+log "starting pgbouncer on 127.0.0.1:$BOUNCER_PORT"
+as_pg "$PGBOUNCER" -d "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.stdout" 2>&1 \
+    || { cat "$TMP/pgbouncer.stdout" "$TMP/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer did not start"; }
+
+wait_ready() { # name port pid-or-empty log
+    local name=$1 port=$2 pid=$3 logf=$4
+    for _ in $(seq 150); do
+        if { [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; } \
+            || { [ "$name" = pgbouncer ] && grep -q ' FATAL ' "$logf" 2>/dev/null; }; then
+            echo "----- $logf" >&2; tail -n 30 "$logf" >&2 2>/dev/null
+            die "$name exited during startup"
+        fi
+        if "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -d "$DB" -U "$APP_USER" -t 2; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "----- $logf" >&2; tail -n 30 "$logf" >&2 2>/dev/null
+    die "$name is not accepting connections on 127.0.0.1:$port after 30s"
+}
+wait_ready pgbouncer "$BOUNCER_PORT" "" "$TMP/pgbouncer.log"
+
+# ---------------------------------------------------------------------------
+# rlsgate.
+# ---------------------------------------------------------------------------
+RLSGATE_TOKEN=""
+if [ "$SKIP_RLSGATE" != 1 ]; then
+    RLSGATE_JWT_SECRET="bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    export RLSGATE_JWT_SECRET
+
+    # ${RLSGATE_JWT_SECRET} stays literal in the file: rlsgate expands it.
+    cat >"$TMP/rlsgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$RLSGATE_PORT"
+pool_mode = "transaction"
+
+[upstream]
+host = "127.0.0.1"
+port = $PG_PORT
+database = "$DB"
+user = "$APP_USER"
+password = "$APP_PASSWORD"
+sslmode = "disable"
+pool_size = 20
+
+[auth]
+algorithms = ["HS256"]
+hs_secret = "\${RLSGATE_JWT_SECRET}"
+tenant_claim = "store_id"
+
+[context]
+"app.current_store_id" = "store_id"
+
+[guard]
+protected = ["app.*"]
+EOF
+
+    # Long enough for every run (5 cases x 3 targets x rounds x duration).
+    total_s=$((5 * 3 * ROUNDS * (DURATION + 5)))
+    ttl_h=$(( total_s / 3600 + 2 ))
+    log "minting a token (rlsgate token --ttl ${ttl_h}h)"
+    if ! RLSGATE_TOKEN=$("$RLSGATE_BIN" token --secret-env RLSGATE_JWT_SECRET \
+            --claim store_id=bench --ttl "${ttl_h}h" 2>"$TMP/token.err"); then
+        cat "$TMP/token.err" >&2
+        die "'$RLSGATE_BIN token' failed"
+    fi
+    RLSGATE_TOKEN=$(printf '%s' "$RLSGATE_TOKEN" | tr -d '[:space:]')
+    [[ $RLSGATE_TOKEN =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]] \
+        || die "'rlsgate token' printed something that is not a JWT: '$RLSGATE_TOKEN'"
+
+    log "starting rlsgate on 127.0.0.1:$RLSGATE_PORT"
+    "$RLSGATE_BIN" serve --config "$TMP/rlsgate.toml" >"$TMP/rlsgate.log" 2>&1 &
+    RLSGATE_PID=$!
+    wait_ready rlsgate "$RLSGATE_PORT" "$RLSGATE_PID" "$TMP/rlsgate.log"
+
+    # Smoke test: the proxy answers and applies the tenant setting.
+    got=$(PGPASSWORD=$RLSGATE_TOKEN "$PG_BIN/psql" -X -At -h 127.0.0.1 -p "$RLSGATE_PORT" \
+            -U "$APP_USER" -d "$DB" -c "SELECT current_setting('app.current_store_id', true)" \
+            2>"$TMP/smoke.err") || true
+    if [ "$got" != bench ]; then
+        cat "$TMP/smoke.err" >&2
+        echo "----- rlsgate log" >&2; tail -n 30 "$TMP/rlsgate.log" >&2
+        die "query through rlsgate did not see app.current_store_id = 'bench' (got '$got')"
+    fi
+fi
+
+# Direct and PgBouncer paths answer too.
+for target_port in "$PG_PORT" "$BOUNCER_PORT"; do
+    PGPASSWORD=$APP_PASSWORD "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$target_port" \
+        -U "$APP_USER" -d "$DB" -c "SELECT 1" >/dev/null \
+        || die "cannot query as $APP_USER on 127.0.0.1:$target_port"
+done
+
+# ---------------------------------------------------------------------------
+# Runs.
+# ---------------------------------------------------------------------------
+case_args() {
+    case "$1" in
+        select_simple)   echo "-S -M simple" ;;
+        select_extended) echo "-S -M extended" ;;
+        select_prepared) echo "-S -M prepared" ;;
+        tpcb)            echo "-M simple" ;;
+        churn)           echo "-S -M simple -C" ;;
+    esac
+}
+
+TARGETS="direct rlsgate pgbouncer"
+declare -A TPS_SUM=() RUNS=() ERRORS=() FAILED=()
+
+run_one() { # case target round
+    local cname=$1 target=$2 round=$3 port password out rc tps failed
+    case "$target" in
+        direct)    port=$PG_PORT;       password=$APP_PASSWORD ;;
+        pgbouncer) port=$BOUNCER_PORT;  password=$APP_PASSWORD ;;
+        rlsgate)   port=$RLSGATE_PORT;  password=$RLSGATE_TOKEN ;;
+    esac
+    out="$TMP/run-$cname-$target-$round.log"
+    log "case=$cname target=$target round=$round/$ROUNDS"
+    rc=0
+    # shellcheck disable=SC2046 # word splitting of the case arguments is intended
+    PGPASSWORD=$password "$PG_BIN/pgbench" -n -T "$DURATION" -c "$CLIENTS" -j "$THREADS" \
+        $(case_args "$cname") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$out" 2>&1 || rc=$?
+    # pgbench 15: "tps = N (without initial connection time)", with -C
+    # "tps = N (including reconnection times)".
+    tps=$(sed -n 's/^tps = \([0-9][0-9.]*\) .*/\1/p' "$out" | tail -n 1)
+    failed=$(sed -n 's/^number of failed transactions: \([0-9][0-9]*\).*/\1/p' "$out" | tail -n 1)
+    local key="$cname/$target"
+    FAILED[$key]=$(( ${FAILED[$key]:-0} + ${failed:-0} ))
+    if [ "$rc" -ne 0 ] || [ -z "$tps" ]; then
+        ERRORS[$key]=1
+        {
+            echo "----- pgbench exit $rc: case=$cname target=$target round=$round"
+            grep -v '^progress:' "$out" | tail -n 15
+        } >&2
+        return 0
+    fi
+    TPS_SUM[$key]=$(awk -v a="${TPS_SUM[$key]:-0}" -v b="$tps" 'BEGIN { printf "%.6f", a + b }')
+    RUNS[$key]=$(( ${RUNS[$key]:-0} + 1 ))
+}
+
+avg_tps() { # key -> number | error | skipped
+    local key=$1
+    if [ "${key#*/}" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then echo skipped; return; fi
+    if [ -n "${ERRORS[$key]:-}" ] || [ "${RUNS[$key]:-0}" -eq 0 ]; then echo error; return; fi
+    awk -v s="${TPS_SUM[$key]}" -v n="${RUNS[$key]}" 'BEGIN { printf "%.0f", s / n }'
+}
+
+ratio() { # a b
+    if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] && awk -v b="$2" 'BEGIN { exit !(b > 0) }'; then
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo n/a
+    fi
+}
+
+log "cases: $CASES; $ROUNDS round(s) x ${DURATION}s, -c $CLIENTS -j $THREADS"
+for cname in $CASES; do
+    for round in $(seq "$ROUNDS"); do
+        for target in $TARGETS; do
+            if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi
+            run_one "$cname" "$target" "$round"
+        done
+    done
+    d=$(avg_tps "$cname/direct")
+    r=$(avg_tps "$cname/rlsgate")
+    b=$(avg_tps "$cname/pgbouncer")
+    line="case=$cname direct_tps=$d rlsgate_tps=$r pgbouncer_tps=$b"
+    line="$line rlsgate/direct=$(ratio "$r" "$d") rlsgate/pgbouncer=$(ratio "$r" "$b")"
+    for target in $TARGETS; do
+        f=${FAILED[$cname/$target]:-0}
+        if [ "$f" -gt 0 ]; then line="$line ${target}_failed=$f"; fi
+    done
+    echo "$line"
+done

@@ -1,0 +1,159 @@
+//! Shared state, the accept loop and graceful shutdown.
+//!
+//! [`run`] takes a bound listener and a shutdown token, so tests bind `127.0.0.1:0` and the binary
+//! binds the configured address.
+
+use std::hash::RandomState;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::{KeyError, Validator};
+use crate::cancel::CancelRegistry;
+use crate::client::{self, Handshake};
+use crate::config::Config;
+use crate::error::UserFacing;
+use crate::guard::Guard;
+use crate::pool::Pool;
+use crate::session::Session;
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("JWT key configuration: {0}")]
+    Key(#[from] KeyError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Everything sessions share. No globals: tests run many of these side by side.
+pub struct Shared {
+    config: Arc<Config>,
+    validator: Validator,
+    pub guard: Guard,
+    pub pool: Pool,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls_acceptor: Option<TlsAcceptor>,
+    /// Keys the server-side names of prepared statements (unpredictable per process).
+    pub stmt_hasher: RandomState,
+    next_conn_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Arc<Shared>, StartError> {
+        let validator = Validator::new(&config.auth, &config.context)?;
+        let tls_acceptor = match (&config.tls, config.client_tls_enabled()) {
+            (Some(t), true) => match (&t.cert, &t.key) {
+                (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let upstream_tls = tls::upstream_config(&config.upstream)?;
+        Ok(Arc::new(Shared {
+            guard: Guard::new(&config.guard),
+            pool: Pool::new(config.upstream.clone(), upstream_tls),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls_acceptor,
+            validator,
+            stmt_hasher: RandomState::new(),
+            next_conn_id: AtomicU64::new(1),
+            config: Arc::new(config),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+}
+
+/// Accept clients until `shutdown` fires, then let sessions finish their transactions for up to
+/// `server.shutdown_timeout`.
+pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let local = listener.local_addr().ok();
+    tracing::info!(listen = ?local, pool_size = shared.config().upstream.pool_size, "rlsgate is accepting connections");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                    let span = tracing::info_span!("conn", conn_id, %peer, user = tracing::field::Empty, tenant = tracing::field::Empty);
+                    tracker.spawn(handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone()).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let timeout = shared.config().server.shutdown_timeout;
+    tracing::info!(sessions = tracker.len(), ?timeout, "shutting down: waiting for open transactions");
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(sessions = tracker.len(), "shutdown timeout reached; closing remaining sessions");
+    }
+    shared.pool.close();
+}
+
+async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, conn_id: u64, shutdown: CancellationToken) {
+    tcp.set_nodelay(true).ok();
+    let timeout = shared.config().server.handshake_timeout;
+    let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
+        Err(_) => {
+            tracing::info!("handshake timed out");
+            return;
+        }
+        Ok(Err((stream, e))) => {
+            tracing::info!(error = %e, "login refused");
+            if let Some(mut stream) = stream {
+                client::report(&mut stream, &e.to_client_error()).await;
+            }
+            return;
+        }
+        Ok(Ok(Handshake::Cancel { pid, key })) => {
+            shared.cancels.cancel(pid, &key).await;
+            return;
+        }
+        Ok(Ok(Handshake::Login(login))) => login,
+    };
+    let span = tracing::Span::current();
+    span.record("user", login.user.as_str());
+    span.record("tenant", login.identity.tenant.as_str());
+    let mut login = *login;
+    let params = match shared.pool.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream unavailable at login");
+            client::report(&mut login.stream, &e.to_client_error()).await;
+            return;
+        }
+    };
+    tracing::info!(subject = login.identity.subject.as_deref().unwrap_or(""), tls = login.stream.is_tls(), "client logged in");
+    let mut session = match Session::new(login, Arc::clone(&shared), conn_id, shutdown) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start session");
+            return;
+        }
+    };
+    if let Err(e) = session.greet(&params).await {
+        tracing::debug!(error = %e, "client left during login");
+        return;
+    }
+    session.run().await;
+    tracing::debug!("client disconnected");
+}

@@ -1,0 +1,22 @@
+//! JWT validation and the [`Identity`] it yields.
+//!
+//! The algorithm list comes from the config, never from the token alone; the key is chosen by
+//! the configured key source. The tenant claim must be present and well-formed.
+
+mod claims;
+mod jwt;
+
+pub use claims::{render_claim, valid_tenant};
+pub use jwt::{AuthError, KeyError, MAX_TOKEN_LEN, Validator, mint_hs256};
+
+/// Who a client is, as proven by its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub tenant: String,
+    /// `sub`, when the token has one (for logs).
+    pub subject: Option<String>,
+    /// Protected settings to apply on every transaction, `(guc, value)`, in config order.
+    pub settings: Vec<(String, String)>,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+}

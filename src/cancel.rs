@@ -1,0 +1,109 @@
+//! Cancel keys: rlsgate hands each client its own (pid, key) and maps it to the upstream backend
+//! serving that client *right now*. A cancel never reaches a backend that has since moved on to
+//! another client: releasing a connection waits for any cancel in flight for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::RwLock;
+
+use crate::pool::CancelTarget;
+
+const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+
+#[derive(Default)]
+pub struct CancelSlot {
+    target: Mutex<Option<CancelTarget>>,
+    /// Cancels hold it shared while they are delivered; release takes it exclusively.
+    gate: RwLock<()>,
+}
+
+impl CancelSlot {
+    pub fn set(&self, target: CancelTarget) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = Some(target);
+        }
+    }
+
+    /// Forget the backend; waits until no cancel for it is still being delivered.
+    pub async fn clear(&self) {
+        let _exclusive = self.gate.write().await;
+        if let Ok(mut t) = self.target.lock() {
+            *t = None;
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+}
+
+/// Removes the client's key from the registry when the client goes away.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    pub pid: i32,
+    pub key: i32,
+    pub slot: Arc<CancelSlot>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.registry.slots.lock() {
+            slots.remove(&(self.pid, self.key));
+        }
+    }
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let slot = Arc::new(CancelSlot::default());
+        loop {
+            let pid = rand::random::<i32>() & 0x7fff_ffff;
+            let key = rand::random::<i32>();
+            let Ok(mut slots) = self.slots.lock() else { continue };
+            if slots.contains_key(&(pid, key)) || pid == 0 {
+                continue;
+            }
+            slots.insert((pid, key), Arc::clone(&slot));
+            return Registration { registry: Arc::clone(self), pid, key, slot };
+        }
+    }
+
+    /// Handle a CancelRequest: unknown keys are ignored silently, as Postgres does.
+    pub async fn cancel(&self, pid: i32, key: &[u8]) {
+        let Ok(key) = <[u8; 4]>::try_from(key) else { return };
+        let key = i32::from_be_bytes(key);
+        let slot = self.slots.lock().ok().and_then(|s| s.get(&(pid, key)).cloned());
+        let Some(slot) = slot else {
+            tracing::debug!("cancel request with an unknown key ignored");
+            return;
+        };
+        let _shared = slot.gate.read().await;
+        let target = slot.target.lock().ok().and_then(|t| t.clone());
+        let Some(target) = target else { return };
+        match tokio::time::timeout(Duration::from_secs(5), send_cancel(&target)).await {
+            Ok(Ok(())) => tracing::info!(backend_pid = target.pid, "forwarded cancel request"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not forward cancel request"),
+            Err(_) => tracing::warn!("forwarding a cancel request timed out"),
+        }
+    }
+}
+
+async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+    let mut msg = BytesMut::with_capacity(16 + target.key.len());
+    msg.put_i32(12 + target.key.len() as i32);
+    msg.put_i32(CANCEL_REQUEST_CODE);
+    msg.put_i32(target.pid);
+    msg.put_slice(&target.key);
+    stream.write_all(&msg).await?;
+    // The server closes the connection once it has processed the request.
+    let mut sink = [0u8; 16];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
+}

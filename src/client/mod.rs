@@ -1,0 +1,227 @@
+//! The client side of a connection before the session starts: SSLRequest/TLS, CancelRequest,
+//! StartupMessage checks, and the password (a JWT) → [`Identity`].
+
+pub mod startup_params;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::app::Shared;
+use crate::auth::{AuthError, Identity};
+use crate::config::PlaintextPassword;
+use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::protocol::backend as be;
+use crate::protocol::frame::try_read_frame;
+use crate::protocol::frontend as fe;
+use crate::protocol::startup::{StartupMessage, StartupPacket, try_read_startup};
+use crate::protocol::ProtocolError;
+use crate::stream::Stream;
+
+/// Largest password message (the token plus framing).
+const MAX_PASSWORD_MSG: usize = crate::auth::MAX_TOKEN_LEN + 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("client went away during the handshake")]
+    Gone,
+    #[error("i/o error during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("client sent data after SSLRequest before the TLS handshake")]
+    SslStuffing,
+    #[error("unexpected message {0:?} during the handshake")]
+    Unexpected(char),
+    #[error("database {0:?} does not exist")]
+    WrongDatabase(String),
+    #[error("no user name given")]
+    NoUser,
+    #[error("protected setting {0:?} in the startup packet")]
+    ProtectedStartupSetting(String),
+    #[error("token over a connection without TLS from {0}")]
+    PlaintextRefused(SocketAddr),
+    #[error("authentication failed: {0}")]
+    Auth(#[from] AuthError),
+    #[error("replication connections are not supported")]
+    Replication,
+}
+
+impl UserFacing for HandshakeError {
+    fn to_client_error(&self) -> ClientError {
+        match self {
+            HandshakeError::Gone | HandshakeError::Io(_) | HandshakeError::Tls(_) | HandshakeError::SslStuffing => {
+                ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+            }
+            HandshakeError::Protocol(ProtocolError::UnsupportedVersion { .. }) => {
+                ClientError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string())
+            }
+            HandshakeError::Protocol(_) | HandshakeError::Unexpected(_) => {
+                ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+            }
+            HandshakeError::WrongDatabase(db) => ClientError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{db}\" does not exist"),
+            )
+            .with_hint("rlsgate serves only the database named in upstream.database"),
+            HandshakeError::NoUser => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "no PostgreSQL user name specified in startup packet"),
+            HandshakeError::ProtectedStartupSetting(name) => ClientError::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("setting \"{name}\" at login is not allowed: it is managed by rlsgate from your token"),
+            ),
+            HandshakeError::PlaintextRefused(_) => ClientError::fatal(
+                sqlstate::CONNECTION_REJECTED,
+                "rlsgate refuses a token sent without TLS from a non-loopback address",
+            )
+            .with_hint("connect with sslmode=require"),
+            HandshakeError::Auth(e) => e.to_client_error(),
+            HandshakeError::Replication => {
+                ClientError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, "replication connections are not supported by rlsgate")
+            }
+        }
+    }
+}
+
+pub enum Handshake {
+    Cancel { pid: i32, key: Vec<u8> },
+    Login(Box<LoggedIn>),
+}
+
+pub struct LoggedIn {
+    pub stream: Stream,
+    pub read_buf: BytesMut,
+    pub identity: Identity,
+    pub startup: StartupMessage,
+    pub user: String,
+}
+
+/// Run the handshake up to a validated token. On error the caller reports it to the client
+/// (see [`report`]) when a stream is still usable.
+pub async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Handshake, (Option<Stream>, HandshakeError)> {
+    let mut stream = Stream::Plain(tcp);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut tls_done = false;
+    let startup = loop {
+        let packet = match read_startup(&mut stream, &mut buf).await {
+            Ok(p) => p,
+            Err(e) => return Err((Some(stream), e)),
+        };
+        match packet {
+            StartupPacket::SslRequest if !tls_done => {
+                if !buf.is_empty() {
+                    return Err((None, HandshakeError::SslStuffing));
+                }
+                let acceptor = shared.tls_acceptor.as_ref();
+                let Stream::Plain(mut tcp) = stream else { unreachable!("TLS not yet negotiated") };
+                let Some(acceptor) = acceptor else {
+                    if let Err(e) = tcp.write_all(b"N").await {
+                        return Err((None, e.into()));
+                    }
+                    stream = Stream::Plain(tcp);
+                    continue;
+                };
+                if let Err(e) = tcp.write_all(b"S").await {
+                    return Err((None, e.into()));
+                }
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => stream = Stream::ServerTls(Box::new(tls)),
+                    Err(e) => return Err((None, HandshakeError::Tls(e.to_string()))),
+                }
+                tls_done = true;
+            }
+            StartupPacket::GssEncRequest if !tls_done => {
+                if let Err(e) = stream.write_all(b"N").await {
+                    return Err((None, e.into()));
+                }
+            }
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                return Err((Some(stream), HandshakeError::Unexpected('?')));
+            }
+            StartupPacket::CancelRequest { pid, key } => return Ok(Handshake::Cancel { pid, key }),
+            StartupPacket::Startup(m) => break m,
+        }
+    };
+    match login(&mut stream, &mut buf, startup, peer, shared).await {
+        Ok((identity, startup, user)) => {
+            Ok(Handshake::Login(Box::new(LoggedIn { stream, read_buf: buf, identity, startup, user })))
+        }
+        Err(e) => Err((Some(stream), e)),
+    }
+}
+
+async fn login(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    startup: StartupMessage,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<(Identity, StartupMessage, String), HandshakeError> {
+    let mut out = BytesMut::new();
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        be::write_negotiate_version(0, startup.protocol_options.clone(), &mut out);
+    }
+    if startup.param("replication").is_some_and(|r| r != "false" && r != "off" && r != "0") {
+        return Err(HandshakeError::Replication);
+    }
+    let user = startup.param("user").filter(|u| !u.is_empty()).ok_or(HandshakeError::NoUser)?.to_string();
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let config = shared.config();
+    if database != config.upstream.database {
+        return Err(HandshakeError::WrongDatabase(database));
+    }
+    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.guard.protected()) {
+        return Err(HandshakeError::ProtectedStartupSetting(name));
+    }
+    let allowed = match config.plaintext_password() {
+        PlaintextPassword::Always => true,
+        PlaintextPassword::Loopback => stream.is_tls() || peer.ip().is_loopback(),
+        PlaintextPassword::Never => stream.is_tls(),
+    };
+    if !allowed {
+        return Err(HandshakeError::PlaintextRefused(peer));
+    }
+    be::write_auth_cleartext(&mut out);
+    stream.write_all(&out).await?;
+    let frame = loop {
+        if let Some(f) = try_read_frame(buf, MAX_PASSWORD_MSG)? {
+            break f;
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Gone);
+        }
+    };
+    if frame.tag != fe::PASSWORD {
+        return Err(HandshakeError::Unexpected(frame.tag as char));
+    }
+    let token = fe::password(frame.body())?;
+    let identity = shared.validator().validate(token)?;
+    Ok((identity, startup, user))
+}
+
+async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<StartupPacket, HandshakeError> {
+    loop {
+        if let Some(p) = try_read_startup(buf)? {
+            return Ok(p);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Gone);
+        }
+    }
+}
+
+/// Send a fatal error to the client (best effort) before closing.
+pub async fn report(stream: &mut Stream, err: &ClientError) {
+    let mut out = BytesMut::new();
+    be::write_error(err, &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+}

@@ -1,0 +1,420 @@
+//! Configuration: TOML → serde types (unknown keys rejected) → [`Config::validate`].
+//!
+//! `${VAR}` inside any string value is replaced by the environment variable `VAR` before parsing,
+//! so secrets can live in the environment (Kubernetes Secrets, systemd credentials).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("environment variable {0} referenced in the config is not set")]
+    MissingEnv(String),
+    #[error("config is not valid TOML or has unknown keys: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid config value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub tls: Option<TlsConfig>,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+    #[serde(default)]
+    pub guard: GuardConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Reserved for the metrics/health endpoint.
+    pub http_listen: Option<SocketAddr>,
+    #[serde(default = "default_pool_mode")]
+    pub pool_mode: PoolMode,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+    #[serde(default = "default_max_message_size", deserialize_with = "de_bytes")]
+    pub max_message_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            http_listen: None,
+            pool_mode: default_pool_mode(),
+            handshake_timeout: default_handshake_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
+            max_message_size: default_max_message_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextPassword {
+    Never,
+    #[default]
+    Loopback,
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub plaintext_password: PlaintextPassword,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub sslmode: SslMode,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "default_checkout_timeout", with = "humantime_serde_compat")]
+    pub checkout_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_health_check_after", with = "humantime_serde_compat")]
+    pub health_check_after: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub hs_secret: Option<String>,
+    pub public_key_pem: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(default = "default_leeway", with = "humantime_serde_compat")]
+    pub leeway: Duration,
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    #[serde(default = "default_protected")]
+    pub protected: Vec<String>,
+    #[serde(default)]
+    pub allow_do_blocks: bool,
+    #[serde(default)]
+    pub allow_create_function: bool,
+    #[serde(default = "default_cache_size")]
+    pub verdict_cache_size: usize,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            protected: default_protected(),
+            allow_do_blocks: false,
+            allow_create_function: false,
+            verdict_cache_size: default_cache_size(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_size() -> usize {
+    64 * 1024 * 1024
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_checkout_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_check_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["HS256".into()]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tenant_claim() -> String {
+    "store_id".into()
+}
+fn default_protected() -> Vec<String> {
+    vec!["app.*".into()]
+}
+fn default_cache_size() -> usize {
+    10_000
+}
+
+/// Durations written as `"10s"`, `"500ms"`, `"1h"`.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+}
+
+/// Sizes written as `"64MB"`, `"512kB"`, `"1GB"` or a plain number of bytes.
+fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    let n = match Raw::deserialize(d)? {
+        Raw::N(n) => n,
+        Raw::S(s) => parse_size(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid size {s:?}")))?,
+    };
+    usize::try_from(n).map_err(|_| serde::de::Error::custom("size too large"))
+}
+
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1024,
+        "mb" | "m" => 1024 * 1024,
+        "gb" | "g" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Replace `${VAR}` with the value of the environment variable `VAR`.
+pub fn expand_env(text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| ConfigError::MissingEnv(name.to_string()))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        // Expand only outside comments so that documented examples do not need the variables.
+        let expanded = text
+            .lines()
+            .map(|line| if line.trim_start().starts_with('#') { Ok(line.to_string()) } else { expand_env(line) })
+            .collect::<Result<Vec<_>, _>>()?
+            .join("\n");
+        let config: Config = toml::from_str(&expanded)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.pool_size == 0 {
+            return Err(invalid("upstream.pool_size", "must be at least 1"));
+        }
+        if self.upstream.database.is_empty() {
+            return Err(invalid("upstream.database", "must not be empty"));
+        }
+        if self.server.max_message_size < 1024 {
+            return Err(invalid("server.max_message_size", "must be at least 1kB"));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_none() != tls.key.is_none() {
+                return Err(invalid("tls", "cert and key must be given together"));
+            }
+        }
+        if self.auth.algorithms.is_empty() {
+            return Err(invalid("auth.algorithms", "must list at least one algorithm"));
+        }
+        if self.auth.tenant_claim.is_empty() {
+            return Err(invalid("auth.tenant_claim", "must not be empty"));
+        }
+        if !self.context.values().any(|claim| claim == &self.auth.tenant_claim) {
+            return Err(invalid(
+                "context",
+                format!("must map a protected setting to the tenant claim {:?}", self.auth.tenant_claim),
+            ));
+        }
+        for guc in self.context.keys() {
+            if !is_valid_guc_name(guc) {
+                return Err(invalid("context", format!("{guc:?} is not a valid custom setting name (prefix.name)")));
+            }
+            if !crate::guard::protected::ProtectedSet::new(&self.guard.protected).is_protected(guc) {
+                return Err(invalid(
+                    "context",
+                    format!("{guc:?} is not covered by guard.protected, so clients could overwrite it"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// TLS is offered to clients.
+    pub fn client_tls_enabled(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.cert.is_some())
+    }
+
+    pub fn plaintext_password(&self) -> PlaintextPassword {
+        self.tls.as_ref().map(|t| t.plaintext_password).unwrap_or_default()
+    }
+}
+
+/// `prefix.name` with identifier characters only: what can be written unquoted in `SET LOCAL`.
+pub fn is_valid_guc_name(name: &str) -> bool {
+    let mut parts = name.split('.');
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(b), None) => ok_part(a) && ok_part(b),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[upstream]
+database = "app"
+user = "rlsgate_app"
+[auth]
+hs_secret = "s"
+[context]
+"app.current_store_id" = "store_id"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.upstream.pool_size, 20);
+        assert_eq!(c.plaintext_password(), PlaintextPassword::Loopback);
+        assert_eq!(c.server.max_message_size, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = format!("{MINIMAL}\n[guard]\nprotectd = []\n");
+        assert!(matches!(Config::from_toml(&text), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn context_must_cover_tenant_claim_and_be_protected() {
+        let text = MINIMAL.replace("\"app.current_store_id\" = \"store_id\"", "\"app.x\" = \"sub\"");
+        assert!(Config::from_toml(&text).is_err());
+        let text = MINIMAL.replace("app.current_store_id", "other.current_store_id");
+        assert!(Config::from_toml(&text).is_err());
+    }
+
+    #[test]
+    fn env_expansion_and_sizes() {
+        // SAFETY: test-only, single-threaded use of a variable no other test reads.
+        unsafe { std::env::set_var("RLSGATE_TEST_EXPAND", "xyz") };
+        assert_eq!(expand_env("a${RLSGATE_TEST_EXPAND}b").unwrap(), "axyzb");
+        assert!(matches!(expand_env("${RLSGATE_TEST_MISSING_VAR}"), Err(ConfigError::MissingEnv(_))));
+        assert_eq!(parse_size("64MB"), Some(64 << 20));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("3 parsecs"), None);
+    }
+
+    #[test]
+    fn guc_names() {
+        assert!(is_valid_guc_name("app.current_store_id"));
+        assert!(!is_valid_guc_name("app"));
+        assert!(!is_valid_guc_name("app.x'; drop"));
+        assert!(!is_valid_guc_name("App.x"));
+    }
+}

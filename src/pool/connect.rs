@@ -1,0 +1,177 @@
+//! Opening one upstream connection: TCP, TLS per `sslmode`, StartupMessage, authentication
+//! (SCRAM-SHA-256, md5, cleartext, trust), then the server's ParameterStatus set and key.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend as fe;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{PoolError, ServerConn};
+use crate::config::{SslMode, UpstreamConfig};
+use crate::protocol::backend::{self as be, ServerNotice};
+use crate::protocol::frame::{Frame, try_read_frame};
+use crate::stream::Stream;
+
+/// Largest message accepted from the server during the handshake.
+const MAX_HANDSHAKE_MSG: usize = 1 << 20;
+
+pub(super) async fn connect(
+    cfg: &UpstreamConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    id: u64,
+) -> Result<ServerConn, PoolError> {
+    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(|e| PoolError::Connect(format!("{}:{}: {e}", cfg.host, cfg.port)))?;
+    tcp.set_nodelay(true).ok();
+    let mut stream = negotiate_tls(tcp, cfg, tls).await?;
+
+    let mut out = BytesMut::new();
+    let params = [
+        ("user", cfg.user.as_str()),
+        ("database", cfg.database.as_str()),
+        ("application_name", "rlsgate"),
+        ("client_encoding", "UTF8"),
+    ];
+    fe::startup_message(params.iter().copied(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+    stream.write_all(&out).await.map_err(io_err)?;
+
+    let mut buf = BytesMut::with_capacity(8192);
+    authenticate(&mut stream, &mut buf, cfg).await?;
+
+    let mut server_params = Vec::new();
+    let mut backend = (0, Vec::new());
+    loop {
+        let frame = read_frame(&mut stream, &mut buf).await?;
+        match frame.tag {
+            be::PARAMETER_STATUS => {
+                let (k, v) = be::parameter_status(frame.body()).map_err(proto_err)?;
+                server_params.push((k.to_string(), v.to_string()));
+            }
+            be::BACKEND_KEY_DATA => backend = be::backend_key(frame.body()).map_err(proto_err)?,
+            be::READY_FOR_QUERY => break,
+            be::NOTICE_RESPONSE => {}
+            be::ERROR_RESPONSE => return Err(server_error(&frame)),
+            other => return Err(PoolError::Protocol(format!("unexpected message {:?} after login", other as char))),
+        }
+    }
+    let now = Instant::now();
+    Ok(ServerConn {
+        stream,
+        read_buf: buf,
+        id,
+        backend_pid: backend.0,
+        backend_key: backend.1,
+        params: server_params,
+        created: now,
+        last_used: now,
+        prepared: Default::default(),
+        dirty_session: false,
+        unnamed_owner: None,
+    })
+}
+
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    cfg: &UpstreamConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Stream, PoolError> {
+    let Some(tls) = tls.filter(|_| cfg.sslmode != SslMode::Disable) else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut req = BytesMut::new();
+    fe::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io_err)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io_err)?;
+    match answer[0] {
+        b'S' => {
+            let name = ServerName::try_from(cfg.host.clone())
+                .map_err(|_| PoolError::Tls(format!("invalid server name {:?}", cfg.host)))?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
+            let stream = connector.connect(name, tcp).await.map_err(|e| PoolError::Tls(e.to_string()))?;
+            Ok(Stream::ClientTls(Box::new(stream)))
+        }
+        b'N' if cfg.sslmode == SslMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(PoolError::Tls("upstream does not support TLS but sslmode requires it".into())),
+        other => Err(PoolError::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
+    }
+}
+
+async fn authenticate(stream: &mut Stream, buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<(), PoolError> {
+    let password = || cfg.password.as_deref().ok_or_else(|| PoolError::Auth("upstream asked for a password but upstream.password is not set".into()));
+    let mut scram: Option<ScramSha256> = None;
+    let mut out = BytesMut::new();
+    loop {
+        let frame = read_frame(stream, buf).await?;
+        if frame.tag == be::ERROR_RESPONSE {
+            return Err(server_error(&frame));
+        }
+        if frame.tag != be::AUTHENTICATION {
+            return Err(PoolError::Protocol(format!("unexpected message {:?} during authentication", frame.tag as char)));
+        }
+        let (code, data) = be::auth_code(frame.body()).map_err(proto_err)?;
+        out.clear();
+        match code {
+            0 => return Ok(()),
+            3 => fe::password_message(password()?.as_bytes(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?,
+            5 => {
+                let salt: [u8; 4] = data.try_into().map_err(|_| PoolError::Protocol("bad md5 salt".into()))?;
+                let hash = md5_hash(cfg.user.as_bytes(), password()?.as_bytes(), salt);
+                fe::password_message(hash.as_bytes(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+            }
+            10 => {
+                let mechanisms = data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect::<Vec<_>>();
+                if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
+                    return Err(PoolError::Auth("upstream offers no SASL mechanism rlsgate supports".into()));
+                }
+                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                fe::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                    .map_err(|e| PoolError::Protocol(e.to_string()))?;
+                scram = Some(s);
+            }
+            11 => {
+                let s = scram.as_mut().ok_or_else(|| PoolError::Protocol("SASL continue without start".into()))?;
+                s.update(data).map_err(|e| PoolError::Auth(format!("SCRAM: {e}")))?;
+                fe::sasl_response(s.message(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+            }
+            12 => {
+                let s = scram.as_mut().ok_or_else(|| PoolError::Protocol("SASL final without start".into()))?;
+                s.finish(data).map_err(|e| PoolError::Auth(format!("SCRAM server signature: {e}")))?;
+                continue;
+            }
+            other => return Err(PoolError::Auth(format!("unsupported upstream authentication method {other}"))),
+        }
+        stream.write_all(&out).await.map_err(io_err)?;
+    }
+}
+
+pub(super) async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame, PoolError> {
+    loop {
+        if let Some(frame) = try_read_frame(buf, MAX_HANDSHAKE_MSG).map_err(proto_err)? {
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await.map_err(io_err)? == 0 {
+            return Err(PoolError::Connect("upstream closed the connection".into()));
+        }
+    }
+}
+
+fn server_error(frame: &Frame) -> PoolError {
+    let n = be::notice_fields(frame.body()).unwrap_or_else(|_| ServerNotice::default());
+    PoolError::Server { code: n.code, message: n.message }
+}
+
+fn io_err(e: std::io::Error) -> PoolError {
+    PoolError::Connect(e.to_string())
+}
+
+fn proto_err(e: crate::protocol::ProtocolError) -> PoolError {
+    PoolError::Protocol(e.to_string())
+}

@@ -1,0 +1,281 @@
+//! The upstream pool: connections opened on demand up to `pool_size`, handed out as a
+//! [`Checkout`] that closes the connection on drop unless it was released clean.
+
+mod connect;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::UpstreamConfig;
+use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::protocol::backend as be;
+use crate::protocol::frontend as fe;
+use crate::stream::Stream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no upstream connection available within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot connect to upstream: {0}")]
+    Connect(String),
+    #[error("upstream TLS: {0}")]
+    Tls(String),
+    #[error("upstream authentication: {0}")]
+    Auth(String),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    #[error("upstream refused the connection: {code} {message}")]
+    Server { code: String, message: String },
+    #[error("pool is closed")]
+    Closed,
+}
+
+impl UserFacing for PoolError {
+    fn to_client_error(&self) -> ClientError {
+        match self {
+            PoolError::Timeout(d) => ClientError::error(
+                sqlstate::QUERY_CANCELED,
+                format!("rlsgate: no upstream connection became free within {d:?} (checkout_timeout)"),
+            )
+            .with_hint("the pool is exhausted; retry, or raise upstream.pool_size"),
+            PoolError::Connect(_) | PoolError::Tls(_) | PoolError::Protocol(_) | PoolError::Server { .. } => {
+                ClientError::error(sqlstate::CONNECTION_FAILURE, "rlsgate: upstream database is unavailable")
+                    .with_detail(self.to_string())
+            }
+            PoolError::Auth(_) => ClientError::error(
+                sqlstate::CONNECTION_FAILURE,
+                "rlsgate: cannot log in to the upstream database (check upstream.user/password)",
+            ),
+            PoolError::Closed => ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down"),
+        }
+    }
+}
+
+/// One upstream connection.
+pub struct ServerConn {
+    pub stream: Stream,
+    pub read_buf: BytesMut,
+    pub id: u64,
+    pub backend_pid: i32,
+    pub backend_key: Vec<u8>,
+    pub params: Vec<(String, String)>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Server-side names of the prepared statements that exist on this connection.
+    pub prepared: HashSet<Arc<str>>,
+    /// A session-level SET ran on it: reset before anyone else gets it.
+    pub dirty_session: bool,
+    /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.
+    pub unnamed_owner: Option<(u64, u64)>,
+}
+
+/// Where to send a CancelRequest for the backend behind a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub pid: i32,
+    pub key: Vec<u8>,
+}
+
+struct Inner {
+    cfg: UpstreamConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    next_id: AtomicU64,
+    /// ParameterStatus set of the first connection, reported to clients at login.
+    server_params: Mutex<Option<Vec<(String, String)>>>,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("size", &self.inner.cfg.pool_size).finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub fn new(cfg: UpstreamConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Pool {
+        let permits = Arc::new(Semaphore::new(cfg.pool_size));
+        Pool {
+            inner: Arc::new(Inner {
+                cfg,
+                tls,
+                idle: Mutex::new(Vec::new()),
+                permits,
+                next_id: AtomicU64::new(1),
+                server_params: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn close(&self) {
+        self.inner.permits.close();
+        if let Ok(mut idle) = self.inner.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// The upstream's ParameterStatus set (connecting once if none is known yet).
+    pub async fn server_params(&self) -> Result<Vec<(String, String)>, PoolError> {
+        if let Some(p) = self.inner.server_params.lock().ok().and_then(|p| p.clone()) {
+            return Ok(p);
+        }
+        let conn = self.checkout().await?;
+        let params = conn.conn_ref().params.clone();
+        conn.release();
+        Ok(params)
+    }
+
+    /// Borrow a connection, waiting up to `checkout_timeout` for a free slot.
+    pub async fn checkout(&self) -> Result<Checkout, PoolError> {
+        let timeout = self.inner.cfg.checkout_timeout;
+        let permit = match tokio::time::timeout(timeout, Arc::clone(&self.inner.permits).acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => return Err(PoolError::Timeout(timeout)),
+        };
+        loop {
+            let candidate = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let Some(mut conn) = candidate else { break };
+            if conn.last_used.elapsed() >= self.inner.cfg.health_check_after {
+                if let Err(e) = health_check(&mut conn).await {
+                    tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
+                    continue;
+                }
+            }
+            return Ok(Checkout { conn: Some(conn), pool: Arc::clone(&self.inner), permit: Some(permit) });
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
+        let conn = match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
+            Ok(r) => r?,
+            Err(_) => return Err(PoolError::Connect(format!("timed out after {:?}", self.inner.cfg.connect_timeout))),
+        };
+        tracing::debug!(server_id = id, backend_pid = conn.backend_pid, "opened upstream connection");
+        if let Ok(mut p) = self.inner.server_params.lock() {
+            p.get_or_insert_with(|| conn.params.clone());
+        }
+        Ok(Checkout { conn: Some(conn), pool: Arc::clone(&self.inner), permit: Some(permit) })
+    }
+
+    pub fn cancel_target(&self, conn: &ServerConn) -> CancelTarget {
+        CancelTarget {
+            host: self.inner.cfg.host.clone(),
+            port: self.inner.cfg.port,
+            pid: conn.backend_pid,
+            key: conn.backend_key.clone(),
+        }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+/// Send an empty query and expect EmptyQueryResponse + ReadyForQuery('I').
+async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
+    let mut out = BytesMut::new();
+    fe::write_query("", &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+    let check = async {
+        conn.stream.write_all(&out).await.map_err(|e| PoolError::Connect(e.to_string()))?;
+        loop {
+            let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
+            if frame.tag == be::READY_FOR_QUERY {
+                return match be::ready_status(frame.body()) {
+                    Ok(be::TxStatus::Idle) => Ok(()),
+                    _ => Err(PoolError::Protocol("idle connection is inside a transaction".into())),
+                };
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), check)
+        .await
+        .map_err(|_| PoolError::Connect("health check timed out".into()))?
+}
+
+/// Run `RESET ALL` so the next client starts from the connection's defaults.
+async fn reset_session(conn: &mut ServerConn) -> Result<(), PoolError> {
+    let mut out = BytesMut::new();
+    fe::write_query("RESET ALL; DEALLOCATE ALL", &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+    conn.stream.write_all(&out).await.map_err(|e| PoolError::Connect(e.to_string()))?;
+    loop {
+        let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
+        match frame.tag {
+            be::ERROR_RESPONSE => return Err(PoolError::Protocol("RESET ALL failed".into())),
+            be::READY_FOR_QUERY => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// A borrowed connection. Dropping it without [`Checkout::release`] closes the connection, so
+/// a connection in an unknown state is never handed to another client.
+pub struct Checkout {
+    conn: Option<ServerConn>,
+    pool: Arc<Inner>,
+    /// Held until the connection is back in the pool (or closed).
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Checkout {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        // Invariant: `conn` is Some until release/drop consume self.
+        self.conn.as_mut().expect("checkout holds a connection until released")
+    }
+
+    pub fn conn_ref(&self) -> &ServerConn {
+        self.conn.as_ref().expect("checkout holds a connection until released")
+    }
+
+    /// Return a connection that is idle (ReadyForQuery 'I', nothing in flight) to the pool.
+    pub fn release(mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        conn.last_used = Instant::now();
+        if !conn.read_buf.is_empty() {
+            tracing::warn!(server_id = conn.id, "closing upstream connection with unread bytes at release");
+            return;
+        }
+        if conn.dirty_session {
+            let pool = Arc::clone(&self.pool);
+            let permit = self.permit.take();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match reset_session(&mut conn).await {
+                    Ok(()) => {
+                        conn.dirty_session = false;
+                        conn.prepared.clear();
+                        conn.unnamed_owner = None;
+                        if let Ok(mut idle) = pool.idle.lock() {
+                            idle.push(conn);
+                        }
+                    }
+                    Err(e) => tracing::info!(server_id = conn.id, error = %e, "closing connection that could not be reset"),
+                }
+            });
+            return;
+        }
+        if let Ok(mut idle) = self.pool.idle.lock() {
+            idle.push(conn);
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            tracing::debug!(server_id = conn.id, "closing upstream connection that was not released clean");
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Client messages: where units of work start, where the tenant context is injected, how
+//! prepared statements are mapped to server names, and how denials are answered.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::expect::Expect;
+use super::inject;
+use super::statements::{MAX_STATEMENTS, Prepared, server_name};
+use super::{Flow, Predicted, Session, SessionError, Split};
+use crate::config::PoolMode;
+use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::guard::{Analysis, TxEffect, Verdict};
+use crate::pool::PoolError;
+use crate::protocol::backend::{self as be, TxStatus};
+use crate::protocol::frame::Frame;
+use crate::protocol::frontend as fe;
+
+/// A refusal decided by the proxy.
+pub(super) struct Refusal {
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<&'static str>,
+}
+
+impl Refusal {
+    fn client_error(&self) -> ClientError {
+        let e = ClientError::error(self.sqlstate, self.message.clone());
+        match self.hint {
+            Some(h) => e.with_hint(h),
+            None => e,
+        }
+    }
+}
+
+fn protocol(e: crate::protocol::ProtocolError) -> SessionError {
+    SessionError::ClientProtocol(e)
+}
+
+impl Session {
+    pub(super) async fn handle_client(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.skip_until_sync && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
+            // After an error Postgres ignores everything up to Sync; so do we.
+            return Ok(Flow::Continue);
+        }
+        match frame.tag {
+            fe::QUERY => self.on_query(frame).await,
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => self.on_extended(frame).await,
+            fe::SYNC => Ok(self.on_sync(frame)),
+            fe::FLUSH | fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&frame.bytes);
+                }
+                Ok(Flow::Continue)
+            }
+            fe::FUNCTION_CALL => self.on_function_call(frame).await,
+            fe::TERMINATE => Ok(Flow::Terminate),
+            other => Err(SessionError::ClientProtocol(crate::protocol::ProtocolError::Malformed(
+                if other.is_ascii_graphic() { "unknown frontend message type" } else { "invalid frontend message type" },
+            ))),
+        }
+    }
+
+    /// Must this unit wait until in-flight replies reveal the transaction state?
+    fn must_wait(&self) -> bool {
+        self.in_flight > 0 && self.predicted == Predicted::Unknown
+    }
+
+    /// Start a unit of work: check the token, get a connection, inject the context when the unit
+    /// starts a transaction. `Err` from the pool is returned for the caller to report.
+    async fn start_unit(&mut self, outside_tx: bool) -> Result<Result<(), PoolError>, SessionError> {
+        let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
+        if new_tx && self.token_expired() {
+            return Err(SessionError::TokenExpired);
+        }
+        if let Err(e) = self.ensure_server().await {
+            tracing::warn!(error = %e, "no upstream connection for the client");
+            return Ok(Err(e));
+        }
+        if self.predicted == Predicted::Idle && !outside_tx {
+            self.inject_context();
+        }
+        Ok(Ok(()))
+    }
+
+    pub(super) fn inject_context(&mut self) {
+        self.server_out.extend_from_slice(&self.context);
+        let n = self.identity.settings.len();
+        if n > 0 {
+            self.expect.push_back(Expect::Inject { remaining: n });
+        }
+        if let Some(server) = self.server.as_mut() {
+            // The injection used the unnamed statement.
+            server.conn().unnamed_owner = None;
+        }
+    }
+
+    fn after_unit(&mut self, effect: TxEffect) {
+        if effect != TxEffect::None {
+            self.predicted = Predicted::Unknown;
+        }
+    }
+
+    fn refusal_for(&self, analysis: &Analysis) -> Option<Refusal> {
+        if let Verdict::Deny(d) = &analysis.verdict {
+            tracing::info!(rule = d.rule, "statement denied by the guard");
+            return Some(Refusal {
+                sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: format!("rlsgate: {}", d.message),
+                hint: None,
+            });
+        }
+        if let (Some(what), PoolMode::Transaction) = (analysis.session_state, self.mode) {
+            tracing::info!(what, "session state refused in transaction pooling mode");
+            return Some(Refusal {
+                sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
+                message: format!("rlsgate: {what} is not supported in transaction pooling mode"),
+                hint: Some("it would outlive the transaction on a shared connection; use pool_mode = \"session\""),
+            });
+        }
+        None
+    }
+
+    // ---------------------------------------------------------------- simple query
+
+    async fn on_query(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.must_wait() {
+            return Ok(Flow::Wait(frame));
+        }
+        let sql = fe::query_text(frame.body()).map_err(protocol)?;
+        let analysis = self.shared.guard.analyze(sql);
+        if let Some(refusal) = self.refusal_for(&analysis) {
+            self.refuse_query(refusal);
+            return Ok(Flow::Continue);
+        }
+        if let Err(e) = self.start_unit(analysis.runs_outside_transaction()).await? {
+            self.local_query_error(&e.to_client_error());
+            return Ok(Flow::Continue);
+        }
+        if analysis.session_set {
+            self.mark_dirty();
+        }
+        let splits = analysis.split_points();
+        if !splits.is_empty() {
+            self.start_split(sql, &splits)?;
+            return Ok(Flow::Continue);
+        }
+        self.server_out.extend_from_slice(&frame.bytes);
+        self.expect.push_back(Expect::Query { segment: false });
+        self.in_flight += 1;
+        self.after_unit(analysis.tx_effect());
+        Ok(Flow::Continue)
+    }
+
+    /// Run a multi-statement Query in pieces, each ending after a COMMIT/ROLLBACK, so that the
+    /// statements after it get the context too (DESIGN §3). The context was injected already.
+    fn start_split(&mut self, sql: &str, splits: &[usize]) -> Result<(), SessionError> {
+        let mut pieces = std::collections::VecDeque::new();
+        let mut start = 0;
+        for &at in splits {
+            pieces.push_back(sql[start..at].to_string());
+            start = at;
+        }
+        pieces.push_back(sql[start..].to_string());
+        let first = pieces.pop_front().unwrap_or_default();
+        fe::write_query(&first, &mut self.server_out).map_err(protocol)?;
+        self.expect.push_back(Expect::Query { segment: !pieces.is_empty() });
+        self.in_flight += 1;
+        self.predicted = Predicted::Unknown;
+        self.split = Some(Split { rest: pieces, failed: false });
+        Ok(())
+    }
+
+    /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
+    /// the error so its state is exact; without one, nothing is open and we answer ourselves.
+    fn refuse_query(&mut self, refusal: Refusal) {
+        if self.server.is_some() {
+            let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
+            if fe::write_query(&sql, &mut self.server_out).is_ok() {
+                self.expect.push_back(Expect::Query { segment: false });
+                self.in_flight += 1;
+                return;
+            }
+        }
+        self.local_query_error(&refusal.client_error());
+    }
+
+    /// ErrorResponse + ReadyForQuery('I') written by the proxy (no connection is held).
+    fn local_query_error(&mut self, err: &ClientError) {
+        be::write_error(err, &mut self.client_out);
+        be::write_ready(TxStatus::Idle, &mut self.client_out);
+    }
+
+    async fn on_function_call(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.must_wait() {
+            return Ok(Flow::Wait(frame));
+        }
+        self.refuse_query(Refusal {
+            sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
+            message: "rlsgate: the FunctionCall protocol message is not supported (it bypasses statement checks)".into(),
+            hint: Some("call the function with SELECT instead"),
+        });
+        Ok(Flow::Continue)
+    }
+
+    // ---------------------------------------------------------------- extended protocol
+
+    async fn on_extended(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if !self.unit_open {
+            if self.must_wait() {
+                return Ok(Flow::Wait(frame));
+            }
+            let outside_tx = self.unit_outside_tx(&frame);
+            if let Err(e) = self.start_unit(outside_tx).await? {
+                self.fail_unit_locally(&e.to_client_error());
+                return Ok(Flow::Continue);
+            }
+            self.unit_open = true;
+            self.unit_effect = TxEffect::None;
+        }
+        match frame.tag {
+            fe::PARSE => self.on_parse(&frame)?,
+            fe::BIND => self.on_bind(&frame)?,
+            fe::DESCRIBE => self.on_describe(&frame)?,
+            fe::EXECUTE => {
+                fe::execute_portal(frame.body()).map_err(protocol)?;
+                self.server_out.extend_from_slice(&frame.bytes);
+                self.expect.push_back(Expect::Execute);
+            }
+            fe::CLOSE => self.on_close(&frame)?,
+            _ => {}
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Whether the unit this message opens runs a statement that cannot be in a transaction block.
+    fn unit_outside_tx(&self, frame: &Frame) -> bool {
+        match frame.tag {
+            fe::PARSE => fe::parse(frame.body())
+                .map(|p| self.shared.guard.analyze(p.sql).runs_outside_transaction())
+                .unwrap_or(false),
+            fe::BIND => fe::bind(frame.body())
+                .ok()
+                .and_then(|b| self.stmts.get(b.statement).map(|p| p.analysis.runs_outside_transaction()))
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+
+    /// No connection could be had for this unit: error now, skip to Sync, answer Sync ourselves.
+    fn fail_unit_locally(&mut self, err: &ClientError) {
+        be::write_error(err, &mut self.client_out);
+        self.skip_until_sync = true;
+        self.local_failed_unit = true;
+    }
+
+    /// Refuse an extended message: the server raises the error (exact state), then everything up
+    /// to Sync is skipped, as Postgres does after an error.
+    fn refuse_extended(&mut self, refusal: Refusal) -> Result<(), SessionError> {
+        self.skip_until_sync = true;
+        let Some(server) = self.server.as_mut() else {
+            self.local_failed_unit = true;
+            be::write_error(&refusal.client_error(), &mut self.client_out);
+            return Ok(());
+        };
+        server.conn().unnamed_owner = None;
+        let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
+        fe::write_simple_extended(&sql, &mut self.server_out).map_err(protocol)?;
+        self.expect.push_back(Expect::Raise);
+        Ok(())
+    }
+
+    fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let p = fe::parse(frame.body()).map_err(protocol)?;
+        let analysis = self.shared.guard.analyze(p.sql);
+        if let Some(refusal) = self.refusal_for(&analysis) {
+            return self.refuse_extended(refusal);
+        }
+        if !p.name.is_empty() && self.stmts.contains(p.name) {
+            return self.refuse_extended(Refusal {
+                sqlstate: sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                message: format!("prepared statement \"{}\" already exists", p.name),
+                hint: None,
+            });
+        }
+        if !p.name.is_empty() && self.stmts.count() >= MAX_STATEMENTS {
+            return self.refuse_extended(Refusal {
+                sqlstate: sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                message: format!("rlsgate: too many prepared statements (limit {MAX_STATEMENTS})"),
+                hint: Some("close statements that are no longer used"),
+            });
+        }
+        if analysis.session_set {
+            self.mark_dirty();
+        }
+        let server_name = server_name(&self.shared.stmt_hasher, p.sql, p.param_types);
+        let prepared = Arc::new(Prepared {
+            server_name: Arc::clone(&server_name),
+            sql: Arc::from(p.sql),
+            param_types: Bytes::copy_from_slice(p.param_types),
+            analysis,
+        });
+        let seq = self.stmts.insert(p.name, prepared);
+        let id = self.id;
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let conn = server.conn();
+        if p.name.is_empty() {
+            self.server_out.extend_from_slice(&frame.bytes);
+            conn.unnamed_owner = Some((id, seq));
+            self.expect.push_back(Expect::One { tag: be::PARSE_COMPLETE, prepared: None, client_name: Some("".into()) });
+        } else if conn.prepared.contains(&server_name) {
+            self.push_synthetic(be::PARSE_COMPLETE);
+        } else {
+            fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out).map_err(protocol)?;
+            conn.prepared.insert(Arc::clone(&server_name));
+            self.expect.push_back(Expect::One {
+                tag: be::PARSE_COMPLETE,
+                prepared: Some(server_name),
+                client_name: Some(p.name.into()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Make sure the statement exists on the current connection (re-Parse it hidden if not) and
+    /// return the name to use there.
+    fn ensure_prepared(&mut self, client_name: &str) -> Result<Option<Arc<Prepared>>, SessionError> {
+        let Some(prepared) = self.stmts.get(client_name).cloned() else { return Ok(None) };
+        let id = self.id;
+        let unnamed_seq = self.stmts.unnamed.as_ref().map(|(_, seq)| *seq);
+        let Some(server) = self.server.as_mut() else { return Ok(None) };
+        let conn = server.conn();
+        if prepared.analysis.session_set {
+            conn.dirty_session = true;
+        }
+        if client_name.is_empty() {
+            let owner = unnamed_seq.map(|seq| (id, seq));
+            if conn.unnamed_owner != owner || owner.is_none() {
+                fe::write_parse("", &prepared.sql, &prepared.param_types, &mut self.server_out).map_err(protocol)?;
+                conn.unnamed_owner = owner;
+                self.expect.push_back(Expect::Hidden { tag: be::PARSE_COMPLETE, prepared: None });
+            }
+        } else if !conn.prepared.contains(&prepared.server_name) {
+            fe::write_parse(&prepared.server_name, &prepared.sql, &prepared.param_types, &mut self.server_out)
+                .map_err(protocol)?;
+            conn.prepared.insert(Arc::clone(&prepared.server_name));
+            self.expect.push_back(Expect::Hidden {
+                tag: be::PARSE_COMPLETE,
+                prepared: Some(Arc::clone(&prepared.server_name)),
+            });
+        }
+        Ok(Some(prepared))
+    }
+
+    fn unknown_statement(&mut self, name: &str) -> Result<(), SessionError> {
+        self.refuse_extended(Refusal {
+            sqlstate: sqlstate::INVALID_SQL_STATEMENT_NAME,
+            message: format!("prepared statement \"{name}\" does not exist"),
+            hint: None,
+        })
+    }
+
+    fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let b = fe::bind(frame.body()).map_err(protocol)?;
+        let Some(prepared) = self.ensure_prepared(b.statement)? else {
+            return self.unknown_statement(b.statement);
+        };
+        self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
+        if b.statement.is_empty() {
+            self.server_out.extend_from_slice(&frame.bytes);
+        } else {
+            fe::write_bind(b.portal, &prepared.server_name, b.rest, &mut self.server_out).map_err(protocol)?;
+        }
+        self.expect.push_back(Expect::One { tag: be::BIND_COMPLETE, prepared: None, client_name: None });
+        Ok(())
+    }
+
+    fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let (kind, name) = fe::target(frame.body(), "Describe").map_err(protocol)?;
+        if kind == b'P' {
+            self.server_out.extend_from_slice(&frame.bytes);
+            self.expect.push_back(Expect::DescribePortal);
+            return Ok(());
+        }
+        let Some(prepared) = self.ensure_prepared(name)? else {
+            return self.unknown_statement(name);
+        };
+        let server_name = if name.is_empty() { "" } else { &prepared.server_name };
+        fe::write_describe(b'S', server_name, &mut self.server_out).map_err(protocol)?;
+        self.expect.push_back(Expect::DescribeStatement);
+        Ok(())
+    }
+
+    fn on_close(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let (kind, name) = fe::target(frame.body(), "Close").map_err(protocol)?;
+        if kind == b'P' {
+            self.server_out.extend_from_slice(&frame.bytes);
+            self.expect.push_back(Expect::One { tag: be::CLOSE_COMPLETE, prepared: None, client_name: None });
+            return Ok(());
+        }
+        // Server statements are shared and stay; the client's name is forgotten.
+        self.stmts.remove(name);
+        self.push_synthetic(be::CLOSE_COMPLETE);
+        Ok(())
+    }
+
+    fn on_sync(&mut self, frame: Frame) -> Flow {
+        self.skip_until_sync = false;
+        if self.local_failed_unit && self.server.is_none() {
+            self.local_failed_unit = false;
+            self.unit_open = false;
+            be::write_ready(TxStatus::Idle, &mut self.client_out);
+            return Flow::Continue;
+        }
+        self.local_failed_unit = false;
+        if self.server.is_none() {
+            // A bare Sync outside any unit: Postgres answers ReadyForQuery.
+            be::write_ready(TxStatus::Idle, &mut self.client_out);
+            return Flow::Continue;
+        }
+        self.server_out.extend_from_slice(&frame.bytes);
+        self.expect.push_back(Expect::Sync);
+        self.in_flight += 1;
+        self.unit_open = false;
+        let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
+        self.after_unit(effect);
+        Flow::Continue
+    }
+
+    /// A reply rlsgate produces itself, emitted in order.
+    fn push_synthetic(&mut self, tag: u8) {
+        if self.expect.is_empty() {
+            be::write_empty(tag, &mut self.client_out);
+        } else {
+            self.expect.push_back(Expect::Synthetic(tag));
+        }
+    }
+
+    fn mark_dirty(&mut self) {
+        if let Some(server) = self.server.as_mut() {
+            server.conn().dirty_session = true;
+        }
+    }
+}
+
+fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
+    match (a, b) {
+        (x, TxEffect::None) => x,
+        (TxEffect::None, y) => y,
+        _ => TxEffect::Unknown,
+    }
+}

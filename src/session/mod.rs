@@ -1,0 +1,351 @@
+//! The per-client session: reads client messages, classifies them with the guard, checks out an
+//! upstream connection at transaction start, injects the tenant context, and relays replies.
+//!
+//! - [`frontend`]: what each client message does (units, injection, prepared statements, denials).
+//! - [`relay`]: what each server message does, driven by the [`expect`] queue.
+//! - Transaction mode: the connection goes back to the pool when the server reports `I` and
+//!   nothing is in flight; session mode keeps it for the client's lifetime.
+
+mod expect;
+mod frontend;
+mod inject;
+mod relay;
+mod statements;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Shared;
+use crate::auth::Identity;
+use crate::cancel::Registration;
+use crate::client::LoggedIn;
+use crate::config::PoolMode;
+use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::guard::TxEffect;
+use crate::pool::{Checkout, PoolError};
+use crate::protocol::ProtocolError;
+use crate::protocol::backend::{self as be, TxStatus};
+use crate::protocol::frame::{Frame, try_read_frame};
+use crate::stream::Stream;
+use expect::Expect;
+use statements::Statements;
+
+/// Largest server message relayed (Postgres' own limit is 1 GB).
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
+/// Flush client-bound bytes once this much is buffered.
+const FLUSH_AT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client i/o: {0}")]
+    ClientIo(std::io::Error),
+    #[error("upstream i/o: {0}")]
+    UpstreamIo(std::io::Error),
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(ProtocolError),
+    #[error("upstream protocol violation: {0}")]
+    UpstreamProtocol(String),
+    #[error("upstream closed the connection")]
+    UpstreamClosed,
+    #[error("could not apply the tenant context: {0}")]
+    Injection(String),
+    #[error("token expired")]
+    TokenExpired,
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl UserFacing for SessionError {
+    fn to_client_error(&self) -> ClientError {
+        match self {
+            SessionError::ClientIo(_) => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "client connection error"),
+            SessionError::ClientProtocol(e) => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+            SessionError::UpstreamIo(_) | SessionError::UpstreamClosed | SessionError::UpstreamProtocol(_) => {
+                ClientError::fatal(sqlstate::CONNECTION_FAILURE, "rlsgate: lost the connection to the upstream database")
+                    .with_detail(self.to_string())
+            }
+            SessionError::Injection(m) => {
+                ClientError::fatal(sqlstate::INTERNAL_ERROR, "rlsgate: could not apply the tenant context").with_detail(m.clone())
+            }
+            SessionError::TokenExpired => ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
+                .with_hint("reconnect with a fresh token"),
+            SessionError::Shutdown => ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down"),
+        }
+    }
+}
+
+/// What the server state will be once everything sent so far has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Predicted {
+    Idle,
+    InBlock,
+    /// Depends on replies still in flight (transaction control was pipelined).
+    Unknown,
+}
+
+/// A multi-statement Query split after COMMIT/ROLLBACK, run one piece at a time.
+struct Split {
+    rest: VecDeque<String>,
+    failed: bool,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    mode: PoolMode,
+    client: Stream,
+    client_buf: BytesMut,
+    client_out: BytesMut,
+    max_message: usize,
+    server: Option<Checkout>,
+    server_out: BytesMut,
+    identity: Identity,
+    context: Bytes,
+    expect: VecDeque<Expect>,
+    /// Query/Sync messages sent whose ReadyForQuery has not arrived.
+    in_flight: usize,
+    predicted: Predicted,
+    /// Extended-protocol messages were sent since the last Sync.
+    unit_open: bool,
+    /// Transaction control bound in the open extended unit.
+    unit_effect: TxEffect,
+    /// A denied or failed extended message: drop client messages up to Sync.
+    skip_until_sync: bool,
+    /// The proxy itself failed the current extended unit (no server): answer Sync locally.
+    local_failed_unit: bool,
+    stmts: Statements,
+    split: Option<Split>,
+    /// A client message that waits until the replies in flight tell the transaction state.
+    pending: Option<Frame>,
+    cancel: Registration,
+    shutdown: CancellationToken,
+}
+
+enum Flow {
+    Continue,
+    /// Hold this frame until nothing is in flight.
+    Wait(Frame),
+    Terminate,
+}
+
+impl Session {
+    pub fn new(login: LoggedIn, shared: Arc<Shared>, id: u64, shutdown: CancellationToken) -> Result<Self, SessionError> {
+        let config = shared.config();
+        let context = inject::context_messages(&login.identity.settings).map_err(|e| SessionError::Injection(e.to_string()))?;
+        let cancel = shared.cancels.register();
+        Ok(Session {
+            id,
+            mode: config.server.pool_mode,
+            max_message: config.server.max_message_size,
+            client: login.stream,
+            client_buf: login.read_buf,
+            client_out: BytesMut::with_capacity(16 * 1024),
+            server: None,
+            server_out: BytesMut::with_capacity(16 * 1024),
+            identity: login.identity,
+            context,
+            expect: VecDeque::new(),
+            in_flight: 0,
+            predicted: Predicted::Idle,
+            unit_open: false,
+            unit_effect: TxEffect::None,
+            skip_until_sync: false,
+            local_failed_unit: false,
+            stmts: Statements::default(),
+            split: None,
+            pending: None,
+            cancel,
+            shared,
+            shutdown,
+        })
+    }
+
+    /// Finish the login (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
+    pub async fn greet(&mut self, server_params: &[(String, String)]) -> Result<(), SessionError> {
+        be::write_auth_ok(&mut self.client_out);
+        for (k, v) in server_params {
+            be::write_parameter_status(k, v, &mut self.client_out);
+        }
+        be::write_backend_key(self.cancel.pid, self.cancel.key, &mut self.client_out);
+        be::write_ready(TxStatus::Idle, &mut self.client_out);
+        self.flush_client().await
+    }
+
+    /// Run until the client leaves. Errors are reported to the client here.
+    pub async fn run(mut self) {
+        let result = self.serve().await;
+        if let Err(e) = &result {
+            match e {
+                SessionError::ClientIo(_) => tracing::debug!(error = %e, "client connection ended"),
+                SessionError::TokenExpired => tracing::info!("token expired; closing the connection"),
+                _ => tracing::warn!(error = %e, "session ended with an error"),
+            }
+            if !matches!(e, SessionError::ClientIo(_)) {
+                let mut out = std::mem::take(&mut self.client_out);
+                be::write_error(&e.to_client_error(), &mut out);
+                let _ = self.client.write_all(&out).await;
+                let _ = self.client.flush().await;
+            }
+        }
+        self.finish().await;
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            if self.process_client().await? {
+                return Ok(());
+            }
+            self.flush_server().await?;
+            self.flush_client().await?;
+            self.maybe_release().await;
+
+            let read_client = self.pending.is_none() && self.split.is_none();
+            let idle = self.server.is_none();
+            let Session { client, client_buf, server, shutdown, .. } = self;
+            let server_read = async {
+                match server.as_mut() {
+                    Some(s) => {
+                        let conn = s.conn();
+                        conn.stream.read_buf(&mut conn.read_buf).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = client.read_buf(client_buf), if read_client => {
+                    match r {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(SessionError::ClientIo(e)),
+                    }
+                }
+                r = server_read => {
+                    match r {
+                        Ok(0) => return Err(SessionError::UpstreamClosed),
+                        Ok(_) => self.process_server()?,
+                        Err(e) => return Err(SessionError::UpstreamIo(e)),
+                    }
+                }
+                _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
+            }
+        }
+    }
+
+    /// Handle every complete client frame that can be handled now. `Ok(true)` = client is done.
+    async fn process_client(&mut self) -> Result<bool, SessionError> {
+        loop {
+            if self.split.is_some() {
+                return Ok(false);
+            }
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => match try_read_frame(&mut self.client_buf, self.max_message) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Ok(false),
+                    Err(e) => return Err(SessionError::ClientProtocol(e)),
+                },
+            };
+            match self.handle_client(frame).await? {
+                Flow::Continue => {}
+                Flow::Wait(f) => {
+                    self.pending = Some(f);
+                    return Ok(false);
+                }
+                Flow::Terminate => return Ok(true),
+            }
+            if self.client_out.len() >= FLUSH_AT {
+                self.flush_client().await?;
+            }
+        }
+    }
+
+    /// Handle every complete server frame in the read buffer.
+    fn process_server(&mut self) -> Result<(), SessionError> {
+        loop {
+            let Some(server) = self.server.as_mut() else { return Ok(()) };
+            let frame = match try_read_frame(&mut server.conn().read_buf, MAX_SERVER_MESSAGE) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(SessionError::UpstreamProtocol(e.to_string())),
+            };
+            self.handle_server(frame)?;
+        }
+    }
+
+    async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if !self.client_out.is_empty() {
+            self.client.write_all(&self.client_out).await.map_err(SessionError::ClientIo)?;
+            self.client_out.clear();
+        }
+        Ok(())
+    }
+
+    async fn flush_server(&mut self) -> Result<(), SessionError> {
+        if self.server_out.is_empty() {
+            return Ok(());
+        }
+        let Some(server) = self.server.as_mut() else {
+            self.server_out.clear();
+            return Ok(());
+        };
+        server.conn().stream.write_all(&self.server_out).await.map_err(SessionError::UpstreamIo)?;
+        self.server_out.clear();
+        Ok(())
+    }
+
+    /// Get a server connection for a new unit of work.
+    async fn ensure_server(&mut self) -> Result<(), PoolError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let checkout = self.shared.pool.checkout().await?;
+        self.cancel.slot.set(self.shared.pool.cancel_target(checkout.conn_ref()));
+        tracing::trace!(server_id = checkout.conn_ref().id, "checked out upstream connection");
+        self.server = Some(checkout);
+        self.predicted = Predicted::Idle;
+        Ok(())
+    }
+
+    /// Transaction mode: give the connection back once the server is idle and nothing is pending.
+    async fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction
+            || self.server.is_none()
+            || self.in_flight > 0
+            || self.unit_open
+            || !self.expect.is_empty()
+            || self.predicted != Predicted::Idle
+            || self.split.is_some()
+            || !self.server_out.is_empty()
+        {
+            return;
+        }
+        self.cancel.slot.clear().await;
+        if let Some(server) = self.server.take() {
+            tracing::trace!(server_id = server.conn_ref().id, "released upstream connection");
+            server.release();
+        }
+    }
+
+    /// Client is gone: keep the connection only if it is idle and clean.
+    async fn finish(&mut self) {
+        self.cancel.slot.clear().await;
+        let clean = self.in_flight == 0 && !self.unit_open && self.expect.is_empty() && self.predicted == Predicted::Idle;
+        if let Some(server) = self.server.take() {
+            if clean && server.conn_ref().read_buf.is_empty() {
+                server.release();
+            } else {
+                tracing::info!(server_id = server.conn_ref().id, "client left mid-transaction; closing its upstream connection");
+                drop(server);
+            }
+        }
+    }
+
+    fn token_expired(&self) -> bool {
+        let leeway = self.shared.config().auth.leeway.as_secs();
+        jsonwebtoken::get_current_timestamp() > self.identity.expires_at.saturating_add(leeway)
+    }
+}

@@ -1,0 +1,220 @@
+//! Server messages: forwarded untouched unless the front of the expect queue says they answer
+//! something rlsgate injected. ReadyForQuery updates the transaction state.
+
+use super::expect::Expect;
+use super::{Predicted, Session, SessionError};
+use crate::protocol::backend::{self as be, TxStatus};
+use crate::protocol::frame::Frame;
+use crate::protocol::frontend as fe;
+
+fn unexpected(tag: u8, front: &Expect) -> SessionError {
+    SessionError::UpstreamProtocol(format!("unexpected message {:?} while expecting {front:?}", tag as char))
+}
+
+impl Session {
+    pub(super) fn handle_server(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let tag = frame.tag;
+        match tag {
+            be::NOTICE_RESPONSE if matches!(self.expect.front(), Some(Expect::Inject { .. })) => {
+                // "SET LOCAL can only be used in transaction blocks": ours, not the client's.
+                return Ok(());
+            }
+            be::NOTICE_RESPONSE | be::NOTIFICATION | be::PARAMETER_STATUS => {
+                self.client_out.extend_from_slice(&frame.bytes);
+                return Ok(());
+            }
+            be::ERROR_RESPONSE => return self.on_error(frame),
+            be::READY_FOR_QUERY => return self.on_ready(frame),
+            _ => {}
+        }
+        let Some(front) = self.expect.front_mut() else {
+            return Err(SessionError::UpstreamProtocol(format!("unsolicited message {:?}", tag as char)));
+        };
+        let (forward, done) = match front {
+            Expect::Inject { remaining } => match tag {
+                be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
+                be::COMMAND_COMPLETE => {
+                    *remaining -= 1;
+                    (false, *remaining == 0)
+                }
+                _ => return Err(unexpected(tag, front)),
+            },
+            Expect::Hidden { tag: want, .. } if *want == tag => (false, true),
+            Expect::One { tag: want, .. } if *want == tag => (true, true),
+            Expect::Raise => match tag {
+                be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
+                _ => return Err(unexpected(tag, front)),
+            },
+            Expect::DescribeStatement => match tag {
+                be::PARAMETER_DESCRIPTION => {
+                    *front = Expect::DescribePortal;
+                    (true, false)
+                }
+                _ => return Err(unexpected(tag, front)),
+            },
+            Expect::DescribePortal => match tag {
+                be::ROW_DESCRIPTION | be::NO_DATA => (true, true),
+                _ => return Err(unexpected(tag, front)),
+            },
+            Expect::Execute => (true, matches!(tag, be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED)),
+            Expect::Query { .. } => (true, false),
+            Expect::Sync | Expect::Hidden { .. } | Expect::One { .. } | Expect::Synthetic(_) => {
+                return Err(unexpected(tag, front));
+            }
+        };
+        if forward {
+            self.client_out.extend_from_slice(&frame.bytes);
+        }
+        if done {
+            self.expect.pop_front();
+            self.emit_synthetic();
+        }
+        Ok(())
+    }
+
+    /// Emit replies rlsgate produces itself that have reached the front of the queue.
+    fn emit_synthetic(&mut self) {
+        while let Some(Expect::Synthetic(tag)) = self.expect.front() {
+            be::write_empty(*tag, &mut self.client_out);
+            self.expect.pop_front();
+        }
+    }
+
+    fn on_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Some(front) = self.expect.front() else {
+            // An error outside any request (e.g. the server terminating the session): pass it on.
+            self.client_out.extend_from_slice(&frame.bytes);
+            return Ok(());
+        };
+        match front {
+            Expect::Query { .. } => {
+                if let Some(split) = self.split.as_mut() {
+                    split.failed = true;
+                }
+                self.client_out.extend_from_slice(&frame.bytes);
+                Ok(())
+            }
+            Expect::Inject { .. } => self.on_injection_error(frame),
+            _ => {
+                // Extended protocol: the server now skips everything up to Sync.
+                self.client_out.extend_from_slice(&frame.bytes);
+                self.discard_until_sync();
+                Ok(())
+            }
+        }
+    }
+
+    /// Drop the expectations of messages the server skips after an error, up to the next Sync.
+    fn discard_until_sync(&mut self) {
+        while self.expect.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
+            match self.expect.pop_front() {
+                // A Query inside an unsynced extended unit is skipped as well: no ReadyForQuery.
+                Some(Expect::Query { .. }) => self.in_flight -= 1,
+                Some(Expect::One { prepared, client_name, .. }) => {
+                    self.forget_failed_parse(prepared.as_deref(), client_name.as_deref())
+                }
+                Some(Expect::Hidden { prepared, .. }) => self.forget_failed_parse(prepared.as_deref(), Some("")),
+                _ => {}
+            }
+        }
+    }
+
+    /// A Parse that did not happen: the server does not have the statement, nor does the client.
+    fn forget_failed_parse(&mut self, server_name: Option<&str>, client_name: Option<&str>) {
+        let Some(server) = self.server.as_mut() else { return };
+        let conn = server.conn();
+        match (server_name, client_name) {
+            (Some(name), client) => {
+                conn.prepared.remove(name);
+                if let Some(c) = client.filter(|c| !c.is_empty()) {
+                    self.stmts.remove(c);
+                }
+            }
+            // An unnamed Parse (the client's or our hidden re-Parse) did not happen.
+            (None, Some("")) => conn.unnamed_owner = None,
+            _ => {}
+        }
+    }
+
+    /// The injected context failed (should not happen with validated settings). The client's
+    /// unit is skipped by the server; answer it with the error and keep the session if we can.
+    fn on_injection_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let detail = be::notice_fields(frame.body()).map(|n| format!("{} {}", n.code, n.message)).unwrap_or_default();
+        tracing::error!(error = %detail, "injecting the tenant context failed");
+        self.expect.pop_front();
+        match self.expect.front() {
+            Some(Expect::Query { .. }) if self.expect.len() == 1 => {
+                // The server ignores the Query until a Sync: send one, its ReadyForQuery ends the Query.
+                self.client_out.extend_from_slice(&frame.bytes);
+                fe::write_sync(&mut self.server_out);
+                if let Some(split) = self.split.as_mut() {
+                    split.failed = true;
+                }
+                Ok(())
+            }
+            Some(Expect::Query { .. }) | None => Err(SessionError::Injection(detail)),
+            Some(_) => {
+                self.client_out.extend_from_slice(&frame.bytes);
+                self.discard_until_sync();
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let status = be::ready_status(frame.body()).map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
+        let Some(front) = self.expect.pop_front() else {
+            return Err(SessionError::UpstreamProtocol("unsolicited ReadyForQuery".into()));
+        };
+        let segment = match front {
+            Expect::Sync | Expect::Query { segment: false } => false,
+            Expect::Query { segment: true } => true,
+            other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
+        };
+        self.in_flight -= 1;
+        if self.in_flight == 0 {
+            self.predicted = match status {
+                TxStatus::Idle => Predicted::Idle,
+                TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
+            };
+        }
+        if segment {
+            if self.continue_split(status)? {
+                return Ok(());
+            }
+        } else if self.split.is_some() && self.expect.iter().all(|e| !matches!(e, Expect::Query { .. })) {
+            self.split = None;
+        }
+        self.client_out.extend_from_slice(&frame.bytes);
+        self.emit_synthetic();
+        Ok(())
+    }
+
+    /// Send the next piece of a split Query. `Ok(true)` = the ReadyForQuery is swallowed.
+    fn continue_split(&mut self, status: TxStatus) -> Result<bool, SessionError> {
+        let Some(split) = self.split.as_mut() else { return Ok(false) };
+        if split.failed {
+            self.split = None;
+            return Ok(false);
+        }
+        let Some(next) = split.rest.pop_front() else {
+            self.split = None;
+            return Ok(false);
+        };
+        let more = !split.rest.is_empty();
+        if status == TxStatus::Idle {
+            self.inject_context();
+        }
+        fe::write_query(&next, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
+        self.expect.push_back(Expect::Query { segment: more });
+        self.in_flight += 1;
+        self.predicted = Predicted::Unknown;
+        if !more {
+            // The last piece answers the client; keep the split marker until then.
+            if let Some(s) = self.split.as_mut() {
+                s.rest.clear();
+            }
+        }
+        Ok(true)
+    }
+}

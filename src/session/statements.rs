@@ -1,0 +1,72 @@
+//! A client's prepared statements and their names on the server.
+//!
+//! Client statement names are private to the client. On the server every statement is named
+//! `rg_<hash of text and parameter types>` (keyed per process, so names cannot be predicted), so
+//! identical statements are shared between clients and re-prepared on whichever connection serves
+//! the next transaction.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::guard::Analysis;
+
+#[derive(Debug)]
+pub struct Prepared {
+    pub server_name: Arc<str>,
+    pub sql: Arc<str>,
+    pub param_types: Bytes,
+    pub analysis: Arc<Analysis>,
+}
+
+/// Most named statements one client may hold (Postgres has no limit; this bounds memory).
+pub const MAX_STATEMENTS: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct Statements {
+    named: HashMap<String, Arc<Prepared>>,
+    /// The client's unnamed statement and its Parse sequence number.
+    pub unnamed: Option<(Arc<Prepared>, u64)>,
+    pub parse_seq: u64,
+}
+
+impl Statements {
+    pub fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
+        if name.is_empty() { self.unnamed.as_ref().map(|(p, _)| p) } else { self.named.get(name) }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn insert(&mut self, name: &str, p: Arc<Prepared>) -> u64 {
+        self.parse_seq += 1;
+        if name.is_empty() {
+            self.unnamed = Some((p, self.parse_seq));
+        } else {
+            self.named.insert(name.to_string(), p);
+        }
+        self.parse_seq
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if name.is_empty() {
+            self.unnamed = None;
+        } else {
+            self.named.remove(name);
+        }
+    }
+
+    /// Number of named statements.
+    pub fn count(&self) -> usize {
+        self.named.len()
+    }
+}
+
+/// The server-side name for a statement.
+pub fn server_name(hasher: &impl BuildHasher, sql: &str, param_types: &[u8]) -> Arc<str> {
+    let h = hasher.hash_one((sql, param_types));
+    Arc::from(format!("rg_{h:016x}"))
+}
