@@ -47,8 +47,20 @@ impl Session {
         match frame.tag {
             fe::QUERY => self.on_query(frame).await,
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => self.on_extended(frame).await,
+            fe::SYNC if self.copy_in => {
+                // Ignored by the server during COPY FROM STDIN; no ReadyForQuery will answer it.
+                self.server_out.extend_from_slice(&frame.bytes);
+                Ok(Flow::Continue)
+            }
             fe::SYNC => Ok(self.on_sync(frame)),
-            fe::FLUSH | fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                self.copy_in = false;
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&frame.bytes);
+                }
+                Ok(Flow::Continue)
+            }
+            fe::FLUSH | fe::COPY_DATA => {
                 if self.server.is_some() {
                     self.server_out.extend_from_slice(&frame.bytes);
                 }

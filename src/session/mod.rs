@@ -113,6 +113,8 @@ pub struct Session {
     unit_open: bool,
     /// Transaction control bound in the open extended unit.
     unit_effect: TxEffect,
+    /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
+    copy_in: bool,
     /// A denied or failed extended message: drop client messages up to Sync.
     skip_until_sync: bool,
     /// The proxy itself failed the current extended unit (no server): answer Sync locally.
@@ -153,6 +155,7 @@ impl Session {
             predicted: Predicted::Idle,
             unit_open: false,
             unit_effect: TxEffect::None,
+            copy_in: false,
             skip_until_sync: false,
             local_failed_unit: false,
             stmts: Statements::default(),

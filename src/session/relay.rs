@@ -24,6 +24,7 @@ impl Session {
                 return Ok(());
             }
             be::ERROR_RESPONSE => return self.on_error(frame),
+            be::COPY_IN => self.enter_copy_in(),
             be::READY_FOR_QUERY => return self.on_ready(frame),
             _ => {}
         }
@@ -70,6 +71,20 @@ impl Session {
             self.emit_synthetic();
         }
         Ok(())
+    }
+
+    /// The server entered COPY FROM STDIN: Syncs the client sent after the COPY (drivers send one
+    /// right behind Execute) are ignored by the server until CopyDone, so expect no reply to them.
+    fn enter_copy_in(&mut self) {
+        self.copy_in = true;
+        let before = self.expect.len();
+        let mut first = true;
+        self.expect.retain(|e| {
+            let keep = first || !matches!(e, Expect::Sync);
+            first = false;
+            keep
+        });
+        self.in_flight -= before - self.expect.len();
     }
 
     /// Emit replies rlsgate produces itself that have reached the front of the queue.

@@ -1,0 +1,193 @@
+//! Test support: one throwaway Postgres per test binary, a fresh demo database per test, rlsgate
+//! started in-process on port 0, tokens, and real clients (tokio-postgres, psql, pgbench).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rlsgate::app::{self, Shared};
+use rlsgate::config::Config;
+use rlsgate::embedded_pg::{EmbeddedOptions, EmbeddedPg};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+pub const APP_PASSWORD: &str = "app-password-for-tests";
+pub const DEMO_SQL: &str = include_str!("../../sql/demo.sql");
+
+static PG: OnceLock<EmbeddedPg> = OnceLock::new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+static DEMO_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The cluster of this test binary (started on first use; stops when the process exits).
+pub fn pg() -> &'static EmbeddedPg {
+    PG.get_or_init(|| {
+        let pg = EmbeddedPg::start(EmbeddedOptions::default()).expect("start throwaway PostgreSQL");
+        pg.psql(
+            "postgres",
+            &format!("CREATE ROLE rlsgate_app LOGIN PASSWORD '{APP_PASSWORD}'; CREATE ROLE rlsgate_owner NOLOGIN;"),
+        )
+        .expect("create roles");
+        pg
+    })
+}
+
+/// A fresh database with `sql/demo.sql` loaded; returns its name.
+pub fn demo_db() -> String {
+    let pg = pg();
+    let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    pg.create_database(&name).expect("create database");
+    // Loading takes cluster-wide role locks; one at a time avoids deadlocks between tests.
+    let _guard = DEMO_LOAD.lock().unwrap_or_else(|e| e.into_inner());
+    pg.psql(&name, DEMO_SQL).expect("load demo.sql");
+    name
+}
+
+/// rlsgate running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub db: String,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+
+    pub fn conn_str(&self, token: &str) -> String {
+        format!("host=127.0.0.1 port={} dbname={} user=app password={token} sslmode=disable", self.addr.port(), self.db)
+    }
+}
+
+/// Config for a proxy in front of `db`; `extra` is appended (later keys in a table override by
+/// being placed in the right table by the caller).
+pub fn config_text(db: &str, pool_size: usize, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+handshake_timeout = "5s"
+[upstream]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "rlsgate_app"
+password = "{APP_PASSWORD}"
+sslmode = "disable"
+pool_size = {pool_size}
+checkout_timeout = "5s"
+[auth]
+hs_secret = "{SECRET}"
+tenant_claim = "store_id"
+{extra}
+[context]
+"app.current_store_id" = "store_id"
+"#,
+        port = pg().port()
+    )
+}
+
+/// Logs from the proxy when `RLSGATE_LOG` is set (e.g. `RLSGATE_LOG=debug cargo test`).
+fn init_logs() {
+    if let Ok(filter) = std::env::var("RLSGATE_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
+    }
+}
+
+pub async fn start_proxy_with(db: &str, config: &str) -> Proxy {
+    init_logs();
+    let config = Config::from_toml(config).expect("valid test config");
+    let shared = Shared::new(config).expect("shared state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app::run(listener, Arc::clone(&shared), shutdown.clone()));
+    Proxy { addr, db: db.to_string(), shared, shutdown, task }
+}
+
+/// A proxy with `pool_size` connections in front of a fresh demo database.
+pub async fn start_proxy(pool_size: usize) -> Proxy {
+    let db = demo_db();
+    start_proxy_with(&db, &config_text(&db, pool_size, "")).await
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn token_with(claims: serde_json::Value) -> String {
+    rlsgate::auth::mint_hs256(SECRET.as_bytes(), &claims).expect("mint")
+}
+
+pub fn token(store: &str) -> String {
+    token_with(serde_json::json!({"store_id": store, "sub": format!("user-{store}"), "exp": now() + 3600}))
+}
+
+/// A tokio-postgres client through the proxy.
+pub async fn connect(proxy: &Proxy, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(token), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub async fn client(proxy: &Proxy, store: &str) -> tokio_postgres::Client {
+    connect(proxy, &token(store)).await.expect("connect through rlsgate")
+}
+
+/// Superuser SQL straight to Postgres (to check what reached the server).
+pub fn admin_sql(db: &str, sql: &str) -> String {
+    pg().psql(db, sql).expect("admin sql").trim().to_string()
+}
+
+/// Run a Postgres client binary against the proxy.
+pub fn run_client(proxy: &Proxy, bin: &str, token: &str, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(pg().bin(bin));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", proxy.addr.port().to_string())
+        .env("PGUSER", "app")
+        .env("PGDATABASE", &proxy.db)
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args(args);
+    cmd.output().expect("run client binary")
+}
+
+pub fn psql(proxy: &Proxy, token: &str, sql: &str) -> Output {
+    run_client(proxy, "psql", token, &["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+/// SQLSTATE of a tokio-postgres error (empty when it has none).
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_default()
+}
+
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+}
+
+pub async fn count(c: &impl tokio_postgres::GenericClient, table: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get(0)
+}
