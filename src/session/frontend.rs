@@ -40,6 +40,7 @@ fn protocol(e: crate::protocol::ProtocolError) -> SessionError {
 
 impl Session {
     pub(super) async fn handle_client(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        tracing::trace!(tag = %(frame.tag as char), in_flight = self.in_flight, predicted = ?self.predicted, "client message");
         if self.skip_until_sync && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
             // After an error Postgres ignores everything up to Sync; so do we.
             return Ok(Flow::Continue);
@@ -219,6 +220,11 @@ impl Session {
     // ---------------------------------------------------------------- extended protocol
 
     async fn on_extended(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if !self.unit_open && self.server.is_none() && frame.tag == fe::PARSE && self.next_is_sync() {
+            if self.deferred_prepare(&frame)? {
+                return Ok(Flow::Continue);
+            }
+        }
         if !self.unit_open {
             if self.must_wait() {
                 return Ok(Flow::Wait(frame));
@@ -244,6 +250,37 @@ impl Session {
             _ => {}
         }
         Ok(Flow::Continue)
+    }
+
+    fn next_is_sync(&self) -> bool {
+        self.client_buf.starts_with(&[fe::SYNC, 0, 0, 0, 4])
+    }
+
+    /// `Parse(name) + Sync` outside a transaction (PQprepare): record the statement and answer
+    /// ParseComplete + ReadyForQuery without taking a connection; the statement is prepared on
+    /// whichever connection first binds it. Taking a pool slot here would let clients that
+    /// prepare synchronously (pgbench -M prepared) block the clients holding the slots.
+    /// Returns false when the normal path must handle the message (denials, syntax errors, …).
+    fn deferred_prepare(&mut self, frame: &Frame) -> Result<bool, SessionError> {
+        let p = fe::parse(frame.body()).map_err(protocol)?;
+        if p.name.is_empty() || self.stmts.contains(p.name) || self.stmts.count() >= MAX_STATEMENTS {
+            return Ok(false);
+        }
+        let analysis = self.shared.guard.analyze(p.sql);
+        if !analysis.parsed || self.refusal_for(&analysis).is_some() {
+            return Ok(false);
+        }
+        let prepared = Arc::new(Prepared {
+            server_name: server_name(&self.shared.stmt_hasher, p.sql, p.param_types),
+            sql: Arc::from(p.sql),
+            param_types: Bytes::copy_from_slice(p.param_types),
+            analysis,
+        });
+        self.stmts.insert(p.name, prepared);
+        let _sync = self.client_buf.split_to(5);
+        be::write_empty(be::PARSE_COMPLETE, &mut self.client_out);
+        be::write_ready(TxStatus::Idle, &mut self.client_out);
+        Ok(true)
     }
 
     /// Whether the unit this message opens runs a statement that cannot be in a transaction block.

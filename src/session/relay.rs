@@ -14,6 +14,7 @@ fn unexpected(tag: u8, front: &Expect) -> SessionError {
 impl Session {
     pub(super) fn handle_server(&mut self, frame: Frame) -> Result<(), SessionError> {
         let tag = frame.tag;
+        tracing::trace!(tag = %(tag as char), front = ?self.expect.front(), "server message");
         match tag {
             be::NOTICE_RESPONSE if matches!(self.expect.front(), Some(Expect::Inject { .. })) => {
                 // "SET LOCAL can only be used in transaction blocks": ours, not the client's.
