@@ -239,3 +239,41 @@ async fn checkout_timeout_gives_a_clear_error() {
     assert_eq!(count(&south, "customers").await, 2);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_upstream_connection_is_reported_and_the_pool_recovers() {
+    let proxy = start_proxy(1).await;
+    let north = client(&proxy, "north").await;
+    north.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = north.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    admin_sql(&proxy.db, &format!("SELECT pg_terminate_backend({pid})"));
+    let err = north.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || code(&err) == "08006" || code(&err) == "57P01", "{err}");
+    // the broken connection was dropped; a new client gets a fresh one
+    let south = client(&proxy, "south").await;
+    assert_eq!(count(&south, "customers").await, 2);
+    let new_pid: i32 = south.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(pid, new_pid);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_open_transaction_finish() {
+    let proxy = start_proxy(2).await;
+    let north = client(&proxy, "north").await;
+    let idle = client(&proxy, "south").await;
+    assert_eq!(count(&idle, "customers").await, 2);
+    north.batch_execute("BEGIN").await.unwrap();
+    north.execute("INSERT INTO customers (store_id, name) VALUES ('north', 'Late')", &[]).await.unwrap();
+    let Proxy { shutdown, task, addr, .. } = proxy;
+    shutdown.cancel();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // no new clients
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    // an idle client is told the proxy is going away
+    let err = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || code(&err) == "57P01", "{err}");
+    // the open transaction can still commit
+    north.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap();
+}

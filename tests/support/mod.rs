@@ -50,8 +50,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub db: String,
     pub shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
