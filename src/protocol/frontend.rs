@@ -123,6 +123,12 @@ pub fn execute_portal(body: &[u8]) -> Result<&str, ProtocolError> {
     Ok(portal)
 }
 
+/// `FunctionCall`: the function OID (arguments are forwarded untouched).
+pub fn function_call_oid(body: &[u8]) -> Result<u32, ProtocolError> {
+    let mut c = Cursor::new(body, "FunctionCall");
+    Ok(c.i32()? as u32)
+}
+
 /// Password message: the cleartext password (here: the JWT).
 pub fn password(body: &[u8]) -> Result<&str, ProtocolError> {
     let mut c = Cursor::new(body, "PasswordMessage");

@@ -205,10 +205,24 @@ impl Session {
         be::write_ready(TxStatus::Idle, &mut self.client_out);
     }
 
+    /// FunctionCall names a function by OID, out of the guard's sight: only libpq's large-object
+    /// functions (fixed built-in OIDs) are relayed.
     async fn on_function_call(&mut self, frame: Frame) -> Result<Flow, SessionError> {
         if self.must_wait() {
             return Ok(Flow::Wait(frame));
         }
+        let oid = fe::function_call_oid(frame.body()).map_err(protocol)?;
+        if LARGE_OBJECT_FUNCTIONS.contains(&oid) {
+            if let Err(e) = self.start_unit(false).await? {
+                self.local_query_error(&e.to_client_error());
+                return Ok(Flow::Continue);
+            }
+            self.server_out.extend_from_slice(&frame.bytes);
+            self.expect.push_back(Expect::Query { segment: false });
+            self.in_flight += 1;
+            return Ok(Flow::Continue);
+        }
+        tracing::info!(oid, "FunctionCall refused");
         self.refuse_query(Refusal {
             sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
             message: "rlsgate: the FunctionCall protocol message is not supported (it bypasses statement checks)".into(),
@@ -492,6 +506,10 @@ impl Session {
         }
     }
 }
+
+/// lo_create, lo_open, lo_close, loread, lowrite, lo_lseek, lo_creat, lo_tell, lo_unlink,
+/// lo_truncate, lo_lseek64, lo_tell64, lo_truncate64 (OIDs fixed in pg_proc.dat).
+const LARGE_OBJECT_FUNCTIONS: &[u32] = &[715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172];
 
 fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
     match (a, b) {

@@ -191,3 +191,122 @@ pub fn message(e: &tokio_postgres::Error) -> String {
 pub async fn count(c: &impl tokio_postgres::GenericClient, table: &str) -> i64 {
     c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get(0)
 }
+
+/// A raw wire-protocol client for sequences drivers do not produce.
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+/// One server message: tag and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub tag: char,
+    pub body: Vec<u8>,
+}
+
+impl Msg {
+    /// SQLSTATE of an ErrorResponse/NoticeResponse.
+    pub fn code(&self) -> String {
+        self.field(b'C')
+    }
+
+    pub fn field(&self, f: u8) -> String {
+        let mut parts = self.body.split(|&b| b == 0);
+        parts
+            .find(|p| p.first() == Some(&f))
+            .map(|p| String::from_utf8_lossy(&p[1..]).to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl RawClient {
+    pub async fn connect(proxy: &Proxy, token: &str) -> RawClient {
+        use bytes::BufMut;
+        use tokio::io::AsyncWriteExt;
+        let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+        let mut c = RawClient { stream, buf: bytes::BytesMut::new() };
+        let mut body = bytes::BytesMut::new();
+        body.put_i32(196_608);
+        for (k, v) in [("user", "app"), ("database", proxy.db.as_str())] {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut msg = bytes::BytesMut::new();
+        msg.put_i32(body.len() as i32 + 4);
+        msg.put_slice(&body);
+        c.stream.write_all(&msg).await.unwrap();
+        let auth = c.recv().await;
+        assert_eq!(auth.tag, 'R', "{auth:?}");
+        c.send(b'p', &[token.as_bytes(), b"\0"].concat()).await;
+        c.until_ready().await;
+        c
+    }
+
+    pub async fn send(&mut self, tag: u8, body: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        self.stream.write_all(&m).await.unwrap();
+    }
+
+    pub async fn query(&mut self, sql: &str) {
+        self.send(b'Q', &[sql.as_bytes(), b"\0"].concat()).await;
+    }
+
+    pub async fn parse(&mut self, name: &str, sql: &str) {
+        self.send(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat()).await;
+    }
+
+    pub async fn bind(&mut self, portal: &str, stmt: &str) {
+        self.send(b'B', &[portal.as_bytes(), b"\0", stmt.as_bytes(), b"\0", &[0, 0, 0, 0, 0, 0]].concat()).await;
+    }
+
+    pub async fn execute(&mut self, portal: &str) {
+        self.send(b'E', &[portal.as_bytes(), b"\0", &[0, 0, 0, 0]].concat()).await;
+    }
+
+    pub async fn sync(&mut self) {
+        self.send(b'S', &[]).await;
+    }
+
+    pub async fn recv(&mut self) -> Msg {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if self.buf.len() > len {
+                    let m = self.buf.split_to(len + 1);
+                    return Msg { tag: m[0] as char, body: m[5..].to_vec() };
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(15), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("server answered within 15s")
+                .expect("read");
+            assert!(n > 0, "connection closed by rlsgate");
+        }
+    }
+
+    /// Messages up to and including ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.recv().await;
+            let done = m.tag == 'Z';
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+}
+
+/// Tags of a message list, e.g. "1 2 T D C Z".
+pub fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag.to_string()).collect::<Vec<_>>().join(" ")
+}

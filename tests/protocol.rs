@@ -1,0 +1,129 @@
+//! Protocol sequences drivers rarely produce, through a raw client.
+
+mod support;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_is_refused_except_large_objects() {
+    let proxy = start_proxy(1).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    // FunctionCall of set_config (OID 2078) with three text args
+    let mut body = 2078i32.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0, 0, 0, 3]);
+    for arg in ["app.current_store_id", "south", "false"] {
+        body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
+        body.extend_from_slice(arg.as_bytes());
+    }
+    body.extend_from_slice(&[0, 0]);
+    c.send(b'F', &body).await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "E Z");
+    assert_eq!(msgs[0].code(), "0A000");
+    c.query("SELECT current_setting('app.current_store_id')").await;
+    let msgs = c.until_ready().await;
+    let row = msgs.iter().find(|m| m.tag == 'D').expect("a row");
+    assert!(String::from_utf8_lossy(&row.body).contains("north"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_work_through_libpq_fastpath() {
+    let proxy = start_proxy(1).await;
+    let file = std::env::temp_dir().join(format!("rlsgate-lo-{}", std::process::id()));
+    std::fs::write(&file, b"large object payload").unwrap();
+    let out = run_client(&proxy, "psql", &token("north"), &["-X", "-At", "-c", &format!("\\lo_import {}", file.display())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("lo_import "), "{}", stdout(&out));
+    let oid = stdout(&out).trim_start_matches("lo_import ").to_string();
+    assert_eq!(admin_sql(&proxy.db, &format!("SELECT convert_from(lo_get({oid}), 'UTF8')")), "large object payload");
+    let _ = std::fs::remove_file(file);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_queries_and_notices_pass_through() {
+    let proxy = start_proxy(1).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.query("").await;
+    assert_eq!(tags(&c.until_ready().await), "I Z");
+    c.query("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await;
+    // DO is denied by the guard; the error is a proper ErrorResponse and the session continues
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "E Z");
+    assert_eq!(msgs[0].code(), "42501");
+    c.query("SELECT 1; ").await;
+    assert_eq!(tags(&c.until_ready().await), "T D C Z");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_errors_skip_to_sync_like_postgres() {
+    let proxy = start_proxy(1).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    // error in the middle of a pipeline: the rest up to Sync is skipped, the next unit runs
+    c.parse("", "SELECT 1/(SELECT 0)").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.parse("", "SELECT 42").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.sync().await;
+    c.parse("", "SELECT count(*) FROM customers").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.sync().await;
+    let first = c.until_ready().await;
+    assert_eq!(tags(&first), "1 2 E Z");
+    assert_eq!(first[2].code(), "22012");
+    let second = c.until_ready().await;
+    assert_eq!(tags(&second), "1 2 D C Z");
+    assert!(String::from_utf8_lossy(&second[2].body).ends_with('3'));
+    // a denied Parse inside an explicit transaction fails the transaction, as a Postgres error would
+    c.query("BEGIN").await;
+    c.until_ready().await;
+    c.parse("s1", "SET app.current_store_id = 'south'").await;
+    c.bind("", "s1").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "E Z");
+    assert_eq!(msgs[0].code(), "42501");
+    assert_eq!(msgs[1].body, b"E", "transaction must be failed");
+    c.query("ROLLBACK").await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs.last().unwrap().body, b"I");
+    // the denied statement does not exist
+    c.bind("", "s1").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "E Z");
+    assert_eq!(msgs[0].code(), "26000");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_3_2_is_negotiated_down() {
+    use bytes::BufMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = start_proxy(1).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut body = bytes::BytesMut::new();
+    body.put_i32((3 << 16) | 2);
+    for (k, v) in [("user", "app"), ("database", proxy.db.as_str())] {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut msg = bytes::BytesMut::new();
+    msg.put_i32(body.len() as i32 + 4);
+    msg.put_slice(&body);
+    s.write_all(&msg).await.unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], b'v', "NegotiateProtocolVersion expected");
+    proxy.stop().await;
+}
