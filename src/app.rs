@@ -102,14 +102,27 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     drop(listener);
     tracker.close();
     let timeout = shared.config().server.shutdown_timeout;
-    tracing::info!(sessions = tracker.len(), ?timeout, "shutting down: waiting for open transactions");
+    tracing::info!(
+        sessions = tracker.len(),
+        ?timeout,
+        "shutting down: waiting for open transactions"
+    );
     if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(sessions = tracker.len(), "shutdown timeout reached; closing remaining sessions");
+        tracing::warn!(
+            sessions = tracker.len(),
+            "shutdown timeout reached; closing remaining sessions"
+        );
     }
     shared.pool.close();
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, conn_id: u64, shutdown: CancellationToken) {
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    shutdown: CancellationToken,
+) {
     tcp.set_nodelay(true).ok();
     let timeout = shared.config().server.handshake_timeout;
     let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
@@ -142,7 +155,11 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, conn_id: 
             return;
         }
     };
-    tracing::info!(subject = login.identity.subject.as_deref().unwrap_or(""), tls = login.stream.is_tls(), "client logged in");
+    tracing::info!(
+        subject = login.identity.subject.as_deref().unwrap_or(""),
+        tls = login.stream.is_tls(),
+        "client logged in"
+    );
     let mut session = match Session::new(login, Arc::clone(&shared), conn_id, shutdown) {
         Ok(s) => s,
         Err(e) => {

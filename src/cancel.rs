@@ -65,20 +65,33 @@ impl CancelRegistry {
         loop {
             let pid = rand::random::<i32>() & 0x7fff_ffff;
             let key = rand::random::<i32>();
-            let Ok(mut slots) = self.slots.lock() else { continue };
+            let Ok(mut slots) = self.slots.lock() else {
+                continue;
+            };
             if slots.contains_key(&(pid, key)) || pid == 0 {
                 continue;
             }
             slots.insert((pid, key), Arc::clone(&slot));
-            return Registration { registry: Arc::clone(self), pid, key, slot };
+            return Registration {
+                registry: Arc::clone(self),
+                pid,
+                key,
+                slot,
+            };
         }
     }
 
     /// Handle a CancelRequest: unknown keys are ignored silently, as Postgres does.
     pub async fn cancel(&self, pid: i32, key: &[u8]) {
-        let Ok(key) = <[u8; 4]>::try_from(key) else { return };
+        let Ok(key) = <[u8; 4]>::try_from(key) else {
+            return;
+        };
         let key = i32::from_be_bytes(key);
-        let slot = self.slots.lock().ok().and_then(|s| s.get(&(pid, key)).cloned());
+        let slot = self
+            .slots
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&(pid, key)).cloned());
         let Some(slot) = slot else {
             tracing::debug!("cancel request with an unknown key ignored");
             return;

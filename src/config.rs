@@ -13,7 +13,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("environment variable {0} referenced in the config is not set")]
     MissingEnv(String),
     #[error("config is not valid TOML or has unknown keys: {0}")]
@@ -23,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,7 +131,10 @@ pub struct UpstreamConfig {
     pub checkout_timeout: Duration,
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
-    #[serde(default = "default_health_check_after", with = "humantime_serde_compat")]
+    #[serde(
+        default = "default_health_check_after",
+        with = "humantime_serde_compat"
+    )]
     pub health_check_after: Duration,
 }
 
@@ -238,7 +247,9 @@ fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     }
     let n = match Raw::deserialize(d)? {
         Raw::N(n) => n,
-        Raw::S(s) => parse_size(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid size {s:?}")))?,
+        Raw::S(s) => {
+            parse_size(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid size {s:?}")))?
+        }
     };
     usize::try_from(n).map_err(|_| serde::de::Error::custom("size too large"))
 }
@@ -280,7 +291,10 @@ pub fn expand_env(text: &str) -> Result<String, ConfigError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml(&text)
     }
 
@@ -288,7 +302,13 @@ impl Config {
         // Expand only outside comments so that documented examples do not need the variables.
         let expanded = text
             .lines()
-            .map(|line| if line.trim_start().starts_with('#') { Ok(line.to_string()) } else { expand_env(line) })
+            .map(|line| {
+                if line.trim_start().starts_with('#') {
+                    Ok(line.to_string())
+                } else {
+                    expand_env(line)
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?
             .join("\n");
         let config: Config = toml::from_str(&expanded)?;
@@ -306,31 +326,47 @@ impl Config {
         if self.server.max_message_size < 1024 {
             return Err(invalid("server.max_message_size", "must be at least 1kB"));
         }
-        if let Some(tls) = &self.tls {
-            if tls.cert.is_none() != tls.key.is_none() {
-                return Err(invalid("tls", "cert and key must be given together"));
-            }
+        if let Some(tls) = &self.tls
+            && tls.cert.is_none() != tls.key.is_none()
+        {
+            return Err(invalid("tls", "cert and key must be given together"));
         }
         if self.auth.algorithms.is_empty() {
-            return Err(invalid("auth.algorithms", "must list at least one algorithm"));
+            return Err(invalid(
+                "auth.algorithms",
+                "must list at least one algorithm",
+            ));
         }
         if self.auth.tenant_claim.is_empty() {
             return Err(invalid("auth.tenant_claim", "must not be empty"));
         }
-        if !self.context.values().any(|claim| claim == &self.auth.tenant_claim) {
+        if !self
+            .context
+            .values()
+            .any(|claim| claim == &self.auth.tenant_claim)
+        {
             return Err(invalid(
                 "context",
-                format!("must map a protected setting to the tenant claim {:?}", self.auth.tenant_claim),
+                format!(
+                    "must map a protected setting to the tenant claim {:?}",
+                    self.auth.tenant_claim
+                ),
             ));
         }
         for guc in self.context.keys() {
             if !is_valid_guc_name(guc) {
-                return Err(invalid("context", format!("{guc:?} is not a valid custom setting name (prefix.name)")));
-            }
-            if !crate::guard::protected::ProtectedSet::new(&self.guard.protected).is_protected(guc) {
                 return Err(invalid(
                     "context",
-                    format!("{guc:?} is not covered by guard.protected, so clients could overwrite it"),
+                    format!("{guc:?} is not a valid custom setting name (prefix.name)"),
+                ));
+            }
+            if !crate::guard::protected::ProtectedSet::new(&self.guard.protected).is_protected(guc)
+            {
+                return Err(invalid(
+                    "context",
+                    format!(
+                        "{guc:?} is not covered by guard.protected, so clients could overwrite it"
+                    ),
                 ));
             }
         }
@@ -343,7 +379,10 @@ impl Config {
     }
 
     pub fn plaintext_password(&self) -> PlaintextPassword {
-        self.tls.as_ref().map(|t| t.plaintext_password).unwrap_or_default()
+        self.tls
+            .as_ref()
+            .map(|t| t.plaintext_password)
+            .unwrap_or_default()
     }
 }
 
@@ -353,8 +392,11 @@ pub fn is_valid_guc_name(name: &str) -> bool {
     let ok_part = |p: &str| {
         !p.is_empty()
             && p.len() <= 63
-            && p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && p.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     };
     match (parts.next(), parts.next(), parts.next()) {
         (Some(a), Some(b), None) => ok_part(a) && ok_part(b),
@@ -388,12 +430,18 @@ hs_secret = "s"
     #[test]
     fn unknown_keys_are_rejected() {
         let text = format!("{MINIMAL}\n[guard]\nprotectd = []\n");
-        assert!(matches!(Config::from_toml(&text), Err(ConfigError::Parse(_))));
+        assert!(matches!(
+            Config::from_toml(&text),
+            Err(ConfigError::Parse(_))
+        ));
     }
 
     #[test]
     fn context_must_cover_tenant_claim_and_be_protected() {
-        let text = MINIMAL.replace("\"app.current_store_id\" = \"store_id\"", "\"app.x\" = \"sub\"");
+        let text = MINIMAL.replace(
+            "\"app.current_store_id\" = \"store_id\"",
+            "\"app.x\" = \"sub\"",
+        );
         assert!(Config::from_toml(&text).is_err());
         let text = MINIMAL.replace("app.current_store_id", "other.current_store_id");
         assert!(Config::from_toml(&text).is_err());
@@ -404,7 +452,10 @@ hs_secret = "s"
         // SAFETY: test-only, single-threaded use of a variable no other test reads.
         unsafe { std::env::set_var("RLSGATE_TEST_EXPAND", "xyz") };
         assert_eq!(expand_env("a${RLSGATE_TEST_EXPAND}b").unwrap(), "axyzb");
-        assert!(matches!(expand_env("${RLSGATE_TEST_MISSING_VAR}"), Err(ConfigError::MissingEnv(_))));
+        assert!(matches!(
+            expand_env("${RLSGATE_TEST_MISSING_VAR}"),
+            Err(ConfigError::MissingEnv(_))
+        ));
         assert_eq!(parse_size("64MB"), Some(64 << 20));
         assert_eq!(parse_size("12"), Some(12));
         assert_eq!(parse_size("3 parsecs"), None);

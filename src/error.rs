@@ -52,11 +52,23 @@ pub struct ClientError {
 
 impl ClientError {
     pub fn fatal(sqlstate: &'static str, message: impl Into<String>) -> Self {
-        ClientError { severity: Severity::Fatal, sqlstate, message: message.into(), detail: None, hint: None }
+        ClientError {
+            severity: Severity::Fatal,
+            sqlstate,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn error(sqlstate: &'static str, message: impl Into<String>) -> Self {
-        ClientError { severity: Severity::Error, sqlstate, message: message.into(), detail: None, hint: None }
+        ClientError {
+            severity: Severity::Error,
+            sqlstate,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -78,7 +90,13 @@ impl ClientError {
 
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.severity.as_str(), self.sqlstate, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity.as_str(),
+            self.sqlstate,
+            self.message
+        )
     }
 }
 

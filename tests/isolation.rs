@@ -9,7 +9,11 @@ use tokio_postgres::SimpleQueryMessage;
 fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
     msgs.iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_string()).collect()),
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
             _ => None,
         })
         .collect()
@@ -26,12 +30,21 @@ async fn each_tenant_sees_only_its_rows_in_autocommit() {
         assert_eq!(count(&north, "sales_items").await, 3);
         assert_eq!(count(&south, "sales_items").await, 2);
     }
-    let rows = north.query("SELECT DISTINCT store_id FROM products", &[]).await.unwrap();
+    let rows = north
+        .query("SELECT DISTINCT store_id FROM products", &[])
+        .await
+        .unwrap();
     let stores: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(stores, vec!["north".to_string()]);
     // simple protocol too
-    let msgs = south.simple_query("SELECT store_id, count(*) FROM customers GROUP BY 1").await.unwrap();
-    assert_eq!(simple_rows(&msgs), vec![vec!["south".to_string(), "2".to_string()]]);
+    let msgs = south
+        .simple_query("SELECT store_id, count(*) FROM customers GROUP BY 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_rows(&msgs),
+        vec![vec!["south".to_string(), "2".to_string()]]
+    );
     proxy.stop().await;
 }
 
@@ -42,9 +55,18 @@ async fn context_holds_for_a_whole_explicit_transaction() {
     let south = client(&proxy, "south").await;
     let tx = north.transaction().await.unwrap();
     assert_eq!(count(&tx, "customers").await, 3);
-    let setting: String = tx.query_one("SELECT current_setting('app.current_store_id')", &[]).await.unwrap().get(0);
+    let setting: String = tx
+        .query_one("SELECT current_setting('app.current_store_id')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(setting, "north");
-    tx.execute("INSERT INTO customers (store_id, name) VALUES ('north', 'Tx Customer')", &[]).await.unwrap();
+    tx.execute(
+        "INSERT INTO customers (store_id, name) VALUES ('north', 'Tx Customer')",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(count(&tx, "customers").await, 4);
     tx.rollback().await.unwrap();
     assert_eq!(count(&north, "customers").await, 3);
@@ -67,9 +89,20 @@ async fn statements_after_a_commit_inside_one_query_keep_the_context() {
         .await
         .unwrap();
     let rows = simple_rows(&msgs);
-    assert_eq!(rows, vec![vec!["3".to_string()], vec!["3".into()], vec!["4".into()], vec!["north".into()]]);
+    assert_eq!(
+        rows,
+        vec![
+            vec!["3".to_string()],
+            vec!["3".into()],
+            vec!["4".into()],
+            vec!["north".into()]
+        ]
+    );
     // an error stops the rest of the string, as in Postgres
-    let err = north.simple_query("SELECT 1; COMMIT; SELECT 1/0; SELECT count(*) FROM customers").await.unwrap_err();
+    let err = north
+        .simple_query("SELECT 1; COMMIT; SELECT 1/0; SELECT count(*) FROM customers")
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), "22012");
     assert_eq!(count(&north, "customers").await, 3);
     proxy.stop().await;
@@ -80,19 +113,32 @@ async fn pipelined_extended_queries_each_get_the_context() {
     let proxy = start_proxy(1).await;
     let north = client(&proxy, "north").await;
     let south = client(&proxy, "south").await;
-    let stmt = north.prepare("SELECT count(*) FROM customers WHERE $1::int > 0").await.unwrap();
+    let stmt = north
+        .prepare("SELECT count(*) FROM customers WHERE $1::int > 0")
+        .await
+        .unwrap();
     // tokio-postgres pipelines concurrent requests on one connection
     let futs = (0..20).map(|i| {
         let north = &north;
         let stmt = &stmt;
-        async move { north.query_one(stmt, &[&(i + 1)]).await.map(|r| r.get::<_, i64>(0)) }
+        async move {
+            north
+                .query_one(stmt, &[&(i + 1)])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+        }
     });
     for r in join_all(futs).await {
         assert_eq!(r.unwrap(), 3);
     }
     let futs = (0..20).map(|_| {
         let south = &south;
-        async move { south.query_one("SELECT current_setting('app.current_store_id')", &[]).await.map(|r| r.get::<_, String>(0)) }
+        async move {
+            south
+                .query_one("SELECT current_setting('app.current_store_id')", &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+        }
     });
     for r in join_all(futs).await {
         assert_eq!(r.unwrap(), "south");
@@ -105,14 +151,41 @@ async fn inserts_for_another_tenant_fail_with_check() {
     let proxy = start_proxy(1).await;
     let db = proxy.db.clone();
     let north = client(&proxy, "north").await;
-    let err = north.execute("INSERT INTO customers (store_id, name) VALUES ('south', 'Mallory')", &[]).await.unwrap_err();
+    let err = north
+        .execute(
+            "INSERT INTO customers (store_id, name) VALUES ('south', 'Mallory')",
+            &[],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), "42501", "{err}");
     assert!(message(&err).contains("row-level security"), "{err}");
-    let err = north.execute("UPDATE customers SET store_id = 'south'", &[]).await.unwrap_err();
+    let err = north
+        .execute("UPDATE customers SET store_id = 'south'", &[])
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), "42501");
-    north.execute("INSERT INTO customers (store_id, name) VALUES ('north', 'Nora')", &[]).await.unwrap();
-    assert_eq!(admin_sql(&db, "SELECT count(*) FROM customers WHERE store_id = 'south'"), "2");
-    assert_eq!(admin_sql(&db, "SELECT count(*) FROM customers WHERE store_id = 'north'"), "4");
+    north
+        .execute(
+            "INSERT INTO customers (store_id, name) VALUES ('north', 'Nora')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        admin_sql(
+            &db,
+            "SELECT count(*) FROM customers WHERE store_id = 'south'"
+        ),
+        "2"
+    );
+    assert_eq!(
+        admin_sql(
+            &db,
+            "SELECT count(*) FROM customers WHERE store_id = 'north'"
+        ),
+        "4"
+    );
     proxy.stop().await;
 }
 
@@ -121,7 +194,10 @@ async fn copy_in_and_out_are_isolated() {
     use futures_util::{SinkExt, StreamExt, pin_mut};
     let proxy = start_proxy(1).await;
     let north = client(&proxy, "north").await;
-    let out = north.copy_out("COPY (SELECT store_id, name FROM customers ORDER BY 2) TO STDOUT").await.unwrap();
+    let out = north
+        .copy_out("COPY (SELECT store_id, name FROM customers ORDER BY 2) TO STDOUT")
+        .await
+        .unwrap();
     pin_mut!(out);
     let mut text = Vec::new();
     while let Some(chunk) = out.next().await {
@@ -132,7 +208,10 @@ async fn copy_in_and_out_are_isolated() {
     assert!(text.lines().all(|l| l.starts_with("north\t")), "{text}");
 
     // Postgres refuses COPY FROM into a table with RLS; the error must come through unchanged.
-    let Err(err) = north.copy_in::<_, bytes::Bytes>("COPY customers (store_id, name) FROM STDIN").await else {
+    let Err(err) = north
+        .copy_in::<_, bytes::Bytes>("COPY customers (store_id, name) FROM STDIN")
+        .await
+    else {
         panic!("COPY FROM into an RLS table must fail");
     };
     assert_eq!(code(&err), "0A000", "{err}");
@@ -141,8 +220,14 @@ async fn copy_in_and_out_are_isolated() {
     let north = client(&proxy, "north").await;
 
     // COPY FROM into a plain staging table streams through the proxy.
-    admin_sql(&proxy.db, "CREATE TABLE staging (store_id text, name text); GRANT INSERT, SELECT ON staging TO rlsgate_app");
-    let sink = north.copy_in("COPY staging (store_id, name) FROM STDIN").await.unwrap();
+    admin_sql(
+        &proxy.db,
+        "CREATE TABLE staging (store_id text, name text); GRANT INSERT, SELECT ON staging TO rlsgate_app",
+    );
+    let sink = north
+        .copy_in("COPY staging (store_id, name) FROM STDIN")
+        .await
+        .unwrap();
     pin_mut!(sink);
     let mut data = String::new();
     for i in 0..5000 {
@@ -159,14 +244,27 @@ async fn copy_in_and_out_are_isolated() {
 async fn a_client_that_vanishes_mid_transaction_leaves_nothing_behind() {
     let proxy = start_proxy(1).await;
     let north = client(&proxy, "north").await;
-    north.batch_execute("BEGIN; INSERT INTO customers (store_id, name) VALUES ('north', 'Ghost')").await.unwrap();
+    north
+        .batch_execute("BEGIN; INSERT INTO customers (store_id, name) VALUES ('north', 'Ghost')")
+        .await
+        .unwrap();
     drop(north);
     // pool size 1: south can only proceed once the abandoned connection is gone
     let south = client(&proxy, "south").await;
     assert_eq!(count(&south, "customers").await, 2);
-    let setting: String = south.query_one("SELECT current_setting('app.current_store_id')", &[]).await.unwrap().get(0);
+    let setting: String = south
+        .query_one("SELECT current_setting('app.current_store_id')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(setting, "south");
-    assert_eq!(admin_sql(&proxy.db, "SELECT count(*) FROM customers WHERE name = 'Ghost'"), "0");
+    assert_eq!(
+        admin_sql(
+            &proxy.db,
+            "SELECT count(*) FROM customers WHERE name = 'Ghost'"
+        ),
+        "0"
+    );
     proxy.stop().await;
 }
 
@@ -191,7 +289,10 @@ async fn changing_the_tenant_setting_is_denied_and_changes_nothing() {
     }
     // inside a transaction the denial fails the transaction, like a Postgres error
     north.batch_execute("BEGIN").await.unwrap();
-    let err = north.simple_query("SET app.current_store_id = 'south'").await.unwrap_err();
+    let err = north
+        .simple_query("SET app.current_store_id = 'south'")
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), "42501");
     let err = north.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(code(&err), "25P02", "transaction must be aborted: {err}");
@@ -215,11 +316,22 @@ async fn statements_that_cannot_run_in_a_transaction_block_work() {
 async fn large_rows_and_results_are_relayed() {
     let proxy = start_proxy(1).await;
     let north = client(&proxy, "north").await;
-    let len: i32 = north.query_one("SELECT length(repeat('x', 20000000))", &[]).await.unwrap().get(0);
+    let len: i32 = north
+        .query_one("SELECT length(repeat('x', 20000000))", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(len, 20_000_000);
-    let big: String = north.query_one("SELECT repeat('y', 8000000)", &[]).await.unwrap().get(0);
+    let big: String = north
+        .query_one("SELECT repeat('y', 8000000)", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(big.len(), 8_000_000);
-    let rows = north.query("SELECT g FROM generate_series(1, 100000) g", &[]).await.unwrap();
+    let rows = north
+        .query("SELECT g FROM generate_series(1, 100000) g", &[])
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 100_000);
     proxy.stop().await;
 }
@@ -227,7 +339,8 @@ async fn large_rows_and_results_are_relayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_timeout_gives_a_clear_error() {
     let db = demo_db();
-    let cfg = config_text(&db, 1, "").replace("checkout_timeout = \"5s\"", "checkout_timeout = \"300ms\"");
+    let cfg = config_text(&db, 1, "")
+        .replace("checkout_timeout = \"5s\"", "checkout_timeout = \"300ms\"");
     let proxy = start_proxy_with(&db, &cfg).await;
     let north = client(&proxy, "north").await;
     let south = client(&proxy, "south").await;
@@ -245,14 +358,25 @@ async fn a_killed_upstream_connection_is_reported_and_the_pool_recovers() {
     let proxy = start_proxy(1).await;
     let north = client(&proxy, "north").await;
     north.batch_execute("BEGIN").await.unwrap();
-    let pid: i32 = north.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = north
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     admin_sql(&proxy.db, &format!("SELECT pg_terminate_backend({pid})"));
     let err = north.simple_query("SELECT 1").await.unwrap_err();
-    assert!(err.is_closed() || code(&err) == "08006" || code(&err) == "57P01", "{err}");
+    assert!(
+        err.is_closed() || code(&err) == "08006" || code(&err) == "57P01",
+        "{err}"
+    );
     // the broken connection was dropped; a new client gets a fresh one
     let south = client(&proxy, "south").await;
     assert_eq!(count(&south, "customers").await, 2);
-    let new_pid: i32 = south.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let new_pid: i32 = south
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_ne!(pid, new_pid);
     proxy.stop().await;
 }
@@ -264,8 +388,19 @@ async fn shutdown_lets_an_open_transaction_finish() {
     let idle = client(&proxy, "south").await;
     assert_eq!(count(&idle, "customers").await, 2);
     north.batch_execute("BEGIN").await.unwrap();
-    north.execute("INSERT INTO customers (store_id, name) VALUES ('north', 'Late')", &[]).await.unwrap();
-    let Proxy { shutdown, task, addr, .. } = proxy;
+    north
+        .execute(
+            "INSERT INTO customers (store_id, name) VALUES ('north', 'Late')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let Proxy {
+        shutdown,
+        task,
+        addr,
+        ..
+    } = proxy;
     shutdown.cancel();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     // no new clients
@@ -275,5 +410,8 @@ async fn shutdown_lets_an_open_transaction_finish() {
     assert!(err.is_closed() || code(&err) == "57P01", "{err}");
     // the open transaction can still commit
     north.batch_execute("COMMIT").await.unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -19,9 +19,17 @@ async fn bad_tokens_are_refused_with_28000_and_a_reason() {
     let (c, m) = login_error(&proxy, &expired).await;
     assert_eq!((c.as_str(), m.contains("expired")), ("28000", true), "{m}");
 
-    let wrong_key = rlsgate::auth::mint_hs256(b"some-other-secret-some-other-secret", &json!({"store_id": "north", "exp": now() + 60})).unwrap();
+    let wrong_key = rlsgate::auth::mint_hs256(
+        b"some-other-secret-some-other-secret",
+        &json!({"store_id": "north", "exp": now() + 60}),
+    )
+    .unwrap();
     let (c, m) = login_error(&proxy, &wrong_key).await;
-    assert_eq!((c.as_str(), m.contains("signature")), ("28000", true), "{m}");
+    assert_eq!(
+        (c.as_str(), m.contains("signature")),
+        ("28000", true),
+        "{m}"
+    );
 
     let no_tenant = token_with(json!({"sub": "x", "exp": now() + 60}));
     let (c, m) = login_error(&proxy, &no_tenant).await;
@@ -35,7 +43,8 @@ async fn bad_tokens_are_refused_with_28000_and_a_reason() {
     let (c, m) = login_error(&proxy, &no_exp).await;
     assert_eq!((c.as_str(), m.contains("exp")), ("28000", true), "{m}");
 
-    let not_yet = token_with(json!({"store_id": "north", "exp": now() + 7200, "nbf": now() + 3600}));
+    let not_yet =
+        token_with(json!({"store_id": "north", "exp": now() + 7200, "nbf": now() + 3600}));
     let (c, _) = login_error(&proxy, &not_yet).await;
     assert_eq!(c, "28000");
 
@@ -47,14 +56,24 @@ async fn bad_tokens_are_refused_with_28000_and_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issuer_and_audience_are_checked_when_configured() {
     let db = demo_db();
-    let cfg = config_text(&db, 1, "issuer = \"https://id.example\"\naudience = \"rlsgate\"");
+    let cfg = config_text(
+        &db,
+        1,
+        "issuer = \"https://id.example\"\naudience = \"rlsgate\"",
+    );
     let proxy = start_proxy_with(&db, &cfg).await;
-    let good = token_with(json!({"store_id": "north", "exp": now() + 60, "iss": "https://id.example", "aud": "rlsgate"}));
+    let good = token_with(
+        json!({"store_id": "north", "exp": now() + 60, "iss": "https://id.example", "aud": "rlsgate"}),
+    );
     let c = connect(&proxy, &good).await.unwrap();
     assert_eq!(count(&c, "customers").await, 3);
-    let wrong_aud = token_with(json!({"store_id": "north", "exp": now() + 60, "iss": "https://id.example", "aud": "other"}));
+    let wrong_aud = token_with(
+        json!({"store_id": "north", "exp": now() + 60, "iss": "https://id.example", "aud": "other"}),
+    );
     assert_eq!(login_error(&proxy, &wrong_aud).await.0, "28000");
-    let wrong_iss = token_with(json!({"store_id": "north", "exp": now() + 60, "iss": "https://evil.example", "aud": "rlsgate"}));
+    let wrong_iss = token_with(
+        json!({"store_id": "north", "exp": now() + 60, "iss": "https://evil.example", "aud": "rlsgate"}),
+    );
     assert_eq!(login_error(&proxy, &wrong_iss).await.0, "28000");
     proxy.stop().await;
 }
@@ -62,8 +81,15 @@ async fn issuer_and_audience_are_checked_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_database_is_refused_with_3d000() {
     let proxy = start_proxy(1).await;
-    let conn = format!("host=127.0.0.1 port={} dbname=postgres user=app password={}", proxy.addr.port(), token("north"));
-    let err = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().expect("must fail");
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=postgres user=app password={}",
+        proxy.addr.port(),
+        token("north")
+    );
+    let err = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("must fail");
     assert_eq!(code(&err), "3D000", "{err}");
     proxy.stop().await;
 }
@@ -71,21 +97,34 @@ async fn wrong_database_is_refused_with_3d000() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_settings_in_the_startup_packet_are_refused() {
     let proxy = start_proxy(1).await;
-    for options in ["-c app.current_store_id=south", "--app.current_store_id=south", "-c role=postgres"] {
+    for options in [
+        "-c app.current_store_id=south",
+        "--app.current_store_id=south",
+        "-c role=postgres",
+    ] {
         let conn = format!("{} options='{options}'", proxy.conn_str(&token("north")));
-        let err = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().expect("must fail");
+        let err = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("must fail");
         assert_eq!(code(&err), "42501", "{options}: {err}");
     }
     // harmless options still work
-    let conn = format!("{} options='-c statement_timeout=5000'", proxy.conn_str(&token("north")));
-    let (c, conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    let conn = format!(
+        "{} options='-c statement_timeout=5000'",
+        proxy.conn_str(&token("north"))
+    );
+    let (c, conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     assert_eq!(count(&c, "customers").await, 3);
     proxy.stop().await;
 }
 
 fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
@@ -108,21 +147,34 @@ async fn tls_login_works_and_plaintext_tokens_can_be_refused() {
     let proxy = start_proxy_with(&db, &cfg).await;
     let tok = token("north");
 
-    let out = run_client(&proxy, "psql", &tok, &["-X", "-At", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", "-c", "SELECT count(*) FROM customers"]);
+    let out = run_client(
+        &proxy,
+        "psql",
+        &tok,
+        &[
+            "-X",
+            "-At",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "-c",
+            "SELECT count(*) FROM customers",
+        ],
+    );
     // PGSSLMODE=disable in run_client: refused because the token would travel in clear text
     assert!(!out.status.success());
     assert!(stderr(&out).contains("without TLS"), "{}", stderr(&out));
 
     let mut cmd = std::process::Command::new(pg().bin("psql"));
-    cmd.env_clear()
-        .env("PGPASSWORD", &tok)
-        .args([
-            "-X",
-            "-At",
-            &format!("host=127.0.0.1 port={} dbname={db} user=app sslmode=require", proxy.addr.port()),
-            "-c",
-            "SELECT count(*) FROM customers",
-        ]);
+    cmd.env_clear().env("PGPASSWORD", &tok).args([
+        "-X",
+        "-At",
+        &format!(
+            "host=127.0.0.1 port={} dbname={db} user=app sslmode=require",
+            proxy.addr.port()
+        ),
+        "-c",
+        "SELECT count(*) FROM customers",
+    ]);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "3");
@@ -134,13 +186,22 @@ async fn tls_login_works_and_plaintext_tokens_can_be_refused() {
 async fn malformed_first_packets_get_an_error_not_a_hang() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let proxy = start_proxy(1).await;
-    for garbage in [&b"\x00\x00\x00\x04"[..], b"\x00\x00\xff\xff\x00\x03\x00\x00", b"GET / HTTP/1.1\r\n\r\n"] {
+    for garbage in [
+        &b"\x00\x00\x00\x04"[..],
+        b"\x00\x00\xff\xff\x00\x03\x00\x00",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         s.write_all(garbage).await.unwrap();
         let mut buf = Vec::new();
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "proxy must close the connection");
-        assert_eq!(buf.first(), Some(&b'E'), "expected an ErrorResponse for {garbage:?}, got {buf:?}");
+        assert_eq!(
+            buf.first(),
+            Some(&b'E'),
+            "expected an ErrorResponse for {garbage:?}, got {buf:?}"
+        );
     }
     proxy.stop().await;
 }

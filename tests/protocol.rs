@@ -20,7 +20,8 @@ async fn function_call_is_refused_except_large_objects() {
     let msgs = c.until_ready().await;
     assert_eq!(tags(&msgs), "E Z");
     assert_eq!(msgs[0].code(), "0A000");
-    c.query("SELECT current_setting('app.current_store_id')").await;
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
     let msgs = c.until_ready().await;
     let row = msgs.iter().find(|m| m.tag == 'D').expect("a row");
     assert!(String::from_utf8_lossy(&row.body).contains("north"));
@@ -32,11 +33,27 @@ async fn large_objects_work_through_libpq_fastpath() {
     let proxy = start_proxy(1).await;
     let file = std::env::temp_dir().join(format!("rlsgate-lo-{}", std::process::id()));
     std::fs::write(&file, b"large object payload").unwrap();
-    let out = run_client(&proxy, "psql", &token("north"), &["-X", "-At", "-c", &format!("\\lo_import {}", file.display())]);
+    let out = run_client(
+        &proxy,
+        "psql",
+        &token("north"),
+        &[
+            "-X",
+            "-At",
+            "-c",
+            &format!("\\lo_import {}", file.display()),
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("lo_import "), "{}", stdout(&out));
     let oid = stdout(&out).trim_start_matches("lo_import ").to_string();
-    assert_eq!(admin_sql(&proxy.db, &format!("SELECT convert_from(lo_get({oid}), 'UTF8')")), "large object payload");
+    assert_eq!(
+        admin_sql(
+            &proxy.db,
+            &format!("SELECT convert_from(lo_get({oid}), 'UTF8')")
+        ),
+        "large object payload"
+    );
     let _ = std::fs::remove_file(file);
     proxy.stop().await;
 }

@@ -13,14 +13,17 @@ pub fn render_claim(v: &Value) -> Option<String> {
     match v {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
-        Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_) => Some(v.to_string()),
+        Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_) => {
+            Some(v.to_string())
+        }
     }
 }
 
 /// Tenant ids: `^[A-Za-z0-9_.:@-]{1,128}$`.
 pub fn valid_tenant(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
 }
 
 #[cfg(test)]
@@ -30,11 +33,26 @@ mod tests {
 
     #[test]
     fn dotted_lookup_and_rendering() {
-        let c = json!({"app_metadata": {"store_id": 42}, "sub": "u1", "roles": ["a", "b"], "ok": true});
-        assert_eq!(lookup(&c, "app_metadata.store_id").and_then(render_claim).as_deref(), Some("42"));
-        assert_eq!(lookup(&c, "sub").and_then(render_claim).as_deref(), Some("u1"));
-        assert_eq!(lookup(&c, "roles").and_then(render_claim).as_deref(), Some(r#"["a","b"]"#));
-        assert_eq!(lookup(&c, "ok").and_then(render_claim).as_deref(), Some("true"));
+        let c =
+            json!({"app_metadata": {"store_id": 42}, "sub": "u1", "roles": ["a", "b"], "ok": true});
+        assert_eq!(
+            lookup(&c, "app_metadata.store_id")
+                .and_then(render_claim)
+                .as_deref(),
+            Some("42")
+        );
+        assert_eq!(
+            lookup(&c, "sub").and_then(render_claim).as_deref(),
+            Some("u1")
+        );
+        assert_eq!(
+            lookup(&c, "roles").and_then(render_claim).as_deref(),
+            Some(r#"["a","b"]"#)
+        );
+        assert_eq!(
+            lookup(&c, "ok").and_then(render_claim).as_deref(),
+            Some("true")
+        );
         assert!(lookup(&c, "app_metadata.nope").is_none());
     }
 

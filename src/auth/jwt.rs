@@ -46,7 +46,10 @@ pub enum AuthError {
 
 impl UserFacing for AuthError {
     fn to_client_error(&self) -> ClientError {
-        let e = ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("invalid token: {self}"));
+        let e = ClientError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("invalid token: {self}"),
+        );
         match self {
             AuthError::Empty | AuthError::Malformed => {
                 e.with_hint("pass a JWT as the password, e.g. PGPASSWORD=$TOKEN")
@@ -76,9 +79,15 @@ pub enum KeyError {
     #[error("asymmetric algorithms need auth.public_key_pem")]
     MissingPublicKey,
     #[error("cannot read public key {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("public key is not a valid PEM for {family}: {reason}")]
-    BadKey { family: &'static str, reason: String },
+    BadKey {
+        family: &'static str,
+        reason: String,
+    },
     #[error("auth.hs_secret must be at least 32 bytes")]
     WeakSecret,
 }
@@ -94,12 +103,17 @@ pub struct Validator {
 
 impl std::fmt::Debug for Validator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Validator").field("algorithms", &self.validation.algorithms).finish_non_exhaustive()
+        f.debug_struct("Validator")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
     }
 }
 
 impl Validator {
-    pub fn new(auth: &AuthConfig, context: &std::collections::BTreeMap<String, String>) -> Result<Self, KeyError> {
+    pub fn new(
+        auth: &AuthConfig,
+        context: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, KeyError> {
         let algorithms = auth
             .algorithms
             .iter()
@@ -118,16 +132,24 @@ impl Validator {
                 DecodingKey::from_secret(secret.as_bytes())
             }
             other => {
-                let path = auth.public_key_pem.as_ref().ok_or(KeyError::MissingPublicKey)?;
-                let pem = std::fs::read(path)
-                    .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+                let path = auth
+                    .public_key_pem
+                    .as_ref()
+                    .ok_or(KeyError::MissingPublicKey)?;
+                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 let (name, parsed) = match other {
                     AlgorithmFamily::Rsa => ("RSA", DecodingKey::from_rsa_pem(&pem)),
                     AlgorithmFamily::Ec => ("EC", DecodingKey::from_ec_pem(&pem)),
                     AlgorithmFamily::Ed => ("EdDSA", DecodingKey::from_ed_pem(&pem)),
                     AlgorithmFamily::Hmac => ("HMAC", Err(ErrorKind::InvalidKeyFormat.into())),
                 };
-                parsed.map_err(|e| KeyError::BadKey { family: name, reason: e.to_string() })?
+                parsed.map_err(|e| KeyError::BadKey {
+                    family: name,
+                    reason: e.to_string(),
+                })?
             }
         };
         let mut validation = Validation::new(algorithms[0]);
@@ -147,7 +169,10 @@ impl Validator {
             key,
             validation,
             tenant_claim: auth.tenant_claim.clone(),
-            context: context.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            context: context
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -160,7 +185,8 @@ impl Validator {
         if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::TooLarge);
         }
-        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation).map_err(|e| map_error(e.kind()))?;
+        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
+            .map_err(|e| map_error(e.kind()))?;
         let claims = data.claims;
         let tenant = match lookup(&claims, &self.tenant_claim) {
             Some(Value::String(s)) => s.clone(),
@@ -186,34 +212,50 @@ impl Validator {
             };
             settings.push((guc.clone(), value));
         }
-        let expires_at = claims.get("exp").and_then(Value::as_u64).ok_or(AuthError::MissingClaim("exp".into()))?;
-        let subject = claims.get("sub").and_then(Value::as_str).map(str::to_string);
-        Ok(Identity { tenant, subject, settings, expires_at })
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or(AuthError::MissingClaim("exp".into()))?;
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(Identity {
+            tenant,
+            subject,
+            settings,
+            expires_at,
+        })
     }
 }
 
 fn map_error(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
-            AuthError::BadAlgorithm
-        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm => AuthError::BadAlgorithm,
         ErrorKind::ExpiredSignature => AuthError::Expired,
         ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidIssuer => AuthError::BadIssuer,
         ErrorKind::InvalidAudience => AuthError::BadAudience,
         ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
         ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaim(c.clone()),
-        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-            AuthError::Malformed
-        }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => AuthError::Malformed,
         _ => AuthError::Other,
     }
 }
 
 /// Mint an HS* token (for `rlsgate token`, the demo and tests).
 pub fn mint_hs256(secret: &[u8], claims: &Value) -> Result<String, jsonwebtoken::errors::Error> {
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
 }
 
 #[cfg(test)]
@@ -247,12 +289,19 @@ mod tests {
 
     #[test]
     fn accepts_a_good_token_and_maps_claims() {
-        let t = mint_hs256(SECRET.as_bytes(), &json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"})).unwrap();
+        let t = mint_hs256(
+            SECRET.as_bytes(),
+            &json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"}),
+        )
+        .unwrap();
         let id = validator().validate(&t).unwrap();
         assert_eq!(id.tenant, "north");
         assert_eq!(
             id.settings,
-            vec![("app.current_store_id".into(), "north".into()), ("app.user_id".into(), "u1".into())]
+            vec![
+                ("app.current_store_id".into(), "north".into()),
+                ("app.user_id".into(), "u1".into())
+            ]
         );
     }
 
@@ -266,13 +315,22 @@ mod tests {
         assert_eq!(v.validate(&mint(&expired)), Err(AuthError::Expired));
         let mut no_exp = good.clone();
         no_exp.as_object_mut().unwrap().remove("exp");
-        assert_eq!(v.validate(&mint(&no_exp)), Err(AuthError::MissingClaim("exp".into())));
+        assert_eq!(
+            v.validate(&mint(&no_exp)),
+            Err(AuthError::MissingClaim("exp".into()))
+        );
         let mut no_tenant = good.clone();
         no_tenant.as_object_mut().unwrap().remove("store_id");
-        assert_eq!(v.validate(&mint(&no_tenant)), Err(AuthError::MissingClaim("store_id".into())));
+        assert_eq!(
+            v.validate(&mint(&no_tenant)),
+            Err(AuthError::MissingClaim("store_id".into()))
+        );
         let mut bad_tenant = good.clone();
         bad_tenant["store_id"] = json!("x'; drop table");
-        assert_eq!(v.validate(&mint(&bad_tenant)), Err(AuthError::BadClaim("store_id".into())));
+        assert_eq!(
+            v.validate(&mint(&bad_tenant)),
+            Err(AuthError::BadClaim("store_id".into()))
+        );
         let mut wrong_iss = good.clone();
         wrong_iss["iss"] = json!("other");
         assert_eq!(v.validate(&mint(&wrong_iss)), Err(AuthError::BadIssuer));
@@ -283,7 +341,10 @@ mod tests {
         assert_eq!(v.validate(&other_key), Err(AuthError::BadSignature));
         assert_eq!(v.validate("not.a.jwt"), Err(AuthError::Malformed));
         assert_eq!(v.validate(""), Err(AuthError::Empty));
-        assert_eq!(v.validate(&"a".repeat(MAX_TOKEN_LEN + 1)), Err(AuthError::TooLarge));
+        assert_eq!(
+            v.validate(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            Err(AuthError::TooLarge)
+        );
     }
 
     #[test]
@@ -291,17 +352,26 @@ mod tests {
         // header {"alg":"none","typ":"JWT"}, no signature
         let claims = json!({"store_id": "north", "exp": now() + 60, "iss": "iss-1"}).to_string();
         use base64_like::encode;
-        let t = format!("{}.{}.", encode(br#"{"alg":"none","typ":"JWT"}"#), encode(claims.as_bytes()));
+        let t = format!(
+            "{}.{}.",
+            encode(br#"{"alg":"none","typ":"JWT"}"#),
+            encode(claims.as_bytes())
+        );
         assert!(validator().validate(&t).is_err());
     }
 
     /// Minimal base64url (no padding) for building hostile tokens by hand.
     mod base64_like {
         pub fn encode(input: &[u8]) -> String {
-            const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            const T: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let mut out = String::new();
             for chunk in input.chunks(3) {
-                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+                let b = [
+                    chunk[0],
+                    *chunk.get(1).unwrap_or(&0),
+                    *chunk.get(2).unwrap_or(&0),
+                ];
                 let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
                 for i in 0..=chunk.len() {
                     out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);

@@ -29,7 +29,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let pg = EmbeddedPg::start(EmbeddedOptions::default()).context("starting PostgreSQL")?;
     pg.create_database("app")?;
     pg.psql("app", DEMO_SQL).context("loading sql/demo.sql")?;
-    pg.psql("app", &format!("ALTER ROLE rlsgate_app PASSWORD '{UPSTREAM_PASSWORD}'"))?;
+    pg.psql(
+        "app",
+        &format!("ALTER ROLE rlsgate_app PASSWORD '{UPSTREAM_PASSWORD}'"),
+    )?;
 
     let secret = format!("demo-{:032x}", rand::random::<u128>());
     let config = Config::from_toml(&format!(
@@ -54,7 +57,13 @@ tenant_claim = "store_id"
         port = args.port,
         pg_port = pg.port(),
     ))?;
-    let mint = |store: &str| super::token::mint(&secret, &[format!("store_id={store}"), "sub=demo-user".into()], Duration::from_secs(8 * 3600));
+    let mint = |store: &str| {
+        super::token::mint(
+            &secret,
+            &[format!("store_id={store}"), "sub=demo-user".into()],
+            Duration::from_secs(8 * 3600),
+        )
+    };
     let (north, south) = (mint("north")?, mint("south")?);
 
     let rt = super::runtime()?;
@@ -64,10 +73,16 @@ tenant_claim = "store_id"
             .with_context(|| format!("cannot listen on {} (try --port 0)", config.server.listen))?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(config)?;
-        println!("\nrlsgate demo is ready: proxy on {addr}, upstream PostgreSQL on port {}.\n", pg.port());
+        println!(
+            "\nrlsgate demo is ready: proxy on {addr}, upstream PostgreSQL on port {}.\n",
+            pg.port()
+        );
         for (store, token) in [("north", &north), ("south", &south)] {
             println!("# store {store}: try  SELECT * FROM customers;  (no WHERE clause needed)");
-            println!("psql \"host=127.0.0.1 port={} dbname=app user=demo password={token}\"\n", addr.port());
+            println!(
+                "psql \"host=127.0.0.1 port={} dbname=app user=demo password={token}\"\n",
+                addr.port()
+            );
         }
         println!("Press Ctrl-C to stop (the throwaway cluster is removed).");
         let shutdown = CancellationToken::new();

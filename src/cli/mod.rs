@@ -14,7 +14,11 @@ use crate::app::{self, Shared};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "rlsgate", version, about = "PostgreSQL proxy that applies the tenant from a JWT to every transaction")]
+#[command(
+    name = "rlsgate",
+    version,
+    about = "PostgreSQL proxy that applies the tenant from a JWT to every transaction"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -37,7 +41,9 @@ pub enum Command {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("RLSGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -61,7 +67,9 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
@@ -83,7 +91,10 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
 /// SIGTERM / SIGINT → stop accepting and drain.
 pub(crate) async fn stop_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -19,8 +19,10 @@ pub struct TokenArgs {
 }
 
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let secret = std::env::var(&args.secret_env).with_context(|| format!("environment variable {} is not set", args.secret_env))?;
-    let ttl: Duration = humantime::parse_duration(&args.ttl).with_context(|| format!("invalid --ttl {:?}", args.ttl))?;
+    let secret = std::env::var(&args.secret_env)
+        .with_context(|| format!("environment variable {} is not set", args.secret_env))?;
+    let ttl: Duration = humantime::parse_duration(&args.ttl)
+        .with_context(|| format!("invalid --ttl {:?}", args.ttl))?;
     let token = mint(&secret, &args.claims, ttl)?;
     println!("{token}");
     Ok(())
@@ -30,7 +32,9 @@ pub fn mint(secret: &str, claims: &[String], ttl: Duration) -> anyhow::Result<St
     let now = jsonwebtoken::get_current_timestamp();
     let mut map = Map::new();
     for c in claims {
-        let Some((k, v)) = c.split_once('=') else { bail!("--claim must look like name=value, got {c:?}") };
+        let Some((k, v)) = c.split_once('=') else {
+            bail!("--claim must look like name=value, got {c:?}")
+        };
         let value = if let Ok(n) = v.parse::<i64>() {
             Value::from(n)
         } else if v == "true" || v == "false" {
@@ -42,5 +46,8 @@ pub fn mint(secret: &str, claims: &[String], ttl: Duration) -> anyhow::Result<St
     }
     map.entry("iat").or_insert(Value::from(now));
     map.entry("exp").or_insert(Value::from(now + ttl.as_secs()));
-    Ok(crate::auth::mint_hs256(secret.as_bytes(), &Value::Object(map))?)
+    Ok(crate::auth::mint_hs256(
+        secret.as_bytes(),
+        &Value::Object(map),
+    )?)
 }

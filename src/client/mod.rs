@@ -14,11 +14,11 @@ use crate::app::Shared;
 use crate::auth::{AuthError, Identity};
 use crate::config::PlaintextPassword;
 use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::protocol::ProtocolError;
 use crate::protocol::backend as be;
 use crate::protocol::frame::try_read_frame;
 use crate::protocol::frontend as fe;
 use crate::protocol::startup::{StartupMessage, StartupPacket, try_read_startup};
-use crate::protocol::ProtocolError;
 use crate::stream::Stream;
 
 /// Largest password message (the token plus framing).
@@ -55,7 +55,10 @@ pub enum HandshakeError {
 impl UserFacing for HandshakeError {
     fn to_client_error(&self) -> ClientError {
         match self {
-            HandshakeError::Gone | HandshakeError::Io(_) | HandshakeError::Tls(_) | HandshakeError::SslStuffing => {
+            HandshakeError::Gone
+            | HandshakeError::Io(_)
+            | HandshakeError::Tls(_)
+            | HandshakeError::SslStuffing => {
                 ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
             }
             HandshakeError::Protocol(ProtocolError::UnsupportedVersion { .. }) => {
@@ -69,10 +72,15 @@ impl UserFacing for HandshakeError {
                 format!("database \"{db}\" does not exist"),
             )
             .with_hint("rlsgate serves only the database named in upstream.database"),
-            HandshakeError::NoUser => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "no PostgreSQL user name specified in startup packet"),
+            HandshakeError::NoUser => ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "no PostgreSQL user name specified in startup packet",
+            ),
             HandshakeError::ProtectedStartupSetting(name) => ClientError::fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
-                format!("setting \"{name}\" at login is not allowed: it is managed by rlsgate from your token"),
+                format!(
+                    "setting \"{name}\" at login is not allowed: it is managed by rlsgate from your token"
+                ),
             ),
             HandshakeError::PlaintextRefused(_) => ClientError::fatal(
                 sqlstate::CONNECTION_REJECTED,
@@ -80,9 +88,10 @@ impl UserFacing for HandshakeError {
             )
             .with_hint("connect with sslmode=require"),
             HandshakeError::Auth(e) => e.to_client_error(),
-            HandshakeError::Replication => {
-                ClientError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, "replication connections are not supported by rlsgate")
-            }
+            HandshakeError::Replication => ClientError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported by rlsgate",
+            ),
         }
     }
 }
@@ -121,7 +130,9 @@ pub async fn handshake(
                     return Err((None, HandshakeError::SslStuffing));
                 }
                 let acceptor = shared.tls_acceptor.as_ref();
-                let Stream::Plain(mut tcp) = stream else { unreachable!("TLS not yet negotiated") };
+                let Stream::Plain(mut tcp) = stream else {
+                    unreachable!("TLS not yet negotiated")
+                };
                 let Some(acceptor) = acceptor else {
                     if let Err(e) = tcp.write_all(b"N").await {
                         return Err((None, e.into()));
@@ -151,9 +162,13 @@ pub async fn handshake(
         }
     };
     match login(&mut stream, &mut buf, startup, peer, shared).await {
-        Ok((identity, startup, user)) => {
-            Ok(Handshake::Login(Box::new(LoggedIn { stream, read_buf: buf, identity, startup, user })))
-        }
+        Ok((identity, startup, user)) => Ok(Handshake::Login(Box::new(LoggedIn {
+            stream,
+            read_buf: buf,
+            identity,
+            startup,
+            user,
+        }))),
         Err(e) => Err((Some(stream), e)),
     }
 }
@@ -169,16 +184,28 @@ async fn login(
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
         be::write_negotiate_version(0, startup.protocol_options.clone(), &mut out);
     }
-    if startup.param("replication").is_some_and(|r| r != "false" && r != "off" && r != "0") {
+    if startup
+        .param("replication")
+        .is_some_and(|r| r != "false" && r != "off" && r != "0")
+    {
         return Err(HandshakeError::Replication);
     }
-    let user = startup.param("user").filter(|u| !u.is_empty()).ok_or(HandshakeError::NoUser)?.to_string();
-    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let user = startup
+        .param("user")
+        .filter(|u| !u.is_empty())
+        .ok_or(HandshakeError::NoUser)?
+        .to_string();
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
     let config = shared.config();
     if database != config.upstream.database {
         return Err(HandshakeError::WrongDatabase(database));
     }
-    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.guard.protected()) {
+    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.guard.protected())
+    {
         return Err(HandshakeError::ProtectedStartupSetting(name));
     }
     let allowed = match config.plaintext_password() {
@@ -207,7 +234,10 @@ async fn login(
     Ok((identity, startup, user))
 }
 
-async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<StartupPacket, HandshakeError> {
+async fn read_startup(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<StartupPacket, HandshakeError> {
     loop {
         if let Some(p) = try_read_startup(buf)? {
             return Ok(p);

@@ -66,10 +66,14 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 
 /// The first requested setting a client may not set at login, if any.
 pub fn forbidden_setting(params: &[(String, String)], protected: &ProtectedSet) -> Option<String> {
-    requested_settings(params).into_iter().map(|(name, _)| name).find(|name| {
-        let lower = name.to_ascii_lowercase();
-        protected.is_protected(&lower) || matches!(lower.as_str(), "role" | "session_authorization")
-    })
+    requested_settings(params)
+        .into_iter()
+        .map(|(name, _)| name)
+        .find(|name| {
+            let lower = name.to_ascii_lowercase();
+            protected.is_protected(&lower)
+                || matches!(lower.as_str(), "role" | "session_authorization")
+        })
 }
 
 #[cfg(test)]
@@ -77,19 +81,38 @@ mod tests {
     use super::*;
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn finds_protected_settings_in_every_spelling() {
         let prot = ProtectedSet::new(&["app.*".into()]);
-        assert_eq!(forbidden_setting(&p(&[("app.current_store_id", "x")]), &prot).as_deref(), Some("app.current_store_id"));
-        assert!(forbidden_setting(&p(&[("options", "-c app.current_store_id=x")]), &prot).is_some());
+        assert_eq!(
+            forbidden_setting(&p(&[("app.current_store_id", "x")]), &prot).as_deref(),
+            Some("app.current_store_id")
+        );
+        assert!(
+            forbidden_setting(&p(&[("options", "-c app.current_store_id=x")]), &prot).is_some()
+        );
         assert!(forbidden_setting(&p(&[("options", "-capp.current_store_id=x")]), &prot).is_some());
         assert!(forbidden_setting(&p(&[("options", "--APP.current-store-id=x")]), &prot).is_some());
         // an escaped space keeps "-c app.x=1" one word; still refused
-        assert!(forbidden_setting(&p(&[("options", "-c search_path=a -c\\ app.x=1")]), &prot).is_some());
+        assert!(
+            forbidden_setting(&p(&[("options", "-c search_path=a -c\\ app.x=1")]), &prot).is_some()
+        );
         assert!(forbidden_setting(&p(&[("options", "-c role=admin")]), &prot).is_some());
-        assert!(forbidden_setting(&p(&[("options", "-c search_path=public"), ("application_name", "x")]), &prot).is_none());
+        assert!(
+            forbidden_setting(
+                &p(&[
+                    ("options", "-c search_path=public"),
+                    ("application_name", "x")
+                ]),
+                &prot
+            )
+            .is_none()
+        );
     }
 }

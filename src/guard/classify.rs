@@ -103,18 +103,35 @@ fn deny(rule: &'static str, message: String) -> Verdict {
 }
 
 /// Functions that run SQL given to them as text.
-const SQL_EXEC_FUNCTIONS: &[&str] =
-    &["query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat"];
+const SQL_EXEC_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "ts_stat",
+];
 /// Functions that read through a cursor or table by name; allowed with constant arguments only.
-const XML_EXPORT_PREFIXES: &[&str] = &["cursor_to_xml", "table_to_xml", "schema_to_xml", "database_to_xml"];
+const XML_EXPORT_PREFIXES: &[&str] = &[
+    "cursor_to_xml",
+    "table_to_xml",
+    "schema_to_xml",
+    "database_to_xml",
+];
 /// Session-level advisory locks survive the transaction.
-const SESSION_LOCK_FUNCTIONS: &[&str] =
-    &["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
+const SESSION_LOCK_FUNCTIONS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
 /// Settings that change who the session is.
 const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
 /// Settings that change how the server reads SQL text, which would let text parse differently
 /// upstream than in the guard.
-const PARSER_SETTINGS: &[&str] = &["standard_conforming_strings", "backslash_quote", "client_encoding"];
+const PARSER_SETTINGS: &[&str] = &[
+    "standard_conforming_strings",
+    "backslash_quote",
+    "client_encoding",
+];
 
 pub fn analyze(sql: &str, opts: &GuardOptions) -> Analysis {
     analyze_depth(sql, opts, 0)
@@ -125,13 +142,23 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         Ok(p) => p,
         Err(_) => return unparsable(sql, opts),
     };
-    let mut analysis =
-        Analysis { verdict: Verdict::Allow, statements: Vec::new(), session_state: None, session_set: false, parsed: true };
+    let mut analysis = Analysis {
+        verdict: Verdict::Allow,
+        statements: Vec::new(),
+        session_state: None,
+        session_set: false,
+        parsed: true,
+    };
     for raw in &parsed.protobuf.stmts {
         let (start, end) = stmt_range(raw, sql.len());
         let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
         let (tx, no_tx_block) = node.map(top_level).unwrap_or((TxEffect::None, false));
-        analysis.statements.push(Statement { start, end, tx, no_tx_block });
+        analysis.statements.push(Statement {
+            start,
+            end,
+            tx,
+            no_tx_block,
+        });
     }
     let tree = match serde_json::to_value(&parsed.protobuf) {
         Ok(t) => t,
@@ -140,7 +167,13 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
             return analysis;
         }
     };
-    let mut search = Search { opts, depth, verdict: Verdict::Allow, session_state: None, session_set: false };
+    let mut search = Search {
+        opts,
+        depth,
+        verdict: Verdict::Allow,
+        session_state: None,
+        session_set: false,
+    };
     search.walk(&tree);
     analysis.verdict = search.verdict;
     analysis.session_state = search.session_state;
@@ -153,9 +186,18 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
 fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
     let lower = sql.to_ascii_lowercase();
     let sensitive = opts.protected.mentioned_in(&lower)
-        || ["set_config", "reset", "discard", "role", "authorization", "to_xml", "dblink", "ts_stat"]
-            .iter()
-            .any(|w| lower.contains(w));
+        || [
+            "set_config",
+            "reset",
+            "discard",
+            "role",
+            "authorization",
+            "to_xml",
+            "dblink",
+            "ts_stat",
+        ]
+        .iter()
+        .any(|w| lower.contains(w));
     let verdict = if sensitive {
         deny(
             "unparsable",
@@ -164,7 +206,13 @@ fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
     } else {
         Verdict::Allow
     };
-    Analysis { verdict, statements: Vec::new(), session_state: None, session_set: false, parsed: false }
+    Analysis {
+        verdict,
+        statements: Vec::new(),
+        session_state: None,
+        session_set: false,
+        parsed: false,
+    }
 }
 
 fn stmt_range(raw: &RawStmt, total: usize) -> (usize, usize) {
@@ -172,7 +220,9 @@ fn stmt_range(raw: &RawStmt, total: usize) -> (usize, usize) {
     let end = if raw.stmt_len <= 0 {
         total
     } else {
-        start.saturating_add(usize::try_from(raw.stmt_len).unwrap_or(0)).min(total)
+        start
+            .saturating_add(usize::try_from(raw.stmt_len).unwrap_or(0))
+            .min(total)
     };
     (start, end)
 }
@@ -180,18 +230,22 @@ fn stmt_range(raw: &RawStmt, total: usize) -> (usize, usize) {
 fn top_level(node: &NodeEnum) -> (TxEffect, bool) {
     match node {
         NodeEnum::TransactionStmt(t) => {
-            let kind = TransactionStmtKind::try_from(t.kind).unwrap_or(TransactionStmtKind::Undefined);
+            let kind =
+                TransactionStmtKind::try_from(t.kind).unwrap_or(TransactionStmtKind::Undefined);
             match kind {
-                TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => (TxEffect::Begin, false),
-                TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback if t.chain => {
+                TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
+                    (TxEffect::Begin, false)
+                }
+                TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback
+                    if t.chain =>
+                {
                     (TxEffect::Unknown, false)
                 }
                 TransactionStmtKind::TransStmtCommit
                 | TransactionStmtKind::TransStmtRollback
                 | TransactionStmtKind::TransStmtPrepare => (TxEffect::End, false),
-                TransactionStmtKind::TransStmtCommitPrepared | TransactionStmtKind::TransStmtRollbackPrepared => {
-                    (TxEffect::None, true)
-                }
+                TransactionStmtKind::TransStmtCommitPrepared
+                | TransactionStmtKind::TransStmtRollbackPrepared => (TxEffect::None, true),
                 TransactionStmtKind::TransStmtSavepoint
                 | TransactionStmtKind::TransStmtRelease
                 | TransactionStmtKind::TransStmtRollbackTo
@@ -215,7 +269,9 @@ fn top_level(node: &NodeEnum) -> (TxEffect, bool) {
 }
 
 fn has_defelem(params: &[pg_query::protobuf::Node], name: &str) -> bool {
-    params.iter().any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case(name)))
+    params.iter().any(
+        |p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case(name)),
+    )
 }
 
 struct Search<'a> {
@@ -284,23 +340,33 @@ impl Search<'_> {
             ),
             "ListenStmt" => self.session("LISTEN"),
             "PrepareStmt" => self.session("SQL PREPARE"),
-            "DeclareCursorStmt" => {
+            "DeclareCursorStmt"
                 // CURSOR_OPT_HOLD = 0x0020
-                if node.get("options").and_then(Value::as_i64).is_some_and(|o| o & 0x20 != 0) {
+                if node.get("options").and_then(Value::as_i64).is_some_and(|o| o & 0x20 != 0) => {
                     self.session("DECLARE … WITH HOLD");
                 }
-            }
             "relpersistence" if node.as_str() == Some("t") => self.session("temporary object"),
             _ => {}
         }
     }
 
     fn variable_set(&mut self, node: &Value) {
-        let name = node.get("name").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
+        let name = node
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let kind = node.get("kind").and_then(Value::as_i64).unwrap_or(0);
-        let is_local = node.get("is_local").and_then(Value::as_bool).unwrap_or(false);
+        let is_local = node
+            .get("is_local")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if kind == VariableSetKind::VarResetAll as i64 {
-            return self.deny("reset_all", "RESET ALL is not allowed through rlsgate: it would clear the tenant context".into());
+            return self.deny(
+                "reset_all",
+                "RESET ALL is not allowed through rlsgate: it would clear the tenant context"
+                    .into(),
+            );
         }
         if self.opts.protected.is_protected(&name) {
             return self.deny(
@@ -314,7 +380,9 @@ impl Search<'_> {
                 format!("changing \"{name}\" is not allowed through rlsgate: it would change who the session acts as"),
             );
         }
-        if PARSER_SETTINGS.contains(&name.as_str()) && !(name == "client_encoding" && set_to_utf8(node)) {
+        if PARSER_SETTINGS.contains(&name.as_str())
+            && !(name == "client_encoding" && set_to_utf8(node))
+        {
             return self.deny(
                 "parser_setting",
                 format!("changing \"{name}\" is not allowed through rlsgate: it changes how SQL text is read"),
@@ -327,7 +395,11 @@ impl Search<'_> {
 
     fn func_call(&mut self, node: &Value) {
         let Some(name) = func_name(node) else { return };
-        let args = node.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+        let args = node
+            .get("args")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         if name == "set_config" {
             return self.set_config(args);
         }
@@ -348,8 +420,12 @@ impl Search<'_> {
             }
             return;
         }
-        if XML_EXPORT_PREFIXES.iter().any(|p| name.starts_with(p)) && !args.iter().all(is_constant) {
-            return self.deny("sql_exec_function", format!("{name}() is only allowed with constant arguments"));
+        if XML_EXPORT_PREFIXES.iter().any(|p| name.starts_with(p)) && !args.iter().all(is_constant)
+        {
+            return self.deny(
+                "sql_exec_function",
+                format!("{name}() is only allowed with constant arguments"),
+            );
         }
         if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
             self.session("session advisory lock");
@@ -370,8 +446,12 @@ impl Search<'_> {
                 format!("changing protected setting \"{setting}\" is not allowed: it is managed by rlsgate from your token"),
             );
         }
-        if ROLE_SETTINGS.contains(&setting.as_str()) || PARSER_SETTINGS.contains(&setting.as_str()) {
-            return self.deny("role_change", format!("changing \"{setting}\" is not allowed through rlsgate"));
+        if ROLE_SETTINGS.contains(&setting.as_str()) || PARSER_SETTINGS.contains(&setting.as_str())
+        {
+            return self.deny(
+                "role_change",
+                format!("changing \"{setting}\" is not allowed through rlsgate"),
+            );
         }
         let is_local = args.get(2).and_then(const_bool);
         if is_local != Some(true) {
@@ -382,9 +462,18 @@ impl Search<'_> {
 
 /// `SET client_encoding = 'UTF8'` (the only encoding the guard reads).
 fn set_to_utf8(node: &Value) -> bool {
-    let args = node.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let args = node
+        .get("args")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     match args {
-        [one] => const_string(one).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "utf8" | "utf-8" | "unicode")),
+        [one] => const_string(one).is_some_and(|v| {
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "utf8" | "utf-8" | "unicode"
+            )
+        }),
         _ => false,
     }
 }
@@ -405,7 +494,12 @@ fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
 /// A string constant, possibly behind casts (`'x'::text`).
 fn const_string(v: &Value) -> Option<String> {
     match unwrap_node(v)? {
-        ("AConst", c) => c.get("val")?.get("Sval")?.get("sval")?.as_str().map(str::to_string),
+        ("AConst", c) => c
+            .get("val")?
+            .get("Sval")?
+            .get("sval")?
+            .as_str()
+            .map(str::to_string),
         ("TypeCast", t) => const_string(t.get("arg")?),
         _ => None,
     }

@@ -30,7 +30,9 @@ pub struct Guard {
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guard").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("Guard")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,15 +44,18 @@ impl Guard {
             allow_create_function: config.allow_create_function,
         };
         let size = NonZeroUsize::new(config.verdict_cache_size.max(1)).unwrap_or(NonZeroUsize::MIN);
-        Guard { options, cache: Mutex::new(LruCache::new(size)) }
+        Guard {
+            options,
+            cache: Mutex::new(LruCache::new(size)),
+        }
     }
 
     /// Classify `sql` (one or more statements), from the cache when seen before.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        if let Ok(mut cache) = self.cache.lock() {
-            if let Some(hit) = cache.get(sql) {
-                return Arc::clone(hit);
-            }
+        if let Ok(mut cache) = self.cache.lock()
+            && let Some(hit) = cache.get(sql)
+        {
+            return Arc::clone(hit);
         }
         let analysis = Arc::new(classify::analyze(sql, &self.options));
         if let Ok(mut cache) = self.cache.lock() {

@@ -23,7 +23,7 @@ impl ProtectedSet {
 
     pub fn is_protected(&self, name: &str) -> bool {
         let name = name.trim().to_ascii_lowercase();
-        self.exact.iter().any(|e| *e == name) || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+        self.exact.contains(&name) || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
     }
 
     /// Whether the text mentions anything that looks like a protected name (for unparsable SQL).

@@ -39,7 +39,8 @@ pub(super) async fn connect(
         ("application_name", "rlsgate"),
         ("client_encoding", "UTF8"),
     ];
-    fe::startup_message(params.iter().copied(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+    fe::startup_message(params.iter().copied(), &mut out)
+        .map_err(|e| PoolError::Protocol(e.to_string()))?;
     stream.write_all(&out).await.map_err(io_err)?;
 
     let mut buf = BytesMut::with_capacity(8192);
@@ -58,7 +59,12 @@ pub(super) async fn connect(
             be::READY_FOR_QUERY => break,
             be::NOTICE_RESPONSE => {}
             be::ERROR_RESPONSE => return Err(server_error(&frame)),
-            other => return Err(PoolError::Protocol(format!("unexpected message {:?} after login", other as char))),
+            other => {
+                return Err(PoolError::Protocol(format!(
+                    "unexpected message {:?} after login",
+                    other as char
+                )));
+            }
         }
     }
     let now = Instant::now();
@@ -95,17 +101,32 @@ async fn negotiate_tls(
             let name = ServerName::try_from(cfg.host.clone())
                 .map_err(|_| PoolError::Tls(format!("invalid server name {:?}", cfg.host)))?;
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
-            let stream = connector.connect(name, tcp).await.map_err(|e| PoolError::Tls(e.to_string()))?;
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| PoolError::Tls(e.to_string()))?;
             Ok(Stream::ClientTls(Box::new(stream)))
         }
         b'N' if cfg.sslmode == SslMode::Prefer => Ok(Stream::Plain(tcp)),
-        b'N' => Err(PoolError::Tls("upstream does not support TLS but sslmode requires it".into())),
-        other => Err(PoolError::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
+        b'N' => Err(PoolError::Tls(
+            "upstream does not support TLS but sslmode requires it".into(),
+        )),
+        other => Err(PoolError::Protocol(format!(
+            "unexpected answer {other:#x} to SSLRequest"
+        ))),
     }
 }
 
-async fn authenticate(stream: &mut Stream, buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<(), PoolError> {
-    let password = || cfg.password.as_deref().ok_or_else(|| PoolError::Auth("upstream asked for a password but upstream.password is not set".into()));
+async fn authenticate(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    cfg: &UpstreamConfig,
+) -> Result<(), PoolError> {
+    let password = || {
+        cfg.password.as_deref().ok_or_else(|| {
+            PoolError::Auth("upstream asked for a password but upstream.password is not set".into())
+        })
+    };
     let mut scram: Option<ScramSha256> = None;
     let mut out = BytesMut::new();
     loop {
@@ -114,22 +135,34 @@ async fn authenticate(stream: &mut Stream, buf: &mut BytesMut, cfg: &UpstreamCon
             return Err(server_error(&frame));
         }
         if frame.tag != be::AUTHENTICATION {
-            return Err(PoolError::Protocol(format!("unexpected message {:?} during authentication", frame.tag as char)));
+            return Err(PoolError::Protocol(format!(
+                "unexpected message {:?} during authentication",
+                frame.tag as char
+            )));
         }
         let (code, data) = be::auth_code(frame.body()).map_err(proto_err)?;
         out.clear();
         match code {
             0 => return Ok(()),
-            3 => fe::password_message(password()?.as_bytes(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?,
+            3 => fe::password_message(password()?.as_bytes(), &mut out)
+                .map_err(|e| PoolError::Protocol(e.to_string()))?,
             5 => {
-                let salt: [u8; 4] = data.try_into().map_err(|_| PoolError::Protocol("bad md5 salt".into()))?;
+                let salt: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| PoolError::Protocol("bad md5 salt".into()))?;
                 let hash = md5_hash(cfg.user.as_bytes(), password()?.as_bytes(), salt);
-                fe::password_message(hash.as_bytes(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+                fe::password_message(hash.as_bytes(), &mut out)
+                    .map_err(|e| PoolError::Protocol(e.to_string()))?;
             }
             10 => {
-                let mechanisms = data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect::<Vec<_>>();
+                let mechanisms = data
+                    .split(|&b| b == 0)
+                    .filter(|m| !m.is_empty())
+                    .collect::<Vec<_>>();
                 if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
-                    return Err(PoolError::Auth("upstream offers no SASL mechanism rlsgate supports".into()));
+                    return Err(PoolError::Auth(
+                        "upstream offers no SASL mechanism rlsgate supports".into(),
+                    ));
                 }
                 let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 fe::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
@@ -137,22 +170,36 @@ async fn authenticate(stream: &mut Stream, buf: &mut BytesMut, cfg: &UpstreamCon
                 scram = Some(s);
             }
             11 => {
-                let s = scram.as_mut().ok_or_else(|| PoolError::Protocol("SASL continue without start".into()))?;
-                s.update(data).map_err(|e| PoolError::Auth(format!("SCRAM: {e}")))?;
-                fe::sasl_response(s.message(), &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| PoolError::Protocol("SASL continue without start".into()))?;
+                s.update(data)
+                    .map_err(|e| PoolError::Auth(format!("SCRAM: {e}")))?;
+                fe::sasl_response(s.message(), &mut out)
+                    .map_err(|e| PoolError::Protocol(e.to_string()))?;
             }
             12 => {
-                let s = scram.as_mut().ok_or_else(|| PoolError::Protocol("SASL final without start".into()))?;
-                s.finish(data).map_err(|e| PoolError::Auth(format!("SCRAM server signature: {e}")))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| PoolError::Protocol("SASL final without start".into()))?;
+                s.finish(data)
+                    .map_err(|e| PoolError::Auth(format!("SCRAM server signature: {e}")))?;
                 continue;
             }
-            other => return Err(PoolError::Auth(format!("unsupported upstream authentication method {other}"))),
+            other => {
+                return Err(PoolError::Auth(format!(
+                    "unsupported upstream authentication method {other}"
+                )));
+            }
         }
         stream.write_all(&out).await.map_err(io_err)?;
     }
 }
 
-pub(super) async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame, PoolError> {
+pub(super) async fn read_frame(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Frame, PoolError> {
     loop {
         if let Some(frame) = try_read_frame(buf, MAX_HANDSHAKE_MSG).map_err(proto_err)? {
             return Ok(frame);
@@ -165,7 +212,10 @@ pub(super) async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Resul
 
 fn server_error(frame: &Frame) -> PoolError {
     let n = be::notice_fields(frame.body()).unwrap_or_else(|_| ServerNotice::default());
-    PoolError::Server { code: n.code, message: n.message }
+    PoolError::Server {
+        code: n.code,
+        message: n.message,
+    }
 }
 
 fn io_err(e: std::io::Error) -> PoolError {

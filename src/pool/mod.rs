@@ -41,18 +41,26 @@ impl UserFacing for PoolError {
         match self {
             PoolError::Timeout(d) => ClientError::error(
                 sqlstate::QUERY_CANCELED,
-                format!("rlsgate: no upstream connection became free within {d:?} (checkout_timeout)"),
+                format!(
+                    "rlsgate: no upstream connection became free within {d:?} (checkout_timeout)"
+                ),
             )
             .with_hint("the pool is exhausted; retry, or raise upstream.pool_size"),
-            PoolError::Connect(_) | PoolError::Tls(_) | PoolError::Protocol(_) | PoolError::Server { .. } => {
-                ClientError::error(sqlstate::CONNECTION_FAILURE, "rlsgate: upstream database is unavailable")
-                    .with_detail(self.to_string())
-            }
+            PoolError::Connect(_)
+            | PoolError::Tls(_)
+            | PoolError::Protocol(_)
+            | PoolError::Server { .. } => ClientError::error(
+                sqlstate::CONNECTION_FAILURE,
+                "rlsgate: upstream database is unavailable",
+            )
+            .with_detail(self.to_string()),
             PoolError::Auth(_) => ClientError::error(
                 sqlstate::CONNECTION_FAILURE,
                 "rlsgate: cannot log in to the upstream database (check upstream.user/password)",
             ),
-            PoolError::Closed => ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down"),
+            PoolError::Closed => {
+                ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
+            }
         }
     }
 }
@@ -101,7 +109,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("size", &self.inner.cfg.pool_size).finish_non_exhaustive()
+        f.debug_struct("Pool")
+            .field("size", &self.inner.cfg.pool_size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,33 +151,53 @@ impl Pool {
     /// Borrow a connection, waiting up to `checkout_timeout` for a free slot.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
         let timeout = self.inner.cfg.checkout_timeout;
-        let permit = match tokio::time::timeout(timeout, Arc::clone(&self.inner.permits).acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(PoolError::Timeout(timeout)),
-        };
+        let permit =
+            match tokio::time::timeout(timeout, Arc::clone(&self.inner.permits).acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(PoolError::Closed),
+                Err(_) => return Err(PoolError::Timeout(timeout)),
+            };
         loop {
             let candidate = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
             let Some(mut conn) = candidate else { break };
-            if conn.last_used.elapsed() >= self.inner.cfg.health_check_after {
-                if let Err(e) = health_check(&mut conn).await {
-                    tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
-                    continue;
-                }
+            if conn.last_used.elapsed() >= self.inner.cfg.health_check_after
+                && let Err(e) = health_check(&mut conn).await
+            {
+                tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
+                continue;
             }
-            return Ok(Checkout { conn: Some(conn), pool: Arc::clone(&self.inner), permit: Some(permit) });
+            return Ok(Checkout {
+                conn: Some(conn),
+                pool: Arc::clone(&self.inner),
+                permit: Some(permit),
+            });
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
         let conn = match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
             Ok(r) => r?,
-            Err(_) => return Err(PoolError::Connect(format!("timed out after {:?}", self.inner.cfg.connect_timeout))),
+            Err(_) => {
+                return Err(PoolError::Connect(format!(
+                    "timed out after {:?}",
+                    self.inner.cfg.connect_timeout
+                )));
+            }
         };
-        tracing::debug!(server_id = id, backend_pid = conn.backend_pid, "opened upstream connection");
+        tracing::debug!(
+            server_id = id,
+            backend_pid = conn.backend_pid,
+            "opened upstream connection"
+        );
         if let Ok(mut p) = self.inner.server_params.lock() {
             p.get_or_insert_with(|| conn.params.clone());
         }
-        Ok(Checkout { conn: Some(conn), pool: Arc::clone(&self.inner), permit: Some(permit) })
+        Ok(Checkout {
+            conn: Some(conn),
+            pool: Arc::clone(&self.inner),
+            permit: Some(permit),
+        })
     }
 
     pub fn cancel_target(&self, conn: &ServerConn) -> CancelTarget {
@@ -189,13 +219,18 @@ async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
     let mut out = BytesMut::new();
     fe::write_query("", &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
     let check = async {
-        conn.stream.write_all(&out).await.map_err(|e| PoolError::Connect(e.to_string()))?;
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| PoolError::Connect(e.to_string()))?;
         loop {
             let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
             if frame.tag == be::READY_FOR_QUERY {
                 return match be::ready_status(frame.body()) {
                     Ok(be::TxStatus::Idle) => Ok(()),
-                    _ => Err(PoolError::Protocol("idle connection is inside a transaction".into())),
+                    _ => Err(PoolError::Protocol(
+                        "idle connection is inside a transaction".into(),
+                    )),
                 };
             }
         }
@@ -208,8 +243,12 @@ async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
 /// Run `RESET ALL` so the next client starts from the connection's defaults.
 async fn reset_session(conn: &mut ServerConn) -> Result<(), PoolError> {
     let mut out = BytesMut::new();
-    fe::write_query("RESET ALL; DEALLOCATE ALL", &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
-    conn.stream.write_all(&out).await.map_err(|e| PoolError::Connect(e.to_string()))?;
+    fe::write_query("RESET ALL; DEALLOCATE ALL", &mut out)
+        .map_err(|e| PoolError::Protocol(e.to_string()))?;
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|e| PoolError::Connect(e.to_string()))?;
     loop {
         let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
         match frame.tag {
@@ -232,19 +271,28 @@ pub struct Checkout {
 impl Checkout {
     pub fn conn(&mut self) -> &mut ServerConn {
         // Invariant: `conn` is Some until release/drop consume self.
-        self.conn.as_mut().expect("checkout holds a connection until released")
+        self.conn
+            .as_mut()
+            .expect("checkout holds a connection until released")
     }
 
     pub fn conn_ref(&self) -> &ServerConn {
-        self.conn.as_ref().expect("checkout holds a connection until released")
+        self.conn
+            .as_ref()
+            .expect("checkout holds a connection until released")
     }
 
     /// Return a connection that is idle (ReadyForQuery 'I', nothing in flight) to the pool.
     pub fn release(mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         conn.last_used = Instant::now();
         if !conn.read_buf.is_empty() {
-            tracing::warn!(server_id = conn.id, "closing upstream connection with unread bytes at release");
+            tracing::warn!(
+                server_id = conn.id,
+                "closing upstream connection with unread bytes at release"
+            );
             return;
         }
         if conn.dirty_session {
@@ -261,7 +309,9 @@ impl Checkout {
                             idle.push(conn);
                         }
                     }
-                    Err(e) => tracing::info!(server_id = conn.id, error = %e, "closing connection that could not be reset"),
+                    Err(e) => {
+                        tracing::info!(server_id = conn.id, error = %e, "closing connection that could not be reset")
+                    }
                 }
             });
             return;
@@ -275,7 +325,10 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            tracing::debug!(server_id = conn.id, "closing upstream connection that was not released clean");
+            tracing::debug!(
+                server_id = conn.id,
+                "closing upstream connection that was not released clean"
+            );
         }
     }
 }

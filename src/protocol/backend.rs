@@ -4,7 +4,9 @@
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
 
 use super::{Cursor, ProtocolError};
 use crate::error::ClientError;
@@ -158,7 +160,10 @@ pub fn write_auth_ok(out: &mut BytesMut) {
 }
 
 pub fn write_parameter_status(name: &str, value: &str, out: &mut BytesMut) {
-    encode(ParameterStatus::new(name.to_string(), value.to_string()), out);
+    encode(
+        ParameterStatus::new(name.to_string(), value.to_string()),
+        out,
+    );
 }
 
 pub fn write_backend_key(pid: i32, key: i32, out: &mut BytesMut) {
@@ -175,7 +180,10 @@ pub fn write_ready(status: TxStatus, out: &mut BytesMut) {
 }
 
 pub fn write_negotiate_version(newest_minor: i32, unsupported: Vec<String>, out: &mut BytesMut) {
-    encode(NegotiateProtocolVersion::new(newest_minor, unsupported), out);
+    encode(
+        NegotiateProtocolVersion::new(newest_minor, unsupported),
+        out,
+    );
 }
 
 /// A message with an empty body (ParseComplete, BindComplete, CloseComplete, NoData).
@@ -192,10 +200,16 @@ mod tests {
     #[test]
     fn error_round_trip() {
         let mut out = BytesMut::new();
-        write_error(&ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired"), &mut out);
+        write_error(
+            &ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired"),
+            &mut out,
+        );
         assert_eq!(out[0], ERROR_RESPONSE);
         let n = notice_fields(&out[5..]).unwrap();
-        assert_eq!((n.severity.as_str(), n.code.as_str(), n.message.as_str()), ("FATAL", "28000", "token expired"));
+        assert_eq!(
+            (n.severity.as_str(), n.code.as_str(), n.message.as_str()),
+            ("FATAL", "28000", "token expired")
+        );
     }
 
     #[test]

@@ -36,13 +36,19 @@ pub fn try_read_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame
     }
     let total = declared as usize + 1;
     if total > max_len {
-        return Err(ProtocolError::TooLarge { len: total, max: max_len });
+        return Err(ProtocolError::TooLarge {
+            len: total,
+            max: max_len,
+        });
     }
     if buf.len() < total {
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    Ok(Some(Frame { tag, bytes: buf.split_to(total) }))
+    Ok(Some(Frame {
+        tag,
+        bytes: buf.split_to(total),
+    }))
 }
 
 /// Length a frame will have once complete, if its header is there (used to stream huge frames).
@@ -76,10 +82,16 @@ mod tests {
     #[test]
     fn rejects_bad_and_oversized_lengths() {
         let mut buf = BytesMut::from(&b"Q\0\0\0\x03"[..]);
-        assert_eq!(try_read_frame(&mut buf, 1024).unwrap_err(), ProtocolError::BadLength(3));
+        assert_eq!(
+            try_read_frame(&mut buf, 1024).unwrap_err(),
+            ProtocolError::BadLength(3)
+        );
         let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
         assert!(try_read_frame(&mut buf, 1024).is_err());
         let mut buf = BytesMut::from(&b"Q\0\x10\0\0"[..]);
-        assert!(matches!(try_read_frame(&mut buf, 1024), Err(ProtocolError::TooLarge { .. })));
+        assert!(matches!(
+            try_read_frame(&mut buf, 1024),
+            Err(ProtocolError::TooLarge { .. })
+        ));
     }
 }

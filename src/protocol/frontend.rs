@@ -50,7 +50,11 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     if n < 0 || t.rest().len() != n as usize * 4 {
         return Err(ProtocolError::Malformed("Parse"));
     }
-    Ok(Parse { name, sql, param_types })
+    Ok(Parse {
+        name,
+        sql,
+        param_types,
+    })
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +71,11 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     let statement = c.cstr()?;
     let rest = c.rest();
     validate_bind_tail(rest)?;
-    Ok(Bind { portal, statement, rest })
+    Ok(Bind {
+        portal,
+        statement,
+        rest,
+    })
 }
 
 /// Bounds-check the Bind tail so a malformed message is refused here, not by the server.
@@ -149,7 +157,12 @@ pub fn write_query(sql: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
 }
 
 /// `Parse` with a given name and the param-type tail copied from the client's message.
-pub fn write_parse(name: &str, sql: &str, param_types: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
+pub fn write_parse(
+    name: &str,
+    sql: &str,
+    param_types: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), ProtocolError> {
     if name.contains('\0') || sql.contains('\0') {
         return Err(ProtocolError::Malformed("Parse"));
     }
@@ -166,7 +179,12 @@ pub fn write_parse(name: &str, sql: &str, param_types: &[u8], out: &mut BytesMut
 }
 
 /// `Bind` re-targeted at another statement name, everything else verbatim.
-pub fn write_bind(portal: &str, statement: &str, rest: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
+pub fn write_bind(
+    portal: &str,
+    statement: &str,
+    rest: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), ProtocolError> {
     let len = 4 + portal.len() + 1 + statement.len() + 1 + rest.len();
     let len = i32::try_from(len).map_err(|_| ProtocolError::Malformed("Bind"))?;
     out.put_u8(BIND);
@@ -208,7 +226,10 @@ mod tests {
         let mut out = BytesMut::new();
         write_parse("s1", "select $1", &[0, 1, 0, 0, 0, 23], &mut out).unwrap();
         let p = parse(&out[5..]).unwrap();
-        assert_eq!((p.name, p.sql, p.param_types), ("s1", "select $1", &[0u8, 1, 0, 0, 0, 23][..]));
+        assert_eq!(
+            (p.name, p.sql, p.param_types),
+            ("s1", "select $1", &[0u8, 1, 0, 0, 0, 23][..])
+        );
 
         let mut out = BytesMut::new();
         let tail = [0, 0, 0, 1, 0, 0, 0, 2, b'4', b'2', 0, 0];

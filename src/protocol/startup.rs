@@ -16,7 +16,10 @@ pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
     /// The key is 4 bytes in protocol 3.0; 3.2 allows up to 256.
-    CancelRequest { pid: i32, key: Vec<u8> },
+    CancelRequest {
+        pid: i32,
+        key: Vec<u8>,
+    },
     Startup(StartupMessage),
 }
 
@@ -31,7 +34,10 @@ pub struct StartupMessage {
 
 impl StartupMessage {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -46,7 +52,10 @@ pub fn try_read_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Pro
     }
     let len = declared as usize;
     if len > MAX_STARTUP_LEN {
-        return Err(ProtocolError::TooLarge { len, max: MAX_STARTUP_LEN });
+        return Err(ProtocolError::TooLarge {
+            len,
+            max: MAX_STARTUP_LEN,
+        });
     }
     if buf.len() < len {
         return Ok(None);
@@ -67,7 +76,10 @@ fn parse_packet(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             if key.len() < 4 || key.len() > 256 {
                 return Err(ProtocolError::Malformed("CancelRequest"));
             }
-            Ok(StartupPacket::CancelRequest { pid, key: key.to_vec() })
+            Ok(StartupPacket::CancelRequest {
+                pid,
+                key: key.to_vec(),
+            })
         }
         _ => {
             let major = (code >> 16) as u16;
@@ -92,7 +104,12 @@ fn parse_packet(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             if !c.is_empty() {
                 return Err(ProtocolError::Malformed("StartupMessage"));
             }
-            Ok(StartupPacket::Startup(StartupMessage { major, minor, params, protocol_options }))
+            Ok(StartupPacket::Startup(StartupMessage {
+                major,
+                minor,
+                params,
+                protocol_options,
+            }))
         }
     }
 }
@@ -111,11 +128,26 @@ mod tests {
 
     #[test]
     fn reads_ssl_cancel_and_startup() {
-        assert_eq!(try_read_startup(&mut packet(SSL_REQUEST, b"")).unwrap(), Some(StartupPacket::SslRequest));
+        assert_eq!(
+            try_read_startup(&mut packet(SSL_REQUEST, b"")).unwrap(),
+            Some(StartupPacket::SslRequest)
+        );
         let p = try_read_startup(&mut packet(CANCEL_REQUEST, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap();
-        assert_eq!(p, Some(StartupPacket::CancelRequest { pid: 7, key: vec![1, 2, 3, 4] }));
-        let p = try_read_startup(&mut packet(196_608, b"user\0bob\0database\0app\0_pq_.x\0y\0\0")).unwrap();
-        let Some(StartupPacket::Startup(m)) = p else { panic!("expected startup") };
+        assert_eq!(
+            p,
+            Some(StartupPacket::CancelRequest {
+                pid: 7,
+                key: vec![1, 2, 3, 4]
+            })
+        );
+        let p = try_read_startup(&mut packet(
+            196_608,
+            b"user\0bob\0database\0app\0_pq_.x\0y\0\0",
+        ))
+        .unwrap();
+        let Some(StartupPacket::Startup(m)) = p else {
+            panic!("expected startup")
+        };
         assert_eq!(m.param("user"), Some("bob"));
         assert_eq!(m.param("database"), Some("app"));
         assert_eq!(m.protocol_options, vec!["_pq_.x".to_string()]);

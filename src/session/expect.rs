@@ -17,7 +17,11 @@ pub enum Expect {
     /// Forward exactly one reply with this tag (ParseComplete, BindComplete, CloseComplete).
     /// For a Parse: `prepared` is the server statement it creates and `client_name` the client's
     /// name for it; both are forgotten again if the Parse fails.
-    One { tag: u8, prepared: Option<Arc<str>>, client_name: Option<Box<str>> },
+    One {
+        tag: u8,
+        prepared: Option<Arc<str>>,
+        client_name: Option<Box<str>>,
+    },
     /// Describe of a statement: ParameterDescription, then RowDescription or NoData.
     DescribeStatement,
     /// Describe of a portal: RowDescription or NoData.

@@ -47,7 +47,9 @@ impl Session {
         }
         match frame.tag {
             fe::QUERY => self.on_query(frame).await,
-            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => self.on_extended(frame).await,
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
+                self.on_extended(frame).await
+            }
             fe::SYNC if self.copy_in => {
                 // Ignored by the server during COPY FROM STDIN; no ReadyForQuery will answer it.
                 self.server_out.extend_from_slice(&frame.bytes);
@@ -69,9 +71,13 @@ impl Session {
             }
             fe::FUNCTION_CALL => self.on_function_call(frame).await,
             fe::TERMINATE => Ok(Flow::Terminate),
-            other => Err(SessionError::ClientProtocol(crate::protocol::ProtocolError::Malformed(
-                if other.is_ascii_graphic() { "unknown frontend message type" } else { "invalid frontend message type" },
-            ))),
+            other => Err(SessionError::ClientProtocol(
+                crate::protocol::ProtocolError::Malformed(if other.is_ascii_graphic() {
+                    "unknown frontend message type"
+                } else {
+                    "invalid frontend message type"
+                }),
+            )),
         }
     }
 
@@ -82,7 +88,10 @@ impl Session {
 
     /// Start a unit of work: check the token, get a connection, inject the context when the unit
     /// starts a transaction. `Err` from the pool is returned for the caller to report.
-    async fn start_unit(&mut self, outside_tx: bool) -> Result<Result<(), PoolError>, SessionError> {
+    async fn start_unit(
+        &mut self,
+        outside_tx: bool,
+    ) -> Result<Result<(), PoolError>, SessionError> {
         let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
         if new_tx && self.token_expired() {
             return Err(SessionError::TokenExpired);
@@ -129,7 +138,9 @@ impl Session {
             return Some(Refusal {
                 sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: format!("rlsgate: {what} is not supported in transaction pooling mode"),
-                hint: Some("it would outlive the transaction on a shared connection; use pool_mode = \"session\""),
+                hint: Some(
+                    "it would outlive the transaction on a shared connection; use pool_mode = \"session\"",
+                ),
             });
         }
         None
@@ -178,10 +189,15 @@ impl Session {
         pieces.push_back(sql[start..].to_string());
         let first = pieces.pop_front().unwrap_or_default();
         fe::write_query(&first, &mut self.server_out).map_err(protocol)?;
-        self.expect.push_back(Expect::Query { segment: !pieces.is_empty() });
+        self.expect.push_back(Expect::Query {
+            segment: !pieces.is_empty(),
+        });
         self.in_flight += 1;
         self.predicted = Predicted::Unknown;
-        self.split = Some(Split { rest: pieces, failed: false });
+        self.split = Some(Split {
+            rest: pieces,
+            failed: false,
+        });
         Ok(())
     }
 
@@ -234,10 +250,13 @@ impl Session {
     // ---------------------------------------------------------------- extended protocol
 
     async fn on_extended(&mut self, frame: Frame) -> Result<Flow, SessionError> {
-        if !self.unit_open && self.server.is_none() && frame.tag == fe::PARSE && self.next_is_sync() {
-            if self.deferred_prepare(&frame)? {
-                return Ok(Flow::Continue);
-            }
+        if !self.unit_open
+            && self.server.is_none()
+            && frame.tag == fe::PARSE
+            && self.next_is_sync()
+            && self.deferred_prepare(&frame)?
+        {
+            return Ok(Flow::Continue);
         }
         if !self.unit_open {
             if self.must_wait() {
@@ -277,7 +296,8 @@ impl Session {
     /// Returns false when the normal path must handle the message (denials, syntax errors, …).
     fn deferred_prepare(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
-        if p.name.is_empty() || self.stmts.contains(p.name) || self.stmts.count() >= MAX_STATEMENTS {
+        if p.name.is_empty() || self.stmts.contains(p.name) || self.stmts.count() >= MAX_STATEMENTS
+        {
             return Ok(false);
         }
         let analysis = self.shared.guard.analyze(p.sql);
@@ -305,7 +325,11 @@ impl Session {
                 .unwrap_or(false),
             fe::BIND => fe::bind(frame.body())
                 .ok()
-                .and_then(|b| self.stmts.get(b.statement).map(|p| p.analysis.runs_outside_transaction()))
+                .and_then(|b| {
+                    self.stmts
+                        .get(b.statement)
+                        .map(|p| p.analysis.runs_outside_transaction())
+                })
                 .unwrap_or(false),
             _ => false,
         }
@@ -366,16 +390,23 @@ impl Session {
         });
         let seq = self.stmts.insert(p.name, prepared);
         let id = self.id;
-        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
         let conn = server.conn();
         if p.name.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);
             conn.unnamed_owner = Some((id, seq));
-            self.expect.push_back(Expect::One { tag: be::PARSE_COMPLETE, prepared: None, client_name: Some("".into()) });
+            self.expect.push_back(Expect::One {
+                tag: be::PARSE_COMPLETE,
+                prepared: None,
+                client_name: Some("".into()),
+            });
         } else if conn.prepared.contains(&server_name) {
             self.push_synthetic(be::PARSE_COMPLETE);
         } else {
-            fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out).map_err(protocol)?;
+            fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out)
+                .map_err(protocol)?;
             conn.prepared.insert(Arc::clone(&server_name));
             self.expect.push_back(Expect::One {
                 tag: be::PARSE_COMPLETE,
@@ -388,11 +419,18 @@ impl Session {
 
     /// Make sure the statement exists on the current connection (re-Parse it hidden if not) and
     /// return the name to use there.
-    fn ensure_prepared(&mut self, client_name: &str) -> Result<Option<Arc<Prepared>>, SessionError> {
-        let Some(prepared) = self.stmts.get(client_name).cloned() else { return Ok(None) };
+    fn ensure_prepared(
+        &mut self,
+        client_name: &str,
+    ) -> Result<Option<Arc<Prepared>>, SessionError> {
+        let Some(prepared) = self.stmts.get(client_name).cloned() else {
+            return Ok(None);
+        };
         let id = self.id;
         let unnamed_seq = self.stmts.unnamed.as_ref().map(|(_, seq)| *seq);
-        let Some(server) = self.server.as_mut() else { return Ok(None) };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(None);
+        };
         let conn = server.conn();
         if prepared.analysis.session_set {
             conn.dirty_session = true;
@@ -400,13 +438,27 @@ impl Session {
         if client_name.is_empty() {
             let owner = unnamed_seq.map(|seq| (id, seq));
             if conn.unnamed_owner != owner || owner.is_none() {
-                fe::write_parse("", &prepared.sql, &prepared.param_types, &mut self.server_out).map_err(protocol)?;
+                fe::write_parse(
+                    "",
+                    &prepared.sql,
+                    &prepared.param_types,
+                    &mut self.server_out,
+                )
+                .map_err(protocol)?;
                 conn.unnamed_owner = owner;
-                self.expect.push_back(Expect::Hidden { tag: be::PARSE_COMPLETE, prepared: None });
+                self.expect.push_back(Expect::Hidden {
+                    tag: be::PARSE_COMPLETE,
+                    prepared: None,
+                });
             }
         } else if !conn.prepared.contains(&prepared.server_name) {
-            fe::write_parse(&prepared.server_name, &prepared.sql, &prepared.param_types, &mut self.server_out)
-                .map_err(protocol)?;
+            fe::write_parse(
+                &prepared.server_name,
+                &prepared.sql,
+                &prepared.param_types,
+                &mut self.server_out,
+            )
+            .map_err(protocol)?;
             conn.prepared.insert(Arc::clone(&prepared.server_name));
             self.expect.push_back(Expect::Hidden {
                 tag: be::PARSE_COMPLETE,
@@ -433,9 +485,19 @@ impl Session {
         if b.statement.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);
         } else {
-            fe::write_bind(b.portal, &prepared.server_name, b.rest, &mut self.server_out).map_err(protocol)?;
+            fe::write_bind(
+                b.portal,
+                &prepared.server_name,
+                b.rest,
+                &mut self.server_out,
+            )
+            .map_err(protocol)?;
         }
-        self.expect.push_back(Expect::One { tag: be::BIND_COMPLETE, prepared: None, client_name: None });
+        self.expect.push_back(Expect::One {
+            tag: be::BIND_COMPLETE,
+            prepared: None,
+            client_name: None,
+        });
         Ok(())
     }
 
@@ -449,7 +511,11 @@ impl Session {
         let Some(prepared) = self.ensure_prepared(name)? else {
             return self.unknown_statement(name);
         };
-        let server_name = if name.is_empty() { "" } else { &prepared.server_name };
+        let server_name = if name.is_empty() {
+            ""
+        } else {
+            &prepared.server_name
+        };
         fe::write_describe(b'S', server_name, &mut self.server_out).map_err(protocol)?;
         self.expect.push_back(Expect::DescribeStatement);
         Ok(())
@@ -459,7 +525,11 @@ impl Session {
         let (kind, name) = fe::target(frame.body(), "Close").map_err(protocol)?;
         if kind == b'P' {
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect.push_back(Expect::One { tag: be::CLOSE_COMPLETE, prepared: None, client_name: None });
+            self.expect.push_back(Expect::One {
+                tag: be::CLOSE_COMPLETE,
+                prepared: None,
+                client_name: None,
+            });
             return Ok(());
         }
         // Server statements are shared and stay; the client's name is forgotten.
@@ -509,7 +579,9 @@ impl Session {
 
 /// lo_create, lo_open, lo_close, loread, lowrite, lo_lseek, lo_creat, lo_tell, lo_unlink,
 /// lo_truncate, lo_lseek64, lo_tell64, lo_truncate64 (OIDs fixed in pg_proc.dat).
-const LARGE_OBJECT_FUNCTIONS: &[u32] = &[715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172];
+const LARGE_OBJECT_FUNCTIONS: &[u32] = &[
+    715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172,
+];
 
 fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
     match (a, b) {

@@ -62,18 +62,31 @@ pub enum SessionError {
 impl UserFacing for SessionError {
     fn to_client_error(&self) -> ClientError {
         match self {
-            SessionError::ClientIo(_) => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "client connection error"),
-            SessionError::ClientProtocol(e) => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
-            SessionError::UpstreamIo(_) | SessionError::UpstreamClosed | SessionError::UpstreamProtocol(_) => {
-                ClientError::fatal(sqlstate::CONNECTION_FAILURE, "rlsgate: lost the connection to the upstream database")
-                    .with_detail(self.to_string())
+            SessionError::ClientIo(_) => {
+                ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "client connection error")
             }
-            SessionError::Injection(m) => {
-                ClientError::fatal(sqlstate::INTERNAL_ERROR, "rlsgate: could not apply the tenant context").with_detail(m.clone())
+            SessionError::ClientProtocol(e) => {
+                ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())
             }
-            SessionError::TokenExpired => ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
-                .with_hint("reconnect with a fresh token"),
-            SessionError::Shutdown => ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down"),
+            SessionError::UpstreamIo(_)
+            | SessionError::UpstreamClosed
+            | SessionError::UpstreamProtocol(_) => ClientError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "rlsgate: lost the connection to the upstream database",
+            )
+            .with_detail(self.to_string()),
+            SessionError::Injection(m) => ClientError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "rlsgate: could not apply the tenant context",
+            )
+            .with_detail(m.clone()),
+            SessionError::TokenExpired => {
+                ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
+                    .with_hint("reconnect with a fresh token")
+            }
+            SessionError::Shutdown => {
+                ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
+            }
         }
     }
 }
@@ -135,9 +148,15 @@ enum Flow {
 }
 
 impl Session {
-    pub fn new(login: LoggedIn, shared: Arc<Shared>, id: u64, shutdown: CancellationToken) -> Result<Self, SessionError> {
+    pub fn new(
+        login: LoggedIn,
+        shared: Arc<Shared>,
+        id: u64,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SessionError> {
         let config = shared.config();
-        let context = inject::context_messages(&login.identity.settings).map_err(|e| SessionError::Injection(e.to_string()))?;
+        let context = inject::context_messages(&login.identity.settings)
+            .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
         Ok(Session {
             id,
@@ -184,7 +203,9 @@ impl Session {
         if let Err(e) = &result {
             match e {
                 SessionError::ClientIo(_) => tracing::debug!(error = %e, "client connection ended"),
-                SessionError::TokenExpired => tracing::info!("token expired; closing the connection"),
+                SessionError::TokenExpired => {
+                    tracing::info!("token expired; closing the connection")
+                }
                 _ => tracing::warn!(error = %e, "session ended with an error"),
             }
             if !matches!(e, SessionError::ClientIo(_)) {
@@ -208,7 +229,13 @@ impl Session {
 
             let read_client = self.pending.is_none() && self.split.is_none();
             let idle = self.server.is_none();
-            let Session { client, client_buf, server, shutdown, .. } = self;
+            let Session {
+                client,
+                client_buf,
+                server,
+                shutdown,
+                ..
+            } = self;
             let server_read = async {
                 match server.as_mut() {
                     Some(s) => {
@@ -269,7 +296,9 @@ impl Session {
     /// Handle every complete server frame in the read buffer.
     fn process_server(&mut self) -> Result<(), SessionError> {
         loop {
-            let Some(server) = self.server.as_mut() else { return Ok(()) };
+            let Some(server) = self.server.as_mut() else {
+                return Ok(());
+            };
             let frame = match try_read_frame(&mut server.conn().read_buf, MAX_SERVER_MESSAGE) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
@@ -281,7 +310,10 @@ impl Session {
 
     async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.client_out.is_empty() {
-            self.client.write_all(&self.client_out).await.map_err(SessionError::ClientIo)?;
+            self.client
+                .write_all(&self.client_out)
+                .await
+                .map_err(SessionError::ClientIo)?;
             self.client_out.clear();
         }
         Ok(())
@@ -295,7 +327,12 @@ impl Session {
             self.server_out.clear();
             return Ok(());
         };
-        server.conn().stream.write_all(&self.server_out).await.map_err(SessionError::UpstreamIo)?;
+        server
+            .conn()
+            .stream
+            .write_all(&self.server_out)
+            .await
+            .map_err(SessionError::UpstreamIo)?;
         self.server_out.clear();
         Ok(())
     }
@@ -306,8 +343,13 @@ impl Session {
             return Ok(());
         }
         let checkout = self.shared.pool.checkout().await?;
-        self.cancel.slot.set(self.shared.pool.cancel_target(checkout.conn_ref()));
-        tracing::trace!(server_id = checkout.conn_ref().id, "checked out upstream connection");
+        self.cancel
+            .slot
+            .set(self.shared.pool.cancel_target(checkout.conn_ref()));
+        tracing::trace!(
+            server_id = checkout.conn_ref().id,
+            "checked out upstream connection"
+        );
         self.server = Some(checkout);
         self.predicted = Predicted::Idle;
         Ok(())
@@ -328,7 +370,10 @@ impl Session {
         }
         self.cancel.slot.clear().await;
         if let Some(server) = self.server.take() {
-            tracing::trace!(server_id = server.conn_ref().id, "released upstream connection");
+            tracing::trace!(
+                server_id = server.conn_ref().id,
+                "released upstream connection"
+            );
             server.release();
         }
     }
@@ -336,12 +381,18 @@ impl Session {
     /// Client is gone: keep the connection only if it is idle and clean.
     async fn finish(&mut self) {
         self.cancel.slot.clear().await;
-        let clean = self.in_flight == 0 && !self.unit_open && self.expect.is_empty() && self.predicted == Predicted::Idle;
+        let clean = self.in_flight == 0
+            && !self.unit_open
+            && self.expect.is_empty()
+            && self.predicted == Predicted::Idle;
         if let Some(server) = self.server.take() {
             if clean && server.conn_ref().read_buf.is_empty() {
                 server.release();
             } else {
-                tracing::info!(server_id = server.conn_ref().id, "client left mid-transaction; closing its upstream connection");
+                tracing::info!(
+                    server_id = server.conn_ref().id,
+                    "client left mid-transaction; closing its upstream connection"
+                );
                 drop(server);
             }
         }

@@ -8,7 +8,10 @@ use crate::protocol::frame::Frame;
 use crate::protocol::frontend as fe;
 
 fn unexpected(tag: u8, front: &Expect) -> SessionError {
-    SessionError::UpstreamProtocol(format!("unexpected message {:?} while expecting {front:?}", tag as char))
+    SessionError::UpstreamProtocol(format!(
+        "unexpected message {:?} while expecting {front:?}",
+        tag as char
+    ))
 }
 
 impl Session {
@@ -30,7 +33,10 @@ impl Session {
             _ => {}
         }
         let Some(front) = self.expect.front_mut() else {
-            return Err(SessionError::UpstreamProtocol(format!("unsolicited message {:?}", tag as char)));
+            return Err(SessionError::UpstreamProtocol(format!(
+                "unsolicited message {:?}",
+                tag as char
+            )));
         };
         let (forward, done) = match front {
             Expect::Inject { remaining } => match tag {
@@ -58,7 +64,13 @@ impl Session {
                 be::ROW_DESCRIPTION | be::NO_DATA => (true, true),
                 _ => return Err(unexpected(tag, front)),
             },
-            Expect::Execute => (true, matches!(tag, be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED)),
+            Expect::Execute => (
+                true,
+                matches!(
+                    tag,
+                    be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED
+                ),
+            ),
             Expect::Query { .. } => (true, false),
             Expect::Sync | Expect::Hidden { .. } | Expect::One { .. } | Expect::Synthetic(_) => {
                 return Err(unexpected(tag, front));
@@ -122,14 +134,22 @@ impl Session {
 
     /// Drop the expectations of messages the server skips after an error, up to the next Sync.
     fn discard_until_sync(&mut self) {
-        while self.expect.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
+        while self
+            .expect
+            .front()
+            .is_some_and(|e| !matches!(e, Expect::Sync))
+        {
             match self.expect.pop_front() {
                 // A Query inside an unsynced extended unit is skipped as well: no ReadyForQuery.
                 Some(Expect::Query { .. }) => self.in_flight -= 1,
-                Some(Expect::One { prepared, client_name, .. }) => {
-                    self.forget_failed_parse(prepared.as_deref(), client_name.as_deref())
+                Some(Expect::One {
+                    prepared,
+                    client_name,
+                    ..
+                }) => self.forget_failed_parse(prepared.as_deref(), client_name.as_deref()),
+                Some(Expect::Hidden { prepared, .. }) => {
+                    self.forget_failed_parse(prepared.as_deref(), Some(""))
                 }
-                Some(Expect::Hidden { prepared, .. }) => self.forget_failed_parse(prepared.as_deref(), Some("")),
                 _ => {}
             }
         }
@@ -137,7 +157,9 @@ impl Session {
 
     /// A Parse that did not happen: the server does not have the statement, nor does the client.
     fn forget_failed_parse(&mut self, server_name: Option<&str>, client_name: Option<&str>) {
-        let Some(server) = self.server.as_mut() else { return };
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         let conn = server.conn();
         match (server_name, client_name) {
             (Some(name), client) => {
@@ -155,7 +177,9 @@ impl Session {
     /// The injected context failed (should not happen with validated settings). The client's
     /// unit is skipped by the server; answer it with the error and keep the session if we can.
     fn on_injection_error(&mut self, frame: Frame) -> Result<(), SessionError> {
-        let detail = be::notice_fields(frame.body()).map(|n| format!("{} {}", n.code, n.message)).unwrap_or_default();
+        let detail = be::notice_fields(frame.body())
+            .map(|n| format!("{} {}", n.code, n.message))
+            .unwrap_or_default();
         tracing::error!(error = %detail, "injecting the tenant context failed");
         self.expect.pop_front();
         match self.expect.front() {
@@ -178,9 +202,12 @@ impl Session {
     }
 
     fn on_ready(&mut self, frame: Frame) -> Result<(), SessionError> {
-        let status = be::ready_status(frame.body()).map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
+        let status = be::ready_status(frame.body())
+            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
         let Some(front) = self.expect.pop_front() else {
-            return Err(SessionError::UpstreamProtocol("unsolicited ReadyForQuery".into()));
+            return Err(SessionError::UpstreamProtocol(
+                "unsolicited ReadyForQuery".into(),
+            ));
         };
         let segment = match front {
             Expect::Sync | Expect::Query { segment: false } => false,
@@ -198,7 +225,12 @@ impl Session {
             if self.continue_split(status)? {
                 return Ok(());
             }
-        } else if self.split.is_some() && self.expect.iter().all(|e| !matches!(e, Expect::Query { .. })) {
+        } else if self.split.is_some()
+            && self
+                .expect
+                .iter()
+                .all(|e| !matches!(e, Expect::Query { .. }))
+        {
             self.split = None;
         }
         self.client_out.extend_from_slice(&frame.bytes);
@@ -208,7 +240,9 @@ impl Session {
 
     /// Send the next piece of a split Query. `Ok(true)` = the ReadyForQuery is swallowed.
     fn continue_split(&mut self, status: TxStatus) -> Result<bool, SessionError> {
-        let Some(split) = self.split.as_mut() else { return Ok(false) };
+        let Some(split) = self.split.as_mut() else {
+            return Ok(false);
+        };
         if split.failed {
             self.split = None;
             return Ok(false);

@@ -34,7 +34,11 @@ pub struct Statements {
 
 impl Statements {
     pub fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
-        if name.is_empty() { self.unnamed.as_ref().map(|(p, _)| p) } else { self.named.get(name) }
+        if name.is_empty() {
+            self.unnamed.as_ref().map(|(p, _)| p)
+        } else {
+            self.named.get(name)
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -37,7 +37,11 @@ pub fn pg() -> &'static EmbeddedPg {
 /// A fresh database with `sql/demo.sql` loaded; returns its name.
 pub fn demo_db() -> String {
     let pg = pg();
-    let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed)
+    );
     pg.create_database(&name).expect("create database");
     // Loading takes cluster-wide role locks; one at a time avoids deadlocks between tests.
     let _guard = DEMO_LOAD.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,7 +65,11 @@ impl Proxy {
     }
 
     pub fn conn_str(&self, token: &str) -> String {
-        format!("host=127.0.0.1 port={} dbname={} user=app password={token} sslmode=disable", self.addr.port(), self.db)
+        format!(
+            "host=127.0.0.1 port={} dbname={} user=app password={token} sslmode=disable",
+            self.addr.port(),
+            self.db
+        )
     }
 }
 
@@ -108,11 +116,19 @@ pub async fn start_proxy_with(db: &str, config: &str) -> Proxy {
     init_logs();
     let config = Config::from_toml(config).expect("valid test config");
     let shared = Shared::new(config).expect("shared state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app::run(listener, Arc::clone(&shared), shutdown.clone()));
-    Proxy { addr, db: db.to_string(), shared, shutdown, task }
+    Proxy {
+        addr,
+        db: db.to_string(),
+        shared,
+        shutdown,
+        task,
+    }
 }
 
 /// A proxy with `pool_size` connections in front of a fresh demo database.
@@ -122,7 +138,10 @@ pub async fn start_proxy(pool_size: usize) -> Proxy {
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn token_with(claims: serde_json::Value) -> String {
@@ -130,12 +149,18 @@ pub fn token_with(claims: serde_json::Value) -> String {
 }
 
 pub fn token(store: &str) -> String {
-    token_with(serde_json::json!({"store_id": store, "sub": format!("user-{store}"), "exp": now() + 3600}))
+    token_with(
+        serde_json::json!({"store_id": store, "sub": format!("user-{store}"), "exp": now() + 3600}),
+    )
 }
 
 /// A tokio-postgres client through the proxy.
-pub async fn connect(proxy: &Proxy, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(token), tokio_postgres::NoTls).await?;
+pub async fn connect(
+    proxy: &Proxy,
+    token: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&proxy.conn_str(token), tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -143,7 +168,9 @@ pub async fn connect(proxy: &Proxy, token: &str) -> Result<tokio_postgres::Clien
 }
 
 pub async fn client(proxy: &Proxy, store: &str) -> tokio_postgres::Client {
-    connect(proxy, &token(store)).await.expect("connect through rlsgate")
+    connect(proxy, &token(store))
+        .await
+        .expect("connect through rlsgate")
 }
 
 /// Superuser SQL straight to Postgres (to check what reached the server).
@@ -168,7 +195,12 @@ pub fn run_client(proxy: &Proxy, bin: &str, token: &str, args: &[&str]) -> Outpu
 }
 
 pub fn psql(proxy: &Proxy, token: &str, sql: &str) -> Output {
-    run_client(proxy, "psql", token, &["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+    run_client(
+        proxy,
+        "psql",
+        token,
+        &["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+    )
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -181,15 +213,22 @@ pub fn stderr(o: &Output) -> String {
 
 /// SQLSTATE of a tokio-postgres error (empty when it has none).
 pub fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_default()
+    e.as_db_error()
+        .map(|d| d.code().code().to_string())
+        .unwrap_or_default()
 }
 
 pub fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
 }
 
 pub async fn count(c: &impl tokio_postgres::GenericClient, table: &str) -> i64 {
-    c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get(0)
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
 }
 
 /// A raw wire-protocol client for sequences drivers do not produce.
@@ -224,8 +263,13 @@ impl RawClient {
     pub async fn connect(proxy: &Proxy, token: &str) -> RawClient {
         use bytes::BufMut;
         use tokio::io::AsyncWriteExt;
-        let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
-        let mut c = RawClient { stream, buf: bytes::BytesMut::new() };
+        let stream = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        let mut c = RawClient {
+            stream,
+            buf: bytes::BytesMut::new(),
+        };
         let mut body = bytes::BytesMut::new();
         body.put_i32(196_608);
         for (k, v) in [("user", "app"), ("database", proxy.db.as_str())] {
@@ -259,15 +303,31 @@ impl RawClient {
     }
 
     pub async fn parse(&mut self, name: &str, sql: &str) {
-        self.send(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat()).await;
+        self.send(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+        .await;
     }
 
     pub async fn bind(&mut self, portal: &str, stmt: &str) {
-        self.send(b'B', &[portal.as_bytes(), b"\0", stmt.as_bytes(), b"\0", &[0, 0, 0, 0, 0, 0]].concat()).await;
+        self.send(
+            b'B',
+            &[
+                portal.as_bytes(),
+                b"\0",
+                stmt.as_bytes(),
+                b"\0",
+                &[0, 0, 0, 0, 0, 0],
+            ]
+            .concat(),
+        )
+        .await;
     }
 
     pub async fn execute(&mut self, portal: &str) {
-        self.send(b'E', &[portal.as_bytes(), b"\0", &[0, 0, 0, 0]].concat()).await;
+        self.send(b'E', &[portal.as_bytes(), b"\0", &[0, 0, 0, 0]].concat())
+            .await;
     }
 
     pub async fn sync(&mut self) {
@@ -278,16 +338,21 @@ impl RawClient {
         use tokio::io::AsyncReadExt;
         loop {
             if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() > len {
                     let m = self.buf.split_to(len + 1);
-                    return Msg { tag: m[0] as char, body: m[5..].to_vec() };
+                    return Msg {
+                        tag: m[0] as char,
+                        body: m[5..].to_vec(),
+                    };
                 }
             }
-            let n = tokio::time::timeout(Duration::from_secs(15), self.stream.read_buf(&mut self.buf))
-                .await
-                .expect("server answered within 15s")
-                .expect("read");
+            let n =
+                tokio::time::timeout(Duration::from_secs(15), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("server answered within 15s")
+                    .expect("read");
             assert!(n > 0, "connection closed by rlsgate");
         }
     }
@@ -308,5 +373,8 @@ impl RawClient {
 
 /// Tags of a message list, e.g. "1 2 T D C Z".
 pub fn tags(msgs: &[Msg]) -> String {
-    msgs.iter().map(|m| m.tag.to_string()).collect::<Vec<_>>().join(" ")
+    msgs.iter()
+        .map(|m| m.tag.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
