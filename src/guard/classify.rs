@@ -6,7 +6,7 @@
 //! protected setting, or leave session state behind on a pooled connection.
 
 use pg_query::NodeEnum;
-use pg_query::protobuf::{RawStmt, TransactionStmtKind, VariableSetKind};
+use pg_query::protobuf::{DiscardMode, RawStmt, TransactionStmtKind, VariableSetKind};
 use serde_json::Value;
 
 use super::GuardOptions;
@@ -47,6 +47,14 @@ pub enum Verdict {
     Deny(Denial),
 }
 
+/// `RESET ALL` / `DISCARD ALL`: emulated by the session (run outside any transaction, never
+/// where they could clear the tenant context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionReset {
+    ResetAll,
+    DiscardAll,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Analysis {
     pub verdict: Verdict,
@@ -57,6 +65,8 @@ pub struct Analysis {
     pub session_set: bool,
     /// Whether libpg_query could parse the text.
     pub parsed: bool,
+    /// The text is exactly one `RESET ALL` or `DISCARD ALL`.
+    pub reset: Option<SessionReset>,
 }
 
 impl Analysis {
@@ -148,6 +158,7 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         session_state: None,
         session_set: false,
         parsed: true,
+        reset: None,
     };
     for raw in &parsed.protobuf.stmts {
         let (start, end) = stmt_range(raw, sql.len());
@@ -173,11 +184,24 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         verdict: Verdict::Allow,
         session_state: None,
         session_set: false,
+        reset: None,
     };
     search.walk(&tree);
     analysis.verdict = search.verdict;
     analysis.session_state = search.session_state;
     analysis.session_set = search.session_set;
+    if let (Some(kind), Verdict::Allow) = (search.reset, &analysis.verdict) {
+        if analysis.statements.len() == 1 && depth == 0 {
+            analysis.reset = Some(kind);
+            analysis.statements[0].no_tx_block = true;
+        } else {
+            analysis.verdict = deny(
+                "reset_all",
+                "RESET ALL / DISCARD ALL must be sent as a statement of its own through rlsgate (it would clear the tenant context)"
+                    .into(),
+            );
+        }
+    }
     analysis
 }
 
@@ -212,6 +236,7 @@ fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
         session_state: None,
         session_set: false,
         parsed: false,
+        reset: None,
     }
 }
 
@@ -280,6 +305,7 @@ struct Search<'a> {
     verdict: Verdict,
     session_state: Option<&'static str>,
     session_set: bool,
+    reset: Option<SessionReset>,
 }
 
 impl Search<'_> {
@@ -334,10 +360,11 @@ impl Search<'_> {
                     .into(),
             ),
             "LoadStmt" => self.deny("load", "LOAD is not allowed through rlsgate".into()),
-            "DiscardStmt" => self.deny(
-                "discard",
-                "DISCARD is not allowed through rlsgate: it would clear the tenant context".into(),
-            ),
+            "DiscardStmt" => {
+                if node.get("target").and_then(Value::as_i64) == Some(DiscardMode::DiscardAll as i64) {
+                    self.reset = Some(SessionReset::DiscardAll);
+                }
+            }
             "ListenStmt" => self.session("LISTEN"),
             "PrepareStmt" => self.session("SQL PREPARE"),
             "DeclareCursorStmt"
@@ -362,11 +389,8 @@ impl Search<'_> {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         if kind == VariableSetKind::VarResetAll as i64 {
-            return self.deny(
-                "reset_all",
-                "RESET ALL is not allowed through rlsgate: it would clear the tenant context"
-                    .into(),
-            );
+            self.reset = Some(SessionReset::ResetAll);
+            return;
         }
         if self.opts.protected.is_protected(&name) {
             return self.deny(

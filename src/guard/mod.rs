@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-pub use classify::{Analysis, Denial, Statement, TxEffect, Verdict};
+pub use classify::{Analysis, Denial, SessionReset, Statement, TxEffect, Verdict};
 use protected::ProtectedSet;
 
 use crate::config::GuardConfig;

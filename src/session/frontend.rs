@@ -11,7 +11,7 @@ use super::statements::{MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Predicted, Session, SessionError, Split};
 use crate::config::PoolMode;
 use crate::error::{ClientError, UserFacing, sqlstate};
-use crate::guard::{Analysis, TxEffect, Verdict};
+use crate::guard::{Analysis, SessionReset, TxEffect, Verdict};
 use crate::pool::PoolError;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::Frame;
@@ -158,9 +158,18 @@ impl Session {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
         }
+        if let Some(kind) = analysis.reset {
+            if let Some(refusal) = self.reset_refusal(kind) {
+                self.refuse_query(refusal);
+                return Ok(Flow::Continue);
+            }
+        }
         if let Err(e) = self.start_unit(analysis.runs_outside_transaction()).await? {
             self.local_query_error(&e.to_client_error());
             return Ok(Flow::Continue);
+        }
+        if let Some(kind) = analysis.reset {
+            self.apply_reset(kind);
         }
         if analysis.session_set {
             self.mark_dirty();
@@ -175,6 +184,31 @@ impl Session {
         self.in_flight += 1;
         self.after_unit(analysis.tx_effect());
         Ok(Flow::Continue)
+    }
+
+    /// `RESET ALL` inside a transaction block would clear the tenant context for the rest of it.
+    /// (`DISCARD ALL` there is rejected by Postgres itself.) Outside, both run without context.
+    fn reset_refusal(&self, kind: SessionReset) -> Option<Refusal> {
+        let in_block = self.server.is_some() && self.predicted != Predicted::Idle;
+        (in_block && kind == SessionReset::ResetAll).then(|| Refusal {
+            sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+            message: "rlsgate: RESET ALL inside a transaction block is not allowed: it would clear the tenant context"
+                .into(),
+            hint: Some("run RESET ALL outside a transaction"),
+        })
+    }
+
+    /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
+    fn apply_reset(&mut self, kind: SessionReset) {
+        if kind != SessionReset::DiscardAll {
+            return;
+        }
+        self.stmts.forget_all();
+        if let Some(server) = self.server.as_mut() {
+            let conn = server.conn();
+            conn.prepared.clear();
+            conn.unnamed_owner = None;
+        }
     }
 
     /// Run a multi-statement Query in pieces, each ending after a COMMIT/ROLLBACK, so that the
@@ -481,6 +515,12 @@ impl Session {
         let Some(prepared) = self.ensure_prepared(b.statement)? else {
             return self.unknown_statement(b.statement);
         };
+        if let Some(kind) = prepared.analysis.reset {
+            if let Some(refusal) = self.reset_refusal(kind) {
+                return self.refuse_extended(refusal);
+            }
+            self.apply_reset(kind);
+        }
         self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
         if b.statement.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);

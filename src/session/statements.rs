@@ -63,6 +63,13 @@ impl Statements {
         }
     }
 
+    /// DISCARD ALL: forget every statement (the sequence keeps counting, so old server-side
+    /// unnamed statements never match a new one).
+    pub fn forget_all(&mut self) {
+        self.named.clear();
+        self.unnamed = None;
+    }
+
     /// Number of named statements.
     pub fn count(&self) -> usize {
         self.named.len()
