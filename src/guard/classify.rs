@@ -348,8 +348,10 @@ impl Search<'_> {
 
     fn visit(&mut self, key: &str, node: &Value) {
         match key {
-            "VariableSetStmt" => self.variable_set(node),
-            "FuncCall" => self.func_call(node),
+            // `setstmt` (ALTER ROLE/DATABASE/SYSTEM … SET) and `funccall` (CALL) hold these nodes
+            // as typed fields rather than wrapped nodes.
+            "VariableSetStmt" | "setstmt" => self.variable_set(node),
+            "FuncCall" | "funccall" => self.func_call(node),
             "DoStmt" if !self.opts.allow_do_blocks => self.deny(
                 "do_block",
                 "DO blocks are not allowed through rlsgate: their body could change the tenant context".into(),
@@ -428,14 +430,10 @@ impl Search<'_> {
             return self.set_config(args);
         }
         if SQL_EXEC_FUNCTIONS.contains(&name.as_str()) || name.starts_with("dblink") {
-            let inner = args.first().and_then(const_string);
-            let safe = match inner {
-                Some(sql) if self.depth < 4 => {
-                    let a = analyze_depth(&sql, self.opts, self.depth + 1);
-                    !a.is_denied() && a.session_state.is_none() && !a.session_set
-                }
-                _ => false,
-            };
+            // query_to_xml & co. take the SQL first; dblink takes it first or second (after a
+            // connection string), so for dblink every argument must be safe SQL.
+            let sql_args = if name.starts_with("dblink") { args } else { &args[..args.len().min(1)] };
+            let safe = !sql_args.is_empty() && sql_args.iter().all(|a| self.is_safe_sql(a));
             if !safe {
                 self.deny(
                     "sql_exec_function",
@@ -453,6 +451,17 @@ impl Search<'_> {
         }
         if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
             self.session("session advisory lock");
+        }
+    }
+
+    /// A constant string that parses and classifies as harmless.
+    fn is_safe_sql(&self, arg: &Value) -> bool {
+        match const_string(arg) {
+            Some(sql) if self.depth < 4 => {
+                let a = analyze_depth(&sql, self.opts, self.depth + 1);
+                a.parsed && !a.is_denied() && a.session_state.is_none() && !a.session_set && a.reset.is_none()
+            }
+            _ => false,
         }
     }
 
