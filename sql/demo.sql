@@ -263,6 +263,11 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO rlsgate_app;
 -- in this database's catalog, so they are applied per database.
 -- ---------------------------------------------------------------------------
 
+-- rlsgate pipelines SET LOCAL ahead of each transaction; Postgres answers it with
+-- a WARNING ("SET LOCAL can only be used in transaction blocks") that rlsgate
+-- swallows. Keep that warning out of the server log for the proxy's role.
+ALTER ROLE rlsgate_app SET log_min_messages = 'error';
+
 -- set_config() could rewrite app.current_store_id from inside any expression,
 -- including SQL hidden in strings (query_to_xml('select set_config(...)')).
 -- Revoking it from PUBLIC blocks direct calls and those indirect routes.

@@ -66,10 +66,14 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// The runtime; `RLSGATE_WORKER_THREADS` sets the number of worker threads (default: one per CPU).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let threads = std::env::var("RLSGATE_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    Ok(builder.enable_all().build()?)
 }
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
