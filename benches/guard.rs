@@ -11,15 +11,25 @@ const JOIN: &str = "SELECT c.name, sum(i.quantity * i.unit_price) AS total FROM 
                     JOIN sales_transactions t ON t.customer_id = c.customer_id \
                     JOIN sales_items i ON i.transaction_id = t.transaction_id \
                     WHERE t.created_at > now() - interval '7 days' GROUP BY c.name ORDER BY total DESC";
-const NESTED: &str = "SELECT query_to_xml('select set_config(''app.current_store_id'',''x'',true)', true, true, '')";
+const NESTED: &str =
+    "SELECT query_to_xml('select set_config(''app.current_store_id'',''x'',true)', true, true, '')";
 
 fn classify(c: &mut Criterion) {
     let guard = Guard::new(&GuardConfig::default());
     let mut g = c.benchmark_group("guard");
-    for (name, sql) in [("select", SELECT), ("set_protected", SET), ("join_186b", JOIN), ("query_to_xml", NESTED)] {
+    for (name, sql) in [
+        ("select", SELECT),
+        ("set_protected", SET),
+        ("join_186b", JOIN),
+        ("query_to_xml", NESTED),
+    ] {
         guard.analyze(sql);
-        g.bench_function(format!("cached/{name}"), |b| b.iter(|| guard.analyze(black_box(sql))));
-        g.bench_function(format!("uncached/{name}"), |b| b.iter(|| guard.analyze_uncached(black_box(sql))));
+        g.bench_function(format!("cached/{name}"), |b| {
+            b.iter(|| guard.analyze(black_box(sql)))
+        });
+        g.bench_function(format!("uncached/{name}"), |b| {
+            b.iter(|| guard.analyze_uncached(black_box(sql)))
+        });
     }
     g.finish();
 }

@@ -122,22 +122,13 @@ async fn extended_errors_skip_to_sync_like_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_is_negotiated_down() {
-    use bytes::BufMut;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let proxy = start_proxy(1).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut body = bytes::BytesMut::new();
-    body.put_i32((3 << 16) | 2);
-    for (k, v) in [("user", "app"), ("database", proxy.db.as_str())] {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut msg = bytes::BytesMut::new();
-    msg.put_i32(body.len() as i32 + 4);
-    msg.put_slice(&body);
+    let msg = startup_packet(
+        (3 << 16) | 2,
+        &[("user", "app"), ("database", proxy.db.as_str())],
+    );
     s.write_all(&msg).await.unwrap();
     let mut first = [0u8; 1];
     s.read_exact(&mut first).await.unwrap();

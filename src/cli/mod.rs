@@ -69,7 +69,9 @@ pub fn run(cli: Cli) -> ExitCode {
 /// The runtime; `RLSGATE_WORKER_THREADS` sets the number of worker threads (default: one per CPU).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    let threads = std::env::var("RLSGATE_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    let threads = std::env::var("RLSGATE_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     if let Some(n) = threads.filter(|n| *n > 0) {
         builder.worker_threads(n);
     }

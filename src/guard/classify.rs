@@ -432,7 +432,11 @@ impl Search<'_> {
         if SQL_EXEC_FUNCTIONS.contains(&name.as_str()) || name.starts_with("dblink") {
             // query_to_xml & co. take the SQL first; dblink takes it first or second (after a
             // connection string), so for dblink every argument must be safe SQL.
-            let sql_args = if name.starts_with("dblink") { args } else { &args[..args.len().min(1)] };
+            let sql_args = if name.starts_with("dblink") {
+                args
+            } else {
+                &args[..args.len().min(1)]
+            };
             let safe = !sql_args.is_empty() && sql_args.iter().all(|a| self.is_safe_sql(a));
             if !safe {
                 self.deny(
@@ -459,7 +463,11 @@ impl Search<'_> {
         match const_string(arg) {
             Some(sql) if self.depth < 4 => {
                 let a = analyze_depth(&sql, self.opts, self.depth + 1);
-                a.parsed && !a.is_denied() && a.session_state.is_none() && !a.session_set && a.reset.is_none()
+                a.parsed
+                    && !a.is_denied()
+                    && a.session_state.is_none()
+                    && !a.session_set
+                    && a.reset.is_none()
             }
             _ => false,
         }

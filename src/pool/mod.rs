@@ -214,49 +214,45 @@ impl Pool {
     }
 }
 
-/// Send an empty query and expect EmptyQueryResponse + ReadyForQuery('I').
-async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
+/// Run a maintenance query (health check, reset): it must succeed and leave the connection idle.
+async fn maintenance(conn: &mut ServerConn, sql: &str) -> Result<(), PoolError> {
     let mut out = BytesMut::new();
-    fe::write_query("", &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
-    let check = async {
+    fe::write_query(sql, &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
+    let run = async {
         conn.stream
             .write_all(&out)
             .await
             .map_err(|e| PoolError::Connect(e.to_string()))?;
+        let mut failed = false;
         loop {
             let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
-            if frame.tag == be::READY_FOR_QUERY {
-                return match be::ready_status(frame.body()) {
-                    Ok(be::TxStatus::Idle) => Ok(()),
-                    _ => Err(PoolError::Protocol(
-                        "idle connection is inside a transaction".into(),
-                    )),
-                };
+            match frame.tag {
+                be::ERROR_RESPONSE => failed = true,
+                be::READY_FOR_QUERY => {
+                    return match (failed, be::ready_status(frame.body())) {
+                        (false, Ok(be::TxStatus::Idle)) => Ok(()),
+                        _ => Err(PoolError::Protocol(format!(
+                            "{sql:?} failed or left a transaction open"
+                        ))),
+                    };
+                }
+                _ => {}
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), check)
+    tokio::time::timeout(Duration::from_secs(5), run)
         .await
-        .map_err(|_| PoolError::Connect("health check timed out".into()))?
+        .map_err(|_| PoolError::Connect(format!("{sql:?} timed out")))?
 }
 
-/// Run `RESET ALL` so the next client starts from the connection's defaults.
+/// An empty query: EmptyQueryResponse + ReadyForQuery('I') proves the connection works.
+async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
+    maintenance(conn, "").await
+}
+
+/// Undo session state so the next client starts from the connection's defaults.
 async fn reset_session(conn: &mut ServerConn) -> Result<(), PoolError> {
-    let mut out = BytesMut::new();
-    fe::write_query("RESET ALL; DEALLOCATE ALL", &mut out)
-        .map_err(|e| PoolError::Protocol(e.to_string()))?;
-    conn.stream
-        .write_all(&out)
-        .await
-        .map_err(|e| PoolError::Connect(e.to_string()))?;
-    loop {
-        let frame = connect::read_frame(&mut conn.stream, &mut conn.read_buf).await?;
-        match frame.tag {
-            be::ERROR_RESPONSE => return Err(PoolError::Protocol("RESET ALL failed".into())),
-            be::READY_FOR_QUERY => return Ok(()),
-            _ => {}
-        }
-    }
+    maintenance(conn, "RESET ALL; DEALLOCATE ALL").await
 }
 
 /// A borrowed connection. Dropping it without [`Checkout::release`] closes the connection, so

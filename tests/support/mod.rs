@@ -261,7 +261,6 @@ impl Msg {
 
 impl RawClient {
     pub async fn connect(proxy: &Proxy, token: &str) -> RawClient {
-        use bytes::BufMut;
         use tokio::io::AsyncWriteExt;
         let stream = tokio::net::TcpStream::connect(proxy.addr)
             .await
@@ -270,18 +269,7 @@ impl RawClient {
             stream,
             buf: bytes::BytesMut::new(),
         };
-        let mut body = bytes::BytesMut::new();
-        body.put_i32(196_608);
-        for (k, v) in [("user", "app"), ("database", proxy.db.as_str())] {
-            body.put_slice(k.as_bytes());
-            body.put_u8(0);
-            body.put_slice(v.as_bytes());
-            body.put_u8(0);
-        }
-        body.put_u8(0);
-        let mut msg = bytes::BytesMut::new();
-        msg.put_i32(body.len() as i32 + 4);
-        msg.put_slice(&body);
+        let msg = startup_packet(196_608, &[("user", "app"), ("database", proxy.db.as_str())]);
         c.stream.write_all(&msg).await.unwrap();
         let auth = c.recv().await;
         assert_eq!(auth.tag, 'R', "{auth:?}");
@@ -369,6 +357,24 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A StartupMessage with the given protocol version code and parameters.
+pub fn startup_packet(version: i32, params: &[(&str, &str)]) -> bytes::BytesMut {
+    use bytes::BufMut;
+    let mut body = bytes::BytesMut::new();
+    body.put_i32(version);
+    for (k, v) in params {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut msg = bytes::BytesMut::new();
+    msg.put_i32(body.len() as i32 + 4);
+    msg.put_slice(&body);
+    msg
 }
 
 /// Tags of a message list, e.g. "1 2 T D C Z".
