@@ -252,7 +252,7 @@ async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
 
 /// Undo session state so the next client starts from the connection's defaults.
 async fn reset_session(conn: &mut ServerConn) -> Result<(), PoolError> {
-    maintenance(conn, "RESET ALL; DEALLOCATE ALL").await
+    maintenance(conn, "DISCARD ALL").await
 }
 
 /// A borrowed connection. Dropping it without [`Checkout::release`] closes the connection, so

@@ -171,7 +171,7 @@ impl Session {
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
-        if analysis.session_set {
+        if analysis.session_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
         let splits = analysis.split_points();
@@ -412,7 +412,7 @@ impl Session {
                 hint: Some("close statements that are no longer used"),
             });
         }
-        if analysis.session_set {
+        if analysis.session_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
         let server_name = server_name(&self.shared.stmt_hasher, p.sql, p.param_types);
@@ -466,7 +466,7 @@ impl Session {
             return Ok(None);
         };
         let conn = server.conn();
-        if prepared.analysis.session_set {
+        if prepared.analysis.session_set || prepared.analysis.session_state.is_some() {
             conn.dirty_session = true;
         }
         if client_name.is_empty() {

@@ -228,7 +228,12 @@ impl Session {
             self.maybe_release().await;
 
             let read_client = self.pending.is_none() && self.split.is_none();
-            let idle = self.server.is_none();
+            // Between transactions (also in session mode, where the connection stays held).
+            let idle = self.server.is_none()
+                || (self.in_flight == 0
+                    && !self.unit_open
+                    && self.expect.is_empty()
+                    && self.predicted == Predicted::Idle);
             let Session {
                 client,
                 client_buf,
