@@ -420,18 +420,34 @@ async fn shutdown_lets_an_open_transaction_finish() {
 async fn session_mode_keeps_session_state_and_cleans_it_before_reuse() {
     let db = demo_db();
     admin_sql(&db, &format!("GRANT TEMP ON DATABASE {db} TO rlsgate_app"));
-    let cfg = config_text(&db, 1, "").replace("handshake_timeout = \"5s\"", "handshake_timeout = \"5s\"\npool_mode = \"session\"");
+    let cfg = config_text(&db, 1, "").replace(
+        "handshake_timeout = \"5s\"",
+        "handshake_timeout = \"5s\"\npool_mode = \"session\"",
+    );
     let proxy = start_proxy_with(&db, &cfg).await;
     let north = client(&proxy, "north").await;
-    north.batch_execute("SET statement_timeout = '4321ms'; CREATE TEMP TABLE scratch AS SELECT 1 AS x").await.unwrap();
-    let timeout: String = north.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    north
+        .batch_execute(
+            "SET statement_timeout = '4321ms'; CREATE TEMP TABLE scratch AS SELECT 1 AS x",
+        )
+        .await
+        .unwrap();
+    let timeout: String = north
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(timeout, "4321ms");
     assert_eq!(count(&north, "scratch").await, 1);
     assert_eq!(count(&north, "customers").await, 3);
     drop(north);
     // pool of 1: south gets the same server connection, cleaned
     let south = client(&proxy, "south").await;
-    let timeout: String = south.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    let timeout: String = south
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(timeout, "0");
     let err = south.query("SELECT * FROM scratch", &[]).await.unwrap_err();
     assert_eq!(code(&err), "42P01", "temp table must be gone: {err}");

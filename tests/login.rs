@@ -205,3 +205,65 @@ async fn malformed_first_packets_get_an_error_not_a_hang() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_public_key_tokens_work_and_algorithm_confusion_is_refused() {
+    let dir = std::env::temp_dir().join(format!("rlsgate-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let public_pem = key.public_key_pem();
+    let pub_path = dir.join("jwt-public.pem");
+    std::fs::write(&pub_path, &public_pem).unwrap();
+    let db = demo_db();
+    let cfg = config_text(&db, 1, "")
+        .replace("hs_secret = ", "# hs_secret = ")
+        .replace(
+            "tenant_claim = \"store_id\"",
+            &format!(
+                "tenant_claim = \"store_id\"\nalgorithms = [\"ES256\"]\npublic_key_pem = \"{}\"",
+                pub_path.display()
+            ),
+        );
+    let proxy = start_proxy_with(&db, &cfg).await;
+
+    let claims = json!({"store_id": "south", "exp": now() + 60});
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let good = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &signing,
+    )
+    .unwrap();
+    let c = connect(&proxy, &good).await.unwrap();
+    assert_eq!(count(&c, "customers").await, 2);
+
+    // HS256 signed with the public key as the secret: the algorithm comes from the config
+    let confused = rlsgate::auth::mint_hs256(public_pem.as_bytes(), &claims).unwrap();
+    assert_eq!(login_error(&proxy, &confused).await.0, "28000");
+    // alg "none"
+    let header = base64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = base64url(claims.to_string().as_bytes());
+    assert_eq!(
+        login_error(&proxy, &format!("{header}.{body}.")).await.0,
+        "28000"
+    );
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn base64url(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
