@@ -10,6 +10,7 @@ use pg_query::protobuf::{DiscardMode, RawStmt, TransactionStmtKind, VariableSetK
 use serde_json::Value;
 
 use super::GuardOptions;
+use super::session_effects::{Deallocate, SettingChange, effects};
 
 /// How a statement moves the transaction state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,10 @@ pub struct Statement {
     pub tx: TxEffect,
     /// VACUUM, CREATE DATABASE, CREATE INDEX CONCURRENTLY…: cannot run inside a transaction block.
     pub no_tx_block: bool,
+    /// A session-level setting change the proxy can replay on other connections.
+    pub setting: Option<SettingChange>,
+    /// `DEALLOCATE name` / `DEALLOCATE ALL` (`Some(None)`).
+    pub deallocate: Option<Deallocate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +68,9 @@ pub struct Analysis {
     pub session_state: Option<&'static str>,
     /// A session-level `SET` (or `set_config(…, false)`) of an ordinary setting.
     pub session_set: bool,
+    /// A session-level setting change the proxy cannot replay (SET … FROM CURRENT,
+    /// set_config with computed arguments): the connection must be reset after the client.
+    pub untracked_set: bool,
     /// Whether libpg_query could parse the text.
     pub parsed: bool,
     /// The text is exactly one `RESET ALL` or `DISCARD ALL`.
@@ -157,6 +165,7 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         statements: Vec::new(),
         session_state: None,
         session_set: false,
+        untracked_set: false,
         parsed: true,
         reset: None,
     };
@@ -164,11 +173,15 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         let (start, end) = stmt_range(raw, sql.len());
         let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
         let (tx, no_tx_block) = node.map(top_level).unwrap_or((TxEffect::None, false));
+        let text = sql.get(start..end).unwrap_or_default();
+        let (setting, deallocate) = node.map(|n| effects(n, text)).unwrap_or((None, None));
         analysis.statements.push(Statement {
             start,
             end,
             tx,
             no_tx_block,
+            setting,
+            deallocate,
         });
     }
     let tree = match serde_json::to_value(&parsed.protobuf) {
@@ -184,12 +197,19 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         verdict: Verdict::Allow,
         session_state: None,
         session_set: false,
+        session_sets: 0,
         reset: None,
     };
     search.walk(&tree);
     analysis.verdict = search.verdict;
     analysis.session_state = search.session_state;
     analysis.session_set = search.session_set;
+    let tracked = analysis
+        .statements
+        .iter()
+        .filter(|s| s.setting.is_some())
+        .count();
+    analysis.untracked_set = search.session_sets > tracked;
     if let (Some(kind), Verdict::Allow) = (search.reset, &analysis.verdict) {
         if analysis.statements.len() == 1 && depth == 0 {
             analysis.reset = Some(kind);
@@ -235,6 +255,7 @@ fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
         statements: Vec::new(),
         session_state: None,
         session_set: false,
+        untracked_set: false,
         parsed: false,
         reset: None,
     }
@@ -305,6 +326,7 @@ struct Search<'a> {
     verdict: Verdict,
     session_state: Option<&'static str>,
     session_set: bool,
+    session_sets: usize,
     reset: Option<SessionReset>,
 }
 
@@ -416,6 +438,7 @@ impl Search<'_> {
         }
         if !is_local && kind != VariableSetKind::VarSetMulti as i64 {
             self.session_set = true;
+            self.session_sets += 1;
         }
     }
 
@@ -497,6 +520,7 @@ impl Search<'_> {
         let is_local = args.get(2).and_then(const_bool);
         if is_local != Some(true) {
             self.session_set = true;
+            self.session_sets += 1;
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod classify;
 pub mod protected;
+mod session_effects;
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use lru::LruCache;
 
 pub use classify::{Analysis, Denial, SessionReset, Statement, TxEffect, Verdict};
 use protected::ProtectedSet;
+pub use session_effects::{Deallocate, SettingChange};
 
 use crate::config::GuardConfig;
 

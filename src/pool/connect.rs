@@ -80,6 +80,7 @@ pub(super) async fn connect(
         prepared: Default::default(),
         dirty_session: false,
         unnamed_owner: None,
+        settings_owner: None,
     })
 }
 

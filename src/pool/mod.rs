@@ -81,6 +81,9 @@ pub struct ServerConn {
     pub dirty_session: bool,
     /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.
     pub unnamed_owner: Option<(u64, u64)>,
+    /// Whose session settings the connection holds: `(session id, settings version)`; `None` =
+    /// the upstream defaults.
+    pub settings_owner: Option<(u64, u64)>,
 }
 
 /// Where to send a CancelRequest for the backend behind a connection.
@@ -301,6 +304,7 @@ impl Checkout {
                         conn.dirty_session = false;
                         conn.prepared.clear();
                         conn.unnamed_owner = None;
+                        conn.settings_owner = None;
                         if let Ok(mut idle) = pool.idle.lock() {
                             idle.push(conn);
                         }

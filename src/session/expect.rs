@@ -35,4 +35,6 @@ pub enum Expect {
     Query { segment: bool },
     /// A denial raised server-side: swallow ParseComplete/BindComplete, forward the error.
     Raise,
+    /// The client's session settings replayed on this connection: swallow everything.
+    Replay,
 }

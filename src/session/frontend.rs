@@ -100,6 +100,9 @@ impl Session {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
         }
+        if self.predicted == Predicted::Idle && self.in_flight == 0 {
+            self.sync_settings()?;
+        }
         if self.predicted == Predicted::Idle && !outside_tx {
             self.inject_context();
         }
@@ -171,19 +174,35 @@ impl Session {
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
-        if analysis.session_set || analysis.session_state.is_some() {
+        if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
         let splits = analysis.split_points();
-        if !splits.is_empty() {
-            self.start_split(sql, &splits)?;
-            return Ok(Flow::Continue);
-        }
-        self.server_out.extend_from_slice(&frame.bytes);
-        self.expect.push_back(Expect::Query { segment: false });
-        self.in_flight += 1;
-        self.after_unit(analysis.tx_effect());
+        let unit = if splits.is_empty() {
+            self.server_out.extend_from_slice(&frame.bytes);
+            let unit = self.expect_ready(Expect::Query { segment: false });
+            self.after_unit(analysis.tx_effect());
+            unit
+        } else {
+            // settings count once the last piece ends committed
+            self.start_split(sql, &splits)? + splits.len() as u64
+        };
+        self.stage_settings(unit, &analysis);
         Ok(Flow::Continue)
+    }
+
+    /// Remember the session-level setting changes of a unit until it settles.
+    fn stage_settings(&mut self, unit: u64, analysis: &Analysis) {
+        for change in analysis
+            .statements
+            .iter()
+            .filter_map(|s| s.setting.as_ref())
+        {
+            self.settings.stage(unit, change);
+        }
+        if analysis.reset.is_some() {
+            self.settings.stage_reset_all(unit);
+        }
     }
 
     /// `RESET ALL` inside a transaction block would clear the tenant context for the rest of it.
@@ -213,26 +232,25 @@ impl Session {
 
     /// Run a multi-statement Query in pieces, each ending after a COMMIT/ROLLBACK, so that the
     /// statements after it get the context too (DESIGN §3). The context was injected already.
-    fn start_split(&mut self, sql: &str, splits: &[usize]) -> Result<(), SessionError> {
+    fn start_split(&mut self, sql: &str, splits: &[usize]) -> Result<u64, SessionError> {
         let mut pieces = std::collections::VecDeque::new();
         let mut start = 0;
         for &at in splits {
-            pieces.push_back(sql[start..at].to_string());
+            pieces.push_back(sql.get(start..at).unwrap_or_default().to_string());
             start = at;
         }
-        pieces.push_back(sql[start..].to_string());
+        pieces.push_back(sql.get(start..).unwrap_or_default().to_string());
         let first = pieces.pop_front().unwrap_or_default();
         fe::write_query(&first, &mut self.server_out).map_err(protocol)?;
-        self.expect.push_back(Expect::Query {
+        let unit = self.expect_ready(Expect::Query {
             segment: !pieces.is_empty(),
         });
-        self.in_flight += 1;
         self.predicted = Predicted::Unknown;
         self.split = Some(Split {
             rest: pieces,
             failed: false,
         });
-        Ok(())
+        Ok(unit)
     }
 
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
@@ -241,8 +259,7 @@ impl Session {
         if self.server.is_some() {
             let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
             if fe::write_query(&sql, &mut self.server_out).is_ok() {
-                self.expect.push_back(Expect::Query { segment: false });
-                self.in_flight += 1;
+                self.expect_ready(Expect::Query { segment: false });
                 return;
             }
         }
@@ -268,8 +285,7 @@ impl Session {
                 return Ok(Flow::Continue);
             }
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect.push_back(Expect::Query { segment: false });
-            self.in_flight += 1;
+            self.expect_ready(Expect::Query { segment: false });
             return Ok(Flow::Continue);
         }
         tracing::info!(oid, "FunctionCall refused");
@@ -412,7 +428,7 @@ impl Session {
                 hint: Some("close statements that are no longer used"),
             });
         }
-        if analysis.session_set || analysis.session_state.is_some() {
+        if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
         let server_name = server_name(&self.shared.stmt_hasher, p.sql, p.param_types);
@@ -466,7 +482,7 @@ impl Session {
             return Ok(None);
         };
         let conn = server.conn();
-        if prepared.analysis.session_set || prepared.analysis.session_state.is_some() {
+        if prepared.analysis.untracked_set || prepared.analysis.session_state.is_some() {
             conn.dirty_session = true;
         }
         if client_name.is_empty() {
@@ -522,6 +538,8 @@ impl Session {
             self.apply_reset(kind);
         }
         self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
+        let analysis = Arc::clone(&prepared.analysis);
+        self.stage_settings(self.units_sent + 1, &analysis);
         if b.statement.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);
         } else {
@@ -593,8 +611,7 @@ impl Session {
             return Flow::Continue;
         }
         self.server_out.extend_from_slice(&frame.bytes);
-        self.expect.push_back(Expect::Sync);
-        self.in_flight += 1;
+        self.expect_ready(Expect::Sync);
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);

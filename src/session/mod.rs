@@ -10,6 +10,7 @@ mod expect;
 mod frontend;
 mod inject;
 mod relay;
+mod settings;
 mod statements;
 
 use std::collections::VecDeque;
@@ -32,6 +33,7 @@ use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::{Frame, try_read_frame};
 use crate::stream::Stream;
 use expect::Expect;
+use settings::Settings;
 use statements::Statements;
 
 /// Largest server message relayed (Postgres' own limit is 1 GB).
@@ -133,6 +135,14 @@ pub struct Session {
     /// The proxy itself failed the current extended unit (no server): answer Sync locally.
     local_failed_unit: bool,
     stmts: Statements,
+    settings: Settings,
+    /// Startup parameters as the client sent them (reported back at login).
+    startup_requested: Vec<(String, String)>,
+    /// Units (Query/Sync) sent and answered, to know which setting changes a reply settles.
+    units_sent: u64,
+    units_done: u64,
+    /// An error happened in the current transaction (its setting changes do not count).
+    tx_failed: bool,
     split: Option<Split>,
     /// A client message that waits until the replies in flight tell the transaction state.
     pending: Option<Frame>,
@@ -158,6 +168,9 @@ impl Session {
         let context = inject::context_messages(&login.identity.settings)
             .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
+        let startup_requested =
+            crate::client::startup_params::requested_settings(&login.startup.params);
+        let settings = Settings::from_startup(&startup_requested, shared.guard.protected());
         Ok(Session {
             id,
             mode: config.server.pool_mode,
@@ -178,6 +191,11 @@ impl Session {
             skip_until_sync: false,
             local_failed_unit: false,
             stmts: Statements::default(),
+            settings,
+            startup_requested,
+            units_sent: 0,
+            units_done: 0,
+            tx_failed: false,
             split: None,
             pending: None,
             cancel,
@@ -190,6 +208,14 @@ impl Session {
     pub async fn greet(&mut self, server_params: &[(String, String)]) -> Result<(), SessionError> {
         be::write_auth_ok(&mut self.client_out);
         for (k, v) in server_params {
+            // The client's own startup values win (they are applied upstream before its work).
+            let v = match k.as_str() {
+                "application_name" | "DateStyle" | "IntervalStyle" | "TimeZone" => self
+                    .settings
+                    .startup_value(&self.startup_requested, k)
+                    .unwrap_or(v),
+                _ => v,
+            };
             be::write_parameter_status(k, v, &mut self.client_out);
         }
         be::write_backend_key(self.cancel.pid, self.cancel.key, &mut self.client_out);
@@ -401,6 +427,51 @@ impl Session {
                 drop(server);
             }
         }
+    }
+
+    /// Expect a ReadyForQuery for this entry; returns the unit's number.
+    fn expect_ready(&mut self, entry: Expect) -> u64 {
+        self.expect.push_back(entry);
+        self.in_flight += 1;
+        self.units_sent += 1;
+        self.units_sent
+    }
+
+    /// The settings state this client needs on a connection (`None` = server defaults).
+    fn desired_settings(&self) -> Option<(u64, u64)> {
+        (!self.settings.is_empty()).then_some((self.id, self.settings.version))
+    }
+
+    /// Before a transaction: if the connection holds other settings than this client's, replay
+    /// the client's (hidden, pipelined ahead of the client's messages).
+    fn sync_settings(&mut self) -> Result<(), SessionError> {
+        let desired = self.desired_settings();
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let conn = server.conn();
+        if conn.settings_owner == desired {
+            return Ok(());
+        }
+        let reset = if conn.settings_owner.is_some() {
+            "RESET ALL"
+        } else {
+            ""
+        };
+        let sql = [reset, self.settings.replay_sql()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; ");
+        conn.settings_owner = desired;
+        if sql.is_empty() {
+            return Ok(());
+        }
+        crate::protocol::frontend::write_query(&sql, &mut self.server_out)
+            .map_err(SessionError::ClientProtocol)?;
+        self.expect_ready(Expect::Replay);
+        Ok(())
     }
 
     fn token_expired(&self) -> bool {

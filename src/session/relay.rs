@@ -17,6 +17,17 @@ fn unexpected(tag: u8, front: &Expect) -> SessionError {
 impl Session {
     pub(super) fn handle_server(&mut self, frame: Frame) -> Result<(), SessionError> {
         let tag = frame.tag;
+        if let Some(Expect::Replay) = self.expect.front() {
+            return match tag {
+                be::READY_FOR_QUERY => self.on_ready(frame),
+                be::ERROR_RESPONSE => {
+                    let n = be::notice_fields(frame.body()).unwrap_or_default();
+                    tracing::warn!(code = %n.code, message = %n.message, "replaying the client's session settings failed");
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+        }
         tracing::trace!(tag = %(tag as char), front = ?self.expect.front(), "server message");
         match tag {
             be::NOTICE_RESPONSE if matches!(self.expect.front(), Some(Expect::Inject { .. })) => {
@@ -72,10 +83,18 @@ impl Session {
                 ),
             ),
             Expect::Query { .. } => (true, false),
-            Expect::Sync | Expect::Hidden { .. } | Expect::One { .. } | Expect::Synthetic(_) => {
+            Expect::Sync
+            | Expect::Hidden { .. }
+            | Expect::One { .. }
+            | Expect::Synthetic(_)
+            | Expect::Replay => {
                 return Err(unexpected(tag, front));
             }
         };
+        if tag == be::COMMAND_COMPLETE && frame.body() == b"ROLLBACK\0" {
+            // The transaction did not commit (ROLLBACK, or a COMMIT of a failed transaction).
+            self.tx_failed = true;
+        }
         if forward {
             self.client_out.extend_from_slice(&frame.bytes);
         }
@@ -116,6 +135,7 @@ impl Session {
         };
         match front {
             Expect::Query { .. } => {
+                self.tx_failed = true;
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
                 }
@@ -125,6 +145,7 @@ impl Session {
             Expect::Inject { .. } => self.on_injection_error(frame),
             _ => {
                 // Extended protocol: the server now skips everything up to Sync.
+                self.tx_failed = true;
                 self.client_out.extend_from_slice(&frame.bytes);
                 self.discard_until_sync();
                 Ok(())
@@ -209,12 +230,18 @@ impl Session {
                 "unsolicited ReadyForQuery".into(),
             ));
         };
-        let segment = match front {
-            Expect::Sync | Expect::Query { segment: false } => false,
-            Expect::Query { segment: true } => true,
+        let (segment, hidden) = match front {
+            Expect::Sync | Expect::Query { segment: false } => (false, false),
+            Expect::Query { segment: true } => (true, false),
+            Expect::Replay => (false, true),
             other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
         };
         self.in_flight -= 1;
+        self.units_done += 1;
+        self.settle_settings(status);
+        if hidden {
+            return Ok(());
+        }
         if self.in_flight == 0 {
             self.predicted = match status {
                 TxStatus::Idle => Predicted::Idle,
@@ -238,6 +265,30 @@ impl Session {
         Ok(())
     }
 
+    /// A unit ended: its setting changes count if its transaction committed.
+    fn settle_settings(&mut self, status: TxStatus) {
+        match status {
+            TxStatus::InBlock => {}
+            TxStatus::Failed => self.tx_failed = true,
+            TxStatus::Idle => {
+                if std::mem::take(&mut self.tx_failed) {
+                    self.settings.discard_through(self.units_done);
+                } else if let Some(reset) = self.settings.commit_through(self.units_done) {
+                    let desired = self.desired_settings();
+                    if let Some(server) = self.server.as_mut() {
+                        // After RESET/DISCARD ALL the connection holds upstream defaults, not the
+                        // client's startup settings: force a replay before the next transaction.
+                        server.conn().settings_owner = if reset {
+                            Some((self.id, u64::MAX))
+                        } else {
+                            desired
+                        };
+                    }
+                }
+            }
+        }
+    }
+
     /// Send the next piece of a split Query. `Ok(true)` = the ReadyForQuery is swallowed.
     fn continue_split(&mut self, status: TxStatus) -> Result<bool, SessionError> {
         let Some(split) = self.split.as_mut() else {
@@ -256,8 +307,7 @@ impl Session {
             self.inject_context();
         }
         fe::write_query(&next, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
-        self.expect.push_back(Expect::Query { segment: more });
-        self.in_flight += 1;
+        self.expect_ready(Expect::Query { segment: more });
         self.predicted = Predicted::Unknown;
         if !more {
             // The last piece answers the client; keep the split marker until then.

@@ -1,0 +1,97 @@
+//! What a top-level statement does to session state the proxy keeps for its client:
+//! session-level settings (replayed on every server connection the client gets) and
+//! `DEALLOCATE` of protocol-level prepared statements (which live in the proxy, not the server).
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{Node, VariableSetKind, a_const};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+
+/// A session-level setting change the proxy can replay exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingChange {
+    /// `name` (lower case) and the SQL that sets it.
+    Set { name: String, sql: String },
+    /// `RESET name` / `SET name TO DEFAULT`.
+    Reset { name: String },
+}
+
+/// `DEALLOCATE name` (`Some`) or `DEALLOCATE ALL` (`None`).
+pub type Deallocate = Option<String>;
+
+/// Effects of one top-level statement; `text` is the statement's own text.
+pub fn effects(node: &NodeEnum, text: &str) -> (Option<SettingChange>, Option<Deallocate>) {
+    match node {
+        NodeEnum::VariableSetStmt(v) if !v.is_local => {
+            let name = v.name.to_ascii_lowercase();
+            let kind = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
+            let change = match kind {
+                VariableSetKind::VarSetValue => Some(SettingChange::Set {
+                    name,
+                    sql: text.trim().to_string(),
+                }),
+                VariableSetKind::VarSetDefault | VariableSetKind::VarReset => {
+                    Some(SettingChange::Reset { name })
+                }
+                _ => None,
+            };
+            (change, None)
+        }
+        NodeEnum::SelectStmt(s)
+            if s.target_list.len() == 1 && s.from_clause.is_empty() && s.where_clause.is_none() =>
+        {
+            (s.target_list.first().and_then(set_config_call), None)
+        }
+        NodeEnum::DeallocateStmt(d) => (None, Some((!d.isall).then(|| d.name.clone()))),
+        _ => (None, None),
+    }
+}
+
+/// `SELECT set_config('name', 'value', false)` with constants → `SET "name" TO 'value'`.
+fn set_config_call(target: &Node) -> Option<SettingChange> {
+    let Some(NodeEnum::ResTarget(t)) = &target.node else {
+        return None;
+    };
+    let Some(NodeEnum::FuncCall(f)) = t.val.as_ref().and_then(|v| v.node.as_ref()) else {
+        return None;
+    };
+    let last = f.funcname.last().and_then(|n| match &n.node {
+        Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
+        _ => None,
+    })?;
+    if last != "set_config" || f.args.len() != 3 {
+        return None;
+    }
+    let name = const_str(&f.args[0])?.to_ascii_lowercase();
+    let value = const_str(&f.args[1])?;
+    let is_local = match f.args[2].node.as_ref()? {
+        NodeEnum::AConst(c) => match &c.val {
+            Some(a_const::Val::Boolval(b)) => b.boolval,
+            Some(a_const::Val::Sval(s)) => matches!(
+                s.sval.to_ascii_lowercase().as_str(),
+                "t" | "true" | "on" | "1"
+            ),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    if is_local {
+        return None;
+    }
+    let sql = format!(
+        "SET {} TO {}",
+        escape_identifier(&name),
+        escape_literal(&value)
+    );
+    Some(SettingChange::Set { name, sql })
+}
+
+fn const_str(n: &Node) -> Option<String> {
+    match n.node.as_ref()? {
+        NodeEnum::AConst(c) => match &c.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        NodeEnum::TypeCast(t) => const_str(t.arg.as_ref()?),
+        _ => None,
+    }
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Install the client drivers the compatibility suite (tests/compat.rs) runs against rlsgate.
+# Idempotent and quick when everything is already there. Works as root on a fresh Debian 12
+# machine (CPython 3.11 with pip, Node 20 with npm, Java 17); only PyPI, npm and Debian are used.
+#
+#   ${COMPAT_ENV}/venv   Python venv with psycopg[binary] (psycopg 3) and asyncpg
+#   ${COMPAT_ENV}/node   npm prefix with pg (node-postgres)
+#   /usr/share/java/postgresql.jar   pgJDBC from Debian (libpostgresql-jdbc-java)
+#
+# COMPAT_ENV defaults to <repo>/target/compat-env. Everything it does is reported on stderr;
+# stdout stays empty.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+COMPAT_ENV="${COMPAT_ENV:-$repo/target/compat-env}"
+PYTHON="${COMPAT_PYTHON:-python3}"
+JDBC_JAR="${COMPAT_JDBC_JAR:-/usr/share/java/postgresql.jar}"
+
+PY_REQS=('psycopg[binary]>=3.1,<4' 'asyncpg>=0.29,<1')
+NODE_REQ='pg@^8.11'
+
+log() { echo "compat/install: $*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        log "apt-get update"
+        as_root apt-get update -qq >&2
+        apt_updated=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+mkdir -p "$COMPAT_ENV"
+
+# --- Python: psycopg 3 + asyncpg in a venv --------------------------------------------------
+venv="$COMPAT_ENV/venv"
+if ! "$venv/bin/python" -c 'import psycopg, asyncpg' >/dev/null 2>&1; then
+    if [ ! -x "$venv/bin/python" ]; then
+        log "creating venv $venv with $("$PYTHON" --version 2>&1)"
+        if ! "$PYTHON" -m venv "$venv" >&2; then
+            # Debian's python3 needs python3-venv (ensurepip) to create venvs with pip.
+            rm -rf "$venv"
+            apt_install python3-venv
+            "$PYTHON" -m venv "$venv" >&2
+        fi
+    fi
+    log "pip install ${PY_REQS[*]}"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q "${PY_REQS[@]}" >&2
+    "$venv/bin/python" -c 'import psycopg, asyncpg' >&2
+    log "installed psycopg $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)'), asyncpg $("$venv/bin/python" -c 'import asyncpg; print(asyncpg.__version__)')"
+fi
+
+# --- Node: pg (node-postgres) ---------------------------------------------------------------
+node_prefix="$COMPAT_ENV/node"
+if [ ! -f "$node_prefix/node_modules/pg/package.json" ]; then
+    command -v npm >/dev/null 2>&1 || { log "npm is missing (Node.js 20 with npm is expected on the machine)"; exit 1; }
+    mkdir -p "$node_prefix"
+    log "npm install --prefix $node_prefix $NODE_REQ"
+    npm install --prefix "$node_prefix" --no-audit --no-fund --loglevel=error "$NODE_REQ" >&2
+    log "installed pg $(node -p "require('$node_prefix/node_modules/pg/package.json').version")"
+fi
+
+# --- Java: a JRE and pgJDBC from Debian -----------------------------------------------------
+pkgs=()
+command -v java >/dev/null 2>&1 || pkgs+=(default-jre-headless)
+[ -f "$JDBC_JAR" ] || pkgs+=(libpostgresql-jdbc-java)
+if [ "${#pkgs[@]}" -gt 0 ]; then
+    apt_install "${pkgs[@]}"
+    [ -f "$JDBC_JAR" ] || { log "$JDBC_JAR still missing after installing ${pkgs[*]}"; exit 1; }
+    log "installed ${pkgs[*]}"
+fi
