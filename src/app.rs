@@ -42,6 +42,8 @@ pub struct Shared {
     pub tls_acceptor: Option<TlsAcceptor>,
     /// Keys the server-side names of prepared statements (unpredictable per process).
     pub stmt_hasher: RandomState,
+    /// Clients whose server connection is pinned to them (transaction mode, session state).
+    pub pinned: std::sync::atomic::AtomicUsize,
     next_conn_id: AtomicU64,
 }
 
@@ -63,6 +65,7 @@ impl Shared {
             tls_acceptor,
             validator,
             stmt_hasher: RandomState::new(),
+            pinned: std::sync::atomic::AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             config: Arc::new(config),
         }))
@@ -81,6 +84,22 @@ impl Shared {
 /// `server.shutdown_timeout`.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let maintenance = {
+        let pool = shared.pool.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => pool.maintain().await,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    };
+    let clients = Arc::new(tokio::sync::Semaphore::new(
+        shared.config().server.max_client_conn,
+    ));
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, pool_size = shared.config().upstream.pool_size, "rlsgate is accepting connections");
     loop {
@@ -88,8 +107,17 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                    let Ok(slot) = Arc::clone(&clients).try_acquire_owned() else {
+                        tracing::warn!(%peer, "max_client_conn reached; refusing a client");
+                        tokio::spawn(refuse_client(tcp));
+                        continue;
+                    };
                     let span = tracing::info_span!("conn", conn_id, %peer, user = tracing::field::Empty, tenant = tracing::field::Empty);
-                    tracker.spawn(handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone()).instrument(span));
+                    let session = handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone());
+                    tracker.spawn(async move {
+                        let _slot = slot;
+                        session.await
+                    }.instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -100,6 +128,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
         }
     }
     drop(listener);
+    maintenance.abort();
     tracker.close();
     let timeout = shared.config().server.shutdown_timeout;
     tracing::info!(
@@ -114,6 +143,19 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
         );
     }
     shared.pool.close();
+}
+
+/// Over `max_client_conn`: tell the client and close, without reading anything.
+async fn refuse_client(mut tcp: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let err = crate::error::ClientError::fatal(
+        crate::error::sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    )
+    .with_hint("rlsgate's server.max_client_conn is reached");
+    let mut out = bytes::BytesMut::new();
+    crate::protocol::backend::write_error(&err, &mut out);
+    let _ = tcp.write_all(&out).await;
 }
 
 async fn handle(

@@ -68,6 +68,24 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     #[serde(default = "default_max_message_size", deserialize_with = "de_bytes")]
     pub max_message_size: usize,
+    /// Session state that outlives a transaction (temp tables, LISTEN, WITH HOLD cursors,
+    /// SQL PREPARE, session advisory locks) in transaction mode: pin the connection or refuse.
+    #[serde(default)]
+    pub session_state: SessionStatePolicy,
+    /// Most client connections at once; more get FATAL 53300.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+    /// A client idle inside a transaction longer than this is disconnected (0 = never).
+    #[serde(default = "zero_duration", with = "humantime_serde_compat")]
+    pub idle_in_transaction_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatePolicy {
+    #[default]
+    Pin,
+    Deny,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +97,9 @@ impl Default for ServerConfig {
             handshake_timeout: default_handshake_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
             max_message_size: default_max_message_size(),
+            session_state: SessionStatePolicy::default(),
+            max_client_conn: default_max_client_conn(),
+            idle_in_transaction_timeout: zero_duration(),
         }
     }
 }
@@ -136,6 +157,15 @@ pub struct UpstreamConfig {
         with = "humantime_serde_compat"
     )]
     pub health_check_after: Duration,
+    /// Close connections idle in the pool longer than this (0 = never).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Close connections older than this when they come back to the pool (0 = never).
+    #[serde(default = "default_max_lifetime", with = "humantime_serde_compat")]
+    pub max_lifetime: Duration,
+    /// Keep at least this many connections open and idle (opened in the background).
+    #[serde(default)]
+    pub min_idle: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +239,18 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_health_check_after() -> Duration {
     Duration::from_secs(30)
+}
+fn default_max_client_conn() -> usize {
+    1000
+}
+fn zero_duration() -> Duration {
+    Duration::ZERO
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_algorithms() -> Vec<String> {
     vec!["HS256".into()]
@@ -319,6 +361,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstream.pool_size == 0 {
             return Err(invalid("upstream.pool_size", "must be at least 1"));
+        }
+        if self.upstream.min_idle > self.upstream.pool_size {
+            return Err(invalid("upstream.min_idle", "must not exceed pool_size"));
+        }
+        if self.server.max_client_conn == 0 {
+            return Err(invalid("server.max_client_conn", "must be at least 1"));
         }
         if self.upstream.database.is_empty() {
             return Err(invalid("upstream.database", "must not be empty"));

@@ -23,6 +23,8 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -428,7 +428,8 @@ async fn corpus_proxy() -> Proxy {
         &db,
         "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO rlsgate_app",
     );
-    start_proxy_with(&db, &config_text(&db, 1, "")).await
+    let cfg = config_text(&db, 1, "").replace("[upstream]", "session_state = \"deny\"\n[upstream]");
+    start_proxy_with(&db, &cfg).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,3 +108,204 @@ async fn startup_parameters_are_applied_and_reported() {
     assert_eq!(show(&south, "statement_timeout").await, "0");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_the_connection_and_is_cleaned_after_the_client() {
+    let db = demo_db();
+    admin_sql(&db, &format!("GRANT TEMP ON DATABASE {db} TO rlsgate_app"));
+    let proxy = start_proxy_with(&db, &config_text(&db, 2, "")).await;
+    let north = client(&proxy, "north").await;
+    let south = client(&proxy, "south").await;
+    north
+        .batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2)")
+        .await
+        .unwrap();
+    north
+        .batch_execute("PREPARE q AS SELECT count(*) FROM customers")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(count(&north, "scratch").await, 2);
+        let n: i64 = north.query_one("EXECUTE q", &[]).await.unwrap().get(0);
+        assert_eq!(n, 3);
+        assert_eq!(count(&south, "customers").await, 2);
+    }
+    let pid: i32 = north
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(north);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // whoever gets that connection next finds no temp table and no prepared statement
+    let clients = futures_util::future::join_all((0..4).map(|_| client(&proxy, "east"))).await;
+    let futs = clients.iter().map(|c| async move {
+        c.batch_execute("BEGIN").await.unwrap();
+        let p: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let temp = c
+            .query("SELECT * FROM scratch", &[])
+            .await
+            .err()
+            .map(|e| code(&e));
+        c.batch_execute("ROLLBACK").await.unwrap();
+        (p, temp)
+    });
+    let seen: Vec<i32> = futures_util::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|(p, temp)| {
+            assert_eq!(
+                temp.as_deref(),
+                Some("42P01"),
+                "backend {p} still has the temp table"
+            );
+            p
+        })
+        .collect();
+    assert!(seen.contains(&pid) || !seen.is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_deallocate_of_protocol_statements_is_answered_by_the_proxy() {
+    let proxy = start_proxy(1).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.parse("s1", "SELECT count(*) FROM customers").await;
+    c.sync().await;
+    assert_eq!(tags(&c.until_ready().await), "1 Z");
+    c.bind("", "s1").await;
+    c.execute("").await;
+    c.sync().await;
+    assert_eq!(tags(&c.until_ready().await), "2 D C Z");
+    c.query("DEALLOCATE s1").await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "C Z");
+    assert_eq!(msgs[0].body, b"DEALLOCATE\0");
+    c.bind("", "s1").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].code(), "26000");
+    // the name can be reused
+    c.parse("s1", "SELECT 42").await;
+    c.sync().await;
+    assert_eq!(tags(&c.until_ready().await), "1 Z");
+    c.query("DEALLOCATE ALL").await;
+    assert_eq!(tags(&c.until_ready().await), "C Z");
+    c.query("DEALLOCATE nosuch").await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].code(), "26000");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_only_the_clients_own_query() {
+    let proxy = start_proxy(2).await;
+    let north = client(&proxy, "north").await;
+    let south = client(&proxy, "south").await;
+    let token = north.cancel_token();
+    let south_sleep = tokio::spawn(async move {
+        let r = south.simple_query("SELECT pg_sleep(1.5)").await;
+        (south, r.map(|_| ()))
+    });
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = std::time::Instant::now();
+    let err = north.simple_query("SELECT pg_sleep(20)").await.unwrap_err();
+    assert_eq!(code(&err), "57014", "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    canceller.await.unwrap().unwrap();
+    let (south, r) = south_sleep.await.unwrap();
+    r.expect("the other client's query must not be cancelled");
+    assert_eq!(count(&north, "customers").await, 3);
+    assert_eq!(count(&south, "customers").await, 2);
+    // an idle client's cancel key cancels nothing; unknown keys are ignored
+    north
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    assert_eq!(count(&north, "customers").await, 3);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_racing_with_check_in_never_hits_the_next_client() {
+    // pool of 1: as soon as north's query ends the connection serves south; north's cancels
+    // fired around that moment must never cancel south's queries.
+    let proxy = start_proxy(1).await;
+    let north = client(&proxy, "north").await;
+    let south = client(&proxy, "south").await;
+    let token = north.cancel_token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spammer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let mut south_ok = 0;
+    for _ in 0..200 {
+        let _ = north.simple_query("SELECT 1").await; // may be cancelled: that is its own query
+        south
+            .simple_query("SELECT pg_sleep(0.001)")
+            .await
+            .expect("south must never be cancelled");
+        south_ok += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = spammer.await.unwrap();
+    assert!(sent > 10, "cancels sent: {sent}");
+    assert_eq!(south_ok, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_in_transaction_clients_are_disconnected() {
+    let db = demo_db();
+    let cfg = config_text(&db, 1, "").replace(
+        "[upstream]",
+        "idle_in_transaction_timeout = \"300ms\"\n[upstream]",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let north = client(&proxy, "north").await;
+    north.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let err = north.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || code(&err) == "25P03", "{err}");
+    // the connection went back (closed): south is served
+    let south = client(&proxy, "south").await;
+    assert_eq!(count(&south, "customers").await, 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_conn_refuses_extra_clients() {
+    let db = demo_db();
+    let cfg = config_text(&db, 1, "").replace("[upstream]", "max_client_conn = 2\n[upstream]");
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let a = client(&proxy, "north").await;
+    let b = client(&proxy, "south").await;
+    let err = connect(&proxy, &token("east"))
+        .await
+        .err()
+        .expect("third client refused");
+    assert_eq!(code(&err), "53300", "{err}");
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let c = client(&proxy, "east").await;
+    assert_eq!(count(&c, "customers").await, 1);
+    assert_eq!(count(&b, "customers").await, 2);
+    proxy.stop().await;
+}

@@ -105,6 +105,18 @@ struct Inner {
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
 
+impl Inner {
+    fn too_old(&self, conn: &ServerConn) -> bool {
+        !self.cfg.max_lifetime.is_zero() && conn.created.elapsed() >= self.cfg.max_lifetime
+    }
+
+    fn expired(&self, conn: &ServerConn) -> bool {
+        self.too_old(conn)
+            || (!self.cfg.idle_timeout.is_zero()
+                && conn.last_used.elapsed() >= self.cfg.idle_timeout)
+    }
+}
+
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,
@@ -154,17 +166,30 @@ impl Pool {
     /// Borrow a connection, waiting up to `checkout_timeout` for a free slot.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
         let timeout = self.inner.cfg.checkout_timeout;
-        let permit =
-            match tokio::time::timeout(timeout, Arc::clone(&self.inner.permits).acquire_owned())
-                .await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(PoolError::Closed),
-                Err(_) => return Err(PoolError::Timeout(timeout)),
-            };
+        // Fast path without a timer when a slot is free.
+        let permit = match Arc::clone(&self.inner.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(PoolError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match tokio::time::timeout(timeout, Arc::clone(&self.inner.permits).acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(PoolError::Closed),
+                    Err(_) => return Err(PoolError::Timeout(timeout)),
+                }
+            }
+        };
         loop {
             let candidate = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
             let Some(mut conn) = candidate else { break };
+            if self.inner.expired(&conn) {
+                tracing::debug!(
+                    server_id = conn.id,
+                    "closing upstream connection past idle_timeout/max_lifetime"
+                );
+                continue;
+            }
             if conn.last_used.elapsed() >= self.inner.cfg.health_check_after
                 && let Err(e) = health_check(&mut conn).await
             {
@@ -214,6 +239,48 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Periodic upkeep: close idle connections past `idle_timeout`/`max_lifetime` (keeping
+    /// `min_idle`), and open connections up to `min_idle` idle ones.
+    pub async fn maintain(&self) {
+        let min_idle = self.inner.cfg.min_idle;
+        if let Ok(mut idle) = self.inner.idle.lock() {
+            // idle is a stack: the oldest-used connections are at the front
+            let mut keep = Vec::with_capacity(idle.len());
+            let total = idle.len();
+            for (i, conn) in idle.drain(..).enumerate() {
+                let remaining = total - i;
+                if self.inner.expired(&conn)
+                    && (keep.len() + remaining > min_idle || self.inner.too_old(&conn))
+                {
+                    tracing::debug!(server_id = conn.id, "closing idle upstream connection");
+                } else {
+                    keep.push(conn);
+                }
+            }
+            *idle = keep;
+        }
+        while self.idle_count() < min_idle {
+            let Ok(permit) = Arc::clone(&self.inner.permits).try_acquire_owned() else {
+                return;
+            };
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
+            match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
+                Ok(Ok(conn)) => {
+                    if let Ok(mut idle) = self.inner.idle.lock() {
+                        idle.insert(0, conn);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not open a min_idle upstream connection");
+                    return;
+                }
+                Err(_) => return,
+            }
+            drop(permit);
+        }
     }
 }
 
@@ -291,6 +358,13 @@ impl Checkout {
             tracing::warn!(
                 server_id = conn.id,
                 "closing upstream connection with unread bytes at release"
+            );
+            return;
+        }
+        if self.pool.too_old(&conn) {
+            tracing::debug!(
+                server_id = conn.id,
+                "closing upstream connection past max_lifetime"
             );
             return;
         }

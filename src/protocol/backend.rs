@@ -186,6 +186,13 @@ pub fn write_negotiate_version(newest_minor: i32, unsupported: Vec<String>, out:
     );
 }
 
+pub fn write_command_complete(tag: &str, out: &mut BytesMut) {
+    out.put_u8(COMMAND_COMPLETE);
+    out.put_i32((4 + tag.len() + 1) as i32);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+}
+
 /// A message with an empty body (ParseComplete, BindComplete, CloseComplete, NoData).
 pub fn write_empty(tag: u8, out: &mut BytesMut) {
     out.put_u8(tag);

@@ -9,7 +9,7 @@ use super::expect::Expect;
 use super::inject;
 use super::statements::{MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Predicted, Session, SessionError, Split};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::guard::{Analysis, SessionReset, TxEffect, Verdict};
 use crate::pool::PoolError;
@@ -136,17 +136,41 @@ impl Session {
                 hint: None,
             });
         }
-        if let (Some(what), PoolMode::Transaction) = (analysis.session_state, self.mode) {
+        let policy = self.shared.config().server.session_state;
+        if let (Some(what), PoolMode::Transaction, SessionStatePolicy::Deny) =
+            (analysis.session_state, self.mode, policy)
+        {
             tracing::info!(what, "session state refused in transaction pooling mode");
             return Some(Refusal {
                 sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
                 message: format!("rlsgate: {what} is not supported in transaction pooling mode"),
                 hint: Some(
-                    "it would outlive the transaction on a shared connection; use pool_mode = \"session\"",
+                    "it would outlive the transaction on a shared connection; set server.session_state = \"pin\" or pool_mode = \"session\"",
                 ),
             });
         }
         None
+    }
+
+    /// Transaction mode, `session_state = "pin"`: keep the connection for this client from now on.
+    fn pin_for(&mut self, analysis: &Analysis) {
+        let Some(what) = analysis.session_state else {
+            return;
+        };
+        if self.mode != PoolMode::Transaction || self.pinned.is_some() {
+            return;
+        }
+        self.pinned = Some(what);
+        let now = self
+            .shared
+            .pinned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::info!(
+            reason = what,
+            pinned_clients = now,
+            "pinned server connection to the client"
+        );
     }
 
     // ---------------------------------------------------------------- simple query
@@ -167,6 +191,16 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
+        if let [statement] = analysis.statements.as_slice()
+            && let Some(target) = &statement.deallocate
+        {
+            if self.in_flight > 0 {
+                return Ok(Flow::Wait(frame));
+            }
+            if self.deallocate_locally(target.as_deref()) {
+                return Ok(Flow::Continue);
+            }
+        }
         if let Err(e) = self.start_unit(analysis.runs_outside_transaction()).await? {
             self.local_query_error(&e.to_client_error());
             return Ok(Flow::Continue);
@@ -177,6 +211,7 @@ impl Session {
         if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
+        self.pin_for(&analysis);
         let splits = analysis.split_points();
         let unit = if splits.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);
@@ -203,6 +238,39 @@ impl Session {
         if analysis.reset.is_some() {
             self.settings.stage_reset_all(unit);
         }
+    }
+
+    /// SQL `DEALLOCATE` of a protocol-level statement: those live in the proxy (the server has
+    /// them under other, shared names), so forget it and answer as Postgres would. Returns false
+    /// when the server must see the statement (SQL-PREPAREd names, an aborted transaction).
+    fn deallocate_locally(&mut self, name: Option<&str>) -> bool {
+        let status = if self.server.is_none() {
+            TxStatus::Idle
+        } else {
+            self.last_status
+        };
+        if status == TxStatus::Failed {
+            return false;
+        }
+        match name {
+            Some(n) if self.stmts.contains(n) && !n.is_empty() => self.stmts.remove(n),
+            Some(_) => return false,
+            None => {
+                self.stmts.forget_all();
+                if self.pinned.is_some() {
+                    // SQL-PREPAREd statements live on the pinned connection: let the server drop
+                    // them (and its copies of ours).
+                    if let Some(server) = self.server.as_mut() {
+                        server.conn().prepared.clear();
+                        server.conn().unnamed_owner = None;
+                    }
+                    return false;
+                }
+            }
+        }
+        be::write_command_complete("DEALLOCATE", &mut self.client_out);
+        be::write_ready(status, &mut self.client_out);
+        true
     }
 
     /// `RESET ALL` inside a transaction block would clear the tenant context for the rest of it.
@@ -431,6 +499,7 @@ impl Session {
         if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
+        self.pin_for(&analysis);
         let server_name = server_name(&self.shared.stmt_hasher, p.sql, p.param_types);
         let prepared = Arc::new(Prepared {
             server_name: Arc::clone(&server_name),

@@ -59,6 +59,8 @@ pub enum SessionError {
     TokenExpired,
     #[error("shutting down")]
     Shutdown,
+    #[error("idle in transaction for longer than idle_in_transaction_timeout")]
+    IdleInTransaction,
 }
 
 impl UserFacing for SessionError {
@@ -86,6 +88,11 @@ impl UserFacing for SessionError {
                 ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
                     .with_hint("reconnect with a fresh token")
             }
+            SessionError::IdleInTransaction => ClientError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+            )
+            .with_hint("rlsgate's server.idle_in_transaction_timeout"),
             SessionError::Shutdown => {
                 ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
             }
@@ -143,7 +150,11 @@ pub struct Session {
     units_done: u64,
     /// An error happened in the current transaction (its setting changes do not count).
     tx_failed: bool,
+    /// Status from the last ReadyForQuery (Idle when no connection is held).
+    last_status: TxStatus,
     split: Option<Split>,
+    /// Transaction mode: the server connection stays with this client (session state), and why.
+    pinned: Option<&'static str>,
     /// A client message that waits until the replies in flight tell the transaction state.
     pending: Option<Frame>,
     cancel: Registration,
@@ -196,7 +207,9 @@ impl Session {
             units_sent: 0,
             units_done: 0,
             tx_failed: false,
+            last_status: TxStatus::Idle,
             split: None,
+            pinned: None,
             pending: None,
             cancel,
             shared,
@@ -260,6 +273,17 @@ impl Session {
                     && !self.unit_open
                     && self.expect.is_empty()
                     && self.predicted == Predicted::Idle);
+            // Holding a connection inside a transaction and waiting for the client.
+            let idle_in_tx =
+                self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
+            let idle_tx_timeout = self.shared.config().server.idle_in_transaction_timeout;
+            let idle_tx_deadline = async {
+                if idle_in_tx && !idle_tx_timeout.is_zero() {
+                    tokio::time::sleep(idle_tx_timeout).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             let Session {
                 client,
                 client_buf,
@@ -292,6 +316,7 @@ impl Session {
                     }
                 }
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
+                _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
             }
         }
     }
@@ -389,6 +414,7 @@ impl Session {
     /// Transaction mode: give the connection back once the server is idle and nothing is pending.
     async fn maybe_release(&mut self) {
         if self.mode != PoolMode::Transaction
+            || self.pinned.is_some()
             || self.server.is_none()
             || self.in_flight > 0
             || self.unit_open
@@ -412,6 +438,18 @@ impl Session {
     /// Client is gone: keep the connection only if it is idle and clean.
     async fn finish(&mut self) {
         self.cancel.slot.clear().await;
+        if let Some(what) = self.pinned.take() {
+            let left = self
+                .shared
+                .pinned
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+                - 1;
+            tracing::info!(
+                reason = what,
+                pinned_clients = left,
+                "unpinned server connection (client left)"
+            );
+        }
         let clean = self.in_flight == 0
             && !self.unit_open
             && self.expect.is_empty()

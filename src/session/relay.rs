@@ -238,6 +238,7 @@ impl Session {
         };
         self.in_flight -= 1;
         self.units_done += 1;
+        self.last_status = status;
         self.settle_settings(status);
         if hidden {
             return Ok(());

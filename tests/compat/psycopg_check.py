@@ -192,11 +192,8 @@ def do_prepared(conn, tenant):
 
 def do_session_settings(conn, tenant):
     # Leak check: this client has not set anything yet, so it must not see other clients' settings.
-    before_timeout = conn.execute("SHOW statement_timeout").fetchone()[0]
-    before_tz = conn.execute("SHOW TimeZone").fetchone()[0]
-    assert before_timeout != "4321ms" and before_tz != "Asia/Tokyo", (
-        f"before SET: saw statement_timeout={before_timeout} TimeZone={before_tz} (another client's settings leaked)"
-    )
+    before = conn.execute("SHOW statement_timeout").fetchone()[0]
+    assert before != "4321ms", f"before SET: saw statement_timeout={before} (another client's setting leaked)"
     conn.execute("SET statement_timeout = '4321ms'")
     conn.execute("SET search_path = public")
     conn.execute("SET TimeZone = 'Asia/Tokyo'")
@@ -242,7 +239,7 @@ def do_cancel(conn, delay, use_safe):
         timer.join()
     got = conn.execute("SELECT 1").fetchone()[0]
     assert got == 1, f"SELECT 1 after cancel returned {got}"
-    return f"conn.{api} → 57014 after {elapsed:.2f}s, SELECT 1 ok after"
+    return f"conn.{api} -> 57014 after {elapsed:.2f}s, SELECT 1 ok after"
 
 
 def do_error_in_transaction(conn, tenant):
