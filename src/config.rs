@@ -476,6 +476,20 @@ hs_secret = "s"
     }
 
     #[test]
+    fn the_example_config_parses() {
+        // SAFETY: test-only variables no other test reads.
+        unsafe {
+            std::env::set_var("RLSGATE_UPSTREAM_PASSWORD", "pw");
+            std::env::set_var("RLSGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+        }
+        let text = include_str!("../config/rlsgate.example.toml");
+        let c = Config::from_toml(text).expect("example config is valid");
+        assert_eq!(c.server.session_state, SessionStatePolicy::Pin);
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(600));
+        assert!(c.client_tls_enabled());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let text = format!("{MINIMAL}\n[guard]\nprotectd = []\n");
         assert!(matches!(
