@@ -166,7 +166,10 @@ async fn session_state_pins_the_connection_and_is_cleaned_after_the_client() {
             p
         })
         .collect();
-    assert!(seen.contains(&pid), "the cleaned connection {pid} should have served one of {seen:?}");
+    assert!(
+        seen.contains(&pid),
+        "the cleaned connection {pid} should have served one of {seen:?}"
+    );
     proxy.stop().await;
 }
 

@@ -222,7 +222,8 @@ public class JdbcCheck {
                 int expected = 0;
                 for (int id : ids) if (id <= v) expected++;
                 int times = (k % 5 == 4) ? 2 : 1;
-                if (times == 2) conn.setAutoCommit(false);
+                if (times == 2) conn.setAutoCommit(false); // two executions in one explicit transaction
+                boolean finished = false;
                 try {
                     for (int t = 0; t < times; t++) {
                         ps.setInt(1, v);
@@ -234,14 +235,18 @@ public class JdbcCheck {
                         }
                         serverPrepared &= ps.unwrap(PGStatement.class).isUseServerPrepare();
                     }
-                    if (times == 2) conn.commit();
+                    if (times == 2) {
+                        if (k % 10 == 9) conn.rollback();
+                        else conn.commit();
+                    }
+                    finished = true;
                 } finally {
                     if (times == 2) {
-                        if (!conn.getAutoCommit()) {
+                        if (!finished) {
                             try {
                                 conn.rollback();
                             } catch (SQLException ignored) {
-                                // reported by the caller's failure already
+                                // the failure that got us here is what gets reported
                             }
                         }
                         conn.setAutoCommit(true);
@@ -250,7 +255,8 @@ public class JdbcCheck {
             }
         }
         check(serverPrepared, "PreparedStatement did not switch to a server-side statement (isUseServerPrepare false)");
-        return runs + " executions of a PreparedStatement as a named server statement (prepareThreshold=1), all correct";
+        return runs + " executions of a PreparedStatement as a named server statement (prepareThreshold=1; autocommit,"
+            + " committed and rolled-back transactions), all correct";
     }
 
     static String doSessionSettings(Connection conn, String tenant) throws Exception {

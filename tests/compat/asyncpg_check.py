@@ -168,11 +168,21 @@ async def do_prepared(conn, tenant):
         v = k % 7
         expected = sum(1 for i in ids if i <= v)
         if k % 5 == 4:
-            async with conn.transaction():
+            # Two executions inside one explicit transaction, committed or rolled back.
+            tr = conn.transaction()
+            await tr.start()
+            try:
                 for _ in range(2):
                     got = await stmt.fetchval(v)
                     runs += 1
                     assert got == expected, f"prepare() run {runs}: count for id <= {v} is {got}, expected {expected}"
+            except BaseException:
+                await tr.rollback()
+                raise
+            if k % 10 == 9:
+                await tr.rollback()
+            else:
+                await tr.commit()
         else:
             got = await stmt.fetchval(v)
             runs += 1
@@ -186,7 +196,8 @@ async def do_prepared(conn, tenant):
         got = await conn.fetchval("SELECT count(*) FROM products WHERE product_id <= $1", v)
         cached += 1
         assert got == expected, f"fetchval run {cached}: count for product id <= {v} is {got}, expected {expected}"
-    return f"{runs} executions of conn.prepare() and {cached} of cached fetchval, all correct"
+    return (f"{runs} executions of conn.prepare() (autocommit, committed and rolled-back transactions) "
+            f"and {cached} of cached fetchval, all correct")
 
 
 async def do_session_settings(conn, tenant):

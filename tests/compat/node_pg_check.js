@@ -198,7 +198,7 @@ async function doPrepared(client, tenant) {
       try {
         await once(v)
         await once(v)
-        await client.query('COMMIT')
+        await client.query(k % 10 === 9 ? 'ROLLBACK' : 'COMMIT')
       } catch (err) {
         await client.query('ROLLBACK').catch(() => {})
         throw err
@@ -207,7 +207,7 @@ async function doPrepared(client, tenant) {
       await once(v)
     }
   }
-  return `${runs} executions of named statement 'q1' (parsed once per client connection), all correct`
+  return `${runs} executions of named statement 'q1' (parsed once per client connection; autocommit, committed and rolled-back transactions), all correct`
 }
 
 async function doSessionSettings(client, tenant) {

@@ -177,8 +177,8 @@ def do_prepared(conn, tenant):
         v = k % 7
         expected = sum(1 for i in ids if i <= v)
         if k % 5 == 4:
-            # Two executions inside one explicit transaction.
-            with conn.transaction():
+            # Two executions inside one explicit transaction, committed or rolled back.
+            with conn.transaction(force_rollback=(k % 10 == 9)):
                 for _ in range(2):
                     got = conn.execute(query, (v,), prepare=True).fetchone()[0]
                     runs += 1
@@ -187,7 +187,8 @@ def do_prepared(conn, tenant):
             got = conn.execute(query, (v,), prepare=True).fetchone()[0]
             runs += 1
             assert got == expected, f"run {runs}: count for id <= {v} is {got}, expected {expected}"
-    return f"{runs} executions of a server-side prepared statement (prepare=True), all correct"
+    return (f"{runs} executions of a server-side prepared statement (prepare=True) in autocommit, "
+            f"committed and rolled-back transactions, all correct")
 
 
 def do_session_settings(conn, tenant):
@@ -274,7 +275,7 @@ def do_pipeline(conn, tenant):
             c1 = conn.execute("SELECT count(*) FROM customers")
             c2 = conn.execute("SELECT count(*) FROM products WHERE price > %s", (1,))
             c3 = conn.execute("SELECT %s::text || '-' || %s::text", ("a", str(rnd)))
-            c4 = conn.execute("SELECT count(*) FROM customers WHERE customer_id <= %s", (v,), prepare=True)
+            c4 = conn.execute("SELECT count(*) FROM customers WHERE %s >= customer_id", (v,), prepare=True)
             with conn.transaction():
                 c5 = conn.execute("SELECT store_id FROM stores")
                 c6 = conn.execute("SELECT count(*) FROM sales_transactions")
