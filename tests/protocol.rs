@@ -135,3 +135,33 @@ async fn protocol_3_2_is_negotiated_down() {
     assert_eq!(first[0], b'v', "NegotiateProtocolVersion expected");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_after_an_error_read_with_flush_are_skipped_until_sync() {
+    let proxy = start_proxy(1).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.parse("", "SELECT 1/(SELECT 0)").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.send(b'H', &[]).await; // Flush: the client reads the error before its Sync
+    assert_eq!(c.recv().await.tag, '1');
+    assert_eq!(c.recv().await.tag, '2');
+    let err = c.recv().await;
+    assert_eq!((err.tag, err.code()), ('E', "22012".to_string()));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    c.parse("s9", "SELECT 2").await;
+    c.bind("", "s9").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "Z", "the server skips everything up to Sync");
+    // s9 was never prepared, as in Postgres
+    c.bind("", "s9").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].code(), "26000");
+    c.query("SELECT count(*) FROM customers").await;
+    assert_eq!(tags(&c.until_ready().await), "T D C Z");
+    proxy.stop().await;
+}

@@ -155,6 +155,11 @@ impl Session {
 
     /// Drop the expectations of messages the server skips after an error, up to the next Sync.
     fn discard_until_sync(&mut self) {
+        if !self.expect.iter().any(|e| matches!(e, Expect::Sync)) {
+            // The client has not sent its Sync yet (it flushed to read the error): whatever it
+            // sends before the Sync is ignored by the server, so drop it here, unanswered.
+            self.skip_until_sync = true;
+        }
         while self
             .expect
             .front()

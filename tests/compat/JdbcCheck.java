@@ -36,7 +36,7 @@ import org.postgresql.PGStatement;
 public class JdbcCheck {
     static final String DRIVER = "jdbc";
     static final String[] FEATURES = {
-        "prepared", "session_settings", "cancel", "temp_table", "error_in_transaction", "isolation",
+        "prepared", "session_settings", "cancel", "temp_table", "error_in_transaction", "isolation", "pipeline",
     };
     static final int PREPARED_RUNS = 25;
     static final long[] CANCEL_DELAYS_MS = {500, 1000}; // clients 0 (north) and 1 (south)
@@ -76,18 +76,23 @@ public class JdbcCheck {
         }
         if (items.size() < expected) {
             return new String[] {"false", "only " + items.size() + " of " + expected
-                + " connections finished this before the deadline of " + (int) deadlineSeconds + "s"};
+                + " connections finished this before the deadline of " + secs(deadlineSeconds) + "s"};
         }
         if (feature.equals("isolation")) {
             int total = 0;
             for (Item i : items) total += Integer.parseInt(i.detail().split(" ")[0]);
-            return new String[] {"true", items.size() + " connections, " + total
-                + " tenant checks: each saw only its own tenant (north 3 customers, south 2)"};
+            String extra = NOTES.isEmpty() ? "" : "; " + String.join("; ", NOTES.subList(0, Math.min(3, NOTES.size())));
+            return new String[] {"true", cut(items.size() + " connections, " + total
+                + " tenant checks: each saw only its own tenant (north 3 customers, south 2)" + extra)};
         }
         TreeSet<String> details = new TreeSet<>();
         for (Item i : items) details.add(i.detail());
         List<String> first = new ArrayList<>(details).subList(0, Math.min(3, details.size()));
         return new String[] {"true", cut(items.size() + "/" + items.size() + " ok: " + String.join("; ", first))};
+    }
+
+    static String secs(double s) {
+        return s == Math.rint(s) ? String.valueOf((long) s) : String.valueOf(s);
     }
 
     static String cut(String s) {
@@ -113,6 +118,8 @@ public class JdbcCheck {
     }
 
     static final class Check extends Exception {
+        private static final long serialVersionUID = 1L;
+
         Check(String msg) {
             super(msg);
         }
@@ -178,17 +185,39 @@ public class JdbcCheck {
     static final class Counter {
         int checks = 0;
         final List<String> problems = new ArrayList<>();
+        final List<String> reconnects = new ArrayList<>();
     }
 
-    static void isolation(Connection conn, String tenant, String where, Counter counter) {
+    static final List<String> NOTES = new ArrayList<>(); // connections replaced after a feature broke them
+
+    /** The connection, or a new one when a feature left it broken (so later features still run). */
+    static Connection usable(Connection conn, String tenant, String where, Counter counter) throws SQLException {
+        try {
+            queryString(conn, "SELECT 1");
+            return conn;
+        } catch (SQLException e) {
+            counter.reconnects.add(where);
+            try {
+                conn.close();
+            } catch (SQLException ignored) {
+                // already broken
+            }
+            return connect(tenant);
+        }
+    }
+
+    /** Tenant check after a feature; returns the connection to go on with. */
+    static Connection isolation(Connection conn, String tenant, String where, Counter counter) {
         counter.checks++;
         String problem;
         try {
+            conn = usable(conn, tenant, where, counter);
             problem = checkTenant(conn, tenant, where);
         } catch (Throwable t) {
             problem = where + ": " + describe(t);
         }
         if (problem != null) counter.problems.add(problem);
+        return conn;
     }
 
     static String queryString(Connection conn, String sql) throws SQLException {
@@ -365,6 +394,57 @@ public class JdbcCheck {
         return "22012, then 25P02 (plain and prepared), rollback(), tenant view intact";
     }
 
+    // pgJDBC sends a batch as one pipeline: Parse/Bind/Execute per row, one Sync at the end.
+    static String doPipeline(Connection conn, String tenant, int i) throws Exception {
+        String other = tenant.equals("north") ? "south" : "north";
+        int base = expectedCustomers(tenant);
+        String ins = "INSERT INTO customers (store_id, name, email) VALUES (?, ?, ?)";
+        conn.setAutoCommit(false);
+        try {
+            try (PreparedStatement ps = conn.prepareStatement(ins)) {
+                for (int k = 0; k < 5; k++) {
+                    ps.setString(1, tenant);
+                    ps.setString(2, "Pipeline " + k);
+                    ps.setString(3, "jdbc-" + i + "-" + k + "@" + tenant + ".example");
+                    ps.addBatch();
+                }
+                int[] counts = ps.executeBatch();
+                check(counts.length == 5, "executeBatch returned " + counts.length + " update counts, expected 5");
+                for (int c : counts) check(c == 1 || c == Statement.SUCCESS_NO_INFO, "an insert of the batch reported " + c + " rows");
+            }
+            String n = queryString(conn, "SELECT count(*) FROM customers");
+            check(n.equals(String.valueOf(base + 5)), "after a batch of 5 inserts the tenant sees " + n + " customers, expected " + (base + 5));
+            conn.rollback();
+            // A batch with a row for the other tenant fails (RLS WITH CHECK).
+            try (PreparedStatement ps = conn.prepareStatement(ins)) {
+                String[] stores = {tenant, tenant, other};
+                for (int k = 0; k < stores.length; k++) {
+                    ps.setString(1, stores[k]);
+                    ps.setString(2, "Batch " + k);
+                    ps.setString(3, "jdbc-" + i + "-b" + k + "@" + stores[k] + ".example");
+                    ps.addBatch();
+                }
+                ps.executeBatch();
+                throw new Check("a batch with a row for the other tenant was accepted");
+            } catch (SQLException e) {
+                SQLException cause = e.getNextException() != null ? e.getNextException() : e;
+                check("42501".equals(cause.getSQLState()) || "42501".equals(e.getSQLState()),
+                    "batch with the other tenant's row: expected 42501, got " + describe(cause));
+            }
+            conn.rollback();
+        } finally {
+            try {
+                conn.rollback();
+            } catch (SQLException ignored) {
+                // nothing open
+            }
+            conn.setAutoCommit(true);
+        }
+        String n = queryString(conn, "SELECT count(*) FROM customers");
+        check(n.equals(String.valueOf(base)), "after the rolled-back batches the tenant sees " + n + " customers, expected " + base);
+        return "executeBatch of 5 inserts correct; a batch with another tenant's row refused (42501); rolled back";
+    }
+
     static String doTempTable(int n, String tenant) throws Exception {
         try (Connection conn = connect(tenant); Statement st = conn.createStatement()) {
             st.execute("CREATE TEMP TABLE scratch_" + n + " (x int)");
@@ -403,32 +483,44 @@ public class JdbcCheck {
         try {
             conn = connect(tenant);
         } catch (Throwable t) {
-            for (String f : new String[] {"prepared", "session_settings", "error_in_transaction", "isolation"}) {
+            for (String f : new String[] {"prepared", "session_settings", "error_in_transaction", "isolation", "pipeline"}) {
                 record(f, who, false, "connect: " + describe(t));
             }
             if (i < CANCEL_DELAYS_MS.length) record("cancel", who, false, "connect: " + describe(t));
             return;
         }
         try {
-            isolation(conn, tenant, "after connect", counter);
+            conn = isolation(conn, tenant, "after connect", counter);
             if (i < CANCEL_DELAYS_MS.length) {
+                final Connection c = conn;
                 final long delay = CANCEL_DELAYS_MS[i];
                 final boolean prepared = i == 1;
-                feature("cancel", who, () -> doCancel(conn, delay, prepared));
-                isolation(conn, tenant, "after cancel", counter);
+                feature("cancel", who, () -> doCancel(c, delay, prepared));
+                conn = isolation(conn, tenant, "after cancel", counter);
             }
-            feature("prepared", who, () -> doPrepared(conn, tenant));
-            isolation(conn, tenant, "after prepared", counter);
-            feature("error_in_transaction", who, () -> doErrorInTransaction(conn, tenant));
-            isolation(conn, tenant, "after error_in_transaction", counter);
-            feature("session_settings", who, () -> doSessionSettings(conn, tenant));
-            isolation(conn, tenant, "at the end", counter);
+            final Connection c1 = conn;
+            feature("prepared", who, () -> doPrepared(c1, tenant));
+            conn = isolation(conn, tenant, "after prepared", counter);
+            final Connection c2 = conn;
+            feature("error_in_transaction", who, () -> doErrorInTransaction(c2, tenant));
+            conn = isolation(conn, tenant, "after error_in_transaction", counter);
+            final Connection c3 = conn;
+            feature("pipeline", who, () -> doPipeline(c3, tenant, i));
+            conn = isolation(conn, tenant, "after pipeline", counter);
+            final Connection c4 = conn;
+            feature("session_settings", who, () -> doSessionSettings(c4, tenant));
+            conn = isolation(conn, tenant, "at the end", counter);
         } finally {
             if (!counter.problems.isEmpty()) {
                 record("isolation", who, false, counter.problems.size() + "/" + counter.checks
                     + " checks wrong, first: " + counter.problems.get(0));
             } else {
                 record("isolation", who, true, counter.checks + " checks");
+            }
+            if (!counter.reconnects.isEmpty()) {
+                synchronized (JdbcCheck.class) {
+                    NOTES.add(who + " reconnected because the connection was unusable " + String.join(", ", counter.reconnects));
+                }
             }
             try {
                 conn.close();
@@ -516,7 +608,7 @@ public class JdbcCheck {
         }
         System.out.flush();
         if (!finished) {
-            System.err.println(DRIVER + ": deadline of " + (int) deadlineSeconds + "s reached, unfinished work abandoned");
+            System.err.println(DRIVER + ": deadline of " + secs(deadlineSeconds) + "s reached, unfinished work abandoned");
         }
         System.exit(0);
     }

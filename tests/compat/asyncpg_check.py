@@ -28,6 +28,7 @@ FEATURES = [
     "temp_table",
     "error_in_transaction",
     "isolation",
+    "pipeline",
 ]
 EXPECTED_CUSTOMERS = {"north": 3, "south": 2}
 CUSTOMER_IDS = {"north": {1, 2, 3}, "south": {4, 5}}
@@ -75,6 +76,7 @@ class Results:
 
     def __init__(self):
         self.items = {f: [] for f in FEATURES}
+        self.notes = []
 
     def add(self, feature, who, ok, detail):
         self.items[feature].append((who, bool(ok), str(detail)))
@@ -87,11 +89,12 @@ class Results:
             more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
             return False, f"{len(failed)}/{len(items)} failed: {text}{more}"[:600]
         if len(items) < expected:
-            return False, f"only {len(items)} of {expected} connections finished this before the deadline of {DEADLINE:.0f}s"
+            return False, f"only {len(items)} of {expected} connections finished this before the deadline of {DEADLINE:g}s"
         if feature == "isolation":
             total = sum(int(d.split()[0]) for _, _, d in items)
+            notes = f"; {'; '.join(self.notes[:3])}" if self.notes else ""
             return True, (f"{len(items)} connections, {total} tenant checks: each saw only its own "
-                          f"tenant (north 3 customers, south 2)")
+                          f"tenant (north 3 customers, south 2){notes}")[:600]
         details = sorted({d for _, _, d in items})
         text = details[0] if len(details) == 1 else "; ".join(details[:3])
         return True, f"{len(items)}/{len(items)} ok: {text}"[:600]
@@ -146,14 +149,45 @@ async def feature(name, who, coro):
         RESULTS.add(name, who, False, describe(exc))
 
 
-async def isolation(conn, tenant, where, counter):
-    counter[0] += 1
+class Counter:
+    def __init__(self):
+        self.checks = 0
+        self.problems = []
+        self.reconnects = []
+
+
+async def usable(conn, tenant, where, counter):
+    """The connection, or a new one when a feature left it broken (so later features still run)."""
     try:
+        await conn.fetchval("SELECT 1", timeout=10)
+        return conn
+    except Exception:  # noqa: BLE001
+        counter.reconnects.append(where)
+        conn.terminate()
+        return await connect(tenant)
+
+
+async def isolation(conn, tenant, where, counter):
+    """Tenant check after a feature; returns the connection to go on with."""
+    counter.checks += 1
+    try:
+        conn = await usable(conn, tenant, where, counter)
         problem = await check_tenant(conn, tenant, where)
     except Exception as exc:  # noqa: BLE001
         problem = f"{where}: {describe(exc)}"
     if problem:
-        counter[1].append(problem)
+        counter.problems.append(problem)
+    return conn
+
+
+def isolation_result(who, counter):
+    if counter.problems:
+        RESULTS.add("isolation", who, False,
+                    f"{len(counter.problems)}/{counter.checks} checks wrong, first: {counter.problems[0]}")
+    else:
+        RESULTS.add("isolation", who, True, f"{counter.checks} checks")
+    if counter.reconnects:
+        RESULTS.notes.append(f"{who} reconnected because the connection was unusable {', '.join(counter.reconnects)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +331,37 @@ async def do_error_in_transaction(conn, tenant):
     return "22012, then 25P02, ROLLBACK, tenant view intact (extended and simple protocol)"
 
 
+async def do_pipeline(conn, tenant, i):
+    # executemany pipelines Bind/Execute for every row behind one Sync.
+    ins = "INSERT INTO customers (store_id, name, email) VALUES ($1, $2, $3)"
+    other = "south" if tenant == "north" else "north"
+    base = EXPECTED_CUSTOMERS[tenant]
+    rows = [(tenant, f"Pipeline {k}", f"asyncpg-{i}-{k}@{tenant}.example") for k in range(5)]
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        await conn.executemany(ins, rows)
+        got = await conn.fetchval("SELECT count(*) FROM customers")
+        assert got == base + 5, f"after executemany of 5 rows the tenant sees {got} customers, expected {base + 5}"
+    finally:
+        await tr.rollback()
+    # A batch with a row for the other tenant fails as a whole (RLS WITH CHECK).
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        bad = rows[:2] + [(other, "Intruder", f"asyncpg-{i}-x@{other}.example")]
+        try:
+            await conn.executemany(ins, bad)
+            raise AssertionError("executemany with a row for the other tenant was accepted")
+        except pgexc.InsufficientPrivilegeError:
+            pass
+    finally:
+        await tr.rollback()
+    got = await conn.fetchval("SELECT count(*) FROM customers")
+    assert got == base, f"after the rolled-back batches the tenant sees {got} customers, expected {base}"
+    return "executemany of 5 inserts correct; a batch with another tenant's row refused (42501); rolled back"
+
+
 async def do_temp_table(n, tenant):
     conn = await connect(tenant)
     try:
@@ -323,32 +388,30 @@ async def do_temp_table(n, tenant):
 async def client(i):
     tenant = "north" if i % 2 == 0 else "south"
     who = f"client {i} ({tenant})"
-    counter = [0, []]
+    counter = Counter()
     try:
         conn = await connect(tenant)
     except Exception as exc:  # noqa: BLE001
-        for f in ["prepared", "session_settings", "error_in_transaction", "isolation"]:
+        for f in ["prepared", "session_settings", "error_in_transaction", "isolation", "pipeline"]:
             RESULTS.add(f, who, False, f"connect: {describe(exc)}")
         if i < len(CANCEL_DELAYS):
             RESULTS.add("cancel", who, False, f"connect: {describe(exc)}")
         return
     try:
-        await isolation(conn, tenant, "after connect", counter)
+        conn = await isolation(conn, tenant, "after connect", counter)
         if i < len(CANCEL_DELAYS):
             await feature("cancel", who, do_cancel(conn, CANCEL_DELAYS[i], use_wait_for=(i == 1)))
-            await isolation(conn, tenant, "after cancel", counter)
+            conn = await isolation(conn, tenant, "after cancel", counter)
         await feature("prepared", who, do_prepared(conn, tenant))
-        await isolation(conn, tenant, "after prepared", counter)
+        conn = await isolation(conn, tenant, "after prepared", counter)
         await feature("error_in_transaction", who, do_error_in_transaction(conn, tenant))
-        await isolation(conn, tenant, "after error_in_transaction", counter)
+        conn = await isolation(conn, tenant, "after error_in_transaction", counter)
+        await feature("pipeline", who, do_pipeline(conn, tenant, i))
+        conn = await isolation(conn, tenant, "after pipeline", counter)
         await feature("session_settings", who, do_session_settings(conn, tenant))
-        await isolation(conn, tenant, "at the end", counter)
+        conn = await isolation(conn, tenant, "at the end", counter)
     finally:
-        checks, problems = counter
-        if problems:
-            RESULTS.add("isolation", who, False, f"{len(problems)}/{checks} checks wrong, first: {problems[0]}")
-        else:
-            RESULTS.add("isolation", who, True, f"{checks} checks")
+        isolation_result(who, counter)
         try:
             await conn.close(timeout=5)
         except Exception:  # noqa: BLE001
@@ -388,7 +451,7 @@ async def run():
         ok, detail = RESULTS.summary(f, expected[f])
         print(json.dumps({"driver": DRIVER, "feature": f, "ok": ok, "detail": detail}), flush=True)
     if timed_out:
-        print(f"{DRIVER}: deadline of {DEADLINE:.0f}s reached, unfinished work abandoned", file=sys.stderr)
+        print(f"{DRIVER}: deadline of {DEADLINE:g}s reached, unfinished work abandoned", file=sys.stderr)
         sys.stdout.flush()
         os._exit(0)
 

@@ -17,8 +17,10 @@ COMPAT_ENV="${COMPAT_ENV:-$repo/target/compat-env}"
 PYTHON="${COMPAT_PYTHON:-python3}"
 JDBC_JAR="${COMPAT_JDBC_JAR:-/usr/share/java/postgresql.jar}"
 
-PY_REQS=('psycopg[binary]>=3.1,<4' 'asyncpg>=0.29,<1')
-NODE_REQ='pg@^8.11'
+# Exact versions, so that a new driver release cannot change the suite's results unnoticed.
+# Bump them here (the next run reinstalls because the recorded requirements differ).
+PY_REQS=('psycopg[binary]==3.3.9' 'asyncpg==0.32.0')
+NODE_REQ='pg@8.23.1'
 
 log() { echo "compat/install: $*" >&2; }
 
@@ -38,10 +40,15 @@ apt_install() {
 }
 
 mkdir -p "$COMPAT_ENV"
+# Two runs at once (e.g. two test processes) must not install into the same place together.
+exec 9>"$COMPAT_ENV/.install.lock"
+flock 9
 
 # --- Python: psycopg 3 + asyncpg in a venv --------------------------------------------------
 venv="$COMPAT_ENV/venv"
-if ! "$venv/bin/python" -c 'import psycopg, asyncpg' >/dev/null 2>&1; then
+py_stamp="$venv/.compat-requirements"
+if [ "$(cat "$py_stamp" 2>/dev/null)" != "${PY_REQS[*]}" ] \
+    || ! "$venv/bin/python" -c 'import psycopg, asyncpg' >/dev/null 2>&1; then
     if [ ! -x "$venv/bin/python" ]; then
         log "creating venv $venv with $("$PYTHON" --version 2>&1)"
         if ! "$PYTHON" -m venv "$venv" >&2; then
@@ -54,17 +61,20 @@ if ! "$venv/bin/python" -c 'import psycopg, asyncpg' >/dev/null 2>&1; then
     log "pip install ${PY_REQS[*]}"
     "$venv/bin/python" -m pip install --disable-pip-version-check -q "${PY_REQS[@]}" >&2
     "$venv/bin/python" -c 'import psycopg, asyncpg' >&2
+    echo "${PY_REQS[*]}" >"$py_stamp"
     log "installed psycopg $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)'), asyncpg $("$venv/bin/python" -c 'import asyncpg; print(asyncpg.__version__)')"
 fi
 
 # --- Node: pg (node-postgres) ---------------------------------------------------------------
 node_prefix="$COMPAT_ENV/node"
-if [ ! -f "$node_prefix/node_modules/pg/package.json" ]; then
+node_stamp="$node_prefix/.compat-requirements"
+if [ "$(cat "$node_stamp" 2>/dev/null)" != "$NODE_REQ" ] || [ ! -f "$node_prefix/node_modules/pg/package.json" ]; then
     command -v npm >/dev/null 2>&1 || { log "npm is missing (Node.js 20 with npm is expected on the machine)"; exit 1; }
     mkdir -p "$node_prefix"
     log "npm install --prefix $node_prefix $NODE_REQ"
-    npm install --prefix "$node_prefix" --no-audit --no-fund --loglevel=error "$NODE_REQ" >&2
+    npm install --prefix "$node_prefix" --save-exact --no-audit --no-fund --loglevel=error "$NODE_REQ" >&2
     log "installed pg $(node -p "require('$node_prefix/node_modules/pg/package.json').version")"
+    echo "$NODE_REQ" >"$node_stamp"
 fi
 
 # --- Java: a JRE and pgJDBC from Debian -----------------------------------------------------

@@ -19,9 +19,10 @@
 'use strict'
 
 const DRIVER = 'node-postgres'
-const FEATURES = ['prepared', 'session_settings', 'cancel', 'temp_table', 'error_in_transaction', 'isolation']
+const FEATURES = ['prepared', 'session_settings', 'cancel', 'temp_table', 'error_in_transaction', 'isolation', 'pipeline']
 const EXPECTED_CUSTOMERS = { north: 3, south: 2 }
 const CUSTOMER_IDS = { north: [1, 2, 3], south: [4, 5] }
+const PRODUCTS_OVER_1 = { north: 4, south: 2 } // products with price > 1 per store
 const PREPARED_RUNS = 25
 const CANCEL_DELAYS = [500, 1000] // ms; clients 0 (north) and 1 (south)
 
@@ -59,6 +60,7 @@ const START = Date.now()
 
 const results = {}
 for (const f of FEATURES) results[f] = []
+const notes = [] // connections replaced after a feature left them unusable
 
 function record(feature, who, ok, detail) {
   results[feature].push({ who, ok: !!ok, detail: String(detail) })
@@ -77,7 +79,8 @@ function summary(feature, expected) {
   }
   if (feature === 'isolation') {
     const total = items.reduce((n, i) => n + parseInt(i.detail, 10), 0)
-    return [true, `${items.length} connections, ${total} tenant checks: each saw only its own tenant (north 3 customers, south 2)`]
+    const extra = notes.length ? `; ${notes.slice(0, 3).join('; ')}` : ''
+    return [true, `${items.length} connections, ${total} tenant checks: each saw only its own tenant (north 3 customers, south 2)${extra}`.slice(0, 600)]
   }
   const details = [...new Set(items.map((i) => i.detail))].sort()
   return [true, `${items.length}/${items.length} ok: ${details.slice(0, 3).join('; ')}`.slice(0, 600)]
@@ -101,8 +104,9 @@ function sslOption() {
   return { rejectUnauthorized: false }
 }
 
-function clientConfig(tenant) {
+function clientConfig(tenant, extra) {
   return {
+    ...extra,
     host: PGHOST,
     port: PGPORT,
     database: PGDATABASE,
@@ -113,8 +117,8 @@ function clientConfig(tenant) {
   }
 }
 
-async function connect(tenant) {
-  const client = new pg.Client(clientConfig(tenant))
+async function connect(tenant, extra) {
+  const client = new pg.Client(clientConfig(tenant, extra))
   client.lastError = null
   client.on('error', (err) => {
     client.lastError = err
@@ -156,15 +160,38 @@ async function feature(name, who, fn) {
   }
 }
 
+function withTimeout(promise, ms, what) {
+  let timer
+  const timeout = new Promise((resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms / 1000}s`)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
+
+// The connection, or a new one when a feature left it broken (so later features still run).
+async function usable(client, tenant, where, counter) {
+  try {
+    await withTimeout(client.query('SELECT 1'), 10000, 'SELECT 1')
+    return client
+  } catch (err) {
+    counter.reconnects.push(where)
+    client.end().catch(() => {})
+    return connect(tenant)
+  }
+}
+
+// Tenant check after a feature; returns the connection to go on with.
 async function isolation(client, tenant, where, counter) {
   counter.checks += 1
   let problem
   try {
+    client = await usable(client, tenant, where, counter)
     problem = await checkTenant(client, tenant, where)
   } catch (err) {
     problem = `${where}: ${describe(err)}`
   }
   if (problem) counter.problems.push(problem)
+  return client
 }
 
 async function expectError(promise, code, what) {
@@ -323,6 +350,46 @@ async function doErrorInTransaction(client, tenant) {
   return '22012, then 25P02, ROLLBACK, tenant view intact (simple and extended protocol)'
 }
 
+// pg's `pipeline: true` client option sends every query at once without waiting for the previous
+// one's ReadyForQuery (each query still ends with its own Sync).
+async function doPipeline(tenant, i) {
+  const p = await connect(tenant, { pipeline: true })
+  try {
+    assert(p.pipeline === true, `this pg version (${require('pg/package.json').version}) has no pipeline mode`)
+    const base = EXPECTED_CUSTOMERS[tenant]
+    const ins = 'INSERT INTO customers (store_id, name, email) VALUES ($1, $2, $3)'
+    const pq = { name: 'pq', text: 'SELECT count(*)::int AS n FROM products WHERE price > $1' }
+    const steps = [
+      ['customers', p.query('SELECT count(*)::int AS n FROM customers'), base],
+      ['products', p.query({ ...pq, values: [1] }), PRODUCTS_OVER_1[tenant]],
+      ['echo', p.query('SELECT $1::text AS n', [`x${i}`]), `x${i}`],
+      ['BEGIN', p.query('BEGIN'), null],
+      ['insert', p.query(ins, [tenant, 'Pipeline row', `node-${i}@${tenant}.example`]), null],
+      ['customers in tx', p.query('SELECT count(*)::int AS n FROM customers'), base + 1],
+      ['ROLLBACK', p.query('ROLLBACK'), null],
+      ['1/0', p.query('SELECT 1/0 AS n'), '22012'],
+      ['customers after', p.query('SELECT count(*)::int AS n FROM customers'), base],
+      ['products again', p.query({ ...pq, values: [100] }), 0],
+    ]
+    const settled = await Promise.allSettled(steps.map((s) => s[1]))
+    settled.forEach((r, k) => {
+      const [what, , want] = steps[k]
+      if (want === '22012') {
+        assert(r.status === 'rejected' && r.reason.code === '22012', `${what}: expected 22012, got ${r.status === 'rejected' ? describe(r.reason) : 'a result'}`)
+      } else {
+        assert(r.status === 'fulfilled', `${what}: ${r.status === 'rejected' ? describe(r.reason) : ''}`)
+        if (want !== null) {
+          const got = r.value.rows[0].n
+          assert(got === want, `${what}: got ${got}, expected ${want}`)
+        }
+      }
+    })
+    return `${steps.length} queries sent at once on a pipelined client (named statement, BEGIN/INSERT/ROLLBACK, 22012 in the middle) correct`
+  } finally {
+    await p.end().catch(() => {})
+  }
+}
+
 async function doTempTable(n, tenant) {
   const client = await connect(tenant)
   try {
@@ -351,34 +418,38 @@ async function doTempTable(n, tenant) {
 async function runClient(i) {
   const tenant = i % 2 === 0 ? 'north' : 'south'
   const who = `client ${i} (${tenant})`
-  const counter = { checks: 0, problems: [] }
+  const counter = { checks: 0, problems: [], reconnects: [] }
   let client
   try {
     client = await connect(tenant)
   } catch (err) {
-    for (const f of ['prepared', 'session_settings', 'error_in_transaction', 'isolation']) {
+    for (const f of ['prepared', 'session_settings', 'error_in_transaction', 'isolation', 'pipeline']) {
       record(f, who, false, `connect: ${describe(err)}`)
     }
     if (i < CANCEL_DELAYS.length) record('cancel', who, false, `connect: ${describe(err)}`)
     return
   }
   try {
-    await isolation(client, tenant, 'after connect', counter)
+    client = await isolation(client, tenant, 'after connect', counter)
     if (i < CANCEL_DELAYS.length) {
       await feature('cancel', who, () => doCancel(client, tenant, CANCEL_DELAYS[i], i === 0))
-      await isolation(client, tenant, 'after cancel', counter)
+      client = await isolation(client, tenant, 'after cancel', counter)
     }
     await feature('prepared', who, () => doPrepared(client, tenant))
-    await isolation(client, tenant, 'after prepared', counter)
+    client = await isolation(client, tenant, 'after prepared', counter)
     await feature('error_in_transaction', who, () => doErrorInTransaction(client, tenant))
-    await isolation(client, tenant, 'after error_in_transaction', counter)
+    client = await isolation(client, tenant, 'after error_in_transaction', counter)
+    await feature('pipeline', who, () => doPipeline(tenant, i)) // on a pipelined connection of its own
     await feature('session_settings', who, () => doSessionSettings(client, tenant))
-    await isolation(client, tenant, 'at the end', counter)
+    client = await isolation(client, tenant, 'at the end', counter)
   } finally {
     if (counter.problems.length) {
       record('isolation', who, false, `${counter.problems.length}/${counter.checks} checks wrong, first: ${counter.problems[0]}`)
     } else {
       record('isolation', who, true, `${counter.checks} checks`)
+    }
+    if (counter.reconnects.length) {
+      notes.push(`${who} reconnected because the connection was unusable ${counter.reconnects.join(', ')}`)
     }
     await client.end().catch(() => {})
   }

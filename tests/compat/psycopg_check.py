@@ -76,10 +76,16 @@ class Results:
     def __init__(self):
         self.lock = threading.Lock()
         self.items = {f: [] for f in FEATURES}
+        self.notes = []
 
     def add(self, feature, who, ok, detail):
         with self.lock:
             self.items[feature].append((who, bool(ok), str(detail)))
+
+    def note(self, text):
+        """Something the isolation line should mention (a connection replaced after a failure)."""
+        with self.lock:
+            self.notes.append(text)
 
     def summary(self, feature, expected):
         with self.lock:
@@ -90,11 +96,12 @@ class Results:
             more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
             return False, f"{len(failed)}/{len(items)} failed: {text}{more}"[:600]
         if len(items) < expected:
-            return False, f"only {len(items)} of {expected} connections finished this before the deadline of {DEADLINE:.0f}s"
+            return False, f"only {len(items)} of {expected} connections finished this before the deadline of {DEADLINE:g}s"
         if feature == "isolation":
             total = sum(int(d.split()[0]) for _, _, d in items)
+            notes = f"; {'; '.join(self.notes[:3])}" if self.notes else ""
             return True, (f"{len(items)} connections, {total} tenant checks: each saw only its own "
-                          f"tenant (north 3 customers, south 2)")
+                          f"tenant (north 3 customers, south 2){notes}")[:600]
         details = sorted({d for _, _, d in items})
         text = details[0] if len(details) == 1 else "; ".join(details[:3])
         return True, f"{len(items)}/{len(items)} ok: {text}"[:600]
@@ -137,29 +144,58 @@ def check_tenant(conn, tenant, where):
     return None
 
 
-def feature(name, who):
-    """Decorator-ish helper: run fn, record ok/detail, never raise."""
-
-    def run(fn):
-        try:
-            detail = fn()
-            RESULTS.add(name, who, True, detail)
-        except AssertionError as exc:
-            RESULTS.add(name, who, False, str(exc))
-        except Exception as exc:  # noqa: BLE001 - every failure is reported
-            RESULTS.add(name, who, False, describe(exc))
-
-    return run
-
-
-def isolation(conn, tenant, who, where, counter):
-    counter[0] += 1
+def feature(name, who, fn):
+    """Run one feature for one connection, record ok/detail, never raise."""
     try:
+        RESULTS.add(name, who, True, fn())
+    except AssertionError as exc:
+        RESULTS.add(name, who, False, str(exc))
+    except Exception as exc:  # noqa: BLE001 - every failure is reported
+        RESULTS.add(name, who, False, describe(exc))
+
+
+class Counter:
+    def __init__(self):
+        self.checks = 0
+        self.problems = []
+        self.reconnects = []
+
+
+def usable(conn, tenant, where, counter):
+    """The connection, or a new one when a feature left it broken (so later features still run)."""
+    try:
+        conn.execute("SELECT 1")
+        return conn
+    except Exception:  # noqa: BLE001
+        counter.reconnects.append(where)
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+        return connect(tenant)
+
+
+def isolation(conn, tenant, where, counter):
+    """Tenant check after a feature; returns the connection to go on with."""
+    counter.checks += 1
+    try:
+        conn = usable(conn, tenant, where, counter)
         problem = check_tenant(conn, tenant, where)
     except Exception as exc:  # noqa: BLE001
         problem = f"{where}: {describe(exc)}"
     if problem:
-        counter[1].append(problem)
+        counter.problems.append(problem)
+    return conn
+
+
+def isolation_result(who, counter):
+    if counter.problems:
+        RESULTS.add("isolation", who, False,
+                    f"{len(counter.problems)}/{counter.checks} checks wrong, first: {counter.problems[0]}")
+    else:
+        RESULTS.add("isolation", who, True, f"{counter.checks} checks")
+    if counter.reconnects:
+        RESULTS.note(f"{who} reconnected because the connection was unusable {', '.join(counter.reconnects)}")
 
 
 # psycopg logs "error ignored terminating <Pipeline>" for the deliberate error in a pipeline.
@@ -296,7 +332,30 @@ def do_pipeline(conn, tenant):
         pass
     problem = check_tenant(conn, tenant, "after pipeline error")
     assert problem is None, problem
-    return "3 pipelines of 6 statements (incl. a transaction block) correct; 22012 in a pipeline handled"
+    # The error read back mid-pipeline (psycopg sends a Flush to fetch it), then more statements
+    # are queued behind it: the server skips them until the Sync at the end of the block.
+    try:
+        with conn.pipeline():
+            cur = conn.execute("SELECT 1/0")
+            try:
+                cur.fetchone()
+                raise AssertionError("SELECT 1/0 fetched mid-pipeline did not fail")
+            except pgerrors.DivisionByZero:
+                pass
+            conn.execute("SELECT 2")
+    except pgerrors.PipelineAborted:
+        pass  # the skipped SELECT 2, reported when the block ends
+    except psycopg.OperationalError as exc:
+        try:
+            conn.execute("SELECT 1")
+            after = "connection still usable"
+        except psycopg.Error as exc2:
+            after = f"connection unusable afterwards ({describe(exc2)})"
+        raise AssertionError(f"statements queued after an error fetched mid-pipeline: {describe(exc)}; {after}")
+    problem = check_tenant(conn, tenant, "after an error fetched mid-pipeline")
+    assert problem is None, problem
+    return ("3 pipelines of 6 statements (incl. a transaction block) correct; 22012 at the end of a "
+            "pipeline and 22012 fetched mid-pipeline with statements queued behind it handled")
 
 
 def do_temp_table(n, tenant):
@@ -322,10 +381,10 @@ def do_temp_table(n, tenant):
 # Driver
 # --------------------------------------------------------------------------------------------
 
-def client(i, done):
+def client(i):
     tenant = "north" if i % 2 == 0 else "south"
     who = f"client {i} ({tenant})"
-    counter = [0, []]
+    counter = Counter()
     try:
         conn = connect(tenant)
     except Exception as exc:  # noqa: BLE001
@@ -333,32 +392,26 @@ def client(i, done):
             RESULTS.add(f, who, False, f"connect: {describe(exc)}")
         if i < len(CANCEL_DELAYS):
             RESULTS.add("cancel", who, False, f"connect: {describe(exc)}")
-        done.add(i)
         return
     try:
-        isolation(conn, tenant, who, "after connect", counter)
+        conn = isolation(conn, tenant, "after connect", counter)
         if i < len(CANCEL_DELAYS):
-            feature("cancel", who)(lambda: do_cancel(conn, CANCEL_DELAYS[i], use_safe=(i == 1)))
-            isolation(conn, tenant, who, "after cancel", counter)
-        feature("prepared", who)(lambda: do_prepared(conn, tenant))
-        isolation(conn, tenant, who, "after prepared", counter)
-        feature("error_in_transaction", who)(lambda: do_error_in_transaction(conn, tenant))
-        isolation(conn, tenant, who, "after error_in_transaction", counter)
-        feature("pipeline", who)(lambda: do_pipeline(conn, tenant))
-        isolation(conn, tenant, who, "after pipeline", counter)
-        feature("session_settings", who)(lambda: do_session_settings(conn, tenant))
-        isolation(conn, tenant, who, "at the end", counter)
+            feature("cancel", who, lambda: do_cancel(conn, CANCEL_DELAYS[i], use_safe=(i == 1)))
+            conn = isolation(conn, tenant, "after cancel", counter)
+        feature("prepared", who, lambda: do_prepared(conn, tenant))
+        conn = isolation(conn, tenant, "after prepared", counter)
+        feature("error_in_transaction", who, lambda: do_error_in_transaction(conn, tenant))
+        conn = isolation(conn, tenant, "after error_in_transaction", counter)
+        feature("pipeline", who, lambda: do_pipeline(conn, tenant))
+        conn = isolation(conn, tenant, "after pipeline", counter)
+        feature("session_settings", who, lambda: do_session_settings(conn, tenant))
+        conn = isolation(conn, tenant, "at the end", counter)
     finally:
-        checks, problems = counter
-        if problems:
-            RESULTS.add("isolation", who, False, f"{len(problems)}/{checks} checks wrong, first: {problems[0]}")
-        else:
-            RESULTS.add("isolation", who, True, f"{checks} checks")
+        isolation_result(who, counter)
         try:
             conn.close()
         except Exception:  # noqa: BLE001
             pass
-        done.add(i)
 
 
 def remaining():
@@ -374,8 +427,7 @@ def main():
     except Exception as exc:  # noqa: BLE001
         fail_early(f"cannot connect to {PGHOST}:{PGPORT}/{PGDATABASE}: {describe(exc)}")
 
-    done = set()
-    threads = [threading.Thread(target=client, args=(i, done), daemon=True) for i in range(CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -385,8 +437,7 @@ def main():
     if not timed_out:
         # After the concurrent phase, so a connection pinned by a temporary table cannot starve it.
         temp = threading.Thread(
-            target=lambda: feature("temp_table", "temp client (north)")(lambda: do_temp_table(CLIENTS, "north")),
-            daemon=True,
+            target=feature, args=("temp_table", "temp client (north)", lambda: do_temp_table(CLIENTS, "north")), daemon=True
         )
         temp.start()
         temp.join(max(0.0, remaining()))
@@ -399,7 +450,7 @@ def main():
         ok, detail = RESULTS.summary(f, expected[f])
         print(json.dumps({"driver": DRIVER, "feature": f, "ok": ok, "detail": detail}), flush=True)
     if timed_out:
-        print(f"{DRIVER}: deadline of {DEADLINE:.0f}s reached, unfinished work abandoned", file=sys.stderr)
+        print(f"{DRIVER}: deadline of {DEADLINE:g}s reached, unfinished work abandoned", file=sys.stderr)
         sys.stdout.flush()
         os._exit(0)
 
