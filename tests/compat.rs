@@ -319,8 +319,54 @@ fn psql_checks(proxy: &Proxy, results: &mut Results) {
         }
         run_client(proxy, "psql", tok, &args)
     };
-    let out = run(&token("south"), &["SELECT count(*) FROM customers"]);
-    record(results, d, "isolation", stdout(&out) == "2", stderr(&out));
+    // CLIENTS psql processes at once, tenants alternating
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (tenant, want) = if i % 2 == 0 {
+                ("north", "3")
+            } else {
+                ("south", "2")
+            };
+            let tok = token(tenant);
+            let port = proxy.addr.port().to_string();
+            let db = proxy.db.clone();
+            let bin = pg().bin("psql");
+            std::thread::spawn(move || {
+                let out = Command::new(bin)
+                    .env_clear()
+                    .env("PGHOST", "127.0.0.1")
+                    .env("PGPORT", port)
+                    .env("PGUSER", "app")
+                    .env("PGDATABASE", db)
+                    .env("PGPASSWORD", tok)
+                    .env("PGSSLMODE", "disable")
+                    .args([
+                        "-X",
+                        "-At",
+                        "-c",
+                        "SELECT count(*) FROM customers",
+                        "-c",
+                        "SELECT pg_sleep(0.2)",
+                        "-c",
+                        "SELECT count(*) FROM customers",
+                    ])
+                    .output()
+                    .expect("psql");
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                (text == format!("{want}\n\n{want}"), text)
+            })
+        })
+        .collect();
+    let outcomes: Vec<(bool, String)> = handles
+        .into_iter()
+        .map(|h| h.join().expect("psql thread"))
+        .collect();
+    let bad: Vec<&String> = outcomes
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, t)| t)
+        .collect();
+    record(results, d, "isolation", bad.is_empty(), format!("{bad:?}"));
     let out = run(
         &token("north"),
         &[

@@ -312,3 +312,60 @@ async fn max_client_conn_refuses_extra_clients() {
     assert_eq!(count(&b, "customers").await, 2);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_upkeep_opens_min_idle_and_retires_old_connections() {
+    let db = demo_db();
+    let cfg = config_text(&db, 3, "").replace(
+        "checkout_timeout = \"5s\"",
+        "checkout_timeout = \"5s\"\nmin_idle = 2\nmax_lifetime = \"1500ms\"\nidle_timeout = \"0s\"",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    // min_idle connections appear without any client
+    let mut idle = 0;
+    for _ in 0..50 {
+        idle = proxy.shared.pool.idle_count();
+        if idle >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(idle, 2);
+    let north = client(&proxy, "north").await;
+    let first: i32 = north
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    // every connection is older than max_lifetime now: none of them serves again
+    let pids: Vec<i32> = futures_util::future::join_all(
+        (0..3).map(|_| north.query_one("SELECT pg_backend_pid()", &[])),
+    )
+    .await
+    .into_iter()
+    .map(|r| r.unwrap().get(0))
+    .collect();
+    assert!(
+        !pids.contains(&first),
+        "{first} served after max_lifetime: {pids:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_idle_timeout() {
+    let db = demo_db();
+    let cfg = config_text(&db, 3, "").replace(
+        "checkout_timeout = \"5s\"",
+        "checkout_timeout = \"5s\"\nidle_timeout = \"500ms\"",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let north = client(&proxy, "north").await;
+    assert_eq!(count(&north, "customers").await, 3);
+    assert_eq!(proxy.shared.pool.idle_count(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(proxy.shared.pool.idle_count(), 0);
+    assert_eq!(count(&north, "customers").await, 3);
+    proxy.stop().await;
+}
