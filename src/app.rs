@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::audit::{Audit, SinkConfig};
+use crate::auth::throttle::LoginThrottle;
 use crate::auth::{KeyError, Validator};
 use crate::cancel::CancelRegistry;
 use crate::client::{self, Handshake};
@@ -44,12 +46,34 @@ pub struct Shared {
     pub stmt_hasher: RandomState,
     /// Clients whose server connection is pinned to them (transaction mode, session state).
     pub pinned: std::sync::atomic::AtomicUsize,
+    pub throttle: LoginThrottle,
+    pub audit: Audit,
+    /// Stops background work (JWKS refresh, audit writer) once the proxy is done.
+    background: CancellationToken,
     next_conn_id: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Result<Arc<Shared>, StartError> {
-        let validator = Validator::new(&config.auth, &config.context)?;
+    pub async fn new(config: Config) -> Result<Arc<Shared>, StartError> {
+        let validator = Validator::new(&config.auth, &config.context).await?;
+        let background = CancellationToken::new();
+        validator.spawn_refresh(&background);
+        let audit = match &config.audit.sink {
+            Some(connection) => {
+                let sink = SinkConfig {
+                    connection: connection.clone(),
+                    table: config.audit.table.clone(),
+                    queue: config.audit.queue,
+                    ..SinkConfig::default()
+                };
+                Audit::with_sink(sink, background.clone()).0
+            }
+            None => Audit::log_only(),
+        };
+        let throttle = LoginThrottle::new(
+            config.auth.failed_login_burst,
+            config.auth.failed_login_window,
+        );
         let tls_acceptor = match (&config.tls, config.client_tls_enabled()) {
             (Some(t), true) => match (&t.cert, &t.key) {
                 (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -66,6 +90,9 @@ impl Shared {
             validator,
             stmt_hasher: RandomState::new(),
             pinned: std::sync::atomic::AtomicUsize::new(0),
+            throttle,
+            audit,
+            background,
             next_conn_id: AtomicU64::new(1),
             config: Arc::new(config),
         }))
@@ -143,6 +170,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
         );
     }
     shared.pool.close();
+    shared.background.cancel();
 }
 
 /// Over `max_client_conn`: tell the client and close, without reading anything.

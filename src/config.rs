@@ -44,6 +44,8 @@ pub struct Config {
     pub context: BTreeMap<String, String>,
     #[serde(default)]
     pub guard: GuardConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -181,6 +183,49 @@ pub struct AuthConfig {
     pub leeway: Duration,
     #[serde(default = "default_tenant_claim")]
     pub tenant_claim: String,
+    /// JSON Web Key Set from a file and/or an HTTPS URL (keys chosen by `kid`).
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `jwks_url`.
+    pub jwks_ca_file: Option<PathBuf>,
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde_compat")]
+    pub jwks_refresh: Duration,
+    /// An unknown `kid` triggers a refetch at most this often.
+    #[serde(default = "default_jwks_min_refetch", with = "humantime_serde_compat")]
+    pub jwks_min_refetch: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub jwks_timeout: Duration,
+    #[serde(default = "default_jwks_max_bytes", deserialize_with = "de_bytes")]
+    pub jwks_max_bytes: usize,
+    /// When set, the login user name must equal this claim.
+    pub user_claim: Option<String>,
+    /// Role mode: `SET LOCAL ROLE` to the role named by this claim (must be in `role_allow`)…
+    pub role_claim: Option<String>,
+    /// …or to `role_template` with `{claim.path}` placeholders filled from the token.
+    pub role_template: Option<String>,
+    #[serde(default)]
+    pub role_allow: Vec<String>,
+    /// Failed logins per client address tolerated within `failed_login_window` before further
+    /// attempts are refused (FATAL 53300) without checking their tokens. 0 = no throttling.
+    #[serde(default = "default_failed_login_burst")]
+    pub failed_login_burst: u32,
+    #[serde(
+        default = "default_failed_login_window",
+        with = "humantime_serde_compat"
+    )]
+    pub failed_login_window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// tokio-postgres connection string of a database holding `sql/audit.sql`'s table; absent =
+    /// audit events go to the log only.
+    pub sink: Option<String>,
+    #[serde(default = "default_audit_table")]
+    pub table: String,
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +296,27 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_lifetime() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_jwks_min_refetch() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_max_bytes() -> usize {
+    1024 * 1024
+}
+fn default_failed_login_burst() -> u32 {
+    20
+}
+fn default_failed_login_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_audit_table() -> String {
+    "rlsgate_audit.events".into()
+}
+fn default_audit_queue() -> usize {
+    10_000
 }
 fn default_algorithms() -> Vec<String> {
     vec!["HS256".into()]
@@ -383,6 +449,17 @@ impl Config {
             return Err(invalid(
                 "auth.algorithms",
                 "must list at least one algorithm",
+            ));
+        }
+        if let Some(url) = &self.auth.jwks_url
+            && !url.starts_with("https://")
+        {
+            return Err(invalid("auth.jwks_url", "must be an https:// URL"));
+        }
+        if self.auth.role_claim.is_some() && self.auth.role_allow.is_empty() {
+            return Err(invalid(
+                "auth.role_allow",
+                "role_claim needs an allow-list of roles",
             ));
         }
         if self.auth.tenant_claim.is_empty() {

@@ -26,6 +26,7 @@
 //! - [`embedded_pg`]: a throwaway Postgres for `rlsgate demo` and the tests.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod cli;

@@ -8,8 +8,10 @@ use serde_json::Value;
 
 use super::Identity;
 use super::claims::{lookup, render_claim, valid_tenant};
+use super::jwks::{Jwks, JwksConfig, Lookup};
 use crate::config::AuthConfig;
 use crate::error::{ClientError, UserFacing, sqlstate};
+use std::collections::BTreeMap;
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -40,6 +42,16 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("token claim {0:?} is not well-formed")]
     BadClaim(String),
+    #[error("token names a key (kid) that is not known")]
+    UnknownKid,
+    #[error("token must name its key (kid): the key set has several")]
+    KidRequired,
+    #[error("token headers jku/x5u are not accepted")]
+    ForbiddenHeader,
+    #[error("login user name does not match the token's {0:?} claim")]
+    UserMismatch(String),
+    #[error("role {0:?} from the token is not allowed")]
+    RoleNotAllowed(String),
     #[error("token was rejected")]
     Other,
 }
@@ -63,6 +75,11 @@ impl UserFacing for AuthError {
             | AuthError::BadAudience
             | AuthError::MissingClaim(_)
             | AuthError::BadClaim(_)
+            | AuthError::UnknownKid
+            | AuthError::KidRequired
+            | AuthError::ForbiddenHeader
+            | AuthError::UserMismatch(_)
+            | AuthError::RoleNotAllowed(_)
             | AuthError::Other => e,
         }
     }
@@ -90,70 +107,129 @@ pub enum KeyError {
     },
     #[error("auth.hs_secret must be at least 32 bytes")]
     WeakSecret,
+    #[error("JWKS: {0}")]
+    Jwks(String),
 }
 
-/// Validates tokens against the configured key, algorithms and claims.
+/// Where a token's key comes from.
+enum KeySource {
+    /// `hs_secret`: the only key HS* tokens are ever checked with.
+    Secret(DecodingKey),
+    /// `public_key_pem` for one asymmetric family.
+    Pem(AlgorithmFamily, DecodingKey),
+    /// `jwks_file` / `jwks_url`, keys chosen by `kid`.
+    Jwks(Jwks),
+}
+
+/// Validates tokens against the configured key sources, algorithms and claims.
 pub struct Validator {
-    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+    sources: Vec<KeySource>,
     validation: Validation,
     tenant_claim: String,
+    user_claim: Option<String>,
+    role: Option<RoleMode>,
     /// `(guc, claim path)` pairs from `[context]`.
     context: Vec<(String, String)>,
+}
+
+/// `SET LOCAL ROLE` from a claim (allow-listed) or a template.
+struct RoleMode {
+    claim: Option<String>,
+    template: Option<String>,
+    allow: Vec<String>,
 }
 
 impl std::fmt::Debug for Validator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Validator")
-            .field("algorithms", &self.validation.algorithms)
+            .field("algorithms", &self.algorithms)
             .finish_non_exhaustive()
     }
 }
 
+/// Fields of the token header worth an audit line.
+#[derive(Debug, Clone, Default)]
+pub struct TokenMeta {
+    pub kid: Option<String>,
+    pub jti: Option<String>,
+}
+
 impl Validator {
-    pub fn new(
+    pub async fn new(
         auth: &AuthConfig,
-        context: &std::collections::BTreeMap<String, String>,
+        context: &BTreeMap<String, String>,
     ) -> Result<Self, KeyError> {
         let algorithms = auth
             .algorithms
             .iter()
             .map(|a| Algorithm::from_str(a).map_err(|_| KeyError::UnknownAlgorithm(a.clone())))
             .collect::<Result<Vec<_>, _>>()?;
-        let family = algorithms[0].family();
-        if algorithms.iter().any(|a| a.family() != family) {
-            return Err(KeyError::MixedFamilies(auth.algorithms.clone()));
+        let mut sources = Vec::new();
+        if let Some(secret) = &auth.hs_secret {
+            if secret.len() < 32 {
+                return Err(KeyError::WeakSecret);
+            }
+            sources.push(KeySource::Secret(DecodingKey::from_secret(
+                secret.as_bytes(),
+            )));
         }
-        let key = match family {
-            AlgorithmFamily::Hmac => {
-                let secret = auth.hs_secret.as_deref().ok_or(KeyError::MissingSecret)?;
-                if secret.len() < 32 {
-                    return Err(KeyError::WeakSecret);
-                }
-                DecodingKey::from_secret(secret.as_bytes())
-            }
-            other => {
-                let path = auth
-                    .public_key_pem
-                    .as_ref()
-                    .ok_or(KeyError::MissingPublicKey)?;
-                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                let (name, parsed) = match other {
-                    AlgorithmFamily::Rsa => ("RSA", DecodingKey::from_rsa_pem(&pem)),
-                    AlgorithmFamily::Ec => ("EC", DecodingKey::from_ec_pem(&pem)),
-                    AlgorithmFamily::Ed => ("EdDSA", DecodingKey::from_ed_pem(&pem)),
-                    AlgorithmFamily::Hmac => ("HMAC", Err(ErrorKind::InvalidKeyFormat.into())),
-                };
-                parsed.map_err(|e| KeyError::BadKey {
-                    family: name,
-                    reason: e.to_string(),
-                })?
-            }
-        };
+        if let Some(path) = &auth.public_key_pem {
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let family = algorithms
+                .iter()
+                .map(|a| a.family())
+                .find(|f| *f != AlgorithmFamily::Hmac)
+                .ok_or(KeyError::MissingPublicKey)?;
+            let (name, parsed) = match family {
+                AlgorithmFamily::Rsa => ("RSA", DecodingKey::from_rsa_pem(&pem)),
+                AlgorithmFamily::Ec => ("EC", DecodingKey::from_ec_pem(&pem)),
+                AlgorithmFamily::Ed => ("EdDSA", DecodingKey::from_ed_pem(&pem)),
+                AlgorithmFamily::Hmac => ("HMAC", Err(ErrorKind::InvalidKeyFormat.into())),
+            };
+            let key = parsed.map_err(|e| KeyError::BadKey {
+                family: name,
+                reason: e.to_string(),
+            })?;
+            sources.push(KeySource::Pem(family, key));
+        }
+        if auth.jwks_file.is_some() || auth.jwks_url.is_some() {
+            let cfg = JwksConfig {
+                file: auth.jwks_file.clone(),
+                url: auth.jwks_url.clone(),
+                ca_file: auth.jwks_ca_file.clone(),
+                refresh_interval: auth.jwks_refresh,
+                min_refetch_interval: auth.jwks_min_refetch,
+                timeout: auth.jwks_timeout,
+                max_bytes: auth.jwks_max_bytes,
+            };
+            sources.push(KeySource::Jwks(
+                Jwks::load(cfg)
+                    .await
+                    .map_err(|e| KeyError::Jwks(e.to_string()))?,
+            ));
+        }
+        let needs_secret = algorithms
+            .iter()
+            .any(|a| a.family() == AlgorithmFamily::Hmac);
+        let has_secret = sources.iter().any(|s| matches!(s, KeySource::Secret(_)));
+        if needs_secret && !has_secret {
+            return Err(KeyError::MissingSecret);
+        }
+        if algorithms
+            .iter()
+            .any(|a| a.family() != AlgorithmFamily::Hmac)
+            && !sources
+                .iter()
+                .any(|s| matches!(s, KeySource::Pem(..) | KeySource::Jwks(_)))
+        {
+            return Err(KeyError::MissingPublicKey);
+        }
         let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
+        validation.algorithms = algorithms.clone();
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -165,10 +241,18 @@ impl Validator {
         if let Some(iss) = &auth.issuer {
             validation.set_issuer(&[iss]);
         }
+        let role = (auth.role_claim.is_some() || auth.role_template.is_some()).then(|| RoleMode {
+            claim: auth.role_claim.clone(),
+            template: auth.role_template.clone(),
+            allow: auth.role_allow.clone(),
+        });
         Ok(Validator {
-            key,
+            algorithms,
+            sources,
             validation,
             tenant_claim: auth.tenant_claim.clone(),
+            user_claim: auth.user_claim.clone(),
+            role,
             context: context
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -176,8 +260,29 @@ impl Validator {
         })
     }
 
-    /// Check a token and build the identity it proves.
-    pub fn validate(&self, token: &str) -> Result<Identity, AuthError> {
+    /// Background refresh of JWKS sources until `stop` fires.
+    pub fn spawn_refresh(&self, stop: &tokio_util::sync::CancellationToken) {
+        for s in &self.sources {
+            if let KeySource::Jwks(j) = s {
+                j.spawn_refresh(stop.clone());
+            }
+        }
+    }
+
+    /// Header fields for audit lines (best effort; unverified).
+    pub fn meta(token: &str) -> TokenMeta {
+        let kid = jsonwebtoken::decode_header(token.trim())
+            .ok()
+            .and_then(|h| h.kid);
+        let jti = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token.trim())
+            .ok()
+            .and_then(|c| c.get("jti").and_then(Value::as_str).map(str::to_string));
+        TokenMeta { kid, jti }
+    }
+
+    /// Check a token and build the identity it proves. `login_user` is the user name from the
+    /// StartupMessage (checked against `auth.user_claim` when set).
+    pub async fn validate(&self, token: &str, login_user: &str) -> Result<Identity, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Empty);
@@ -185,10 +290,81 @@ impl Validator {
         if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::TooLarge);
         }
-        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|e| map_error(e.kind()))?;
+        if header.jku.is_some() || header.x5u.is_some() {
+            return Err(AuthError::ForbiddenHeader);
+        }
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthError::BadAlgorithm);
+        }
+        let key = match self.select_key(&header) {
+            Err(AuthError::UnknownKid) => {
+                // A key may have rotated in: refetch (rate-limited) and look again.
+                let mut refreshed = false;
+                for s in &self.sources {
+                    if let KeySource::Jwks(j) = s {
+                        refreshed |= j.refetch_for_unknown_kid().await;
+                    }
+                }
+                if !refreshed {
+                    return Err(AuthError::UnknownKid);
+                }
+                self.select_key(&header)?
+            }
+            other => other?,
+        };
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| map_error(e.kind()))?;
-        let claims = data.claims;
-        let tenant = match lookup(&claims, &self.tenant_claim) {
+        self.identity(&data.claims, login_user)
+    }
+
+    /// The key for this header: HS* only ever uses the secret; asymmetric algorithms use the JWKS
+    /// key named by `kid`, or the PEM key.
+    fn select_key(
+        &self,
+        header: &jsonwebtoken::Header,
+    ) -> Result<std::sync::Arc<DecodingKey>, AuthError> {
+        let family = header.alg.family();
+        if family == AlgorithmFamily::Hmac {
+            return self
+                .sources
+                .iter()
+                .find_map(|s| match s {
+                    KeySource::Secret(k) => Some(std::sync::Arc::new(k.clone())),
+                    _ => None,
+                })
+                .ok_or(AuthError::BadAlgorithm);
+        }
+        let mut outcome = Err(AuthError::UnknownKid);
+        for s in &self.sources {
+            match s {
+                KeySource::Jwks(j) => match j.lookup(header.kid.as_deref(), header.alg) {
+                    Lookup::Key(k) => return Ok(k),
+                    Lookup::KidRequired => outcome = Err(AuthError::KidRequired),
+                    Lookup::AlgorithmMismatch => outcome = Err(AuthError::BadAlgorithm),
+                    Lookup::UnknownKid | Lookup::NoKeys => {}
+                },
+                KeySource::Pem(f, k) if *f == family && header.kid.is_none() => {
+                    return Ok(std::sync::Arc::new(k.clone()));
+                }
+                KeySource::Pem(f, k) if *f == family => {
+                    // A PEM key has no kid; accept it for a kid only when no JWKS knows the kid.
+                    if outcome.is_err()
+                        && !self.sources.iter().any(|s| matches!(s, KeySource::Jwks(_)))
+                    {
+                        return Ok(std::sync::Arc::new(k.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        outcome
+    }
+
+    fn identity(&self, claims: &Value, login_user: &str) -> Result<Identity, AuthError> {
+        let tenant = match lookup(claims, &self.tenant_claim) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
             Some(_) => return Err(AuthError::BadClaim(self.tenant_claim.clone())),
@@ -197,12 +373,20 @@ impl Validator {
         if !valid_tenant(&tenant) {
             return Err(AuthError::BadClaim(self.tenant_claim.clone()));
         }
+        if let Some(path) = &self.user_claim {
+            let user = lookup(claims, path)
+                .and_then(render_claim)
+                .ok_or_else(|| AuthError::MissingClaim(path.clone()))?;
+            if user != login_user {
+                return Err(AuthError::UserMismatch(path.clone()));
+            }
+        }
         let mut settings = Vec::with_capacity(self.context.len());
         for (guc, path) in &self.context {
             let value = if *path == self.tenant_claim {
                 tenant.clone()
             } else {
-                let Some(v) = lookup(&claims, path).and_then(render_claim) else {
+                let Some(v) = lookup(claims, path).and_then(render_claim) else {
                     return Err(AuthError::MissingClaim(path.clone()));
                 };
                 if v.len() > MAX_SETTING_LEN || v.contains('\0') {
@@ -212,6 +396,10 @@ impl Validator {
             };
             settings.push((guc.clone(), value));
         }
+        let role = match &self.role {
+            Some(mode) => Some(mode.role(claims)?),
+            None => None,
+        };
         let expires_at = claims
             .get("exp")
             .and_then(Value::as_u64)
@@ -220,13 +408,65 @@ impl Validator {
             .get("sub")
             .and_then(Value::as_str)
             .map(str::to_string);
+        let jti = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         Ok(Identity {
             tenant,
             subject,
             settings,
             expires_at,
+            role,
+            jti,
         })
     }
+}
+
+impl RoleMode {
+    fn role(&self, claims: &Value) -> Result<String, AuthError> {
+        let role = match (&self.template, &self.claim) {
+            (Some(t), _) => fill_template(t, claims)?,
+            (None, Some(c)) => lookup(claims, c)
+                .and_then(render_claim)
+                .ok_or_else(|| AuthError::MissingClaim(c.clone()))?,
+            (None, None) => return Err(AuthError::Other),
+        };
+        let well_formed = !role.is_empty()
+            && role.len() <= 63
+            && role
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !role.starts_with(|c: char| c.is_ascii_digit());
+        if !well_formed || (!self.allow.is_empty() && !self.allow.contains(&role)) {
+            return Err(AuthError::RoleNotAllowed(role));
+        }
+        Ok(role)
+    }
+}
+
+/// `tenant_{store_id}` → `tenant_north`.
+fn fill_template(template: &str, claims: &Value) -> Result<String, AuthError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            return Err(AuthError::Other);
+        };
+        let path = &rest[open + 1..open + close];
+        let value = lookup(claims, path)
+            .and_then(render_claim)
+            .ok_or_else(|| AuthError::MissingClaim(path.to_string()))?;
+        out.push_str(
+            &value
+                .to_ascii_lowercase()
+                .replace(['-', '.', ':', '@'], "_"),
+        );
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn map_error(kind: &ErrorKind) -> AuthError {
@@ -262,39 +502,35 @@ pub fn mint_hs256(secret: &[u8], claims: &Value) -> Result<String, jsonwebtoken:
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::collections::BTreeMap;
-    use std::time::Duration;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-    fn validator() -> Validator {
-        let auth = AuthConfig {
-            algorithms: vec!["HS256".into()],
-            hs_secret: Some(SECRET.into()),
-            public_key_pem: None,
-            issuer: Some("iss-1".into()),
-            audience: None,
-            leeway: Duration::from_secs(0),
-            tenant_claim: "store_id".into(),
-        };
-        let mut ctx = BTreeMap::new();
-        ctx.insert("app.current_store_id".to_string(), "store_id".to_string());
-        ctx.insert("app.user_id".to_string(), "sub".to_string());
-        Validator::new(&auth, &ctx).unwrap()
+    async fn validator_with(extra_auth: &str) -> Validator {
+        let text = format!(
+            "[upstream]\ndatabase = \"app\"\nuser = \"u\"\n[auth]\nhs_secret = \"{SECRET}\"\nissuer = \"iss-1\"\nleeway = \"0s\"\n{extra_auth}\n[context]\n\"app.current_store_id\" = \"store_id\"\n\"app.user_id\" = \"sub\"\n"
+        );
+        let config = crate::config::Config::from_toml(&text).expect("test config");
+        Validator::new(&config.auth, &config.context)
+            .await
+            .expect("validator")
+    }
+
+    async fn validator() -> Validator {
+        validator_with("").await
     }
 
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
     }
 
-    #[test]
-    fn accepts_a_good_token_and_maps_claims() {
+    #[tokio::test]
+    async fn accepts_a_good_token_and_maps_claims() {
         let t = mint_hs256(
             SECRET.as_bytes(),
             &json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"}),
         )
         .unwrap();
-        let id = validator().validate(&t).unwrap();
+        let id = validator().await.validate(&t, "u").await.unwrap();
         assert_eq!(id.tenant, "north");
         assert_eq!(
             id.settings,
@@ -305,50 +541,65 @@ mod tests {
         );
     }
 
-    #[test]
-    fn refuses_bad_tokens_with_reasons() {
-        let v = validator();
+    #[tokio::test]
+    async fn refuses_bad_tokens_with_reasons() {
+        let v = validator().await;
         let good = json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"});
         let mint = |c: &Value| mint_hs256(SECRET.as_bytes(), c).unwrap();
         let mut expired = good.clone();
         expired["exp"] = json!(now() - 10);
-        assert_eq!(v.validate(&mint(&expired)), Err(AuthError::Expired));
+        assert_eq!(
+            v.validate(&mint(&expired), "u").await,
+            Err(AuthError::Expired)
+        );
         let mut no_exp = good.clone();
         no_exp.as_object_mut().unwrap().remove("exp");
         assert_eq!(
-            v.validate(&mint(&no_exp)),
+            v.validate(&mint(&no_exp), "u").await,
             Err(AuthError::MissingClaim("exp".into()))
         );
         let mut no_tenant = good.clone();
         no_tenant.as_object_mut().unwrap().remove("store_id");
         assert_eq!(
-            v.validate(&mint(&no_tenant)),
+            v.validate(&mint(&no_tenant), "u").await,
             Err(AuthError::MissingClaim("store_id".into()))
         );
         let mut bad_tenant = good.clone();
         bad_tenant["store_id"] = json!("x'; drop table");
         assert_eq!(
-            v.validate(&mint(&bad_tenant)),
+            v.validate(&mint(&bad_tenant), "u").await,
             Err(AuthError::BadClaim("store_id".into()))
         );
         let mut wrong_iss = good.clone();
         wrong_iss["iss"] = json!("other");
-        assert_eq!(v.validate(&mint(&wrong_iss)), Err(AuthError::BadIssuer));
+        assert_eq!(
+            v.validate(&mint(&wrong_iss), "u").await,
+            Err(AuthError::BadIssuer)
+        );
         let mut nbf = good.clone();
         nbf["nbf"] = json!(now() + 3600);
-        assert_eq!(v.validate(&mint(&nbf)), Err(AuthError::NotYetValid));
-        let other_key = mint_hs256(b"another-secret-another-secret-xx", &good).unwrap();
-        assert_eq!(v.validate(&other_key), Err(AuthError::BadSignature));
-        assert_eq!(v.validate("not.a.jwt"), Err(AuthError::Malformed));
-        assert_eq!(v.validate(""), Err(AuthError::Empty));
         assert_eq!(
-            v.validate(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            v.validate(&mint(&nbf), "u").await,
+            Err(AuthError::NotYetValid)
+        );
+        let other_key = mint_hs256(b"another-secret-another-secret-xx", &good).unwrap();
+        assert_eq!(
+            v.validate(&other_key, "u").await,
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            v.validate("not.a.jwt", "u").await,
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(v.validate("", "u").await, Err(AuthError::Empty));
+        assert_eq!(
+            v.validate(&"a".repeat(MAX_TOKEN_LEN + 1), "u").await,
             Err(AuthError::TooLarge)
         );
     }
 
-    #[test]
-    fn alg_none_is_refused() {
+    #[tokio::test]
+    async fn alg_none_is_refused() {
         // header {"alg":"none","typ":"JWT"}, no signature
         let claims = json!({"store_id": "north", "exp": now() + 60, "iss": "iss-1"}).to_string();
         use base64_like::encode;
@@ -357,7 +608,7 @@ mod tests {
             encode(br#"{"alg":"none","typ":"JWT"}"#),
             encode(claims.as_bytes())
         );
-        assert!(validator().validate(&t).is_err());
+        assert!(validator().await.validate(&t, "u").await.is_err());
     }
 
     /// Minimal base64url (no padding) for building hostile tokens by hand.

@@ -4,10 +4,12 @@
 //! the configured key source. The tenant claim must be present and well-formed.
 
 mod claims;
+pub mod jwks;
 mod jwt;
+pub mod throttle;
 
 pub use claims::{render_claim, valid_tenant};
-pub use jwt::{AuthError, KeyError, MAX_TOKEN_LEN, Validator, mint_hs256};
+pub use jwt::{AuthError, KeyError, MAX_TOKEN_LEN, TokenMeta, Validator, mint_hs256};
 
 /// Who a client is, as proven by its token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,4 +21,8 @@ pub struct Identity {
     pub settings: Vec<(String, String)>,
     /// Expiry, seconds since the Unix epoch.
     pub expires_at: u64,
+    /// Role mode: the role every transaction runs as (`SET LOCAL ROLE`).
+    pub role: Option<String>,
+    /// `jti`, when the token has one (for audit lines).
+    pub jti: Option<String>,
 }

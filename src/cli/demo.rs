@@ -72,7 +72,7 @@ tenant_claim = "store_id"
             .await
             .with_context(|| format!("cannot listen on {} (try --port 0)", config.server.listen))?;
         let addr = listener.local_addr()?;
-        let shared = Shared::new(config)?;
+        let shared = Shared::new(config).await?;
         println!(
             "\nrlsgate demo is ready: proxy on {addr}, upstream PostgreSQL on port {}.\n",
             pg.port()

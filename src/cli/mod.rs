@@ -83,7 +83,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let listen = config.server.listen;
-        let shared = Shared::new(config)?;
+        let shared = Shared::new(config).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

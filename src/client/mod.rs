@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::app::Shared;
-use crate::auth::{AuthError, Identity};
+use crate::audit::AuditEvent;
+use crate::auth::{AuthError, Identity, Validator};
 use crate::config::PlaintextPassword;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::protocol::ProtocolError;
@@ -50,6 +51,8 @@ pub enum HandshakeError {
     Auth(#[from] AuthError),
     #[error("replication connections are not supported")]
     Replication,
+    #[error("too many failed logins from this address")]
+    Throttled,
 }
 
 impl UserFacing for HandshakeError {
@@ -88,6 +91,10 @@ impl UserFacing for HandshakeError {
             )
             .with_hint("connect with sslmode=require"),
             HandshakeError::Auth(e) => e.to_client_error(),
+            HandshakeError::Throttled => ClientError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many failed logins from this address; retry later",
+            ),
             HandshakeError::Replication => ClientError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported by rlsgate",
@@ -107,6 +114,7 @@ pub struct LoggedIn {
     pub identity: Identity,
     pub startup: StartupMessage,
     pub user: String,
+    pub peer: SocketAddr,
 }
 
 /// Run the handshake up to a validated token. On error the caller reports it to the client
@@ -168,6 +176,7 @@ pub async fn handshake(
             identity,
             startup,
             user,
+            peer,
         }))),
         Err(e) => Err((Some(stream), e)),
     }
@@ -216,11 +225,23 @@ async fn login(
     if !allowed {
         return Err(HandshakeError::PlaintextRefused(peer));
     }
+    if !shared.throttle.allows(peer.ip()) {
+        shared.audit.record(AuditEvent::LoginThrottled {
+            peer: peer.to_string(),
+        });
+        return Err(HandshakeError::Throttled);
+    }
     be::write_auth_cleartext(&mut out);
     stream.write_all(&out).await?;
     let frame = loop {
-        if let Some(f) = try_read_frame(buf, MAX_PASSWORD_MSG)? {
-            break f;
+        match try_read_frame(buf, MAX_PASSWORD_MSG) {
+            Ok(Some(f)) => break f,
+            Ok(None) => {}
+            Err(ProtocolError::TooLarge { .. }) => {
+                shared.throttle.failed(peer.ip());
+                return Err(AuthError::TooLarge.into());
+            }
+            Err(e) => return Err(e.into()),
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(HandshakeError::Gone);
@@ -230,8 +251,32 @@ async fn login(
         return Err(HandshakeError::Unexpected(frame.tag as char));
     }
     let token = fe::password(frame.body())?;
-    let identity = shared.validator().validate(token)?;
-    Ok((identity, startup, user))
+    let meta = Validator::meta(token);
+    match shared.validator().validate(token, &user).await {
+        Ok(identity) => {
+            shared.throttle.succeeded(peer.ip());
+            shared.audit.record(AuditEvent::LoginOk {
+                peer: peer.to_string(),
+                user: user.clone(),
+                tenant: identity.tenant.clone(),
+                kid: meta.kid,
+                jti: identity.jti.clone(),
+                subject: identity.subject.clone(),
+            });
+            Ok((identity, startup, user))
+        }
+        Err(e) => {
+            shared.throttle.failed(peer.ip());
+            shared.audit.record(AuditEvent::LoginFailed {
+                peer: peer.to_string(),
+                user: Some(user),
+                reason: e.to_string(),
+                kid: meta.kid,
+                jti: meta.jti,
+            });
+            Err(e.into())
+        }
+    }
 }
 
 async fn read_startup(

@@ -13,7 +13,7 @@ use lru::LruCache;
 
 pub use classify::{Analysis, Denial, SessionReset, Statement, TxEffect, Verdict};
 use protected::ProtectedSet;
-pub use session_effects::{Deallocate, SettingChange};
+pub use session_effects::{Deallocate, SettingChange, reauth_token};
 
 use crate::config::GuardConfig;
 

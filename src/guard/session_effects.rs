@@ -46,6 +46,46 @@ pub fn effects(node: &NodeEnum, text: &str) -> (Option<SettingChange>, Option<De
     }
 }
 
+/// The token of `SELECT rlsgate.reauth('<jwt>')`, sent alone as a simple Query. Parsed without the
+/// verdict cache so tokens are never kept in it.
+pub fn reauth_token(sql: &str) -> Option<String> {
+    let head = sql.trim_start();
+    if head.len() < 6
+        || !head[..6].eq_ignore_ascii_case("select")
+        || !sql.to_ascii_lowercase().contains("reauth")
+    {
+        return None;
+    }
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    let Some(NodeEnum::SelectStmt(s)) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
+        return None;
+    };
+    if s.target_list.len() != 1 || !s.from_clause.is_empty() || s.where_clause.is_some() {
+        return None;
+    }
+    let Some(NodeEnum::ResTarget(t)) = &s.target_list[0].node else {
+        return None;
+    };
+    let Some(NodeEnum::FuncCall(f)) = t.val.as_ref().and_then(|v| v.node.as_ref()) else {
+        return None;
+    };
+    let names: Vec<String> = f
+        .funcname
+        .iter()
+        .filter_map(|n| match &n.node {
+            Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    if names != ["rlsgate", "reauth"] || f.args.len() != 1 {
+        return None;
+    }
+    const_str(&f.args[0])
+}
+
 /// `SELECT set_config('name', 'value', false)` with constants → `SET "name" TO 'value'`.
 fn set_config_call(target: &Node) -> Option<SettingChange> {
     let Some(NodeEnum::ResTarget(t)) = &target.node else {

@@ -193,6 +193,27 @@ pub fn write_command_complete(tag: &str, out: &mut BytesMut) {
     out.put_u8(0);
 }
 
+/// A one-column, one-row text result: RowDescription + DataRow + CommandComplete.
+pub fn write_single_text_row(column: &str, value: &str, out: &mut BytesMut) {
+    out.put_u8(ROW_DESCRIPTION);
+    out.put_i32((4 + 2 + column.len() + 1 + 4 + 2 + 4 + 2 + 4 + 2) as i32);
+    out.put_i16(1);
+    out.put_slice(column.as_bytes());
+    out.put_u8(0);
+    out.put_i32(0); // table oid
+    out.put_i16(0); // column number
+    out.put_i32(25); // text
+    out.put_i16(-1);
+    out.put_i32(-1);
+    out.put_i16(0); // text format
+    out.put_u8(DATA_ROW);
+    out.put_i32((4 + 2 + 4 + value.len()) as i32);
+    out.put_i16(1);
+    out.put_i32(value.len() as i32);
+    out.put_slice(value.as_bytes());
+    write_command_complete("SELECT 1", out);
+}
+
 /// A message with an empty body (ParseComplete, BindComplete, CloseComplete, NoData).
 pub fn write_empty(tag: u8, out: &mut BytesMut) {
     out.put_u8(tag);

@@ -9,9 +9,10 @@ use super::expect::Expect;
 use super::inject;
 use super::statements::{MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Predicted, Session, SessionError, Split};
+use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
-use crate::guard::{Analysis, SessionReset, TxEffect, Verdict};
+use crate::guard::{Analysis, SessionReset, TxEffect, Verdict, reauth_token};
 use crate::pool::PoolError;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::Frame;
@@ -111,7 +112,7 @@ impl Session {
 
     pub(super) fn inject_context(&mut self) {
         self.server_out.extend_from_slice(&self.context);
-        let n = self.identity.settings.len();
+        let n = self.context_count;
         if n > 0 {
             self.expect.push_back(Expect::Inject { remaining: n });
         }
@@ -127,9 +128,16 @@ impl Session {
         }
     }
 
-    fn refusal_for(&self, analysis: &Analysis) -> Option<Refusal> {
+    fn refusal_for(&self, analysis: &Analysis, sql: &str) -> Option<Refusal> {
         if let Verdict::Deny(d) = &analysis.verdict {
             tracing::info!(rule = d.rule, "statement denied by the guard");
+            self.shared.audit.record(AuditEvent::StatementDenied {
+                peer: self.peer.clone(),
+                user: self.user.clone(),
+                tenant: self.identity.tenant.clone(),
+                rule: d.rule.to_string(),
+                fingerprint: crate::audit::fingerprint(sql),
+            });
             return Some(Refusal {
                 sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                 message: format!("rlsgate: {}", d.message),
@@ -180,8 +188,30 @@ impl Session {
             return Ok(Flow::Wait(frame));
         }
         let sql = fe::query_text(frame.body()).map_err(protocol)?;
+        if let Some(token) = reauth_token(sql) {
+            if self.in_flight > 0 {
+                return Ok(Flow::Wait(frame));
+            }
+            match self.reauth(&token).await {
+                Ok(()) => {
+                    let status = if self.server.is_none() {
+                        TxStatus::Idle
+                    } else {
+                        self.last_status
+                    };
+                    be::write_single_text_row("reauth", "ok", &mut self.client_out);
+                    be::write_ready(status, &mut self.client_out);
+                }
+                Err(e) => self.refuse_query(Refusal {
+                    sqlstate: e.sqlstate,
+                    message: e.message,
+                    hint: None,
+                }),
+            }
+            return Ok(Flow::Continue);
+        }
         let analysis = self.shared.guard.analyze(sql);
-        if let Some(refusal) = self.refusal_for(&analysis) {
+        if let Some(refusal) = self.refusal_for(&analysis, sql) {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
         }
@@ -419,7 +449,7 @@ impl Session {
             return Ok(false);
         }
         let analysis = self.shared.guard.analyze(p.sql);
-        if !analysis.parsed || self.refusal_for(&analysis).is_some() {
+        if !analysis.parsed || analysis.is_denied() || analysis.session_state.is_some() {
             return Ok(false);
         }
         let prepared = Arc::new(Prepared {
@@ -479,7 +509,7 @@ impl Session {
     fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
         let analysis = self.shared.guard.analyze(p.sql);
-        if let Some(refusal) = self.refusal_for(&analysis) {
+        if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }
         if !p.name.is_empty() && self.stmts.contains(p.name) {

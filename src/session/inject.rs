@@ -2,20 +2,36 @@
 //! Parse/Bind/Execute without Sync, DESIGN §3) and server-side raised errors for denials.
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::escape::escape_literal;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+
+use crate::auth::Identity;
 
 use crate::protocol::ProtocolError;
 use crate::protocol::frontend as fe;
 
-/// `SET LOCAL <guc> = '<value>'` for each setting, encoded once per session.
-pub fn context_messages(settings: &[(String, String)]) -> Result<Bytes, ProtocolError> {
+/// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), encoded
+/// once per identity. Returns the bytes and the number of statements.
+pub fn context_messages(identity: &Identity) -> Result<(Bytes, usize), ProtocolError> {
+    let (bytes, n) = settings_messages(&identity.settings)?;
+    let Some(role) = &identity.role else {
+        return Ok((bytes, n));
+    };
+    let mut out = BytesMut::from(&bytes[..]);
+    fe::write_simple_extended(
+        &format!("SET LOCAL ROLE {}", escape_identifier(role)),
+        &mut out,
+    )?;
+    Ok((out.freeze(), n + 1))
+}
+
+fn settings_messages(settings: &[(String, String)]) -> Result<(Bytes, usize), ProtocolError> {
     let mut out = BytesMut::new();
     for (guc, value) in settings {
         // guc names are validated at config load (`prefix.name`, lower-case identifier chars).
         let sql = format!("SET LOCAL {guc} = {}", escape_literal(value));
         fe::write_simple_extended(&sql, &mut out)?;
     }
-    Ok(out.freeze())
+    Ok((out.freeze(), settings.len()))
 }
 
 /// SQL that makes the server itself raise `sqlstate`/`message`, so that the transaction state,
@@ -48,7 +64,8 @@ mod tests {
 
     #[test]
     fn context_values_are_quoted() {
-        let b = context_messages(&[("app.current_store_id".into(), "a'b".into())]).unwrap();
+        let (b, n) = settings_messages(&[("app.current_store_id".into(), "a'b".into())]).unwrap();
+        assert_eq!(n, 1);
         let text = String::from_utf8_lossy(&b);
         assert!(text.contains("SET LOCAL app.current_store_id = 'a''b'"));
     }

@@ -126,7 +126,12 @@ pub struct Session {
     server: Option<Checkout>,
     server_out: BytesMut,
     identity: Identity,
+    /// Client address and login user name (audit lines).
+    peer: String,
+    user: String,
     context: Bytes,
+    /// Statements in `context` (CommandCompletes to swallow).
+    context_count: usize,
     expect: VecDeque<Expect>,
     /// Query/Sync messages sent whose ReadyForQuery has not arrived.
     in_flight: usize,
@@ -176,7 +181,7 @@ impl Session {
         shutdown: CancellationToken,
     ) -> Result<Self, SessionError> {
         let config = shared.config();
-        let context = inject::context_messages(&login.identity.settings)
+        let (context, context_count) = inject::context_messages(&login.identity)
             .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
         let startup_requested =
@@ -192,7 +197,10 @@ impl Session {
             server: None,
             server_out: BytesMut::with_capacity(16 * 1024),
             identity: login.identity,
+            peer: login.peer.to_string(),
+            user: login.user.clone(),
             context,
+            context_count,
             expect: VecDeque::new(),
             in_flight: 0,
             predicted: Predicted::Idle,
@@ -243,7 +251,15 @@ impl Session {
             match e {
                 SessionError::ClientIo(_) => tracing::debug!(error = %e, "client connection ended"),
                 SessionError::TokenExpired => {
-                    tracing::info!("token expired; closing the connection")
+                    tracing::info!("token expired; closing the connection");
+                    self.shared
+                        .audit
+                        .record(crate::audit::AuditEvent::TokenExpired {
+                            peer: self.peer.clone(),
+                            user: self.user.clone(),
+                            tenant: self.identity.tenant.clone(),
+                            jti: self.identity.jti.clone(),
+                        });
                 }
                 _ => tracing::warn!(error = %e, "session ended with an error"),
             }
@@ -277,6 +293,14 @@ impl Session {
             let idle_in_tx =
                 self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
             let idle_tx_timeout = self.shared.config().server.idle_in_transaction_timeout;
+            // A token that expires while the client is between transactions ends the session then.
+            let expiry = idle.then(|| self.until_expiry());
+            let expiry_deadline = async {
+                match expiry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let idle_tx_deadline = async {
                 if idle_in_tx && !idle_tx_timeout.is_zero() {
                     tokio::time::sleep(idle_tx_timeout).await
@@ -317,6 +341,7 @@ impl Session {
                 }
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
                 _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
+                _ = expiry_deadline => return Err(SessionError::TokenExpired),
             }
         }
     }
@@ -510,6 +535,50 @@ impl Session {
             .map_err(SessionError::ClientProtocol)?;
         self.expect_ready(Expect::Replay);
         Ok(())
+    }
+
+    /// Time left until the token (plus leeway) expires.
+    fn until_expiry(&self) -> std::time::Duration {
+        let leeway = self.shared.config().auth.leeway.as_secs();
+        let deadline = self.identity.expires_at.saturating_add(leeway);
+        let now = jsonwebtoken::get_current_timestamp();
+        std::time::Duration::from_secs(deadline.saturating_sub(now).saturating_add(1))
+    }
+
+    /// `SELECT rlsgate.reauth('<jwt>')`: a fresh token for the same tenant replaces the identity
+    /// (and its context) from the next transaction on.
+    async fn reauth(&mut self, token: &str) -> Result<(), ClientError> {
+        let outcome = self.shared.validator().validate(token, &self.user).await;
+        let result = match outcome {
+            Err(e) => Err(ClientError::error(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("rlsgate: reauth refused: {e}"),
+            )),
+            Ok(id) if id.tenant != self.identity.tenant => Err(ClientError::error(
+                sqlstate::INVALID_AUTHORIZATION,
+                "rlsgate: reauth refused: the token is for another tenant",
+            )),
+            Ok(id) => match inject::context_messages(&id) {
+                Ok((context, count)) => {
+                    self.context = context;
+                    self.context_count = count;
+                    self.identity = id;
+                    Ok(())
+                }
+                Err(e) => Err(ClientError::error(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!("rlsgate: reauth refused: {e}"),
+                )),
+            },
+        };
+        self.shared.audit.record(crate::audit::AuditEvent::Reauth {
+            peer: self.peer.clone(),
+            user: self.user.clone(),
+            tenant: self.identity.tenant.clone(),
+            ok: result.is_ok(),
+            reason: result.as_ref().err().map(|e| e.message.clone()),
+        });
+        result
     }
 
     fn token_expired(&self) -> bool {

@@ -115,7 +115,7 @@ fn init_logs() {
 pub async fn start_proxy_with(db: &str, config: &str) -> Proxy {
     init_logs();
     let config = Config::from_toml(config).expect("valid test config");
-    let shared = Shared::new(config).expect("shared state");
+    let shared = Shared::new(config).await.expect("shared state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

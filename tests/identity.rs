@@ -1,0 +1,317 @@
+//! Identity from tokens: refused headers, expiry for the life of a connection, re-auth, claims
+//! mapped into several settings, role mode, audit events, failed-login throttling.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+async fn login_code(proxy: &Proxy, token: &str) -> String {
+    match connect(proxy, token).await {
+        Ok(_) => panic!("login must fail"),
+        Err(e) => code(&e),
+    }
+}
+
+fn b64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn with_header(header: serde_json::Value, claims: serde_json::Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    if let Some(jku) = header.get("jku").and_then(|v| v.as_str()) {
+        h.jku = Some(jku.to_string());
+    }
+    if let Some(x5u) = header.get("x5u").and_then(|v| v.as_str()) {
+        h.x5u = Some(x5u.to_string());
+    }
+    if let Some(kid) = header.get("kid").and_then(|v| v.as_str()) {
+        h.kid = Some(kid.to_string());
+    }
+    jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tokens_are_refused_with_28000() {
+    let proxy = start_proxy(1).await;
+    let claims = json!({"store_id": "north", "exp": now() + 60});
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    assert_eq!(login_code(&proxy, &none).await, "28000");
+    let jku = with_header(
+        json!({"jku": "https://evil.example/jwks.json"}),
+        claims.clone(),
+    );
+    assert_eq!(login_code(&proxy, &jku).await, "28000");
+    let x5u = with_header(
+        json!({"x5u": "https://evil.example/cert.pem"}),
+        claims.clone(),
+    );
+    assert_eq!(login_code(&proxy, &x5u).await, "28000");
+    // RS256 header but HS256 is the only configured algorithm
+    let rs = format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes()),
+        b64(b"sig")
+    );
+    assert_eq!(login_code(&proxy, &rs).await, "28000");
+    let huge =
+        token_with(json!({"store_id": "north", "exp": now() + 60, "pad": "x".repeat(20_000)}));
+    assert_eq!(login_code(&proxy, &huge).await, "28000");
+    proxy.stop().await;
+}
+
+async fn expiring_client(proxy: &Proxy, secs: u64) -> tokio_postgres::Client {
+    let t = token_with(json!({"store_id": "north", "sub": "alice", "exp": now() + secs}));
+    connect(proxy, &t).await.expect("login")
+}
+
+fn no_leeway(db: &str, extra_server: &str) -> String {
+    config_text(db, 2, "leeway = \"0s\"")
+        .replace("[upstream]", &format!("{extra_server}[upstream]"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_ends_when_its_token_expires() {
+    for mode in ["transaction", "session"] {
+        let db = demo_db();
+        let proxy =
+            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let c = expiring_client(&proxy, 2).await;
+        assert_eq!(count(&c, "customers").await, 3);
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let err = c.simple_query("SELECT 1").await.unwrap_err();
+        assert!(err.is_closed() || code(&err) == "28000", "{mode}: {err}");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_flight_at_expiry_may_finish_but_no_new_one_starts() {
+    for mode in ["transaction", "session"] {
+        let db = demo_db();
+        let proxy =
+            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let c = expiring_client(&proxy, 2).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute(
+            "INSERT INTO customers (store_id, name) VALUES ('north', 'Before expiry')",
+            &[],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        c.batch_execute("COMMIT").await.unwrap();
+        let err = c.simple_query("SELECT 1").await.unwrap_err();
+        assert!(err.is_closed() || code(&err) == "28000", "{mode}: {err}");
+        assert_eq!(
+            admin_sql(
+                &db,
+                "SELECT count(*) FROM customers WHERE name = 'Before expiry'"
+            ),
+            "1"
+        );
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_extends_a_connection_for_the_same_tenant_only() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &no_leeway(&db, "")).await;
+    let c = expiring_client(&proxy, 3).await;
+    let other = token_with(json!({"store_id": "south", "exp": now() + 600}));
+    let err = c
+        .simple_query(&format!("SELECT rlsgate.reauth('{other}')"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "28000", "{err}");
+    let fresh = token_with(json!({"store_id": "north", "sub": "alice", "exp": now() + 600}));
+    let rows = c
+        .simple_query(&format!("SELECT rlsgate.reauth('{fresh}')"))
+        .await
+        .unwrap();
+    assert!(rows.iter().any(
+        |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("ok"))
+    ));
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    assert_eq!(
+        count(&c, "customers").await,
+        3,
+        "connection outlives the first token"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_claims_map_to_settings_used_by_policies() {
+    let db = demo_db();
+    admin_sql(&db, include_str!("../sql/examples/owner_and_admin.sql"));
+    let cfg = config_text(&db, 1, "").replace(
+        "\"app.current_store_id\" = \"store_id\"",
+        "\"app.current_store_id\" = \"store_id\"\n\"app.user_id\" = \"sub\"\n\"app.user_role\" = \"role\"\n\"app.groups\" = \"groups\"",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let alice = connect(&proxy, &token_with(json!({"store_id": "north", "sub": "alice", "role": "member", "groups": ["a", "b"], "exp": now() + 60})))
+        .await
+        .unwrap();
+    let admin = connect(&proxy, &token_with(json!({"store_id": "north", "sub": "dora", "role": "admin", "groups": [], "exp": now() + 60})))
+        .await
+        .unwrap();
+    let carol = connect(&proxy, &token_with(json!({"store_id": "south", "sub": "carol", "role": "admin", "groups": [], "exp": now() + 60})))
+        .await
+        .unwrap();
+    assert_eq!(count(&alice, "notes").await, 2);
+    assert_eq!(count(&admin, "notes").await, 3);
+    assert_eq!(count(&carol, "notes").await, 1);
+    let groups: String = alice
+        .query_one("SELECT current_setting('app.groups')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(groups, r#"["a","b"]"#);
+    let err = alice
+        .execute(
+            "INSERT INTO notes (store_id, owner, body) VALUES ('north', 'bob', 'forged')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42501");
+    // a token without a mapped claim is refused
+    assert_eq!(
+        login_code(
+            &proxy,
+            &token_with(json!({"store_id": "north", "sub": "x", "exp": now() + 60}))
+        )
+        .await,
+        "28000"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_claim_must_match_the_login_user() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &config_text(&db, 1, "user_claim = \"sub\"")).await;
+    let t = token_with(json!({"store_id": "north", "sub": "app", "exp": now() + 60}));
+    assert!(
+        connect(&proxy, &t).await.is_ok(),
+        "login user 'app' equals sub"
+    );
+    let t = token_with(json!({"store_id": "north", "sub": "mallory", "exp": now() + 60}));
+    assert_eq!(login_code(&proxy, &t).await, "28000");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_mode_runs_transactions_as_the_derived_role() {
+    let db = demo_db();
+    admin_sql(
+        &db,
+        "DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tenant_north') THEN CREATE ROLE tenant_north NOLOGIN; END IF;
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_reader') THEN CREATE ROLE app_reader NOLOGIN; END IF;
+         END $$;
+         GRANT tenant_north, app_reader TO rlsgate_app;
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO tenant_north, app_reader;",
+    );
+    let cfg = config_text(&db, 1, "role_template = \"tenant_{store_id}\"");
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let c = client(&proxy, "north").await;
+    let who: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "tenant_north");
+    assert_eq!(count(&c, "customers").await, 3);
+    let err = c.simple_query("SET ROLE rlsgate_app").await.unwrap_err();
+    assert_eq!(code(&err), "42501");
+    proxy.stop().await;
+
+    let cfg = config_text(
+        &db,
+        1,
+        "role_claim = \"db_role\"\nrole_allow = [\"app_reader\"]",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let ok = token_with(json!({"store_id": "north", "db_role": "app_reader", "exp": now() + 60}));
+    let c = connect(&proxy, &ok).await.unwrap();
+    let who: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "app_reader");
+    let bad = token_with(json!({"store_id": "north", "db_role": "postgres", "exp": now() + 60}));
+    assert_eq!(login_code(&proxy, &bad).await, "28000");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_logins_is_throttled_cheaply() {
+    let db = demo_db();
+    let proxy = start_proxy_with(
+        &db,
+        &config_text(
+            &db,
+            1,
+            "failed_login_burst = 5\nfailed_login_window = \"2s\"",
+        ),
+    )
+    .await;
+    let bad = rlsgate::auth::mint_hs256(
+        b"wrong-secret-wrong-secret-wrong-secret",
+        &json!({"store_id": "north", "exp": now() + 60}),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut throttled = 0;
+    for _ in 0..200 {
+        match login_code(&proxy, &bad).await.as_str() {
+            "53300" => throttled += 1,
+            "28000" => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        throttled, 195,
+        "after 5 failures the rest are refused without checking the token"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "flood took {:?}",
+        started.elapsed()
+    );
+    // a good token from the same address waits for the window
+    assert_eq!(login_code(&proxy, &token("north")).await, "53300");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let c = client(&proxy, "north").await;
+    assert_eq!(count(&c, "customers").await, 3);
+    proxy.stop().await;
+}
