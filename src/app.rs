@@ -50,6 +50,8 @@ pub struct Shared {
     pub audit: Audit,
     /// Stops background work (JWKS refresh, audit writer) once the proxy is done.
     background: CancellationToken,
+    /// The audit writer, awaited at shutdown so queued events are flushed.
+    audit_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     next_conn_id: AtomicU64,
 }
 
@@ -58,7 +60,7 @@ impl Shared {
         let validator = Validator::new(&config.auth, &config.context).await?;
         let background = CancellationToken::new();
         validator.spawn_refresh(&background);
-        let audit = match &config.audit.sink {
+        let (audit, audit_writer) = match &config.audit.sink {
             Some(connection) => {
                 let sink = SinkConfig {
                     connection: connection.clone(),
@@ -66,9 +68,10 @@ impl Shared {
                     queue: config.audit.queue,
                     ..SinkConfig::default()
                 };
-                Audit::with_sink(sink, background.clone()).0
+                let (audit, writer) = Audit::with_sink(sink, background.clone());
+                (audit, Some(writer))
             }
-            None => Audit::log_only(),
+            None => (Audit::log_only(), None),
         };
         let throttle = LoginThrottle::new(
             config.auth.failed_login_burst,
@@ -93,6 +96,7 @@ impl Shared {
             throttle,
             audit,
             background,
+            audit_writer: std::sync::Mutex::new(audit_writer),
             next_conn_id: AtomicU64::new(1),
             config: Arc::new(config),
         }))
@@ -171,6 +175,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     }
     shared.pool.close();
     shared.background.cancel();
+    let writer = shared.audit_writer.lock().ok().and_then(|mut w| w.take());
+    if let Some(writer) = writer {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
+    }
 }
 
 /// Over `max_client_conn`: tell the client and close, without reading anything.

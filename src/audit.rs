@@ -30,6 +30,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 /// Six parameters per row must stay under the protocol's 65535.
 const MAX_BATCH: usize = 10_000;
+const MAX_QUEUE: usize = 10_000_000;
 
 /// One security-relevant thing that happened. Serialized with `"event": "<snake_case name>"`;
 /// `peer`, `user` and `tenant` become table columns, the other fields the `detail` JSON.
@@ -52,7 +53,7 @@ pub struct SinkConfig {
     pub connection: String,
     /// `table` or `schema.table`, each part `[a-z_][a-z0-9_]*`; default `rlsgate_audit.events`.
     pub table: String,
-    /// Bounded queue capacity (default 10 000; 0 counts as 1).
+    /// Bounded queue capacity (default 10 000; clamped to 1..=10 000 000).
     pub queue: usize,
     /// Most rows per INSERT (default 500; clamped to 1..=10 000).
     pub batch: usize,
@@ -71,7 +72,7 @@ pub enum SinkConfigError {
 }
 
 impl Default for SinkConfig {
-    /// The defaults, with an empty connection string (local socket, libpq-style defaults).
+    /// The defaults with an empty connection string, which does not validate: set `connection`.
     fn default() -> SinkConfig {
         SinkConfig::new("")
     }
@@ -108,6 +109,9 @@ impl SinkConfig {
         }
         let mut pg: tokio_postgres::Config = (self.connection.parse())
             .map_err(|e: tokio_postgres::Error| SinkConfigError::Connection(e.to_string()))?;
+        if pg.get_hosts().is_empty() {
+            return Err(SinkConfigError::Connection("it names no host".into()));
+        }
         if pg.get_application_name().is_none() {
             pg.application_name("rlsgate-audit");
         }
@@ -162,7 +166,7 @@ impl Audit {
     /// invalid `cfg` is logged as an error and every event counts as dropped. The task ends when
     /// `stop` fires (after flushing what is queued, ≤ ~2 s) or when every handle is dropped.
     pub fn with_sink(cfg: SinkConfig, stop: CancellationToken) -> (Audit, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let (tx, rx) = mpsc::channel(cfg.queue.clamp(1, MAX_QUEUE));
         let audit = Audit {
             tx: Some(tx),
             counters: Arc::default(),

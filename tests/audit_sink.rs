@@ -390,6 +390,7 @@ fn the_sink_table_name_is_validated() {
             .validate()
             .is_err()
     );
+    assert!(SinkConfig::default().validate().is_err(), "no host");
 }
 
 /// Collects what a `tracing_subscriber` writes.

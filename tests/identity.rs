@@ -315,3 +315,157 @@ async fn a_flood_of_bad_logins_is_throttled_cheaply() {
     assert_eq!(count(&c, "customers").await, 3);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_reach_the_sink_table() {
+    let db = demo_db();
+    let audit_db = format!("{db}_audit");
+    pg().create_database(&audit_db).unwrap();
+    admin_sql(&audit_db, include_str!("../sql/audit.sql"));
+    admin_sql(
+        &audit_db,
+        "ALTER ROLE rlsgate_audit_writer PASSWORD 'audit-pw'",
+    );
+    let sink = format!(
+        "[audit]\nsink = \"host=127.0.0.1 port={} dbname={audit_db} user=rlsgate_audit_writer password=audit-pw\"\n",
+        pg().port()
+    );
+    let cfg = no_leeway(&db, "").replace("[context]", &format!("{sink}[context]"));
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let c = client(&proxy, "north").await;
+    let err = c
+        .simple_query("SET app.current_store_id = 'south'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42501");
+    assert_eq!(login_code(&proxy, "not-a-token").await, "28000");
+    let fresh = token_with(
+        json!({"store_id": "north", "sub": "user-north", "exp": now() + 600, "jti": "j-2"}),
+    );
+    c.simple_query(&format!("SELECT rlsgate.reauth('{fresh}')"))
+        .await
+        .unwrap();
+    let short = connect(
+        &proxy,
+        &token_with(json!({"store_id": "south", "exp": now() + 1, "jti": "j-1"})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(short.simple_query("SELECT 1").await.is_err());
+    proxy.stop().await;
+    let events = admin_sql(
+        &audit_db,
+        "SELECT string_agg(DISTINCT event, ',' ORDER BY event) FROM rlsgate_audit.events",
+    );
+    assert_eq!(
+        events,
+        "login_failed,login_ok,reauth,statement_denied,token_expired"
+    );
+    let denied = admin_sql(
+        &audit_db,
+        "SELECT tenant || ' ' || (detail->>'rule') || ' ' || length(detail->>'fingerprint') FROM rlsgate_audit.events WHERE event = 'statement_denied'",
+    );
+    assert_eq!(denied, "north protected_setting 16");
+    let text = admin_sql(
+        &audit_db,
+        "SELECT count(*) FROM rlsgate_audit.events WHERE detail::text LIKE '%south''%' OR detail::text LIKE '%SET app%'",
+    );
+    assert_eq!(text, "0", "statement text must not be in the audit trail");
+    let expired = admin_sql(
+        &audit_db,
+        "SELECT tenant || ' ' || (detail->>'jti') FROM rlsgate_audit.events WHERE event = 'token_expired'",
+    );
+    assert_eq!(expired, "south j-1");
+}
+
+#[allow(dead_code)]
+mod jwks_server;
+
+fn es256_token(private_pem: &str, kid: &str, claims: serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_rotate_while_clients_stay_connected() {
+    use jwks_server::{JwksServer, es256_jwk, jwks_body};
+    let (old_private, old_jwk) = es256_jwk("key-old");
+    let server = JwksServer::start(jwks_body(&[old_jwk.clone()])).await;
+    let db = demo_db();
+    let auth = format!(
+        "algorithms = [\"ES256\", \"HS256\"]\njwks_url = \"{}\"\njwks_ca_file = \"{}\"\njwks_min_refetch = \"1s\"",
+        server.url,
+        server.ca_pem_path.display()
+    );
+    let proxy = start_proxy_with(&db, &config_text(&db, 2, &auth)).await;
+    let claims = |store: &str| json!({"store_id": store, "exp": now() + 600});
+
+    let kept = connect(
+        &proxy,
+        &es256_token(&old_private, "key-old", claims("north")),
+    )
+    .await
+    .expect("old key works");
+    assert_eq!(count(&kept, "customers").await, 3);
+    // HS256 still works alongside (several key sources)
+    assert!(connect(&proxy, &token("south")).await.is_ok());
+
+    // rotation: the new key appears and the old one is removed
+    let (new_private, new_jwk) = es256_jwk("key-new");
+    server.set_body(jwks_body(&[new_jwk]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = connect(
+        &proxy,
+        &es256_token(&new_private, "key-new", claims("south")),
+    )
+    .await
+    .expect("unknown kid triggers a refetch");
+    assert_eq!(count(&fresh, "customers").await, 2);
+    // the connected client keeps working; new logins with the removed key are refused
+    assert_eq!(count(&kept, "customers").await, 3);
+    assert_eq!(
+        login_code(
+            &proxy,
+            &es256_token(&old_private, "key-old", claims("north"))
+        )
+        .await,
+        "28000"
+    );
+    // a kid that points nowhere, and no hammering of the provider for it
+    let hits = server.hits();
+    for _ in 0..5 {
+        assert_eq!(
+            login_code(
+                &proxy,
+                &es256_token(&new_private, "nowhere", claims("north"))
+            )
+            .await,
+            "28000"
+        );
+    }
+    assert!(
+        server.hits() <= hits + 1,
+        "refetches are rate-limited: {} → {}",
+        hits,
+        server.hits()
+    );
+    // the provider fails: the last good set stays in force
+    server.set_status(500);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        login_code(&proxy, &es256_token(&new_private, "other", claims("north"))).await,
+        "28000"
+    );
+    assert!(
+        connect(
+            &proxy,
+            &es256_token(&new_private, "key-new", claims("north"))
+        )
+        .await
+        .is_ok()
+    );
+    proxy.stop().await;
+}

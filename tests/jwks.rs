@@ -3,9 +3,12 @@
 #[allow(dead_code)]
 mod jwks_server;
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rlsgate::auth::jwks::{Jwks, JwksConfig, JwksError, Lookup};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,61 @@ fn verify(jwks: &Jwks, token: &str) -> Result<Value, String> {
 
 fn has_kid(jwks: &Jwks, kid: &str) -> bool {
     matches!(jwks.lookup(Some(kid), Algorithm::ES256), Lookup::Key(_))
+}
+
+/// A fresh temporary file path for this test process.
+fn temp_path() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!("rlsgate-jwks-{}-{n}.json", std::process::id()))
+}
+
+/// A key set loaded from a file holding `keys`.
+async fn load_file(keys: &[Value]) -> Jwks {
+    let path = temp_path();
+    std::fs::write(&path, jwks_body(keys)).unwrap();
+    let jwks = Jwks::load(JwksConfig {
+        file: Some(path.clone()),
+        ..JwksConfig::default()
+    })
+    .await;
+    let _ = std::fs::remove_file(&path);
+    jwks.unwrap()
+}
+
+fn with(mut jwk: Value, extra: Value) -> Value {
+    jwk.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    jwk
+}
+
+/// Public JWK (no `alg`, no `use`) and PKCS#8 DER private key for a fresh rcgen key.
+fn rcgen_jwk(alg: &'static rcgen::SignatureAlgorithm, kid: &str) -> (Value, Vec<u8>) {
+    let pair = rcgen::KeyPair::generate_for(alg).unwrap();
+    let public = if alg == &rcgen::PKCS_ED25519 {
+        DecodingKey::from_ed_der(pair.public_key_raw())
+    } else {
+        DecodingKey::from_ec_der(pair.public_key_raw())
+    };
+    let jwk = serde_json::to_value(Jwk::from_decoding_key(&public, None).unwrap()).unwrap();
+    (
+        with(jwk, json!({ "kid": kid })),
+        pair.serialized_der().to_vec(),
+    )
+}
+
+/// Shaped like a 2048-bit RSA key; only for lookup rules, never for verifying.
+fn rsa_shaped(extra: Value) -> Value {
+    let n = format!("{}A", "s".repeat(341)); // 256 bytes, canonical base64url
+    with(json!({"kty": "RSA", "e": "AQAB", "n": n}), extra)
+}
+
+fn lookup_name(jwks: &Jwks, kid: Option<&str>, alg: Algorithm) -> String {
+    match jwks.lookup(kid, alg) {
+        Lookup::Key(_) => "Key".to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -279,7 +337,7 @@ async fn background_refresh_picks_up_rotation_and_stops() {
 async fn file_source_loads_and_rereads_on_unknown_kid() {
     let (private_a, public_a) = es256_jwk("a");
     let (private_b, public_b) = es256_jwk("b");
-    let path = std::env::temp_dir().join(format!("rlsgate-jwks-{}.json", std::process::id()));
+    let path = temp_path();
     std::fs::write(&path, jwks_body(&[public_a])).unwrap();
     let cfg = JwksConfig {
         file: Some(path.clone()),
@@ -303,4 +361,171 @@ async fn file_source_loads_and_rereads_on_unknown_kid() {
     assert!(has_kid(&jwks, "b"));
     assert!(matches!(Jwks::load(cfg).await, Err(JwksError::Parse(_))));
     let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn unusable_keys_are_skipped_not_fatal() {
+    let p256 = |extra: Value| with(es256_jwk("x").1, extra);
+    let jwks = load_file(&[
+        p256(json!({"kid": "good", "key_ops": ["verify"]})),
+        p256(json!({"kid": "enc", "use": "enc"})),
+        p256(json!({"kid": "ops", "key_ops": ["encrypt"]})),
+        json!({"kid": "hmac", "kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}),
+        json!({"kid": "weird", "kty": "XYZ"}),
+        json!({"kid": "short", "kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA"}),
+        json!({"kid": "p521", "kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}),
+        json!({"kid": "badb64", "kty": "OKP", "crv": "Ed25519", "x": "!".repeat(43)}),
+        json!({"kid": "small", "kty": "RSA", "e": "AQAB", "n": "s".repeat(171)}),
+        rsa_shaped(json!({"kid": "oaep", "alg": "RSA-OAEP"})),
+        rsa_shaped(json!({"kid": "rsa-as-ec", "alg": "ES256"})),
+        rsa_shaped(json!({"kid": "rsa-ok", "alg": "PS384"})),
+        json!("not an object"),
+    ])
+    .await;
+    assert_eq!(jwks.len(), 2);
+    assert!(has_kid(&jwks, "good"));
+    assert_eq!(lookup_name(&jwks, Some("rsa-ok"), Algorithm::PS384), "Key");
+    for kid in [
+        "enc", "ops", "hmac", "weird", "short", "p521", "badb64", "small", "oaep",
+    ] {
+        assert_eq!(
+            lookup_name(&jwks, Some(kid), Algorithm::ES256),
+            "UnknownKid",
+            "{kid}"
+        );
+    }
+    assert_eq!(
+        lookup_name(&jwks, Some("hmac"), Algorithm::HS256),
+        "UnknownKid"
+    );
+}
+
+#[tokio::test]
+async fn key_sets_without_usable_keys_are_refused() {
+    for (body, expect_parse) in [
+        (
+            jwks_body(&[with(es256_jwk("a").1, json!({"use": "enc"}))]),
+            false,
+        ),
+        (r#"{"keys": 3}"#.to_string(), true),
+        ("<html>".to_string(), true),
+    ] {
+        let path = temp_path();
+        std::fs::write(&path, body).unwrap();
+        let cfg = JwksConfig {
+            file: Some(path.clone()),
+            ..JwksConfig::default()
+        };
+        match Jwks::load(cfg).await {
+            Err(JwksError::Parse(_)) => assert!(expect_parse),
+            Err(JwksError::NoUsableKeys) => assert!(!expect_parse),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[tokio::test]
+async fn lookup_honours_kid_declared_alg_and_key_type() {
+    let jwks = load_file(&[
+        with(es256_jwk("ec").1, json!({"use": "sig"})),
+        rsa_shaped(json!({"kid": "rsa", "alg": "RS256"})),
+        rsa_shaped(json!({"kid": "rsa-any"})),
+        rcgen_jwk(&rcgen::PKCS_ECDSA_P384_SHA384, "p384").0,
+        rcgen_jwk(&rcgen::PKCS_ED25519, "ed").0,
+    ])
+    .await;
+    assert_eq!(jwks.len(), 5);
+    let cases = [
+        ("ec", Algorithm::ES256, "Key"),
+        ("rsa", Algorithm::RS256, "Key"),
+        ("rsa-any", Algorithm::PS512, "Key"),
+        ("p384", Algorithm::ES384, "Key"),
+        ("ed", Algorithm::EdDSA, "Key"),
+        ("ec", Algorithm::ES384, "AlgorithmMismatch"), // the JWK declares ES256
+        ("rsa", Algorithm::RS384, "AlgorithmMismatch"), // the JWK declares RS256
+        ("ec", Algorithm::RS256, "AlgorithmMismatch"), // EC key, RSA algorithm
+        ("p384", Algorithm::ES256, "AlgorithmMismatch"), // the curve must match
+        ("rsa-any", Algorithm::HS256, "AlgorithmMismatch"), // never HMAC
+        ("nope", Algorithm::ES256, "UnknownKid"),
+    ];
+    for (kid, alg, expected) in cases {
+        assert_eq!(
+            lookup_name(&jwks, Some(kid), alg),
+            expected,
+            "{kid} {alg:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn missing_kid_needs_a_single_fitting_key() {
+    let jwks = load_file(&[
+        es256_jwk("a").1,
+        with(es256_jwk("b").1, json!({"kid": null})),
+        rsa_shaped(json!({"kid": "r"})),
+    ])
+    .await;
+    assert_eq!(lookup_name(&jwks, None, Algorithm::ES256), "KidRequired");
+    assert_eq!(lookup_name(&jwks, None, Algorithm::RS256), "Key");
+    assert_eq!(
+        lookup_name(&jwks, None, Algorithm::EdDSA),
+        "AlgorithmMismatch"
+    );
+}
+
+#[tokio::test]
+async fn p384_and_ed25519_keys_verify_signatures() {
+    for (alg, jwt_alg) in [
+        (&rcgen::PKCS_ECDSA_P384_SHA384, Algorithm::ES384),
+        (&rcgen::PKCS_ED25519, Algorithm::EdDSA),
+    ] {
+        let (public, private_der) = rcgen_jwk(alg, "k");
+        let jwks = load_file(&[public]).await;
+        let signing = if jwt_alg == Algorithm::EdDSA {
+            EncodingKey::from_ed_der(&private_der)
+        } else {
+            EncodingKey::from_ec_der(&private_der)
+        };
+        let mut header = Header::new(jwt_alg);
+        header.kid = Some("k".into());
+        let claims = json!({"sub": "u1", "exp": jsonwebtoken::get_current_timestamp() + 60});
+        let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        assert_eq!(verify(&jwks, &token).unwrap()["sub"], "u1", "{jwt_alg:?}");
+    }
+}
+
+#[tokio::test]
+async fn config_mistakes_are_refused() {
+    let cfg = |file: Option<&str>, url: Option<&str>| JwksConfig {
+        file: file.map(PathBuf::from),
+        url: url.map(String::from),
+        ..JwksConfig::default()
+    };
+    for bad in [
+        cfg(None, Some("http://idp.example/jwks.json")),
+        cfg(None, Some("file:///etc/jwks.json")),
+        cfg(None, Some("not a url")),
+        cfg(Some("/x"), Some("https://idp.example/jwks.json")),
+        cfg(None, None),
+        JwksConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..cfg(None, Some("https://idp.example/jwks.json"))
+        },
+        JwksConfig {
+            refresh_interval: Duration::ZERO,
+            ..cfg(Some("/x"), None)
+        },
+    ] {
+        let described = format!("{bad:?}");
+        match Jwks::load(bad).await {
+            Err(JwksError::Config(_)) => {}
+            other => panic!("{described}: expected a config error, got {other:?}"),
+        }
+    }
+    let missing = cfg(Some("/nonexistent/rlsgate-jwks.json"), None);
+    assert!(matches!(
+        Jwks::load(missing).await,
+        Err(JwksError::Read { .. })
+    ));
 }

@@ -89,6 +89,7 @@ pub enum JwksError {
 }
 
 /// Result of choosing a key for a token header.
+#[derive(Debug)]
 pub enum Lookup {
     Key(Arc<DecodingKey>),
     /// The token names a `kid` the set does not have.
@@ -99,18 +100,6 @@ pub enum Lookup {
     AlgorithmMismatch,
     /// Nothing is loaded (yet).
     NoKeys,
-}
-
-impl std::fmt::Debug for Lookup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Lookup::Key(_) => "Key(..)",
-            Lookup::UnknownKid => "UnknownKid",
-            Lookup::KidRequired => "KidRequired",
-            Lookup::AlgorithmMismatch => "AlgorithmMismatch",
-            Lookup::NoKeys => "NoKeys",
-        })
-    }
 }
 
 /// The key type (and curve) of a usable key.
@@ -166,6 +155,8 @@ enum Source {
 
 struct Inner {
     cfg: JwksConfig,
+    /// The source for logs: the file path, or the URL without query or credentials.
+    name: String,
     source: Source,
     current: RwLock<Arc<KeySet>>,
     /// Serialises loads (async mutex, meant to be held across the fetch) and remembers when the
@@ -182,7 +173,7 @@ pub struct Jwks {
 impl std::fmt::Debug for Jwks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jwks")
-            .field("source", &self.source_name())
+            .field("source", &self.name())
             .field("keys", &self.len())
             .finish()
     }
@@ -194,27 +185,29 @@ impl Jwks {
     /// [`Lookup::NoKeys`] until a fetch succeeds), so a briefly unavailable identity provider
     /// does not stop the proxy from starting. Configuration mistakes are always errors.
     pub async fn load(cfg: JwksConfig) -> Result<Jwks, JwksError> {
-        let source = match (&cfg.file, &cfg.url) {
-            (Some(path), None) => Source::File(path.clone()),
-            (None, Some(url)) => Source::Url {
-                url: parse_https_url(url)?,
-                client: http_client(&cfg)?,
-            },
-            (Some(_), Some(_)) => {
-                return Err(JwksError::Config(
-                    "set either a JWKS file or a URL, not both".into(),
-                ));
+        let (source, name) = match (&cfg.file, &cfg.url) {
+            (Some(path), None) => (Source::File(path.clone()), path.display().to_string()),
+            (None, Some(url)) => {
+                let url = parse_https_url(url)?;
+                let mut shown = url.clone();
+                shown.set_query(None);
+                let _ = shown.set_username("");
+                let _ = shown.set_password(None);
+                let client = http_client(&cfg)?;
+                (Source::Url { url, client }, shown.to_string())
             }
-            (None, None) => return Err(JwksError::Config("no JWKS file or URL given".into())),
+            (Some(_), Some(_)) => return Err(config("set a JWKS file or a URL, not both")),
+            (None, None) => return Err(config("no JWKS file or URL given")),
         };
         if cfg.refresh_interval.is_zero() || cfg.timeout.is_zero() || cfg.max_bytes == 0 {
-            return Err(JwksError::Config(
-                "refresh interval, timeout and size limit must be positive".into(),
+            return Err(config(
+                "refresh interval, timeout and size limit must be positive",
             ));
         }
         let jwks = Jwks {
             inner: Arc::new(Inner {
                 cfg,
+                name,
                 source,
                 current: RwLock::new(Arc::new(KeySet::default())),
                 gate: tokio::sync::Mutex::new(None),
@@ -223,7 +216,7 @@ impl Jwks {
         match jwks.refresh_now().await {
             Ok(_) => {}
             Err(e) if matches!(jwks.inner.source, Source::Url { .. }) => tracing::warn!(
-                source = %jwks.source_name(),
+                source = %jwks.name(),
                 error = %e,
                 "initial JWKS fetch failed; tokens are refused until a fetch succeeds"
             ),
@@ -286,11 +279,11 @@ impl Jwks {
         *last = Some(Instant::now());
         match self.load_and_install().await {
             Ok(n) => {
-                tracing::info!(source = %self.source_name(), keys = n, "JWKS reloaded for an unknown kid");
+                tracing::info!(source = %self.name(), keys = n, "JWKS reloaded for an unknown kid");
                 true
             }
             Err(e) => {
-                tracing::warn!(source = %self.source_name(), error = %e, "JWKS refetch failed; keeping the last good set");
+                self.warn_kept(&e);
                 false
             }
         }
@@ -328,12 +321,8 @@ impl Jwks {
                     r = this.refresh_now() => r,
                 };
                 match result {
-                    Ok(n) => {
-                        tracing::debug!(source = %this.source_name(), keys = n, "JWKS refreshed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(source = %this.source_name(), error = %e, "JWKS refresh failed; keeping the last good set")
-                    }
+                    Ok(n) => tracing::debug!(source = %this.name(), keys = n, "JWKS refreshed"),
+                    Err(e) => this.warn_kept(&e),
                 }
             }
         })
@@ -376,29 +365,24 @@ impl Jwks {
         Ok(count)
     }
 
-    /// The source for logs: the file path, or the URL without query or credentials.
-    fn source_name(&self) -> String {
-        match &self.inner.source {
-            Source::File(path) => path.display().to_string(),
-            Source::Url { url, .. } => {
-                let mut shown = url.clone();
-                shown.set_query(None);
-                shown.set_fragment(None);
-                let _ = shown.set_username("");
-                let _ = shown.set_password(None);
-                shown.to_string()
-            }
-        }
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Log a failed load (the error only, never key material); the last good set stays.
+    fn warn_kept(&self, e: &JwksError) {
+        tracing::warn!(source = %self.name(), error = %e, "JWKS load failed; keeping the last good set");
     }
 }
 
+fn config(message: impl Into<String>) -> JwksError {
+    JwksError::Config(message.into())
+}
+
 fn parse_https_url(raw: &str) -> Result<reqwest::Url, JwksError> {
-    let url = reqwest::Url::parse(raw)
-        .map_err(|e| JwksError::Config(format!("JWKS URL is not a valid URL: {e}")))?;
+    let url = reqwest::Url::parse(raw).map_err(|e| config(format!("bad JWKS URL: {e}")))?;
     if url.scheme() != "https" || url.host().is_none() {
-        return Err(JwksError::Config(
-            "JWKS URL must be an https:// URL with a host".into(),
-        ));
+        return Err(config("JWKS URL must be an https:// URL with a host"));
     }
     Ok(url)
 }
@@ -409,12 +393,7 @@ fn http_client(cfg: &JwksConfig) -> Result<reqwest::Client, JwksError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.ca_file {
-        let bad = |reason: String| {
-            JwksError::Config(format!(
-                "cannot use JWKS CA file {}: {reason}",
-                path.display()
-            ))
-        };
+        let bad = |why: String| config(format!("JWKS CA file {}: {why}", path.display()));
         let certs = CertificateDer::pem_file_iter(path)
             .map_err(|e| bad(e.to_string()))?
             .collect::<Result<Vec<_>, _>>()
@@ -429,7 +408,7 @@ fn http_client(cfg: &JwksConfig) -> Result<reqwest::Client, JwksError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| JwksError::Config(format!("TLS setup: {e}")))?
+        .map_err(|e| config(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let redirects = reqwest::redirect::Policy::custom(|attempt| {
@@ -448,7 +427,7 @@ fn http_client(cfg: &JwksConfig) -> Result<reqwest::Client, JwksError> {
         .timeout(cfg.timeout)
         .redirect(redirects)
         .build()
-        .map_err(|e| JwksError::Config(format!("HTTP client: {}", error_chain(&e))))
+        .map_err(|e| config(format!("HTTP client: {}", error_chain(&e))))
 }
 
 /// GET the key set, refusing non-2xx answers and bodies over `max_bytes`.
@@ -588,207 +567,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::{Value, json};
-
-    /// Public JWK (plus `extra` fields) for a fresh rcgen key of the given algorithm.
-    fn jwk(alg: &'static rcgen::SignatureAlgorithm, jwt_alg: Algorithm, extra: Value) -> Value {
-        let pair = rcgen::KeyPair::generate_for(alg).unwrap();
-        let key = match jwt_alg {
-            Algorithm::EdDSA => DecodingKey::from_ed_der(pair.public_key_raw()),
-            _ => DecodingKey::from_ec_der(pair.public_key_raw()),
-        };
-        let mut v = serde_json::to_value(Jwk::from_decoding_key(&key, None).unwrap()).unwrap();
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        v
-    }
-
-    fn p256(extra: Value) -> Value {
-        jwk(&rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256, extra)
-    }
-
-    /// The public RSA key of RFC 7517, appendix A.1 (2048 bits).
-    fn rsa(extra: Value) -> Value {
-        let mut v = json!({"kty": "RSA", "e": "AQAB", "n": concat!(
-            "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECP",
-            "ebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY",
-            "368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0f",
-            "M4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw")});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        v
-    }
-
-    fn set(keys: &[Value]) -> Jwks {
-        let entries = parse_key_set(json!({ "keys": keys }).to_string().as_bytes()).unwrap();
-        Jwks {
-            inner: Arc::new(Inner {
-                cfg: JwksConfig::default(),
-                source: Source::File(PathBuf::from("unused")),
-                current: RwLock::new(Arc::new(KeySet {
-                    entries,
-                    generation: 1,
-                })),
-                gate: tokio::sync::Mutex::new(None),
-            }),
-        }
-    }
-
-    fn is_key(l: &Lookup) -> bool {
-        matches!(l, Lookup::Key(_))
-    }
-
-    #[test]
-    fn unusable_keys_are_skipped_not_fatal() {
-        let keys = [
-            p256(json!({"kid": "good"})),
-            p256(json!({"kid": "enc", "use": "enc"})),
-            p256(json!({"kid": "ops", "key_ops": ["encrypt"]})),
-            json!({"kid": "hmac", "kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}),
-            json!({"kid": "weird", "kty": "XYZ"}),
-            json!({"kid": "short", "kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA"}),
-            json!({"kid": "p521", "kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}),
-            rsa(json!({"kid": "oaep", "alg": "RSA-OAEP"})),
-            rsa(json!({"kid": "mixed", "alg": "ES256"})),
-            json!("not an object"),
-        ];
-        let jwks = set(&keys);
-        assert_eq!(jwks.len(), 1);
-        assert!(is_key(&jwks.lookup(Some("good"), Algorithm::ES256)));
-        assert!(matches!(
-            jwks.lookup(Some("enc"), Algorithm::ES256),
-            Lookup::UnknownKid
-        ));
-    }
-
-    #[test]
-    fn documents_without_usable_keys_or_keys_array_are_errors() {
-        let enc_only = json!({"keys": [p256(json!({"use": "enc"}))]}).to_string();
-        assert!(matches!(
-            parse_key_set(enc_only.as_bytes()),
-            Err(JwksError::NoUsableKeys)
-        ));
-        assert!(matches!(
-            parse_key_set(b"{\"keys\": 3}"),
-            Err(JwksError::Parse(_))
-        ));
-        assert!(matches!(parse_key_set(b"<html>"), Err(JwksError::Parse(_))));
-    }
-
-    #[test]
-    fn kid_selects_key_and_alg_must_fit() {
-        let jwks = set(&[
-            p256(json!({"kid": "ec", "alg": "ES256", "use": "sig"})),
-            rsa(json!({"kid": "rsa", "alg": "RS256"})),
-            rsa(json!({"kid": "rsa-any"})),
-            jwk(
-                &rcgen::PKCS_ECDSA_P384_SHA384,
-                Algorithm::ES384,
-                json!({"kid": "p384"}),
-            ),
-            jwk(&rcgen::PKCS_ED25519, Algorithm::EdDSA, json!({"kid": "ed"})),
-        ]);
-        assert_eq!(jwks.len(), 5);
-        assert!(is_key(&jwks.lookup(Some("ec"), Algorithm::ES256)));
-        assert!(is_key(&jwks.lookup(Some("rsa"), Algorithm::RS256)));
-        assert!(is_key(&jwks.lookup(Some("rsa-any"), Algorithm::PS512)));
-        assert!(is_key(&jwks.lookup(Some("p384"), Algorithm::ES384)));
-        assert!(is_key(&jwks.lookup(Some("ed"), Algorithm::EdDSA)));
-        let mismatch = |kid, alg| matches!(jwks.lookup(Some(kid), alg), Lookup::AlgorithmMismatch);
-        assert!(mismatch("rsa", Algorithm::RS384), "declared alg differs");
-        assert!(mismatch("ec", Algorithm::RS256), "EC key cannot do RSA");
-        assert!(mismatch("p384", Algorithm::ES256), "curve must match");
-        assert!(mismatch("rsa-any", Algorithm::HS256), "never HMAC");
-        assert!(matches!(
-            jwks.lookup(Some("nope"), Algorithm::ES256),
-            Lookup::UnknownKid
-        ));
-    }
-
-    #[test]
-    fn missing_kid_needs_a_single_fitting_key() {
-        let jwks = set(&[
-            p256(json!({"kid": "a"})),
-            p256(json!({})),
-            rsa(json!({"kid": "r"})),
-        ]);
-        assert!(matches!(
-            jwks.lookup(None, Algorithm::ES256),
-            Lookup::KidRequired
-        ));
-        assert!(is_key(&jwks.lookup(None, Algorithm::RS256)));
-        assert!(matches!(
-            jwks.lookup(None, Algorithm::EdDSA),
-            Lookup::AlgorithmMismatch
-        ));
-        let empty = set(&[p256(json!({}))]);
-        *empty.inner.current.write().unwrap() = Arc::new(KeySet::default());
-        assert!(matches!(
-            empty.lookup(Some("a"), Algorithm::ES256),
-            Lookup::NoKeys
-        ));
-    }
-
-    #[test]
-    fn p384_and_ed25519_keys_verify_signatures() {
-        for (alg, jwt_alg) in [
-            (&rcgen::PKCS_ECDSA_P384_SHA384, Algorithm::ES384),
-            (&rcgen::PKCS_ED25519, Algorithm::EdDSA),
-        ] {
-            let pair = rcgen::KeyPair::generate_for(alg).unwrap();
-            let (signing, public) = match jwt_alg {
-                Algorithm::EdDSA => (
-                    jsonwebtoken::EncodingKey::from_ed_der(pair.serialized_der()),
-                    DecodingKey::from_ed_der(pair.public_key_raw()),
-                ),
-                _ => (
-                    jsonwebtoken::EncodingKey::from_ec_der(pair.serialized_der()),
-                    DecodingKey::from_ec_der(pair.public_key_raw()),
-                ),
-            };
-            let mut v =
-                serde_json::to_value(Jwk::from_decoding_key(&public, None).unwrap()).unwrap();
-            v["kid"] = json!("k");
-            let jwks = set(&[v]);
-            let mut header = jsonwebtoken::Header::new(jwt_alg);
-            header.kid = Some("k".into());
-            let claims = json!({"exp": jsonwebtoken::get_current_timestamp() + 60});
-            let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
-            let Lookup::Key(key) = jwks.lookup(Some("k"), jwt_alg) else {
-                panic!("no key for {jwt_alg:?}");
-            };
-            let validation = jsonwebtoken::Validation::new(jwt_alg);
-            jsonwebtoken::decode::<Value>(&token, &key, &validation).unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn config_mistakes_are_refused() {
-        let with = |file: Option<&str>, url: Option<&str>| JwksConfig {
-            file: file.map(PathBuf::from),
-            url: url.map(String::from),
-            ..JwksConfig::default()
-        };
-        for cfg in [
-            with(None, Some("http://idp.example/jwks.json")),
-            with(None, Some("file:///etc/jwks.json")),
-            with(None, Some("not a url")),
-            with(Some("/x"), Some("https://idp.example/jwks.json")),
-            with(None, None),
-        ] {
-            assert!(matches!(Jwks::load(cfg).await, Err(JwksError::Config(_))));
-        }
-        let missing = with(Some("/nonexistent/rlsgate-jwks.json"), None);
-        assert!(matches!(
-            Jwks::load(missing).await,
-            Err(JwksError::Read { .. })
-        ));
-    }
 }
