@@ -168,6 +168,14 @@ pub struct UpstreamConfig {
     /// Keep at least this many connections open and idle (opened in the background).
     #[serde(default)]
     pub min_idle: usize,
+    /// Run every autocommit unit inside rlsgate's own `BEGIN … COMMIT` with the context applied
+    /// inside the block (Citus propagates `SET LOCAL` to workers only in explicit blocks).
+    #[serde(default)]
+    pub transaction_wrap: bool,
+    /// Also inject `SET LOCAL citus.propagate_set_commands = 'local'`, so the upstream needs no
+    /// server setting (Citus).
+    #[serde(default)]
+    pub citus_propagate_set: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -35,6 +35,8 @@ pub mod config;
 pub mod embedded_pg;
 pub mod error;
 pub mod guard;
+pub mod http;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod session;

@@ -28,13 +28,37 @@ pub enum Expect {
     DescribePortal,
     /// Execute: rows (and COPY traffic) until CommandComplete, EmptyQuery or PortalSuspended.
     Execute,
-    /// Sync: ReadyForQuery.
-    Sync,
-    /// Query: everything until ReadyForQuery; `segment` = a non-final piece of a split Query
-    /// whose ReadyForQuery is swallowed.
-    Query { segment: bool },
+    /// Sync: ReadyForQuery (then `after`).
+    Sync { after: After },
+    /// Query: everything until ReadyForQuery (then `after`).
+    Query { after: After },
     /// A denial raised server-side: swallow ParseComplete/BindComplete, forward the error.
     Raise,
-    /// The client's session settings replayed on this connection: swallow everything.
-    Replay,
+    /// A statement rlsgate runs itself (settings replay, the `BEGIN` of transaction_wrap):
+    /// swallow everything up to and including its ReadyForQuery.
+    HiddenQuery { what: &'static str },
+    /// transaction_wrap's own `COMMIT` closing a client's autocommit unit: swallow its
+    /// CommandComplete and notices, forward an error (a commit-time failure is the client's),
+    /// then `after` for its ReadyForQuery.
+    WrapCommit { after: After },
+}
+
+/// What happens with the ReadyForQuery that completes an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Forward it to the client.
+    Forward,
+    /// Swallow it: the client's unit goes on (wrapped unit before rlsgate's COMMIT).
+    Swallow,
+    /// Swallow it and send the next piece of a split Query.
+    ContinueSplit,
+    /// Forward it: the last piece of a split Query.
+    FinishSplit,
+}
+
+impl After {
+    /// For a piece of a split Query: the last one answers the client.
+    pub fn for_piece(more: bool) -> After {
+        if more { After::ContinueSplit } else { After::FinishSplit }
+    }
 }

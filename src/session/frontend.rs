@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::expect::Expect;
+use super::expect::{After, Expect};
 use super::inject;
 use super::statements::{MAX_STATEMENTS, Prepared, server_name};
-use super::{Flow, Predicted, Session, SessionError, Split};
+use super::{Flow, Piece, PieceKind, Predicted, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
@@ -89,10 +89,11 @@ impl Session {
 
     /// Start a unit of work: check the token, get a connection, inject the context when the unit
     /// starts a transaction. `Err` from the pool is returned for the caller to report.
-    async fn start_unit(
-        &mut self,
-        outside_tx: bool,
-    ) -> Result<Result<(), PoolError>, SessionError> {
+    /// Start a unit of work: check the token, get a connection, replay settings. Returns whether
+    /// the unit starts a transaction that needs the context (`Ok(Ok(true))`): in plain mode the
+    /// context is injected here, ahead of the unit; with transaction_wrap the caller places it.
+    /// `Err` from the pool is returned for the caller to report.
+    async fn start_unit(&mut self, outside_tx: bool) -> Result<Result<bool, PoolError>, SessionError> {
         let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
         if new_tx && self.token_expired() {
             return Err(SessionError::TokenExpired);
@@ -104,10 +105,11 @@ impl Session {
         if self.predicted == Predicted::Idle && self.in_flight == 0 {
             self.sync_settings()?;
         }
-        if self.predicted == Predicted::Idle && !outside_tx {
+        let due = self.predicted == Predicted::Idle && !outside_tx;
+        if due && !self.wrap {
             self.inject_context();
         }
-        Ok(Ok(()))
+        Ok(Ok(due))
     }
 
     pub(super) fn inject_context(&mut self) {
@@ -231,10 +233,13 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
-        if let Err(e) = self.start_unit(analysis.runs_outside_transaction()).await? {
-            self.local_query_error(&e.to_client_error());
-            return Ok(Flow::Continue);
-        }
+        let due = match self.start_unit(analysis.runs_outside_transaction()).await? {
+            Ok(due) => due,
+            Err(e) => {
+                self.local_query_error(&e.to_client_error());
+                return Ok(Flow::Continue);
+            }
+        };
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
@@ -242,15 +247,28 @@ impl Session {
             self.mark_dirty();
         }
         self.pin_for(&analysis);
-        let splits = analysis.split_points();
-        let unit = if splits.is_empty() {
+        let mut pieces = plan_pieces(sql, &analysis, self.wrap);
+        let unit = if pieces.len() > 1 {
+            // settings count once the last piece ends committed
+            let first = pieces.remove(0);
+            self.send_piece(first, due, true)?;
+            self.split = Some(Split { rest: pieces.into(), failed: false });
+            // counted when the whole split ends (see relay::on_ready)
+            SPLIT_UNIT
+        } else if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Statements) {
+            self.wrap_begin();
             self.server_out.extend_from_slice(&frame.bytes);
-            let unit = self.expect_ready(Expect::Query { segment: false });
+            self.expect_ready(Expect::Query { after: After::Swallow });
+            self.wrap_commit(After::Forward);
+            self.units_sent
+        } else {
+            self.server_out.extend_from_slice(&frame.bytes);
+            let unit = self.expect_ready(Expect::Query { after: After::Forward });
+            if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Begin) {
+                self.inject_context();
+            }
             self.after_unit(analysis.tx_effect());
             unit
-        } else {
-            // settings count once the last piece ends committed
-            self.start_split(sql, &splits)? + splits.len() as u64
         };
         self.stage_settings(unit, &analysis);
         Ok(Flow::Continue)
@@ -328,28 +346,6 @@ impl Session {
         }
     }
 
-    /// Run a multi-statement Query in pieces, each ending after a COMMIT/ROLLBACK, so that the
-    /// statements after it get the context too (DESIGN §3). The context was injected already.
-    fn start_split(&mut self, sql: &str, splits: &[usize]) -> Result<u64, SessionError> {
-        let mut pieces = std::collections::VecDeque::new();
-        let mut start = 0;
-        for &at in splits {
-            pieces.push_back(sql.get(start..at).unwrap_or_default().to_string());
-            start = at;
-        }
-        pieces.push_back(sql.get(start..).unwrap_or_default().to_string());
-        let first = pieces.pop_front().unwrap_or_default();
-        fe::write_query(&first, &mut self.server_out).map_err(protocol)?;
-        let unit = self.expect_ready(Expect::Query {
-            segment: !pieces.is_empty(),
-        });
-        self.predicted = Predicted::Unknown;
-        self.split = Some(Split {
-            rest: pieces,
-            failed: false,
-        });
-        Ok(unit)
-    }
 
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
@@ -357,7 +353,7 @@ impl Session {
         if self.server.is_some() {
             let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
             if fe::write_query(&sql, &mut self.server_out).is_ok() {
-                self.expect_ready(Expect::Query { segment: false });
+                self.expect_ready(Expect::Query { after: After::Forward });
                 return;
             }
         }
@@ -378,12 +374,22 @@ impl Session {
         }
         let oid = fe::function_call_oid(frame.body()).map_err(protocol)?;
         if LARGE_OBJECT_FUNCTIONS.contains(&oid) {
-            if let Err(e) = self.start_unit(false).await? {
-                self.local_query_error(&e.to_client_error());
-                return Ok(Flow::Continue);
+            let due = match self.start_unit(false).await? {
+                Ok(due) => due,
+                Err(e) => {
+                    self.local_query_error(&e.to_client_error());
+                    return Ok(Flow::Continue);
+                }
+            };
+            let wrapped = self.wrap && due;
+            if wrapped {
+                self.wrap_begin();
             }
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect_ready(Expect::Query { segment: false });
+            self.expect_ready(Expect::Query { after: if wrapped { After::Swallow } else { After::Forward } });
+            if wrapped {
+                self.wrap_commit(After::Forward);
+            }
             return Ok(Flow::Continue);
         }
         tracing::info!(oid, "FunctionCall refused");
@@ -411,9 +417,21 @@ impl Session {
                 return Ok(Flow::Wait(frame));
             }
             let outside_tx = self.unit_outside_tx(&frame);
-            if let Err(e) = self.start_unit(outside_tx).await? {
-                self.fail_unit_locally(&e.to_client_error());
-                return Ok(Flow::Continue);
+            let due = match self.start_unit(outside_tx).await? {
+                Ok(due) => due,
+                Err(e) => {
+                    self.fail_unit_locally(&e.to_client_error());
+                    return Ok(Flow::Continue);
+                }
+            };
+            if self.wrap && due {
+                if self.unit_begins(&frame) {
+                    // the context goes after the client's own BEGIN (see on_bind/Execute)
+                    self.begin_portal = Some(None);
+                } else {
+                    self.wrap_begin();
+                    self.wrapping = true;
+                }
             }
             self.unit_open = true;
             self.unit_effect = TxEffect::None;
@@ -423,9 +441,14 @@ impl Session {
             fe::BIND => self.on_bind(&frame)?,
             fe::DESCRIBE => self.on_describe(&frame)?,
             fe::EXECUTE => {
-                fe::execute_portal(frame.body()).map_err(protocol)?;
+                let portal = fe::execute_portal(frame.body()).map_err(protocol)?;
+                let after_begin = matches!(&self.begin_portal, Some(Some(p)) if p == portal);
                 self.server_out.extend_from_slice(&frame.bytes);
                 self.expect.push_back(Expect::Execute);
+                if after_begin {
+                    self.begin_portal = None;
+                    self.inject_context();
+                }
             }
             fe::CLOSE => self.on_close(&frame)?,
             _ => {}
@@ -463,6 +486,18 @@ impl Session {
         be::write_empty(be::PARSE_COMPLETE, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
         Ok(true)
+    }
+
+    /// transaction_wrap: the unit this message opens starts with the client's own BEGIN.
+    fn unit_begins(&self, frame: &Frame) -> bool {
+        let effect = match frame.tag {
+            fe::PARSE => fe::parse(frame.body()).map(|p| self.shared.guard.analyze(p.sql).tx_effect()).ok(),
+            fe::BIND => fe::bind(frame.body())
+                .ok()
+                .and_then(|b| self.stmts.get(b.statement).map(|p| p.analysis.tx_effect())),
+            _ => None,
+        };
+        effect == Some(TxEffect::Begin)
     }
 
     /// Whether the unit this message opens runs a statement that cannot be in a transaction block.
@@ -637,6 +672,9 @@ impl Session {
             self.apply_reset(kind);
         }
         self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
+        if self.begin_portal == Some(None) && prepared.analysis.tx_effect() == TxEffect::Begin {
+            self.begin_portal = Some(Some(b.portal.to_string()));
+        }
         let analysis = Arc::clone(&prepared.analysis);
         self.stage_settings(self.units_sent + 1, &analysis);
         if b.statement.is_empty() {
@@ -710,7 +748,13 @@ impl Session {
             return Flow::Continue;
         }
         self.server_out.extend_from_slice(&frame.bytes);
-        self.expect_ready(Expect::Sync);
+        self.begin_portal = None;
+        if std::mem::take(&mut self.wrapping) {
+            self.expect_ready(Expect::Sync { after: After::Swallow });
+            self.wrap_commit(After::Forward);
+        } else {
+            self.expect_ready(Expect::Sync { after: After::Forward });
+        }
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);
@@ -731,6 +775,53 @@ impl Session {
             server.conn().dirty_session = true;
         }
     }
+}
+
+/// Stand-in unit number for setting changes of a split Query, settled when the split ends.
+pub(super) const SPLIT_UNIT: u64 = u64::MAX;
+
+/// How a Query is sent: one piece, or pieces split so that every statement runs with the context.
+/// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
+/// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
+fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
+    let whole = |kind| vec![Piece { text: sql.to_string(), kind }];
+    if !wrap {
+        let splits = analysis.split_points();
+        if splits.is_empty() {
+            return whole(PieceKind::Statements);
+        }
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for at in splits.into_iter().chain(std::iter::once(sql.len())) {
+            pieces.push(Piece { text: sql.get(start..at).unwrap_or_default().to_string(), kind: PieceKind::Statements });
+            start = at;
+        }
+        return pieces;
+    }
+    let kind_of = |tx: TxEffect| match tx {
+        TxEffect::Begin => PieceKind::Begin,
+        TxEffect::End | TxEffect::Unknown => PieceKind::Control,
+        TxEffect::None => PieceKind::Statements,
+    };
+    if !analysis.parsed {
+        return whole(PieceKind::Statements);
+    }
+    let mut pieces: Vec<(usize, usize, PieceKind)> = Vec::new();
+    for (i, st) in analysis.statements.iter().enumerate() {
+        let kind = kind_of(st.tx);
+        let end = analysis.statements.get(i + 1).map(|n| n.start).unwrap_or(sql.len());
+        match pieces.last_mut() {
+            Some(last) if kind == PieceKind::Statements && last.2 == PieceKind::Statements => last.1 = end,
+            _ => pieces.push((if i == 0 { 0 } else { st.start }, end, kind)),
+        }
+    }
+    if pieces.len() <= 1 {
+        return whole(pieces.first().map(|p| p.2).unwrap_or(PieceKind::Statements));
+    }
+    pieces
+        .into_iter()
+        .map(|(a, b, kind)| Piece { text: sql.get(a..b).unwrap_or_default().to_string(), kind })
+        .collect()
 }
 
 /// lo_create, lo_open, lo_close, loread, lowrite, lo_lseek, lo_creat, lo_tell, lo_unlink,

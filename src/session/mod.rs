@@ -111,8 +111,24 @@ enum Predicted {
 
 /// A multi-statement Query split after COMMIT/ROLLBACK, run one piece at a time.
 struct Split {
-    rest: VecDeque<String>,
+    rest: VecDeque<Piece>,
     failed: bool,
+}
+
+/// A piece of a split Query.
+pub(crate) struct Piece {
+    pub text: String,
+    pub kind: PieceKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PieceKind {
+    /// The client's own BEGIN/START TRANSACTION (transaction_wrap: context goes after it).
+    Begin,
+    /// Other transaction control (COMMIT, ROLLBACK, …), sent as is.
+    Control,
+    /// Ordinary statements.
+    Statements,
 }
 
 pub struct Session {
@@ -140,6 +156,13 @@ pub struct Session {
     unit_open: bool,
     /// Transaction control bound in the open extended unit.
     unit_effect: TxEffect,
+    /// `[upstream] transaction_wrap`: autocommit work runs inside rlsgate's own BEGIN … COMMIT.
+    wrap: bool,
+    /// The open extended unit is wrapped: close it with rlsgate's COMMIT after the client's Sync.
+    wrapping: bool,
+    /// transaction_wrap: the open extended unit starts with the client's BEGIN; inject the
+    /// context after the Execute of this portal.
+    begin_portal: Option<Option<String>>,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// A denied or failed extended message: drop client messages up to Sync.
@@ -207,6 +230,9 @@ impl Session {
             unit_open: false,
             unit_effect: TxEffect::None,
             copy_in: false,
+            wrap: config.upstream.transaction_wrap,
+            wrapping: false,
+            begin_portal: None,
             skip_until_sync: false,
             local_failed_unit: false,
             stmts: Statements::default(),
@@ -533,7 +559,7 @@ impl Session {
         }
         crate::protocol::frontend::write_query(&sql, &mut self.server_out)
             .map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::Replay);
+        self.expect_ready(Expect::HiddenQuery { what: "settings replay" });
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Server messages: forwarded untouched unless the front of the expect queue says they answer
 //! something rlsgate injected. ReadyForQuery updates the transaction state.
 
-use super::expect::Expect;
+use super::expect::{After, Expect};
+use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::Frame;
@@ -17,14 +18,28 @@ fn unexpected(tag: u8, front: &Expect) -> SessionError {
 impl Session {
     pub(super) fn handle_server(&mut self, frame: Frame) -> Result<(), SessionError> {
         let tag = frame.tag;
-        if let Some(Expect::Replay) = self.expect.front() {
+        if let Some(Expect::HiddenQuery { what }) = self.expect.front() {
             return match tag {
                 be::READY_FOR_QUERY => self.on_ready(frame),
                 be::ERROR_RESPONSE => {
                     let n = be::notice_fields(frame.body()).unwrap_or_default();
-                    tracing::warn!(code = %n.code, message = %n.message, "replaying the client's session settings failed");
+                    tracing::warn!(what = *what, code = %n.code, message = %n.message, "a statement rlsgate runs itself failed");
                     Ok(())
                 }
+                _ => Ok(()),
+            };
+        }
+        if let Some(Expect::WrapCommit { .. }) = self.expect.front() {
+            return match tag {
+                be::READY_FOR_QUERY => self.on_ready(frame),
+                be::ERROR_RESPONSE => self.on_error(frame),
+                be::COMMAND_COMPLETE => {
+                    if frame.body() == b"ROLLBACK\0" {
+                        self.tx_failed = true;
+                    }
+                    Ok(())
+                }
+                // notices (e.g. "there is no transaction in progress") and the like are ours
                 _ => Ok(()),
             };
         }
@@ -83,11 +98,13 @@ impl Session {
                 ),
             ),
             Expect::Query { .. } => (true, false),
-            Expect::Sync
+            Expect::Sync { .. }
+            | Expect::HiddenQuery { .. }
+            | Expect::WrapCommit { .. }
             | Expect::Hidden { .. }
             | Expect::One { .. }
             | Expect::Synthetic(_)
-            | Expect::Replay => {
+            => {
                 return Err(unexpected(tag, front));
             }
         };
@@ -112,7 +129,7 @@ impl Session {
         let before = self.expect.len();
         let mut first = true;
         self.expect.retain(|e| {
-            let keep = first || !matches!(e, Expect::Sync);
+            let keep = first || !matches!(e, Expect::Sync { .. });
             first = false;
             keep
         });
@@ -134,7 +151,7 @@ impl Session {
             return Ok(());
         };
         match front {
-            Expect::Query { .. } => {
+            Expect::Query { .. } | Expect::WrapCommit { .. } => {
                 self.tx_failed = true;
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
@@ -155,7 +172,7 @@ impl Session {
 
     /// Drop the expectations of messages the server skips after an error, up to the next Sync.
     fn discard_until_sync(&mut self) {
-        if !self.expect.iter().any(|e| matches!(e, Expect::Sync)) {
+        if !self.expect.iter().any(|e| matches!(e, Expect::Sync { .. })) {
             // The client has not sent its Sync yet (it flushed to read the error): whatever it
             // sends before the Sync is ignored by the server, so drop it here, unanswered.
             self.skip_until_sync = true;
@@ -163,7 +180,7 @@ impl Session {
         while self
             .expect
             .front()
-            .is_some_and(|e| !matches!(e, Expect::Sync))
+            .is_some_and(|e| !matches!(e, Expect::Sync { .. }))
         {
             match self.expect.pop_front() {
                 // A Query inside an unsynced extended unit is skipped as well: no ReadyForQuery.
@@ -231,40 +248,40 @@ impl Session {
         let status = be::ready_status(frame.body())
             .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
         let Some(front) = self.expect.pop_front() else {
-            return Err(SessionError::UpstreamProtocol(
-                "unsolicited ReadyForQuery".into(),
-            ));
+            return Err(SessionError::UpstreamProtocol("unsolicited ReadyForQuery".into()));
         };
-        let (segment, hidden) = match front {
-            Expect::Sync | Expect::Query { segment: false } => (false, false),
-            Expect::Query { segment: true } => (true, false),
-            Expect::Replay => (false, true),
+        let after = match front {
+            Expect::Sync { after } | Expect::Query { after } | Expect::WrapCommit { after } => after,
+            Expect::HiddenQuery { .. } => After::Swallow,
             other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
         };
         self.in_flight -= 1;
         self.units_done += 1;
         self.last_status = status;
-        self.settle_settings(status);
-        if hidden {
-            return Ok(());
+        let split_ends = match after {
+            After::FinishSplit => true,
+            After::ContinueSplit => self.split.as_ref().is_none_or(|s| s.failed || s.rest.is_empty()),
+            After::Forward | After::Swallow => false,
+        };
+        if split_ends {
+            self.settings.retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
+        self.settle_settings(status);
         if self.in_flight == 0 {
             self.predicted = match status {
                 TxStatus::Idle => Predicted::Idle,
                 TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
             };
         }
-        if segment {
-            if self.continue_split(status)? {
-                return Ok(());
+        match after {
+            After::Swallow => return Ok(()),
+            After::ContinueSplit => {
+                if self.continue_split(status)? {
+                    return Ok(());
+                }
             }
-        } else if self.split.is_some()
-            && self
-                .expect
-                .iter()
-                .all(|e| !matches!(e, Expect::Query { .. }))
-        {
-            self.split = None;
+            After::FinishSplit => self.split = None,
+            After::Forward => {}
         }
         self.client_out.extend_from_slice(&frame.bytes);
         self.emit_synthetic();
@@ -297,30 +314,65 @@ impl Session {
 
     /// Send the next piece of a split Query. `Ok(true)` = the ReadyForQuery is swallowed.
     fn continue_split(&mut self, status: TxStatus) -> Result<bool, SessionError> {
-        let Some(split) = self.split.as_mut() else {
-            return Ok(false);
-        };
+        let Some(split) = self.split.as_mut() else { return Ok(false) };
         if split.failed {
             self.split = None;
             return Ok(false);
         }
-        let Some(next) = split.rest.pop_front() else {
+        let Some(piece) = split.rest.pop_front() else {
             self.split = None;
             return Ok(false);
         };
         let more = !split.rest.is_empty();
-        if status == TxStatus::Idle {
-            self.inject_context();
-        }
-        fe::write_query(&next, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::Query { segment: more });
-        self.predicted = Predicted::Unknown;
-        if !more {
-            // The last piece answers the client; keep the split marker until then.
-            if let Some(s) = self.split.as_mut() {
-                s.rest.clear();
+        self.send_piece(piece, status == TxStatus::Idle, more)?;
+        Ok(true)
+    }
+
+    /// Send one piece of a split Query; `idle` = no transaction is open before it.
+    pub(super) fn send_piece(&mut self, piece: Piece, idle: bool, more: bool) -> Result<(), SessionError> {
+        let after = After::for_piece(more);
+        match piece.kind {
+            PieceKind::Begin => {
+                self.write_client_query(&piece.text, after)?;
+                if self.wrap {
+                    // the context goes right after the client's own BEGIN, inside its block
+                    self.inject_context();
+                }
+            }
+            PieceKind::Control => self.write_client_query(&piece.text, after)?,
+            PieceKind::Statements if idle && self.wrap => {
+                self.wrap_begin();
+                self.write_client_query(&piece.text, After::Swallow)?;
+                self.wrap_commit(after);
+            }
+            PieceKind::Statements => {
+                if idle {
+                    self.inject_context();
+                }
+                self.write_client_query(&piece.text, after)?;
             }
         }
-        Ok(true)
+        self.predicted = Predicted::Unknown;
+        Ok(())
+    }
+
+    fn write_client_query(&mut self, sql: &str, after: After) -> Result<(), SessionError> {
+        fe::write_query(sql, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
+        self.expect_ready(Expect::Query { after });
+        Ok(())
+    }
+
+    /// transaction_wrap: open rlsgate's block and apply the context inside it.
+    pub(super) fn wrap_begin(&mut self) {
+        // Static text; cannot fail to encode.
+        let _ = fe::write_query("BEGIN", &mut self.server_out);
+        self.expect_ready(Expect::HiddenQuery { what: "transaction_wrap BEGIN" });
+        self.inject_context();
+    }
+
+    /// transaction_wrap: close rlsgate's block after the client's unit.
+    pub(super) fn wrap_commit(&mut self, after: After) {
+        let _ = fe::write_query("COMMIT", &mut self.server_out);
+        self.expect_ready(Expect::WrapCommit { after });
     }
 }

@@ -127,6 +127,15 @@ impl Settings {
         Some(reset)
     }
 
+    /// Changes staged under the stand-in unit `from` now belong to unit `to`.
+    pub fn retag(&mut self, from: u64, to: u64) {
+        for (u, _) in &mut self.pending {
+            if *u == from {
+                *u = to;
+            }
+        }
+    }
+
     /// Units up to `unit` were rolled back: forget their changes.
     pub fn discard_through(&mut self, unit: u64) {
         self.pending.retain(|(u, _)| *u > unit);
