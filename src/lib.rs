@@ -32,6 +32,7 @@ pub mod cancel;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod embedded_pg;
 pub mod error;
 pub mod guard;

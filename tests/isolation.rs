@@ -235,8 +235,9 @@ async fn copy_in_and_out_are_isolated() {
     }
     sink.send(bytes::Bytes::from(data)).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 5000);
-    assert_eq!(admin_sql(&proxy.db, "SELECT count(*) FROM staging"), "5000");
+    // (the driver returns at CommandComplete; the next round trip follows the commit)
     assert_eq!(count(&north, "customers").await, 3);
+    assert_eq!(admin_sql(&proxy.db, "SELECT count(*) FROM staging"), "5000");
     proxy.stop().await;
 }
 

@@ -1,4 +1,4 @@
-//! The `rlsgate` command line: `serve`, `token`, `demo`.
+//! The `rlsgate` command line: `serve`, `check`, `token`, `demo`.
 
 mod demo;
 mod token;
@@ -31,6 +31,22 @@ pub enum Command {
         /// Config file (TOML).
         #[arg(long, env = "RLSGATE_CONFIG")]
         config: PathBuf,
+        /// Start even when `rlsgate check` finds critical problems in the database.
+        #[arg(long)]
+        allow_unsafe: bool,
+    },
+    /// Audit the upstream database's RLS setup as the upstream role. Exit code 0 = fine,
+    /// 1 = warnings (with --strict), 2 = critical findings, 3 = the checks could not run.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, env = "RLSGATE_CONFIG")]
+        config: PathBuf,
+        /// Print the report as JSON (for CI).
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 on warnings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Mint an HS256 development token.
     Token(token::TokenArgs),
@@ -53,7 +69,15 @@ pub fn init_logging() {
 
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve {
+            config,
+            allow_unsafe,
+        } => serve(config, allow_unsafe),
+        Command::Check {
+            config,
+            json,
+            strict,
+        } => return check(config, json, strict),
         Command::Token(args) => token::run(args),
         Command::Demo(args) => demo::run(args),
     };
@@ -78,10 +102,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
-fn serve(path: PathBuf) -> anyhow::Result<()> {
+fn serve(path: PathBuf, allow_unsafe: bool) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let rt = runtime()?;
     rt.block_on(async {
+        crate::doctor::startup_check(&config, allow_unsafe)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let listen = config.server.listen;
         let shared = Shared::new(config).await?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -92,6 +119,33 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         app::run(listener, Arc::clone(&shared), shutdown).await;
         Ok(())
     })
+}
+
+/// `rlsgate check`: the report on stdout (text or JSON), the exit code from the findings.
+fn check(path: PathBuf, json: bool, strict: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let result = Config::load(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(crate::doctor::run(&config))?)
+        });
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render_text(std::io::stdout().is_terminal()));
+            }
+            ExitCode::from(report.exit_code(strict))
+        }
+        Err(e) => {
+            eprintln!("rlsgate check: {e:#}");
+            ExitCode::from(3)
+        }
+    }
 }
 
 /// SIGTERM / SIGINT → stop accepting and drain.

@@ -68,18 +68,9 @@ impl Expr {
         })
     }
 
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
     /// Whether every row the expression accepts is tied to the tenant setting.
     pub fn requires_tenant(&self, ctx: &ExprCtx) -> bool {
         requires(&self.root, ctx)
-    }
-
-    /// Reads the tenant setting anywhere.
-    pub fn reads_tenant(&self, ctx: &ExprCtx) -> bool {
-        reads_tenant(&self.root, ctx)
     }
 
     /// Columns compared with `=` to an expression that reads the tenant setting.
@@ -93,8 +84,7 @@ impl Expr {
         let mut casts = Vec::new();
         walk_calls(&self.root, false, ctx, &mut calls, &mut casts);
         let mut out: Vec<SettingCall> = Vec::new();
-        for loc in calls.into_iter().map(|(l, per_row)| (l, per_row)) {
-            let (start, per_row) = loc;
+        for (start, per_row) in calls {
             let Some(start) = start.checked_sub(PREFIX.len()) else {
                 continue;
             };
@@ -217,7 +207,8 @@ fn reads_tenant(v: &Value, ctx: &ExprCtx) -> bool {
 fn reads_protected(v: &Value, ctx: &ExprCtx) -> bool {
     any_node(v, &mut |k, body| {
         k == "FuncCall"
-            && current_setting_arg(body).is_some_and(|s| !s.is_empty() && ctx.protected.is_protected(&s))
+            && current_setting_arg(body)
+                .is_some_and(|s| !s.is_empty() && ctx.protected.is_protected(&s))
     })
 }
 
@@ -289,7 +280,8 @@ fn select_restricts(sel: &Value, ctx: &ExprCtx) -> bool {
 fn collect_tenant_columns(v: &Value, ctx: &ExprCtx, out: &mut HashSet<String>) {
     any_node(v, &mut |k, body| {
         if k == "AExpr" {
-            let is_eq = int(body, "kind") == 1 && list(body, "name").last().and_then(sval) == Some("=");
+            let is_eq =
+                int(body, "kind") == 1 && list(body, "name").last().and_then(sval) == Some("=");
             if is_eq {
                 let (l, r) = (
                     body.get("lexpr").unwrap_or(&Value::Null),
@@ -466,14 +458,35 @@ mod tests {
             for (text, ok) in [
                 ("true", false),
                 ("(email ~~ '%@x'::text)", false),
-                ("((store_id = current_setting('app.current_store_id'::text)) OR (email IS NOT NULL))", false),
-                ("((store_id = current_setting('app.current_store_id'::text)) OR (current_setting('app.user_role'::text, true) = 'admin'::text))", true),
-                ("((store_id = current_setting('app.current_store_id'::text)) AND ((owner = 'x'::text) OR true))", true),
-                ("(current_setting('app.current_store_id'::text, true) <> ''::text)", false),
-                ("(NOT (store_id = current_setting('app.current_store_id'::text)))", false),
+                (
+                    "((store_id = current_setting('app.current_store_id'::text)) OR (email IS NOT NULL))",
+                    false,
+                ),
+                (
+                    "((store_id = current_setting('app.current_store_id'::text)) OR (current_setting('app.user_role'::text, true) = 'admin'::text))",
+                    true,
+                ),
+                (
+                    "((store_id = current_setting('app.current_store_id'::text)) AND ((owner = 'x'::text) OR true))",
+                    true,
+                ),
+                (
+                    "(current_setting('app.current_store_id'::text, true) <> ''::text)",
+                    false,
+                ),
+                (
+                    "(NOT (store_id = current_setting('app.current_store_id'::text)))",
+                    false,
+                ),
                 ("(store_id = current_store())", true),
-                ("(EXISTS ( SELECT 1 FROM public.sales_transactions t WHERE (t.transaction_id = x.transaction_id)))", true),
-                ("(EXISTS ( SELECT 1 FROM public.other t WHERE (t.id = x.id)))", false),
+                (
+                    "(EXISTS ( SELECT 1 FROM public.sales_transactions t WHERE (t.transaction_id = x.transaction_id)))",
+                    true,
+                ),
+                (
+                    "(EXISTS ( SELECT 1 FROM public.other t WHERE (t.id = x.id)))",
+                    false,
+                ),
             ] {
                 let e = Expr::parse(text).unwrap();
                 assert_eq!(e.requires_tenant(ctx), ok, "{text}");
@@ -498,8 +511,17 @@ mod tests {
             assert_eq!(calls[0].cast_to.as_deref(), Some("uuid"));
             assert!(!calls[0].per_row);
             let fixed = e.rewrite(&calls);
-            assert!(fixed.contains("(nullif(current_setting('app.current_store_id'::text, true), ''))::uuid"), "{fixed}");
-            assert!(Expr::parse(&fixed).unwrap().setting_calls(ctx)[0].cast_to.is_none());
+            assert!(
+                fixed.contains(
+                    "(nullif(current_setting('app.current_store_id'::text, true), ''))::uuid"
+                ),
+                "{fixed}"
+            );
+            assert!(
+                Expr::parse(&fixed).unwrap().setting_calls(ctx)[0]
+                    .cast_to
+                    .is_none()
+            );
         });
     }
 }

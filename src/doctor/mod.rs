@@ -100,8 +100,21 @@ impl Report {
         report::render(self, color)
     }
 
+    /// The report as JSON, with `criticals` and `warnings` counts.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a Report,
+            criticals: usize,
+            warnings: usize,
+        }
+        let out = Out {
+            report: self,
+            criticals: self.criticals(),
+            warnings: self.warnings(),
+        };
+        serde_json::to_string_pretty(&out).unwrap_or_else(|_| "{}".into())
     }
 }
 
@@ -194,7 +207,10 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
     roles::check(&client, &ctx, &mut findings).await?;
     tables::check(&client, &ctx, &mut findings).await?;
     policies::check(&ctx, &mut findings);
-    functions::check(&client, &ctx, &mut findings).await?;
+    // A superuser may do anything; the privilege checks would only repeat role-superuser.
+    if !ctx.superuser {
+        functions::check(&client, &ctx, &mut findings).await?;
+    }
     findings.sort_by(|a, b| {
         (a.severity, check_rank(a.check), &a.object).cmp(&(
             b.severity,
@@ -205,7 +221,10 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
     findings.dedup();
     let mut tenant_columns: Vec<String> = ctx.catalog.tenant_columns.iter().cloned().collect();
     tenant_columns.sort();
-    let database: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
     Ok(Report {
         database,
         role: ctx.role,
@@ -281,7 +300,11 @@ async fn load_ctx(client: &Client, config: &Config) -> Result<Ctx, DoctorError> 
         bypassrls: row.get(4),
         tenant_setting,
         protected,
-        context_settings: config.context.keys().map(|k| k.to_ascii_lowercase()).collect(),
+        context_settings: config
+            .context
+            .keys()
+            .map(|k| k.to_ascii_lowercase())
+            .collect(),
         role_mode,
         catalog,
         admin,
@@ -307,10 +330,14 @@ async fn admin_role(client: &Client) -> Result<(String, String), DoctorError> {
         return Ok((r.get(0), String::new()));
     }
     let taken: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let name = ["rlsgate_owner", "rlsgate_table_owner", "rlsgate_admin_owner"]
-        .into_iter()
-        .find(|n| !taken.iter().any(|t| t == n))
-        .unwrap_or("rlsgate_admin_owner");
+    let name = [
+        "rlsgate_owner",
+        "rlsgate_table_owner",
+        "rlsgate_admin_owner",
+    ]
+    .into_iter()
+    .find(|n| !taken.iter().any(|t| t == n))
+    .unwrap_or("rlsgate_admin_owner");
     Ok((name.to_string(), format!("CREATE ROLE {name} NOLOGIN;\n")))
 }
 
@@ -325,6 +352,15 @@ pub async fn startup_check(config: &Config, allow_unsafe: bool) -> Result<(), St
             return Ok(());
         }
     };
+    let criticals = report.criticals();
+    if criticals > 0 && !allow_unsafe {
+        use std::io::IsTerminal;
+        eprintln!("{}", report.render_text(std::io::stderr().is_terminal()));
+        return Err(format!(
+            "refusing to start: {criticals} critical finding(s) in the database's RLS setup \
+             (fix them, or start with --allow-unsafe)"
+        ));
+    }
     for f in &report.findings {
         match f.severity {
             Severity::Warning => {
@@ -335,25 +371,16 @@ pub async fn startup_check(config: &Config, allow_unsafe: bool) -> Result<(), St
             }
         }
     }
-    let criticals = report.criticals();
-    if criticals == 0 {
-        tracing::info!(
-            warnings = report.warnings(),
-            "rlsgate check: no critical findings"
-        );
-        return Ok(());
-    }
-    if allow_unsafe {
+    if criticals > 0 {
         tracing::error!(
             criticals,
             "rlsgate check found critical problems; starting anyway (--allow-unsafe)"
         );
-        return Ok(());
+    } else {
+        tracing::info!(
+            warnings = report.warnings(),
+            "rlsgate check: no critical findings"
+        );
     }
-    use std::io::IsTerminal;
-    eprintln!("{}", report.render_text(std::io::stderr().is_terminal()));
-    Err(format!(
-        "refusing to start: {criticals} critical finding(s) in the database's RLS setup \
-         (fix them, or start with --allow-unsafe)"
-    ))
+    Ok(())
 }

@@ -45,7 +45,12 @@ pub(crate) async fn check(
 }
 
 fn owned_tables(ctx: &Ctx, out: &mut Vec<Finding>) {
-    for t in ctx.catalog.tables.iter().filter(|t| t.is_tenant() && t.owner_is_role) {
+    for t in ctx
+        .catalog
+        .tables
+        .iter()
+        .filter(|t| t.is_tenant() && t.owner_is_role)
+    {
         ctx.push(
             out,
             Critical,
@@ -163,9 +168,13 @@ async fn protected_defaults(
                 format!("role {role}"),
                 format!("ALTER ROLE {role} RESET {name};"),
             ),
-            _ => (
+            (false, true) => (
                 format!("database {db}"),
                 format!("ALTER DATABASE {db} RESET {name};"),
+            ),
+            (false, false) => (
+                "all roles".to_string(),
+                format!("ALTER ROLE ALL RESET {name};"),
             ),
         };
         ctx.push(

@@ -75,6 +75,8 @@ pub struct Analysis {
     pub parsed: bool,
     /// The text is exactly one `RESET ALL` or `DISCARD ALL`.
     pub reset: Option<SessionReset>,
+    /// A `COPY … FROM STDIN` (the server reads copy data next, not further statements).
+    pub copy_from_stdin: bool,
 }
 
 impl Analysis {
@@ -168,11 +170,18 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         untracked_set: false,
         parsed: true,
         reset: None,
+        copy_from_stdin: false,
     };
     for raw in &parsed.protobuf.stmts {
         let (start, end) = stmt_range(raw, sql.len());
         let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
         let (tx, no_tx_block) = node.map(top_level).unwrap_or((TxEffect::None, false));
+        if let Some(NodeEnum::CopyStmt(c)) = node
+            && c.is_from
+            && c.filename.is_empty()
+        {
+            analysis.copy_from_stdin = true;
+        }
         let text = sql.get(start..end).unwrap_or_default();
         let (setting, deallocate) = node.map(|n| effects(n, text)).unwrap_or((None, None));
         analysis.statements.push(Statement {
@@ -258,6 +267,7 @@ fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
         untracked_set: false,
         parsed: false,
         reset: None,
+        copy_from_stdin: false,
     }
 }
 

@@ -52,6 +52,8 @@ pub enum After {
     Swallow,
     /// Swallow it and send the next piece of a split Query.
     ContinueSplit,
+    /// Swallow it, then send rlsgate's COMMIT (after a wrapped COPY FROM STDIN).
+    SwallowThenCommit,
     /// Forward it: the last piece of a split Query.
     FinishSplit,
 }
@@ -59,6 +61,10 @@ pub enum After {
 impl After {
     /// For a piece of a split Query: the last one answers the client.
     pub fn for_piece(more: bool) -> After {
-        if more { After::ContinueSplit } else { After::FinishSplit }
+        if more {
+            After::ContinueSplit
+        } else {
+            After::FinishSplit
+        }
     }
 }

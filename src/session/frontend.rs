@@ -93,7 +93,10 @@ impl Session {
     /// the unit starts a transaction that needs the context (`Ok(Ok(true))`): in plain mode the
     /// context is injected here, ahead of the unit; with transaction_wrap the caller places it.
     /// `Err` from the pool is returned for the caller to report.
-    async fn start_unit(&mut self, outside_tx: bool) -> Result<Result<bool, PoolError>, SessionError> {
+    async fn start_unit(
+        &mut self,
+        outside_tx: bool,
+    ) -> Result<Result<bool, PoolError>, SessionError> {
         let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
         if new_tx && self.token_expired() {
             return Err(SessionError::TokenExpired);
@@ -252,18 +255,37 @@ impl Session {
             // settings count once the last piece ends committed
             let first = pieces.remove(0);
             self.send_piece(first, due, true)?;
-            self.split = Some(Split { rest: pieces.into(), failed: false });
+            self.split = Some(Split {
+                rest: pieces.into(),
+                failed: false,
+            });
             // counted when the whole split ends (see relay::on_ready)
             SPLIT_UNIT
-        } else if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Statements) {
+        } else if self.wrap
+            && due
+            && pieces
+                .first()
+                .is_some_and(|p| p.kind == PieceKind::Statements)
+        {
             self.wrap_begin();
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect_ready(Expect::Query { after: After::Swallow });
-            self.wrap_commit(After::Forward);
-            self.units_sent
+            if analysis.copy_from_stdin {
+                self.expect_ready(Expect::Query {
+                    after: After::SwallowThenCommit,
+                });
+                self.units_sent + 1
+            } else {
+                self.expect_ready(Expect::Query {
+                    after: After::Swallow,
+                });
+                self.wrap_commit(After::Forward);
+                self.units_sent
+            }
         } else {
             self.server_out.extend_from_slice(&frame.bytes);
-            let unit = self.expect_ready(Expect::Query { after: After::Forward });
+            let unit = self.expect_ready(Expect::Query {
+                after: After::Forward,
+            });
             if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Begin) {
                 self.inject_context();
             }
@@ -346,14 +368,15 @@ impl Session {
         }
     }
 
-
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
         if self.server.is_some() {
             let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
             if fe::write_query(&sql, &mut self.server_out).is_ok() {
-                self.expect_ready(Expect::Query { after: After::Forward });
+                self.expect_ready(Expect::Query {
+                    after: After::Forward,
+                });
                 return;
             }
         }
@@ -386,7 +409,13 @@ impl Session {
                 self.wrap_begin();
             }
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect_ready(Expect::Query { after: if wrapped { After::Swallow } else { After::Forward } });
+            self.expect_ready(Expect::Query {
+                after: if wrapped {
+                    After::Swallow
+                } else {
+                    After::Forward
+                },
+            });
             if wrapped {
                 self.wrap_commit(After::Forward);
             }
@@ -491,7 +520,9 @@ impl Session {
     /// transaction_wrap: the unit this message opens starts with the client's own BEGIN.
     fn unit_begins(&self, frame: &Frame) -> bool {
         let effect = match frame.tag {
-            fe::PARSE => fe::parse(frame.body()).map(|p| self.shared.guard.analyze(p.sql).tx_effect()).ok(),
+            fe::PARSE => fe::parse(frame.body())
+                .map(|p| self.shared.guard.analyze(p.sql).tx_effect())
+                .ok(),
             fe::BIND => fe::bind(frame.body())
                 .ok()
                 .and_then(|b| self.stmts.get(b.statement).map(|p| p.analysis.tx_effect())),
@@ -672,6 +703,9 @@ impl Session {
             self.apply_reset(kind);
         }
         self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
+        if self.wrapping && prepared.analysis.copy_from_stdin {
+            self.wrapping_copy = true;
+        }
         if self.begin_portal == Some(None) && prepared.analysis.tx_effect() == TxEffect::Begin {
             self.begin_portal = Some(Some(b.portal.to_string()));
         }
@@ -750,10 +784,20 @@ impl Session {
         self.server_out.extend_from_slice(&frame.bytes);
         self.begin_portal = None;
         if std::mem::take(&mut self.wrapping) {
-            self.expect_ready(Expect::Sync { after: After::Swallow });
-            self.wrap_commit(After::Forward);
+            if std::mem::take(&mut self.wrapping_copy) {
+                self.expect_ready(Expect::Sync {
+                    after: After::SwallowThenCommit,
+                });
+            } else {
+                self.expect_ready(Expect::Sync {
+                    after: After::Swallow,
+                });
+                self.wrap_commit(After::Forward);
+            }
         } else {
-            self.expect_ready(Expect::Sync { after: After::Forward });
+            self.expect_ready(Expect::Sync {
+                after: After::Forward,
+            });
         }
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
@@ -784,7 +828,12 @@ pub(super) const SPLIT_UNIT: u64 = u64::MAX;
 /// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
 /// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
 fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
-    let whole = |kind| vec![Piece { text: sql.to_string(), kind }];
+    let whole = |kind| {
+        vec![Piece {
+            text: sql.to_string(),
+            kind,
+        }]
+    };
     if !wrap {
         let splits = analysis.split_points();
         if splits.is_empty() {
@@ -793,7 +842,10 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
         let mut pieces = Vec::new();
         let mut start = 0;
         for at in splits.into_iter().chain(std::iter::once(sql.len())) {
-            pieces.push(Piece { text: sql.get(start..at).unwrap_or_default().to_string(), kind: PieceKind::Statements });
+            pieces.push(Piece {
+                text: sql.get(start..at).unwrap_or_default().to_string(),
+                kind: PieceKind::Statements,
+            });
             start = at;
         }
         return pieces;
@@ -809,9 +861,15 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
     let mut pieces: Vec<(usize, usize, PieceKind)> = Vec::new();
     for (i, st) in analysis.statements.iter().enumerate() {
         let kind = kind_of(st.tx);
-        let end = analysis.statements.get(i + 1).map(|n| n.start).unwrap_or(sql.len());
+        let end = analysis
+            .statements
+            .get(i + 1)
+            .map(|n| n.start)
+            .unwrap_or(sql.len());
         match pieces.last_mut() {
-            Some(last) if kind == PieceKind::Statements && last.2 == PieceKind::Statements => last.1 = end,
+            Some(last) if kind == PieceKind::Statements && last.2 == PieceKind::Statements => {
+                last.1 = end
+            }
             _ => pieces.push((if i == 0 { 0 } else { st.start }, end, kind)),
         }
     }
@@ -820,7 +878,10 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
     }
     pieces
         .into_iter()
-        .map(|(a, b, kind)| Piece { text: sql.get(a..b).unwrap_or_default().to_string(), kind })
+        .map(|(a, b, kind)| Piece {
+            text: sql.get(a..b).unwrap_or_default().to_string(),
+            kind,
+        })
         .collect()
 }
 

@@ -160,6 +160,8 @@ pub struct Session {
     wrap: bool,
     /// The open extended unit is wrapped: close it with rlsgate's COMMIT after the client's Sync.
     wrapping: bool,
+    /// …and it runs COPY FROM STDIN: the COMMIT waits for the unit's ReadyForQuery.
+    wrapping_copy: bool,
     /// transaction_wrap: the open extended unit starts with the client's BEGIN; inject the
     /// context after the Execute of this portal.
     begin_portal: Option<Option<String>>,
@@ -232,6 +234,7 @@ impl Session {
             copy_in: false,
             wrap: config.upstream.transaction_wrap,
             wrapping: false,
+            wrapping_copy: false,
             begin_portal: None,
             skip_until_sync: false,
             local_failed_unit: false,
@@ -559,7 +562,9 @@ impl Session {
         }
         crate::protocol::frontend::write_query(&sql, &mut self.server_out)
             .map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::HiddenQuery { what: "settings replay" });
+        self.expect_ready(Expect::HiddenQuery {
+            what: "settings replay",
+        });
         Ok(())
     }
 

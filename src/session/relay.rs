@@ -103,8 +103,7 @@ impl Session {
             | Expect::WrapCommit { .. }
             | Expect::Hidden { .. }
             | Expect::One { .. }
-            | Expect::Synthetic(_)
-            => {
+            | Expect::Synthetic(_) => {
                 return Err(unexpected(tag, front));
             }
         };
@@ -128,11 +127,27 @@ impl Session {
         self.copy_in = true;
         let before = self.expect.len();
         let mut first = true;
+        let mut rearm = false;
         self.expect.retain(|e| {
             let keep = first || !matches!(e, Expect::Sync { .. });
+            if !keep
+                && matches!(
+                    e,
+                    Expect::Sync {
+                        after: After::SwallowThenCommit | After::Swallow
+                    }
+                )
+            {
+                rearm = true;
+            }
             first = false;
             keep
         });
+        if rearm {
+            // the wrapped unit ends at the client's next Sync (after CopyDone)
+            self.wrapping = true;
+            self.wrapping_copy = true;
+        }
         self.in_flight -= before - self.expect.len();
     }
 
@@ -248,10 +263,14 @@ impl Session {
         let status = be::ready_status(frame.body())
             .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
         let Some(front) = self.expect.pop_front() else {
-            return Err(SessionError::UpstreamProtocol("unsolicited ReadyForQuery".into()));
+            return Err(SessionError::UpstreamProtocol(
+                "unsolicited ReadyForQuery".into(),
+            ));
         };
         let after = match front {
-            Expect::Sync { after } | Expect::Query { after } | Expect::WrapCommit { after } => after,
+            Expect::Sync { after } | Expect::Query { after } | Expect::WrapCommit { after } => {
+                after
+            }
             Expect::HiddenQuery { .. } => After::Swallow,
             other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
         };
@@ -260,11 +279,15 @@ impl Session {
         self.last_status = status;
         let split_ends = match after {
             After::FinishSplit => true,
-            After::ContinueSplit => self.split.as_ref().is_none_or(|s| s.failed || s.rest.is_empty()),
-            After::Forward | After::Swallow => false,
+            After::ContinueSplit => self
+                .split
+                .as_ref()
+                .is_none_or(|s| s.failed || s.rest.is_empty()),
+            After::Forward | After::Swallow | After::SwallowThenCommit => false,
         };
         if split_ends {
-            self.settings.retag(super::frontend::SPLIT_UNIT, self.units_done);
+            self.settings
+                .retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
         self.settle_settings(status);
         if self.in_flight == 0 {
@@ -274,11 +297,23 @@ impl Session {
             };
         }
         match after {
-            After::Swallow => return Ok(()),
+            After::Swallow => {
+                // replies rlsgate produces itself may be queued right behind this entry
+                self.emit_synthetic();
+                return Ok(());
+            }
             After::ContinueSplit => {
                 if self.continue_split(status)? {
+                    self.emit_synthetic();
                     return Ok(());
                 }
+            }
+            After::SwallowThenCommit => {
+                // COPY FROM STDIN inside rlsgate's block: its COMMIT could not be pipelined (the
+                // server would read it as part of the copy), so it goes now.
+                self.wrap_commit(After::Forward);
+                self.emit_synthetic();
+                return Ok(());
             }
             After::FinishSplit => self.split = None,
             After::Forward => {}
@@ -314,7 +349,9 @@ impl Session {
 
     /// Send the next piece of a split Query. `Ok(true)` = the ReadyForQuery is swallowed.
     fn continue_split(&mut self, status: TxStatus) -> Result<bool, SessionError> {
-        let Some(split) = self.split.as_mut() else { return Ok(false) };
+        let Some(split) = self.split.as_mut() else {
+            return Ok(false);
+        };
         if split.failed {
             self.split = None;
             return Ok(false);
@@ -329,7 +366,12 @@ impl Session {
     }
 
     /// Send one piece of a split Query; `idle` = no transaction is open before it.
-    pub(super) fn send_piece(&mut self, piece: Piece, idle: bool, more: bool) -> Result<(), SessionError> {
+    pub(super) fn send_piece(
+        &mut self,
+        piece: Piece,
+        idle: bool,
+        more: bool,
+    ) -> Result<(), SessionError> {
         let after = After::for_piece(more);
         match piece.kind {
             PieceKind::Begin => {
@@ -366,7 +408,9 @@ impl Session {
     pub(super) fn wrap_begin(&mut self) {
         // Static text; cannot fail to encode.
         let _ = fe::write_query("BEGIN", &mut self.server_out);
-        self.expect_ready(Expect::HiddenQuery { what: "transaction_wrap BEGIN" });
+        self.expect_ready(Expect::HiddenQuery {
+            what: "transaction_wrap BEGIN",
+        });
         self.inject_context();
     }
 

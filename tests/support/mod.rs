@@ -73,6 +73,9 @@ impl Proxy {
     }
 }
 
+/// The `wrap_mode` test binary runs every suite again with `[upstream] transaction_wrap = true`.
+pub const WRAP: bool = matches!(env!("CARGO_CRATE_NAME").as_bytes(), b"wrap_mode");
+
 /// Config for a proxy in front of `db`; `extra` is appended (later keys in a table override by
 /// being placed in the right table by the caller).
 pub fn config_text(db: &str, pool_size: usize, extra: &str) -> String {
@@ -89,6 +92,7 @@ database = "{db}"
 user = "rlsgate_app"
 password = "{APP_PASSWORD}"
 sslmode = "disable"
+transaction_wrap = {WRAP}
 pool_size = {pool_size}
 checkout_timeout = "5s"
 [auth]

@@ -1,0 +1,19 @@
+//! Every end-to-end suite again, with `[upstream] transaction_wrap = true` (support::WRAP is set
+//! from this binary's name): the client-visible behaviour must not change.
+
+#[path = "clients.rs"]
+mod clients;
+#[path = "compat.rs"]
+mod compat;
+#[path = "guard_corpus.rs"]
+mod guard_corpus;
+#[path = "identity.rs"]
+mod identity;
+#[path = "isolation.rs"]
+mod isolation;
+#[path = "login.rs"]
+mod login;
+#[path = "pooling.rs"]
+mod pooling;
+#[path = "protocol.rs"]
+mod protocol;
