@@ -397,11 +397,11 @@ async fn foreign_key_across_tenant_tables_without_the_tenant_column() {
 
 #[tokio::test]
 async fn foreign_key_fix_adds_the_parent_key_when_missing() {
-    broken(
+    let (db, found) = broken(
         "CREATE TABLE loyalty (
              loyalty_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
              store_id text NOT NULL REFERENCES stores,
-             product_id bigint REFERENCES products);
+             product_id bigint REFERENCES products ON DELETE SET NULL);
          CREATE INDEX ON loyalty (store_id);
          ALTER TABLE loyalty ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
          CREATE POLICY tenant_isolation ON loyalty
@@ -411,6 +411,26 @@ async fn foreign_key_fix_adds_the_parent_key_when_missing() {
         Severity::Warning,
     )
     .await;
+    assert!(
+        found[0].fix.contains("ADD UNIQUE (store_id, product_id)"),
+        "{}",
+        found[0].fix
+    );
+    assert!(
+        found[0].fix.contains("ON DELETE SET NULL (product_id)"),
+        "{}",
+        found[0].fix
+    );
+    // SET NULL spares the tenant column.
+    let got = admin_sql(
+        &db,
+        "WITH p AS (INSERT INTO products (store_id, name, price) VALUES ('north', 'tmp', 1)
+                    RETURNING store_id, product_id)
+         INSERT INTO loyalty (store_id, product_id) SELECT store_id, product_id FROM p;
+         DELETE FROM products WHERE name = 'tmp';
+         SELECT store_id || ':' || coalesce(product_id::text, 'null') FROM loyalty;",
+    );
+    assert_eq!(got, "north:null");
 }
 
 #[tokio::test]

@@ -193,6 +193,8 @@ fn foreign_keys(ctx: &Ctx, out: &mut Vec<Finding>) {
         else {
             continue;
         };
+        // With the tenant column in the key, SET NULL / SET DEFAULT must spare it (PG 15+).
+        let def = spare_tenant_on_delete(&def, &fk.cols, t);
         let mut fix = String::new();
         let mut wanted: Vec<&str> = vec![pc.name.as_str()];
         wanted.extend(fk.ref_cols.iter().map(String::as_str));
@@ -242,6 +244,29 @@ fn foreign_keys(ctx: &Ctx, out: &mut Vec<Finding>) {
     }
 }
 
+fn spare_tenant_on_delete(def: &str, cols: &[String], t: &Table) -> String {
+    let list: Vec<String> = cols
+        .iter()
+        .map(|c| {
+            t.columns
+                .iter()
+                .find(|col| &col.name == c)
+                .map(|col| col.ident.clone())
+                .unwrap_or_else(|| c.clone())
+        })
+        .collect();
+    let mut out = def.to_string();
+    for action in ["ON DELETE SET NULL", "ON DELETE SET DEFAULT"] {
+        if let Some(at) = out.find(action) {
+            let end = at + action.len();
+            if !out[end..].starts_with(" (") {
+                out.insert_str(end, &format!(" ({})", list.join(", ")));
+            }
+        }
+    }
+    out
+}
+
 fn tenant_indexes(ctx: &Ctx, out: &mut Vec<Finding>) {
     let cat = &ctx.catalog;
     for t in cat.tables.iter().filter(|t| t.any_privilege()) {
@@ -254,7 +279,7 @@ fn tenant_indexes(ctx: &Ctx, out: &mut Vec<Finding>) {
                     .first()
                     .is_some_and(|k| is_tenant_key(k, &col.ident, &col.name))
         });
-        if leads || true {
+        if leads {
             continue;
         }
         ctx.push(

@@ -32,6 +32,9 @@ pub struct Statement {
     pub tx: TxEffect,
     /// VACUUM, CREATE DATABASE, CREATE INDEX CONCURRENTLY…: cannot run inside a transaction block.
     pub no_tx_block: bool,
+    /// Behaves differently inside a transaction block (SAVEPOINT & co., SET LOCAL, SET
+    /// TRANSACTION): transaction_wrap sends it unwrapped so the client sees what Postgres says.
+    pub block_sensitive: bool,
     /// A session-level setting change the proxy can replay on other connections.
     pub setting: Option<SettingChange>,
     /// `DEALLOCATE name` / `DEALLOCATE ALL` (`Some(None)`).
@@ -183,12 +186,18 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
             analysis.copy_from_stdin = true;
         }
         let text = sql.get(start..end).unwrap_or_default();
+        let block_sensitive = match node {
+            Some(NodeEnum::TransactionStmt(_)) => tx == TxEffect::None,
+            Some(NodeEnum::VariableSetStmt(v)) => v.is_local || v.kind == VariableSetKind::VarSetMulti as i32,
+            _ => false,
+        };
         let (setting, deallocate) = node.map(|n| effects(n, text)).unwrap_or((None, None));
         analysis.statements.push(Statement {
             start,
             end,
             tx,
             no_tx_block,
+            block_sensitive,
             setting,
             deallocate,
         });

@@ -453,7 +453,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
             };
-            if self.wrap && due {
+            if self.wrap && due && !self.unit_block_sensitive(&frame) {
                 if self.unit_begins(&frame) {
                     // the context goes after the client's own BEGIN (see on_bind/Execute)
                     self.begin_portal = Some(None);
@@ -515,6 +515,20 @@ impl Session {
         be::write_empty(be::PARSE_COMPLETE, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
         Ok(true)
+    }
+
+    /// transaction_wrap: the unit opens with a statement that behaves differently inside a block
+    /// (SAVEPOINT outside a transaction, SET LOCAL, …): run it as Postgres would, unwrapped.
+    fn unit_block_sensitive(&self, frame: &Frame) -> bool {
+        let first = |a: &Analysis| a.statements.first().is_some_and(|s| s.block_sensitive);
+        match frame.tag {
+            fe::PARSE => fe::parse(frame.body()).map(|p| first(&self.shared.guard.analyze(p.sql))).unwrap_or(false),
+            fe::BIND => fe::bind(frame.body())
+                .ok()
+                .and_then(|b| self.stmts.get(b.statement).map(|p| first(&p.analysis)))
+                .unwrap_or(false),
+            _ => false,
+        }
     }
 
     /// transaction_wrap: the unit this message opens starts with the client's own BEGIN.
@@ -850,9 +864,10 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
         }
         return pieces;
     }
-    let kind_of = |tx: TxEffect| match tx {
+    let kind_of = |st: &crate::guard::Statement| match st.tx {
         TxEffect::Begin => PieceKind::Begin,
         TxEffect::End | TxEffect::Unknown => PieceKind::Control,
+        TxEffect::None if st.block_sensitive => PieceKind::Control,
         TxEffect::None => PieceKind::Statements,
     };
     if !analysis.parsed {
@@ -860,7 +875,7 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
     }
     let mut pieces: Vec<(usize, usize, PieceKind)> = Vec::new();
     for (i, st) in analysis.statements.iter().enumerate() {
-        let kind = kind_of(st.tx);
+        let kind = kind_of(st);
         let end = analysis
             .statements
             .get(i + 1)
