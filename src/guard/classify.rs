@@ -188,7 +188,9 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
         let text = sql.get(start..end).unwrap_or_default();
         let block_sensitive = match node {
             Some(NodeEnum::TransactionStmt(_)) => tx == TxEffect::None,
-            Some(NodeEnum::VariableSetStmt(v)) => v.is_local || v.kind == VariableSetKind::VarSetMulti as i32,
+            Some(NodeEnum::VariableSetStmt(v)) => {
+                v.is_local || v.kind == VariableSetKind::VarSetMulti as i32
+            }
             _ => false,
         };
         let (setting, deallocate) = node.map(|n| effects(n, text)).unwrap_or((None, None));

@@ -522,7 +522,9 @@ impl Session {
     fn unit_block_sensitive(&self, frame: &Frame) -> bool {
         let first = |a: &Analysis| a.statements.first().is_some_and(|s| s.block_sensitive);
         match frame.tag {
-            fe::PARSE => fe::parse(frame.body()).map(|p| first(&self.shared.guard.analyze(p.sql))).unwrap_or(false),
+            fe::PARSE => fe::parse(frame.body())
+                .map(|p| first(&self.shared.guard.analyze(p.sql)))
+                .unwrap_or(false),
             fe::BIND => fe::bind(frame.body())
                 .ok()
                 .and_then(|b| self.stmts.get(b.statement).map(|p| first(&p.analysis)))

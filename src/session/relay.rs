@@ -290,7 +290,10 @@ impl Session {
                 .retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
         self.settle_settings(status);
-        if self.in_flight == 0 {
+        // Only a reply to the last thing in flight tells the state after the client's work; not
+        // one that arrives while the client's extended unit is still open (e.g. the Z of
+        // transaction_wrap's BEGIN, sent ahead of a unit whose Sync has not come yet).
+        if self.in_flight == 0 && !self.unit_open {
             self.predicted = match status {
                 TxStatus::Idle => Predicted::Idle,
                 TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
