@@ -9,6 +9,7 @@
 //! privileges). `serve` runs the same checks at start-up ([`startup_check`]).
 
 mod catalog;
+mod citus;
 mod connect;
 mod expr;
 mod functions;
@@ -211,6 +212,8 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
     if !ctx.superuser {
         functions::check(&client, &ctx, &mut findings).await?;
     }
+    let tenant_columns: Vec<String> = ctx.catalog.tenant_columns.iter().cloned().collect();
+    citus::check(&client, config, &tenant_columns, &mut findings).await?;
     findings.sort_by(|a, b| {
         (a.severity, check_rank(a.check), &a.object).cmp(&(
             b.severity,
@@ -236,6 +239,8 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
 
 /// Every check id, in report order.
 pub const CHECKS: &[&str] = &[
+    "citus-without-wrap",
+    "citus-propagate-set",
     "role-superuser",
     "role-bypassrls",
     "role-owns-table",
@@ -256,6 +261,7 @@ pub const CHECKS: &[&str] = &[
     "no-tenant-index",
     "per-row-current-setting",
     "cast-of-empty-setting",
+    "citus-distribution-column",
 ];
 
 fn check_rank(id: &str) -> usize {
