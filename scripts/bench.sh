@@ -19,6 +19,7 @@
 #                      (default /usr/lib/postgresql/15/bin)
 #   BENCH_SCALE=n      pgbench -i scale factor (default 10)
 #   KEEP_TMP=1         keep the temporary directory (logs, configs) at exit
+#   BENCH_WRAP=true    run rlsgate with [upstream] transaction_wrap = true
 #
 # Everything runs on 127.0.0.1 in a temporary directory: a throwaway
 # PostgreSQL cluster (run as the `postgres` user when this script runs as
@@ -364,6 +365,7 @@ user = "$APP_USER"
 password = "$APP_PASSWORD"
 sslmode = "disable"
 pool_size = 20
+transaction_wrap = ${BENCH_WRAP:-false}
 
 [auth]
 algorithms = ["HS256"]
