@@ -34,14 +34,34 @@ pub enum StartError {
     Tls(#[from] TlsError),
 }
 
+/// The parts a reload replaces (SIGHUP or the admin console's RELOAD): sessions that already
+/// logged in keep their identity; new logins and new statements use the new state.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub validator: Validator,
+    pub guard: Guard,
+    pub tls_acceptor: Option<TlsAcceptor>,
+}
+
+impl Live {
+    async fn build(config: Config) -> Result<Live, StartError> {
+        let validator = Validator::new(&config.auth, &config.context).await?;
+        let tls_acceptor = match (&config.tls, config.client_tls_enabled()) {
+            (Some(t), true) => match (&t.cert, &t.key) {
+                (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
+                _ => None,
+            },
+            _ => None,
+        };
+        Ok(Live { guard: Guard::new(&config.guard), validator, tls_acceptor, config: Arc::new(config) })
+    }
+}
+
 /// Everything sessions share. No globals: tests run many of these side by side.
 pub struct Shared {
-    config: Arc<Config>,
-    validator: Validator,
-    pub guard: Guard,
+    live: arc_swap::ArcSwap<Live>,
     pub pool: Pool,
     pub cancels: Arc<CancelRegistry>,
-    pub tls_acceptor: Option<TlsAcceptor>,
     /// Keys the server-side names of prepared statements (unpredictable per process).
     pub stmt_hasher: RandomState,
     /// Clients whose server connection is pinned to them (transaction mode, session state).
@@ -57,9 +77,10 @@ pub struct Shared {
 
 impl Shared {
     pub async fn new(config: Config) -> Result<Arc<Shared>, StartError> {
-        let validator = Validator::new(&config.auth, &config.context).await?;
+        let live = Live::build(config).await?;
+        let config = Arc::clone(&live.config);
         let background = CancellationToken::new();
-        validator.spawn_refresh(&background);
+        live.validator.spawn_refresh(&background);
         let (audit, audit_writer) = match &config.audit.sink {
             Some(connection) => {
                 let sink = SinkConfig {
@@ -77,20 +98,10 @@ impl Shared {
             config.auth.failed_login_burst,
             config.auth.failed_login_window,
         );
-        let tls_acceptor = match (&config.tls, config.client_tls_enabled()) {
-            (Some(t), true) => match (&t.cert, &t.key) {
-                (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
-                _ => None,
-            },
-            _ => None,
-        };
         let upstream_tls = tls::upstream_config(&config.upstream)?;
         Ok(Arc::new(Shared {
-            guard: Guard::new(&config.guard),
             pool: Pool::new(config.upstream.clone(), upstream_tls),
             cancels: Arc::new(CancelRegistry::default()),
-            tls_acceptor,
-            validator,
             stmt_hasher: RandomState::new(),
             pinned: std::sync::atomic::AtomicUsize::new(0),
             throttle,
@@ -98,17 +109,43 @@ impl Shared {
             background,
             audit_writer: std::sync::Mutex::new(audit_writer),
             next_conn_id: AtomicU64::new(1),
-            config: Arc::new(config),
+            live: arc_swap::ArcSwap::from_pointee(live),
         }))
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The current configuration (a reload may replace it between calls).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.live.load().config)
     }
 
-    pub fn validator(&self) -> &Validator {
-        &self.validator
+    /// The current live state (validator, guard, TLS acceptor).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
     }
+
+    /// Re-read: validate and build the new state first; on any error the old one stays in force.
+    /// Returns notes about changes that only a restart applies.
+    pub async fn reload(&self, config: Config) -> Result<Vec<String>, StartError> {
+        let old = self.config();
+        let mut notes = Vec::new();
+        if old.server.listen != config.server.listen {
+            notes.push(format!("server.listen change to {} needs a restart", config.server.listen));
+        }
+        if old.server.http_listen != config.server.http_listen {
+            notes.push("server.http_listen change needs a restart".to_string());
+        }
+        if format!("{:?}", old.upstream) != format!("{:?}", config.upstream) {
+            notes.push("[upstream] changes need a restart".to_string());
+        }
+        if old.server.pool_mode != config.server.pool_mode {
+            notes.push("server.pool_mode change applies to new clients only".to_string());
+        }
+        let live = Live::build(config).await?;
+        live.validator.spawn_refresh(&self.background);
+        self.live.store(Arc::new(live));
+        Ok(notes)
+    }
+
 }
 
 /// Accept clients until `shutdown` fires, then let sessions finish their transactions for up to

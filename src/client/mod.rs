@@ -137,7 +137,7 @@ pub async fn handshake(
                 if !buf.is_empty() {
                     return Err((None, HandshakeError::SslStuffing));
                 }
-                let acceptor = shared.tls_acceptor.as_ref();
+                let acceptor = shared.live().tls_acceptor.clone();
                 let Stream::Plain(mut tcp) = stream else {
                     unreachable!("TLS not yet negotiated")
                 };
@@ -213,7 +213,7 @@ async fn login(
     if database != config.upstream.database {
         return Err(HandshakeError::WrongDatabase(database));
     }
-    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.guard.protected())
+    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.live().guard.protected())
     {
         return Err(HandshakeError::ProtectedStartupSetting(name));
     }
@@ -252,7 +252,7 @@ async fn login(
     }
     let token = fe::password(frame.body())?;
     let meta = Validator::meta(token);
-    match shared.validator().validate(token, &user).await {
+    match shared.live().validator.validate(token, &user).await {
         Ok(identity) => {
             shared.throttle.succeeded(peer.ip());
             shared.audit.record(AuditEvent::LoginOk {

@@ -215,7 +215,7 @@ impl Session {
             }
             return Ok(Flow::Continue);
         }
-        let analysis = self.shared.guard.analyze(sql);
+        let analysis = self.shared.live().guard.analyze(sql);
         if let Some(refusal) = self.refusal_for(&analysis, sql) {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
@@ -500,7 +500,7 @@ impl Session {
         {
             return Ok(false);
         }
-        let analysis = self.shared.guard.analyze(p.sql);
+        let analysis = self.shared.live().guard.analyze(p.sql);
         if !analysis.parsed || analysis.is_denied() || analysis.session_state.is_some() {
             return Ok(false);
         }
@@ -523,7 +523,7 @@ impl Session {
         let first = |a: &Analysis| a.statements.first().is_some_and(|s| s.block_sensitive);
         match frame.tag {
             fe::PARSE => fe::parse(frame.body())
-                .map(|p| first(&self.shared.guard.analyze(p.sql)))
+                .map(|p| first(&self.shared.live().guard.analyze(p.sql)))
                 .unwrap_or(false),
             fe::BIND => fe::bind(frame.body())
                 .ok()
@@ -537,7 +537,7 @@ impl Session {
     fn unit_begins(&self, frame: &Frame) -> bool {
         let effect = match frame.tag {
             fe::PARSE => fe::parse(frame.body())
-                .map(|p| self.shared.guard.analyze(p.sql).tx_effect())
+                .map(|p| self.shared.live().guard.analyze(p.sql).tx_effect())
                 .ok(),
             fe::BIND => fe::bind(frame.body())
                 .ok()
@@ -551,7 +551,7 @@ impl Session {
     fn unit_outside_tx(&self, frame: &Frame) -> bool {
         match frame.tag {
             fe::PARSE => fe::parse(frame.body())
-                .map(|p| self.shared.guard.analyze(p.sql).runs_outside_transaction())
+                .map(|p| self.shared.live().guard.analyze(p.sql).runs_outside_transaction())
                 .unwrap_or(false),
             fe::BIND => fe::bind(frame.body())
                 .ok()
@@ -590,7 +590,7 @@ impl Session {
 
     fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
-        let analysis = self.shared.guard.analyze(p.sql);
+        let analysis = self.shared.live().guard.analyze(p.sql);
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }

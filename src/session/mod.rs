@@ -211,7 +211,7 @@ impl Session {
         let cancel = shared.cancels.register();
         let startup_requested =
             crate::client::startup_params::requested_settings(&login.startup.params);
-        let settings = Settings::from_startup(&startup_requested, shared.guard.protected());
+        let settings = Settings::from_startup(&startup_requested, shared.live().guard.protected());
         Ok(Session {
             id,
             mode: config.server.pool_mode,
@@ -579,7 +579,7 @@ impl Session {
     /// `SELECT rlsgate.reauth('<jwt>')`: a fresh token for the same tenant replaces the identity
     /// (and its context) from the next transaction on.
     async fn reauth(&mut self, token: &str) -> Result<(), ClientError> {
-        let outcome = self.shared.validator().validate(token, &self.user).await;
+        let outcome = self.shared.live().validator.validate(token, &self.user).await;
         let result = match outcome {
             Err(e) => Err(ClientError::error(
                 sqlstate::INVALID_AUTHORIZATION,
