@@ -53,7 +53,12 @@ impl Live {
             },
             _ => None,
         };
-        Ok(Live { guard: Guard::new(&config.guard), validator, tls_acceptor, config: Arc::new(config) })
+        Ok(Live {
+            guard: Guard::new(&config.guard),
+            validator,
+            tls_acceptor,
+            config: Arc::new(config),
+        })
     }
 }
 
@@ -68,6 +73,14 @@ pub struct Shared {
     pub pinned: std::sync::atomic::AtomicUsize,
     pub throttle: LoginThrottle,
     pub audit: Audit,
+    pub registry: Arc<crate::registry::Registry>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// PAUSE from the admin console: no new transactions start until RESUME.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// Shutting down: no longer ready.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Where the configuration was read from (RELOAD, SIGHUP).
+    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// Stops background work (JWKS refresh, audit writer) once the proxy is done.
     background: CancellationToken,
     /// The audit writer, awaited at shutdown so queued events are flushed.
@@ -106,6 +119,14 @@ impl Shared {
             pinned: std::sync::atomic::AtomicUsize::new(0),
             throttle,
             audit,
+            registry: Arc::new(crate::registry::Registry::default()),
+            metrics: Arc::new(crate::metrics::Metrics::new(
+                config.metrics.per_tenant,
+                config.metrics.tenant_cap,
+            )),
+            paused: tokio::sync::watch::channel(false).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            config_path: std::sync::Mutex::new(None),
             background,
             audit_writer: std::sync::Mutex::new(audit_writer),
             next_conn_id: AtomicU64::new(1),
@@ -123,13 +144,72 @@ impl Shared {
         self.live.load_full()
     }
 
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        if let Ok(mut p) = self.config_path.lock() {
+            *p = Some(path);
+        }
+    }
+
+    /// RELOAD / SIGHUP: read the config file again and swap it in if it is valid.
+    pub async fn reload_from_file(&self) -> Result<Vec<String>, String> {
+        let path = self
+            .config_path
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .ok_or("no configuration file to reload from")?;
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let notes = self.reload(config).await.map_err(|e| e.to_string())?;
+        tracing::info!(path = %path.display(), ?notes, "configuration reloaded");
+        Ok(notes)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+        tracing::info!(paused, "pause state changed");
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Wait while paused (at most `limit`); false if still paused.
+    pub async fn wait_unpaused(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.paused.subscribe();
+        let wait = async {
+            while *rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    /// /readyz: not draining, not paused, upstream reachable.
+    pub fn readiness(&self) -> crate::http::ReadyStatus {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return crate::http::ReadyStatus::not_ready("shutting down");
+        }
+        if self.is_paused() {
+            return crate::http::ReadyStatus::not_ready("paused");
+        }
+        if self.pool.upstream_failing() {
+            return crate::http::ReadyStatus::not_ready("upstream unreachable");
+        }
+        crate::http::ReadyStatus::ready()
+    }
+
     /// Re-read: validate and build the new state first; on any error the old one stays in force.
     /// Returns notes about changes that only a restart applies.
     pub async fn reload(&self, config: Config) -> Result<Vec<String>, StartError> {
         let old = self.config();
         let mut notes = Vec::new();
         if old.server.listen != config.server.listen {
-            notes.push(format!("server.listen change to {} needs a restart", config.server.listen));
+            notes.push(format!(
+                "server.listen change to {} needs a restart",
+                config.server.listen
+            ));
         }
         if old.server.http_listen != config.server.http_listen {
             notes.push("server.http_listen change needs a restart".to_string());
@@ -145,7 +225,6 @@ impl Shared {
         self.live.store(Arc::new(live));
         Ok(notes)
     }
-
 }
 
 /// Accept clients until `shutdown` fires, then let sessions finish their transactions for up to
@@ -155,11 +234,18 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     let maintenance = {
         let pool = shared.pool.clone();
         let stop = shutdown.clone();
+        let gauges = Arc::clone(&shared);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            let metrics = Arc::clone(&gauges.metrics);
+            let shared_for_gauges = gauges;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => pool.maintain().await,
+                    _ = tick.tick() => {
+                        pool.maintain().await;
+                        metrics.set_server_connections(pool.idle_count(), pool.in_use());
+                        metrics.set_pinned(shared_for_gauges.pinned.load(Ordering::Relaxed));
+                    }
                     _ = stop.cancelled() => return,
                 }
             }
@@ -196,6 +282,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
         }
     }
     drop(listener);
+    shared.draining.store(true, Ordering::Relaxed);
     maintenance.abort();
     tracker.close();
     let timeout = shared.config().server.shutdown_timeout;
@@ -216,6 +303,13 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     if let Some(writer) = writer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
     }
+}
+
+/// Serve /metrics, /healthz and /readyz on `listener` until `stop` fires.
+pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let ready = Arc::clone(&shared);
+    let state = crate::http::HttpState::new(Arc::clone(&shared.metrics), move || ready.readiness());
+    crate::http::serve(listener, state, stop).await;
 }
 
 /// Over `max_client_conn`: tell the client and close, without reading anything.
@@ -253,7 +347,13 @@ async fn handle(
             return;
         }
         Ok(Ok(Handshake::Cancel { pid, key })) => {
+            shared.metrics.cancel();
             shared.cancels.cancel(pid, &key).await;
+            return;
+        }
+        Ok(Ok(Handshake::Admin { stream, read_buf })) => {
+            tracing::info!("admin console login");
+            crate::admin::run(stream, read_buf, Arc::clone(&shared)).await;
             return;
         }
         Ok(Ok(Handshake::Login(login))) => login,

@@ -46,6 +46,8 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -222,6 +224,19 @@ pub struct AuthConfig {
         with = "humantime_serde_compat"
     )]
     pub failed_login_window: Duration,
+    /// A token whose claim at this path is `true` may log in to the admin console (database
+    /// `rlsgate`). Absent = no admin console.
+    pub admin_claim: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Tenant-labelled series (`rlsgate_tenant_*`), at most `tenant_cap` distinct tenants.
+    #[serde(default)]
+    pub per_tenant: bool,
+    #[serde(default = "default_tenant_cap")]
+    pub tenant_cap: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -319,6 +334,9 @@ fn default_failed_login_burst() -> u32 {
 }
 fn default_failed_login_window() -> Duration {
     Duration::from_secs(60)
+}
+fn default_tenant_cap() -> usize {
+    100
 }
 fn default_audit_table() -> String {
     "rlsgate_audit.events".into()

@@ -25,6 +25,7 @@
 //! - [`app`]: shared state, accept loop, shutdown. [`cli`]: the `rlsgate` commands.
 //! - [`embedded_pg`]: a throwaway Postgres for `rlsgate demo` and the tests.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -40,6 +41,7 @@ pub mod http;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod registry;
 pub mod session;
 pub mod stream;
 pub mod tls;

@@ -128,6 +128,7 @@ pub struct Validator {
     validation: Validation,
     tenant_claim: String,
     user_claim: Option<String>,
+    admin_claim: Option<String>,
     role: Option<RoleMode>,
     /// `(guc, claim path)` pairs from `[context]`.
     context: Vec<(String, String)>,
@@ -252,6 +253,7 @@ impl Validator {
             validation,
             tenant_claim: auth.tenant_claim.clone(),
             user_claim: auth.user_claim.clone(),
+            admin_claim: auth.admin_claim.clone(),
             role,
             context: context
                 .iter()
@@ -412,6 +414,10 @@ impl Validator {
             .get("jti")
             .and_then(Value::as_str)
             .map(str::to_string);
+        let admin = self
+            .admin_claim
+            .as_ref()
+            .is_some_and(|p| lookup(claims, p) == Some(&Value::Bool(true)));
         Ok(Identity {
             tenant,
             subject,
@@ -419,6 +425,7 @@ impl Validator {
             expires_at,
             role,
             jti,
+            admin,
         })
     }
 }

@@ -25,4 +25,6 @@ pub struct Identity {
     pub role: Option<String>,
     /// `jti`, when the token has one (for audit lines).
     pub jti: Option<String>,
+    /// The token carries `auth.admin_claim = true` (admin console).
+    pub admin: bool,
 }

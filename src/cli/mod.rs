@@ -110,13 +110,29 @@ fn serve(path: PathBuf, allow_unsafe: bool) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         let listen = config.server.listen;
+        let http_listen = config.server.http_listen;
         let shared = Shared::new(config).await?;
+        shared.set_config_path(path.clone());
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let shutdown = CancellationToken::new();
+        // /healthz must keep answering while the proxy drains: its own token, cancelled last.
+        let http_stop = CancellationToken::new();
+        if let Some(addr) = http_listen {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (http_listen): {e}"))?;
+            tokio::spawn(app::serve_http(
+                http,
+                Arc::clone(&shared),
+                http_stop.clone(),
+            ));
+        }
         tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(reload_on_sighup(Arc::clone(&shared)));
         app::run(listener, Arc::clone(&shared), shutdown).await;
+        http_stop.cancel();
         Ok(())
     })
 }
@@ -144,6 +160,26 @@ fn check(path: PathBuf, json: bool, strict: bool) -> ExitCode {
         Err(e) => {
             eprintln!("rlsgate check: {e:#}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// SIGHUP → re-read the config (an invalid one is logged and the old one stays).
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match shared.reload_from_file().await {
+            Ok(notes) => {
+                for n in notes {
+                    tracing::warn!(note = %n, "reload: not applied live");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the old configuration stays in force")
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::audit::AuditEvent;
 use crate::auth::{AuthError, Identity, Validator};
 use crate::config::PlaintextPassword;
 use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::metrics::{LoginFailure, LoginResult};
 use crate::protocol::ProtocolError;
 use crate::protocol::backend as be;
 use crate::protocol::frame::try_read_frame;
@@ -104,7 +105,15 @@ impl UserFacing for HandshakeError {
 }
 
 pub enum Handshake {
-    Cancel { pid: i32, key: Vec<u8> },
+    Cancel {
+        pid: i32,
+        key: Vec<u8>,
+    },
+    /// A login to the admin console (database `rlsgate`, token with the admin claim).
+    Admin {
+        stream: Stream,
+        read_buf: BytesMut,
+    },
     Login(Box<LoggedIn>),
 }
 
@@ -170,6 +179,12 @@ pub async fn handshake(
         }
     };
     match login(&mut stream, &mut buf, startup, peer, shared).await {
+        Ok((_, startup, _)) if startup.param("database") == Some(crate::admin::DATABASE) => {
+            Ok(Handshake::Admin {
+                stream,
+                read_buf: buf,
+            })
+        }
         Ok((identity, startup, user)) => Ok(Handshake::Login(Box::new(LoggedIn {
             stream,
             read_buf: buf,
@@ -210,10 +225,12 @@ async fn login(
         .unwrap_or(&user)
         .to_string();
     let config = shared.config();
-    if database != config.upstream.database {
+    let admin = database == crate::admin::DATABASE && config.auth.admin_claim.is_some();
+    if database != config.upstream.database && !admin {
         return Err(HandshakeError::WrongDatabase(database));
     }
-    if let Some(name) = startup_params::forbidden_setting(&startup.params, shared.live().guard.protected())
+    if let Some(name) =
+        startup_params::forbidden_setting(&startup.params, shared.live().guard.protected())
     {
         return Err(HandshakeError::ProtectedStartupSetting(name));
     }
@@ -253,7 +270,17 @@ async fn login(
     let token = fe::password(frame.body())?;
     let meta = Validator::meta(token);
     match shared.live().validator.validate(token, &user).await {
+        Ok(identity) if admin && !identity.admin => {
+            shared.throttle.failed(peer.ip());
+            shared
+                .metrics
+                .login(LoginResult::Failed(LoginFailure::BadClaim));
+            Err(HandshakeError::Auth(AuthError::BadClaim(
+                "admin claim".into(),
+            )))
+        }
         Ok(identity) => {
+            shared.metrics.login(LoginResult::Ok);
             shared.throttle.succeeded(peer.ip());
             shared.audit.record(AuditEvent::LoginOk {
                 peer: peer.to_string(),
@@ -266,6 +293,9 @@ async fn login(
             Ok((identity, startup, user))
         }
         Err(e) => {
+            shared
+                .metrics
+                .login(LoginResult::Failed(LoginFailure::from_auth_error(&e)));
             shared.throttle.failed(peer.ip());
             shared.audit.record(AuditEvent::LoginFailed {
                 peer: peer.to_string(),

@@ -101,6 +101,8 @@ struct Inner {
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// The last connection attempt failed (readiness).
+    failing: std::sync::atomic::AtomicBool,
     /// ParameterStatus set of the first connection, reported to clients at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -141,6 +143,7 @@ impl Pool {
                 permits,
                 next_id: AtomicU64::new(1),
                 server_params: Mutex::new(None),
+                failing: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -205,8 +208,16 @@ impl Pool {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
         let conn = match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
-            Ok(r) => r?,
+            Ok(Ok(c)) => {
+                self.inner.failing.store(false, Ordering::Relaxed);
+                c
+            }
+            Ok(Err(e)) => {
+                self.inner.failing.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
             Err(_) => {
+                self.inner.failing.store(true, Ordering::Relaxed);
                 return Err(PoolError::Connect(format!(
                     "timed out after {:?}",
                     self.inner.cfg.connect_timeout
@@ -237,6 +248,28 @@ impl Pool {
         }
     }
 
+    /// Connections checked out right now.
+    pub fn in_use(&self) -> usize {
+        self.inner
+            .cfg
+            .pool_size
+            .saturating_sub(self.inner.permits.available_permits())
+            .saturating_sub(0)
+    }
+
+    pub fn idle_ids(&self) -> Vec<u64> {
+        self.inner
+            .idle
+            .lock()
+            .map(|i| i.iter().map(|c| c.id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether the last attempt to open an upstream connection failed.
+    pub fn upstream_failing(&self) -> bool {
+        self.inner.failing.load(Ordering::Relaxed)
+    }
+
     pub fn idle_count(&self) -> usize {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
@@ -261,7 +294,9 @@ impl Pool {
             }
             *idle = keep;
         }
-        while self.idle_count() < min_idle {
+        // With nothing open, probe the upstream so readiness reflects whether it can be reached.
+        let probe = usize::from(self.idle_count() == 0 && self.in_use() == 0);
+        while self.idle_count() < min_idle.max(probe) {
             let Ok(permit) = Arc::clone(&self.inner.permits).try_acquire_owned() else {
                 return;
             };
@@ -269,15 +304,20 @@ impl Pool {
             let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
             match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
                 Ok(Ok(conn)) => {
+                    self.inner.failing.store(false, Ordering::Relaxed);
                     if let Ok(mut idle) = self.inner.idle.lock() {
                         idle.insert(0, conn);
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not open a min_idle upstream connection");
+                    self.inner.failing.store(true, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "could not open an upstream connection in the background");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    self.inner.failing.store(true, Ordering::Relaxed);
+                    return;
+                }
             }
             drop(permit);
         }

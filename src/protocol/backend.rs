@@ -193,6 +193,36 @@ pub fn write_command_complete(tag: &str, out: &mut BytesMut) {
     out.put_u8(0);
 }
 
+/// RowDescription of text columns.
+pub fn write_row_description(columns: &[&str], out: &mut BytesMut) {
+    let len = 4 + 2 + columns.iter().map(|c| c.len() + 1 + 18).sum::<usize>();
+    out.put_u8(ROW_DESCRIPTION);
+    out.put_i32(len as i32);
+    out.put_i16(columns.len() as i16);
+    for c in columns {
+        out.put_slice(c.as_bytes());
+        out.put_u8(0);
+        out.put_i32(0);
+        out.put_i16(0);
+        out.put_i32(25);
+        out.put_i16(-1);
+        out.put_i32(-1);
+        out.put_i16(0);
+    }
+}
+
+/// DataRow of text values.
+pub fn write_data_row(values: &[String], out: &mut BytesMut) {
+    let len = 4 + 2 + values.iter().map(|v| 4 + v.len()).sum::<usize>();
+    out.put_u8(DATA_ROW);
+    out.put_i32(len as i32);
+    out.put_i16(values.len() as i16);
+    for v in values {
+        out.put_i32(v.len() as i32);
+        out.put_slice(v.as_bytes());
+    }
+}
+
 /// A one-column, one-row text result: RowDescription + DataRow + CommandComplete.
 pub fn write_single_text_row(column: &str, value: &str, out: &mut BytesMut) {
     out.put_u8(ROW_DESCRIPTION);

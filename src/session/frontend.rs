@@ -116,6 +116,7 @@ impl Session {
     }
 
     pub(super) fn inject_context(&mut self) {
+        self.shared.metrics.injection();
         self.server_out.extend_from_slice(&self.context);
         let n = self.context_count;
         if n > 0 {
@@ -136,6 +137,8 @@ impl Session {
     fn refusal_for(&self, analysis: &Analysis, sql: &str) -> Option<Refusal> {
         if let Verdict::Deny(d) = &analysis.verdict {
             tracing::info!(rule = d.rule, "statement denied by the guard");
+            self.shared.metrics.denial(d.rule, &self.identity.tenant);
+            self.shared.registry.denial(&self.identity.tenant);
             self.shared.audit.record(AuditEvent::StatementDenied {
                 peer: self.peer.clone(),
                 user: self.user.clone(),
@@ -179,6 +182,7 @@ impl Session {
             .pinned
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        self.shared.metrics.pin();
         tracing::info!(
             reason = what,
             pinned_clients = now,
@@ -551,7 +555,13 @@ impl Session {
     fn unit_outside_tx(&self, frame: &Frame) -> bool {
         match frame.tag {
             fe::PARSE => fe::parse(frame.body())
-                .map(|p| self.shared.live().guard.analyze(p.sql).runs_outside_transaction())
+                .map(|p| {
+                    self.shared
+                        .live()
+                        .guard
+                        .analyze(p.sql)
+                        .runs_outside_transaction()
+                })
                 .unwrap_or(false),
             fe::BIND => fe::bind(frame.body())
                 .ok()

@@ -61,6 +61,8 @@ pub enum SessionError {
     Shutdown,
     #[error("idle in transaction for longer than idle_in_transaction_timeout")]
     IdleInTransaction,
+    #[error("terminated by the administrator")]
+    Killed,
 }
 
 impl UserFacing for SessionError {
@@ -88,6 +90,10 @@ impl UserFacing for SessionError {
                 ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
                     .with_hint("reconnect with a fresh token")
             }
+            SessionError::Killed => ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command (rlsgate KILL)",
+            ),
             SessionError::IdleInTransaction => ClientError::fatal(
                 sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
@@ -185,6 +191,12 @@ pub struct Session {
     split: Option<Split>,
     /// Transaction mode: the server connection stays with this client (session state), and why.
     pinned: Option<&'static str>,
+    /// Entry in the client registry (admin console; KILL).
+    client_entry: crate::registry::Registration,
+    /// Client-connection metrics (state gauge).
+    tracker: crate::metrics::ClientTracker,
+    /// When the current server connection was checked out.
+    held_since: Option<std::time::Instant>,
     /// A client message that waits until the replies in flight tell the transaction state.
     pending: Option<Frame>,
     cancel: Registration,
@@ -209,6 +221,13 @@ impl Session {
         let (context, context_count) = inject::context_messages(&login.identity)
             .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
+        let client_entry = shared.registry.register(
+            id,
+            &login.identity.tenant,
+            &login.user,
+            &login.peer.to_string(),
+        );
+        let tracker = shared.metrics.track_client(&login.identity.tenant);
         let startup_requested =
             crate::client::startup_params::requested_settings(&login.startup.params);
         let settings = Settings::from_startup(&startup_requested, shared.live().guard.protected());
@@ -247,6 +266,9 @@ impl Session {
             last_status: TxStatus::Idle,
             split: None,
             pinned: None,
+            client_entry,
+            tracker,
+            held_since: None,
             pending: None,
             cancel,
             shared,
@@ -337,6 +359,7 @@ impl Session {
                     std::future::pending().await
                 }
             };
+            let killed = self.client_entry.entry.kill.clone();
             let Session {
                 client,
                 client_buf,
@@ -370,6 +393,7 @@ impl Session {
                 }
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
                 _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
+                _ = killed.cancelled() => return Err(SessionError::Killed),
                 _ = expiry_deadline => return Err(SessionError::TokenExpired),
             }
         }
@@ -452,7 +476,45 @@ impl Session {
         if self.server.is_some() {
             return Ok(());
         }
-        let checkout = self.shared.pool.checkout().await?;
+        crate::registry::Registry::set_state(
+            &self.client_entry.entry,
+            crate::registry::STATE_WAITING,
+            0,
+        );
+        self.tracker.set_state(crate::metrics::ClientState::Waiting);
+        let started = std::time::Instant::now();
+        let limit = self.shared.config().upstream.checkout_timeout;
+        if !self.shared.wait_unpaused(limit).await {
+            self.shared.metrics.pool_timeout();
+            crate::registry::Registry::set_state(
+                &self.client_entry.entry,
+                crate::registry::STATE_IDLE,
+                0,
+            );
+            self.tracker.set_state(crate::metrics::ClientState::Idle);
+            return Err(PoolError::Timeout(limit));
+        }
+        let checkout = match self.shared.pool.checkout().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.pool_error(&e);
+                crate::registry::Registry::set_state(
+                    &self.client_entry.entry,
+                    crate::registry::STATE_IDLE,
+                    0,
+                );
+                self.tracker.set_state(crate::metrics::ClientState::Idle);
+                return Err(e);
+            }
+        };
+        self.shared.metrics.checkout_wait(started.elapsed());
+        self.tracker.set_state(crate::metrics::ClientState::Active);
+        crate::registry::Registry::set_state(
+            &self.client_entry.entry,
+            crate::registry::STATE_ACTIVE,
+            checkout.conn_ref().id,
+        );
+        self.held_since = Some(std::time::Instant::now());
         self.cancel
             .slot
             .set(self.shared.pool.cancel_target(checkout.conn_ref()));
@@ -485,8 +547,25 @@ impl Session {
                 server_id = server.conn_ref().id,
                 "released upstream connection"
             );
+            self.account_release();
             server.release();
         }
+    }
+
+    /// Bookkeeping when the client gives its connection back.
+    fn account_release(&mut self) {
+        if let Some(since) = self.held_since.take() {
+            self.shared
+                .metrics
+                .transaction_finished(&self.identity.tenant, since.elapsed());
+        }
+        self.shared.registry.transaction(&self.identity.tenant);
+        self.tracker.set_state(crate::metrics::ClientState::Idle);
+        crate::registry::Registry::set_state(
+            &self.client_entry.entry,
+            crate::registry::STATE_IDLE,
+            0,
+        );
     }
 
     /// Client is gone: keep the connection only if it is idle and clean.
@@ -579,7 +658,12 @@ impl Session {
     /// `SELECT rlsgate.reauth('<jwt>')`: a fresh token for the same tenant replaces the identity
     /// (and its context) from the next transaction on.
     async fn reauth(&mut self, token: &str) -> Result<(), ClientError> {
-        let outcome = self.shared.live().validator.validate(token, &self.user).await;
+        let outcome = self
+            .shared
+            .live()
+            .validator
+            .validate(token, &self.user)
+            .await;
         let result = match outcome {
             Err(e) => Err(ClientError::error(
                 sqlstate::INVALID_AUTHORIZATION,

@@ -1,0 +1,160 @@
+//! Who is connected: one entry per logged-in client (for the admin console's SHOW CLIENTS,
+//! SHOW TENANTS and KILL), plus per-tenant counters. Bounded: entries live as long as clients.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+/// Most tenants with their own counters; more are counted under "other".
+const MAX_TENANT_STATS: usize = 10_000;
+
+pub const STATE_IDLE: u8 = 0;
+pub const STATE_ACTIVE: u8 = 1;
+pub const STATE_WAITING: u8 = 2;
+
+pub struct ClientEntry {
+    pub conn_id: u64,
+    pub tenant: String,
+    pub user: String,
+    pub peer: String,
+    pub since: SystemTime,
+    pub state: AtomicU8,
+    /// Upstream connection currently held (0 = none).
+    pub server_id: AtomicU64,
+    /// Cancelled by the admin console's KILL.
+    pub kill: CancellationToken,
+}
+
+#[derive(Default, Clone, Copy)]
+pub struct TenantStats {
+    pub transactions: u64,
+    pub denials: u64,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    clients: Mutex<HashMap<u64, Arc<ClientEntry>>>,
+    tenants: Mutex<HashMap<String, TenantStats>>,
+}
+
+/// Removes the entry when the session ends.
+pub struct Registration {
+    registry: Arc<Registry>,
+    pub entry: Arc<ClientEntry>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.registry.clients.lock() {
+            c.remove(&self.entry.conn_id);
+        }
+    }
+}
+
+impl Registry {
+    pub fn register(
+        self: &Arc<Self>,
+        conn_id: u64,
+        tenant: &str,
+        user: &str,
+        peer: &str,
+    ) -> Registration {
+        let entry = Arc::new(ClientEntry {
+            conn_id,
+            tenant: tenant.to_string(),
+            user: user.to_string(),
+            peer: peer.to_string(),
+            since: SystemTime::now(),
+            state: AtomicU8::new(STATE_IDLE),
+            server_id: AtomicU64::new(0),
+            kill: CancellationToken::new(),
+        });
+        if let Ok(mut c) = self.clients.lock() {
+            c.insert(conn_id, Arc::clone(&entry));
+        }
+        Registration {
+            registry: Arc::clone(self),
+            entry,
+        }
+    }
+
+    pub fn clients(&self) -> Vec<Arc<ClientEntry>> {
+        let mut v: Vec<_> = self
+            .clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|e| e.conn_id);
+        v
+    }
+
+    /// Disconnect every client of a tenant; returns how many.
+    pub fn kill_tenant(&self, tenant: &str) -> usize {
+        let victims: Vec<_> = self
+            .clients()
+            .into_iter()
+            .filter(|e| e.tenant == tenant)
+            .collect();
+        for v in &victims {
+            v.kill.cancel();
+        }
+        victims.len()
+    }
+
+    fn bump(&self, tenant: &str, f: impl FnOnce(&mut TenantStats)) {
+        let Ok(mut t) = self.tenants.lock() else {
+            return;
+        };
+        let key = if t.contains_key(tenant) || t.len() < MAX_TENANT_STATS {
+            tenant
+        } else {
+            "other"
+        };
+        f(t.entry(key.to_string()).or_default());
+    }
+
+    pub fn transaction(&self, tenant: &str) {
+        self.bump(tenant, |s| s.transactions += 1);
+    }
+
+    pub fn denial(&self, tenant: &str) {
+        self.bump(tenant, |s| s.denials += 1);
+    }
+
+    /// (tenant, connected clients, stats), by tenant name.
+    pub fn tenants(&self) -> Vec<(String, usize, TenantStats)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for c in self.clients() {
+            *counts.entry(c.tenant.clone()).or_default() += 1;
+        }
+        let stats = self.tenants.lock().map(|t| t.clone()).unwrap_or_default();
+        let mut names: Vec<String> = counts.keys().chain(stats.keys()).cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                let c = counts.get(&n).copied().unwrap_or(0);
+                let s = stats.get(&n).copied().unwrap_or_default();
+                (n, c, s)
+            })
+            .collect()
+    }
+
+    pub fn state_name(state: u8) -> &'static str {
+        match state {
+            STATE_ACTIVE => "active",
+            STATE_WAITING => "waiting",
+            _ => "idle",
+        }
+    }
+
+    pub fn set_state(entry: &ClientEntry, state: u8, server_id: u64) {
+        entry.state.store(state, Ordering::Relaxed);
+        entry.server_id.store(server_id, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,302 @@
+//! Operating rlsgate: /metrics during a workload, /healthz and /readyz (PAUSE, upstream down),
+//! the admin console through psql, and reload of the JWT secret without dropping connections.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect http");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("http answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (code, body)
+}
+
+async fn with_http(proxy: &Proxy) -> (u16, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    tokio::spawn(rlsgate::app::serve_http(
+        listener,
+        proxy.shared.clone(),
+        stop.clone(),
+    ));
+    (port, stop)
+}
+
+fn admin_config(db: &str) -> String {
+    config_text(db, 2, "admin_claim = \"rlsgate_admin\"")
+}
+
+fn admin_token() -> String {
+    token_with(
+        json!({"store_id": "ops", "sub": "operator", "rlsgate_admin": true, "exp": now() + 600}),
+    )
+}
+
+fn admin_psql(proxy: &Proxy, sql: &str) -> std::process::Output {
+    let mut cmd = std::process::Command::new(pg().bin("psql"));
+    cmd.env_clear().env("PGPASSWORD", admin_token()).args([
+        "-X",
+        "-At",
+        "-F",
+        "|",
+        &format!(
+            "host=127.0.0.1 port={} dbname=rlsgate user=operator sslmode=disable",
+            proxy.addr.port()
+        ),
+        "-c",
+        sql,
+    ]);
+    cmd.output().unwrap()
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_workload() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &admin_config(&db)).await;
+    let (port, stop) = with_http(&proxy).await;
+    let (_, before) = http_get(port, "/metrics").await;
+    let north = client(&proxy, "north").await;
+    for _ in 0..20 {
+        assert_eq!(count(&north, "customers").await, 3);
+    }
+    let _ = north
+        .simple_query("SET app.current_store_id = 'south'")
+        .await;
+    let _ = connect(&proxy, "not-a-token").await;
+    let (code, after) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metric(&after, "rlsgate_logins_total{result=\"ok\"")
+            >= metric(&before, "rlsgate_logins_total{result=\"ok\"") + 1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "rlsgate_logins_total{result=\"failed\"") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        metric(
+            &after,
+            "rlsgate_guard_denials_total{rule=\"protected_setting\"}"
+        ) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "rlsgate_context_injections_total") >= 20.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "rlsgate_checkout_wait_seconds_count") >= 20.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "rlsgate_transaction_duration_seconds_count") >= 20.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "rlsgate_client_connections{state=\"idle\"}") >= 1.0,
+        "{after}"
+    );
+    stop.cancel();
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_pause_and_the_upstream() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &admin_config(&db)).await;
+    let (port, stop) = with_http(&proxy).await;
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    let out = admin_psql(&proxy, "PAUSE");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, body) = http_get(port, "/readyz").await;
+    assert_eq!((code, body.contains("paused")), (503, true), "{body}");
+    // while paused, a transaction waits; RESUME lets it through
+    let north = client(&proxy, "north").await;
+    let waiting = tokio::spawn(async move { count(&north, "customers").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a transaction must wait while paused"
+    );
+    assert!(admin_psql(&proxy, "RESUME").status.success());
+    assert_eq!(waiting.await.unwrap(), 3);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    stop.cancel();
+    proxy.stop().await;
+
+    // an upstream that cannot be reached
+    let cfg = admin_config(&db).replace(&format!("port = {}", pg().port()), "port = 1");
+    let down = start_proxy_with(&db, &cfg).await;
+    let (port, stop) = with_http(&down).await;
+    let mut code = 0;
+    for _ in 0..40 {
+        code = http_get(port, "/readyz").await.0;
+        if code == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 503);
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    stop.cancel();
+    down.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_commands_work_through_psql() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &admin_config(&db)).await;
+    let north = client(&proxy, "north").await;
+    let south = client(&proxy, "south").await;
+    assert_eq!(count(&north, "customers").await, 3);
+    assert_eq!(count(&south, "customers").await, 2);
+    let _ = south
+        .simple_query("SET app.current_store_id = 'north'")
+        .await;
+
+    let out = admin_psql(&proxy, "SHOW POOLS");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("{db}|rlsgate_app|2|")),
+        "{}",
+        stdout(&out)
+    );
+    let clients = stdout(&admin_psql(&proxy, "SHOW CLIENTS"));
+    assert!(
+        clients.contains("|north|app|idle|") && clients.contains("|south|app|idle|"),
+        "{clients}"
+    );
+    let tenants = stdout(&admin_psql(&proxy, "SHOW TENANTS"));
+    assert!(
+        tenants
+            .lines()
+            .any(|l| l.starts_with("south|1|") && l.ends_with("|1")),
+        "{tenants}"
+    );
+    let servers = stdout(&admin_psql(&proxy, "SHOW SERVERS"));
+    assert!(servers.contains("|idle|"), "{servers}");
+    let config = stdout(&admin_psql(&proxy, "SHOW CONFIG"));
+    assert!(
+        config.contains("upstream.pool_size|2") && !config.contains(SECRET),
+        "{config}"
+    );
+    let bad = admin_psql(&proxy, "DROP TABLE customers");
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("unknown admin command"),
+        "{}",
+        stderr(&bad)
+    );
+
+    // KILL disconnects a tenant's clients and nobody else
+    let out = admin_psql(&proxy, "KILL north");
+    assert_eq!(stdout(&out), "KILL 1", "{}", stderr(&out));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = north.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || code(&err) == "57P01", "{err}");
+    assert_eq!(count(&south, "customers").await, 2);
+
+    // the admin console needs the admin claim
+    let mut cmd = std::process::Command::new(pg().bin("psql"));
+    cmd.env_clear().env("PGPASSWORD", token("north")).args([
+        "-X",
+        "-At",
+        &format!(
+            "host=127.0.0.1 port={} dbname=rlsgate user=x sslmode=disable",
+            proxy.addr.port()
+        ),
+        "-c",
+        "SHOW POOLS",
+    ]);
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success() && stderr(&out).contains("admin claim"),
+        "{}",
+        stderr(&out)
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_jwt_secret_without_dropping_connections() {
+    let db = demo_db();
+    let dir = std::env::temp_dir().join(format!("rlsgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rlsgate.toml");
+    let cfg = admin_config(&db);
+    std::fs::write(&path, &cfg).unwrap();
+    let proxy = start_proxy_with(&db, &cfg).await;
+    proxy.shared.set_config_path(path.clone());
+    let old = client(&proxy, "north").await;
+
+    let new_secret = "a-brand-new-secret-a-brand-new-secret-0123";
+    std::fs::write(&path, cfg.replace(SECRET, new_secret)).unwrap();
+    // an invalid file is refused and the old configuration stays
+    std::fs::write(&path, "this is not toml").unwrap();
+    let out = admin_psql(&proxy, "RELOAD");
+    assert!(
+        !out.status.success() && stderr(&out).contains("reload refused"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(connect(&proxy, &token("south")).await.is_ok());
+
+    std::fs::write(&path, cfg.replace(SECRET, new_secret)).unwrap();
+    // (the console logs in with the old secret, then RELOAD swaps it)
+    let out = admin_psql(&proxy, "RELOAD");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fresh = rlsgate::auth::mint_hs256(
+        new_secret.as_bytes(),
+        &json!({"store_id": "south", "exp": now() + 600}),
+    )
+    .unwrap();
+    let c = connect(&proxy, &fresh)
+        .await
+        .expect("a token with the new secret is accepted");
+    assert_eq!(count(&c, "customers").await, 2);
+    assert!(
+        connect(&proxy, &token("south")).await.is_err(),
+        "the old secret no longer logs in"
+    );
+    assert_eq!(
+        count(&old, "customers").await,
+        3,
+        "the old connection keeps working"
+    );
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
