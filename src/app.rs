@@ -74,6 +74,7 @@ pub struct Shared {
     pub throttle: LoginThrottle,
     pub audit: Audit,
     pub registry: Arc<crate::registry::Registry>,
+    pub limits: Arc<crate::limits::Limits>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// PAUSE from the admin console: no new transactions start until RESUME.
     paused: tokio::sync::watch::Sender<bool>,
@@ -120,6 +121,7 @@ impl Shared {
             throttle,
             audit,
             registry: Arc::new(crate::registry::Registry::default()),
+            limits: crate::limits::Limits::new(config.limits.clone()),
             metrics: Arc::new(crate::metrics::Metrics::new(
                 config.metrics.per_tenant,
                 config.metrics.tenant_cap,
@@ -196,6 +198,9 @@ impl Shared {
         }
         if self.pool.upstream_failing() {
             return crate::http::ReadyStatus::not_ready("upstream unreachable");
+        }
+        if self.registry.clients().len() >= self.config().server.max_client_conn {
+            return crate::http::ReadyStatus::not_ready("max_client_conn reached");
         }
         crate::http::ReadyStatus::ready()
     }
@@ -362,6 +367,14 @@ async fn handle(
     span.record("user", login.user.as_str());
     span.record("tenant", login.identity.tenant.as_str());
     let mut login = *login;
+    let _tenant_slot = match shared.limits.join(&login.identity.tenant) {
+        Ok(slot) => slot,
+        Err(e) => {
+            tracing::info!(error = %e, "tenant connection limit");
+            client::report(&mut login.stream, &e).await;
+            return;
+        }
+    };
     let params = match shared.pool.server_params().await {
         Ok(p) => p,
         Err(e) => {

@@ -48,6 +48,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -227,6 +229,32 @@ pub struct AuthConfig {
     /// A token whose claim at this path is `true` may log in to the admin console (database
     /// `rlsgate`). Absent = no admin console.
     pub admin_claim: Option<String>,
+}
+
+/// Per-tenant limits (0 = unlimited).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub max_clients_per_tenant: usize,
+    /// Concurrent transactions (server connections) per tenant: a fair share of the pool.
+    #[serde(default)]
+    pub max_transactions_per_tenant: usize,
+    /// Transactions per second per tenant.
+    #[serde(default)]
+    pub transaction_rate_per_tenant: u32,
+    #[serde(default)]
+    pub on_limit: OnLimit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    /// Wait up to `checkout_timeout`, then fail with 53400.
+    #[default]
+    Wait,
+    /// Fail with 53400 at once.
+    Error,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

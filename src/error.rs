@@ -26,6 +26,7 @@ pub mod sqlstate {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const SYNTAX_ERROR: &str = "42601";
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

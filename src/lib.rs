@@ -38,6 +38,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod guard;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -228,7 +228,7 @@ impl UpstreamErrorKind {
             PoolError::Tls(_) => Some(UpstreamErrorKind::Tls),
             PoolError::Auth(_) => Some(UpstreamErrorKind::Auth),
             PoolError::Protocol(_) => Some(UpstreamErrorKind::Protocol),
-            PoolError::Timeout(_) | PoolError::Closed => None,
+            PoolError::Timeout(_) | PoolError::Closed | PoolError::Limited(_) => None,
             _ => Some(UpstreamErrorKind::Connect),
         }
     }

@@ -300,3 +300,93 @@ async fn reload_swaps_the_jwt_secret_without_dropping_connections() {
     proxy.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn limits_config(db: &str, pool: usize, limits: &str) -> String {
+    format!("{}\n[limits]\n{limits}\n", config_text(db, pool, ""))
+}
+
+/// p99 of south's checkout+query latency while north floods with slow transactions.
+async fn south_p99_under_flood(proxy: &Proxy) -> Duration {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let c = client(proxy, "north").await;
+        let stop = stop.clone();
+        flood.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.simple_query("SELECT pg_sleep(0.2)").await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let south = client(proxy, "south").await;
+    let mut samples = Vec::new();
+    for _ in 0..30 {
+        let t = std::time::Instant::now();
+        assert_eq!(count(&south, "customers").await, 2);
+        samples.push(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        let _ = f.await;
+    }
+    samples.sort();
+    samples[samples.len() * 99 / 100]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_cannot_starve_another() {
+    let db = demo_db();
+    // pool of 4; north may hold at most 2 of them
+    let proxy = start_proxy_with(
+        &db,
+        &limits_config(&db, 4, "max_transactions_per_tenant = 2"),
+    )
+    .await;
+    let p99 = south_p99_under_flood(&proxy).await;
+    assert!(
+        p99 < Duration::from_millis(150),
+        "south's p99 under north's flood: {p99:?}"
+    );
+    proxy.stop().await;
+    // without the limit north's eight clients take every connection and south waits behind them
+    let proxy = start_proxy_with(&db, &limits_config(&db, 4, "")).await;
+    let unlimited = south_p99_under_flood(&proxy).await;
+    assert!(unlimited > p99, "limit {p99:?} vs none {unlimited:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_client_and_rate_limits_refuse_with_53300_and_53400() {
+    let db = demo_db();
+    let proxy = start_proxy_with(
+        &db,
+        &limits_config(
+            &db,
+            2,
+            "max_clients_per_tenant = 2\ntransaction_rate_per_tenant = 5\non_limit = \"error\"",
+        ),
+    )
+    .await;
+    let a = client(&proxy, "north").await;
+    let _b = client(&proxy, "north").await;
+    let err = connect(&proxy, &token("north"))
+        .await
+        .err()
+        .expect("third north client refused");
+    assert_eq!(code(&err), "53300", "{err}");
+    let south = client(&proxy, "south").await; // other tenants are unaffected
+    let mut limited = 0;
+    for _ in 0..20 {
+        match a.simple_query("SELECT 1").await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(code(&e), "53400", "{e}");
+                limited += 1;
+            }
+        }
+    }
+    assert!(limited >= 10, "rate limit refused {limited} of 20");
+    assert_eq!(count(&south, "customers").await, 2);
+    proxy.stop().await;
+}

@@ -34,6 +34,8 @@ pub enum PoolError {
     Server { code: String, message: String },
     #[error("pool is closed")]
     Closed,
+    #[error("{0}")]
+    Limited(ClientError),
 }
 
 impl UserFacing for PoolError {
@@ -61,6 +63,7 @@ impl UserFacing for PoolError {
             PoolError::Closed => {
                 ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
             }
+            PoolError::Limited(e) => e.clone(),
         }
     }
 }

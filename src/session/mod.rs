@@ -197,6 +197,8 @@ pub struct Session {
     tracker: crate::metrics::ClientTracker,
     /// When the current server connection was checked out.
     held_since: Option<std::time::Instant>,
+    /// The tenant's concurrent-transaction slot, held with the server connection.
+    tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// A client message that waits until the replies in flight tell the transaction state.
     pending: Option<Frame>,
     cancel: Registration,
@@ -269,6 +271,7 @@ impl Session {
             client_entry,
             tracker,
             held_since: None,
+            tenant_permit: None,
             pending: None,
             cancel,
             shared,
@@ -494,6 +497,23 @@ impl Session {
             self.tracker.set_state(crate::metrics::ClientState::Idle);
             return Err(PoolError::Timeout(limit));
         }
+        let tenant_permit = match self
+            .shared
+            .limits
+            .begin_transaction(&self.identity.tenant, limit)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                crate::registry::Registry::set_state(
+                    &self.client_entry.entry,
+                    crate::registry::STATE_IDLE,
+                    0,
+                );
+                self.tracker.set_state(crate::metrics::ClientState::Idle);
+                return Err(PoolError::Limited(e));
+            }
+        };
         let checkout = match self.shared.pool.checkout().await {
             Ok(c) => c,
             Err(e) => {
@@ -515,6 +535,7 @@ impl Session {
             checkout.conn_ref().id,
         );
         self.held_since = Some(std::time::Instant::now());
+        self.tenant_permit = tenant_permit;
         self.cancel
             .slot
             .set(self.shared.pool.cancel_target(checkout.conn_ref()));
@@ -554,6 +575,7 @@ impl Session {
 
     /// Bookkeeping when the client gives its connection back.
     fn account_release(&mut self) {
+        self.tenant_permit = None;
         if let Some(since) = self.held_since.take() {
             self.shared
                 .metrics
