@@ -46,6 +46,6 @@ COPY --from=builder /build/target/release/rlsgate /usr/local/bin/rlsgate
 COPY config/rlsgate.example.toml /etc/rlsgate/rlsgate.example.toml
 
 USER 10001:10001
-EXPOSE 6432
+EXPOSE 6432 9930
 ENTRYPOINT ["rlsgate"]
 CMD ["serve", "--config", "/etc/rlsgate/rlsgate.toml"]

@@ -41,6 +41,11 @@ fn protocol(e: crate::protocol::ProtocolError) -> SessionError {
 
 impl Session {
     pub(super) async fn handle_client(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.query_started.is_none()
+            && matches!(frame.tag, fe::QUERY | fe::PARSE | fe::BIND | fe::EXECUTE)
+        {
+            self.query_started = Some(std::time::Instant::now());
+        }
         tracing::trace!(tag = %(frame.tag as char), in_flight = self.in_flight, predicted = ?self.predicted, "client message");
         if self.skip_until_sync && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
             // After an error Postgres ignores everything up to Sync; so do we.

@@ -197,6 +197,8 @@ pub struct Session {
     tracker: crate::metrics::ClientTracker,
     /// When the current server connection was checked out.
     held_since: Option<std::time::Instant>,
+    /// When the client's oldest unanswered request arrived (query duration metric).
+    query_started: Option<std::time::Instant>,
     /// The tenant's concurrent-transaction slot, held with the server connection.
     tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// A client message that waits until the replies in flight tell the transaction state.
@@ -272,6 +274,7 @@ impl Session {
             tracker,
             held_since: None,
             tenant_permit: None,
+            query_started: None,
             pending: None,
             cancel,
             shared,
@@ -383,7 +386,7 @@ impl Session {
                 r = client.read_buf(client_buf), if read_client => {
                     match r {
                         Ok(0) => return Ok(()),
-                        Ok(_) => {}
+                        Ok(n) => self.shared.metrics.bytes(n as u64, 0),
                         Err(e) => return Err(SessionError::ClientIo(e)),
                     }
                 }
@@ -451,6 +454,7 @@ impl Session {
                 .write_all(&self.client_out)
                 .await
                 .map_err(SessionError::ClientIo)?;
+            self.shared.metrics.bytes(0, self.client_out.len() as u64);
             self.client_out.clear();
         }
         Ok(())

@@ -321,6 +321,9 @@ impl Session {
             After::FinishSplit => self.split = None,
             After::Forward => {}
         }
+        if let Some(started) = self.query_started.take() {
+            self.shared.metrics.query_finished(started.elapsed());
+        }
         self.client_out.extend_from_slice(&frame.bytes);
         self.emit_synthetic();
         Ok(())
