@@ -106,6 +106,8 @@ struct Inner {
     next_id: AtomicU64,
     /// The last connection attempt failed (readiness).
     failing: std::sync::atomic::AtomicBool,
+    /// Some connection attempt has succeeded.
+    connected_once: std::sync::atomic::AtomicBool,
     /// ParameterStatus set of the first connection, reported to clients at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -147,6 +149,7 @@ impl Pool {
                 next_id: AtomicU64::new(1),
                 server_params: Mutex::new(None),
                 failing: std::sync::atomic::AtomicBool::new(false),
+                connected_once: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -213,6 +216,7 @@ impl Pool {
         let conn = match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
             Ok(Ok(c)) => {
                 self.inner.failing.store(false, Ordering::Relaxed);
+                self.inner.connected_once.store(true, Ordering::Relaxed);
                 c
             }
             Ok(Err(e)) => {
@@ -297,8 +301,10 @@ impl Pool {
             }
             *idle = keep;
         }
-        // With nothing open, probe the upstream so readiness reflects whether it can be reached.
-        let probe = usize::from(self.idle_count() == 0 && self.in_use() == 0);
+        // Until a first connection worked, and while connecting fails, probe the upstream (with
+        // nothing else open) so readiness reflects whether it can be reached.
+        let unknown = !self.inner.connected_once.load(Ordering::Relaxed) || self.upstream_failing();
+        let probe = usize::from(unknown && self.idle_count() == 0 && self.in_use() == 0);
         while self.idle_count() < min_idle.max(probe) {
             let Ok(permit) = Arc::clone(&self.inner.permits).try_acquire_owned() else {
                 return;
@@ -308,6 +314,7 @@ impl Pool {
             match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
                 Ok(Ok(conn)) => {
                     self.inner.failing.store(false, Ordering::Relaxed);
+                    self.inner.connected_once.store(true, Ordering::Relaxed);
                     if let Ok(mut idle) = self.inner.idle.lock() {
                         idle.insert(0, conn);
                     }
