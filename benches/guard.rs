@@ -1,9 +1,10 @@
 //! Classifier cost: cached verdicts (the steady state) and uncached parses.
 //! Run: `cargo bench --bench guard`.
 
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use rlsgate::config::GuardConfig;
 use rlsgate::guard::Guard;
+use std::hint::black_box;
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const SET: &str = "SET app.current_store_id = 'south'";

@@ -31,12 +31,12 @@ pub struct ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        if let Ok(mut t) = self.limits.tenants.lock() {
-            if let Some(s) = t.get_mut(&self.tenant) {
-                s.clients = s.clients.saturating_sub(1);
-                if s.clients == 0 && Arc::strong_count(&s.transactions) == 1 {
-                    t.remove(&self.tenant);
-                }
+        if let Ok(mut t) = self.limits.tenants.lock()
+            && let Some(s) = t.get_mut(&self.tenant)
+        {
+            s.clients = s.clients.saturating_sub(1);
+            if s.clients == 0 && Arc::strong_count(&s.transactions) == 1 {
+                t.remove(&self.tenant);
             }
         }
     }

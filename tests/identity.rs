@@ -393,7 +393,7 @@ fn es256_token(private_pem: &str, kid: &str, claims: serde_json::Value) -> Strin
 async fn jwks_keys_rotate_while_clients_stay_connected() {
     use jwks_server::{JwksServer, es256_jwk, jwks_body};
     let (old_private, old_jwk) = es256_jwk("key-old");
-    let server = JwksServer::start(jwks_body(&[old_jwk.clone()])).await;
+    let server = JwksServer::start(jwks_body(std::slice::from_ref(&old_jwk))).await;
     let db = demo_db();
     let auth = format!(
         "algorithms = [\"ES256\", \"HS256\"]\njwks_url = \"{}\"\njwks_ca_file = \"{}\"\njwks_min_refetch = \"1s\"",

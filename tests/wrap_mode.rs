@@ -1,5 +1,7 @@
 //! Every end-to-end suite again, with `[upstream] transaction_wrap = true` (support::WRAP is set
 //! from this binary's name): the client-visible behaviour must not change.
+// Each suite brings its own copy of the support module (one cluster each): intended.
+#![allow(clippy::duplicate_mod)]
 
 #[path = "clients.rs"]
 mod clients;

@@ -351,13 +351,13 @@ impl Validator {
                 KeySource::Pem(f, k) if *f == family && header.kid.is_none() => {
                     return Ok(std::sync::Arc::new(k.clone()));
                 }
-                KeySource::Pem(f, k) if *f == family => {
+                KeySource::Pem(f, k)
+                    if *f == family
                     // A PEM key has no kid; accept it for a kid only when no JWKS knows the kid.
-                    if outcome.is_err()
-                        && !self.sources.iter().any(|s| matches!(s, KeySource::Jwks(_)))
-                    {
-                        return Ok(std::sync::Arc::new(k.clone()));
-                    }
+                    && outcome.is_err()
+                        && !self.sources.iter().any(|s| matches!(s, KeySource::Jwks(_))) =>
+                {
+                    return Ok(std::sync::Arc::new(k.clone()));
                 }
                 _ => {}
             }

@@ -55,14 +55,13 @@ impl LoginThrottle {
         if map.len() > MAX_ADDRESSES {
             let window = self.window;
             map.retain(|_, (_, since)| now.duration_since(*since) < window);
-            if map.len() > MAX_ADDRESSES {
-                if let Some(oldest) = map
+            if map.len() > MAX_ADDRESSES
+                && let Some(oldest) = map
                     .iter()
                     .min_by_key(|(_, (_, since))| *since)
                     .map(|(ip, _)| *ip)
-                {
-                    map.remove(&oldest);
-                }
+            {
+                map.remove(&oldest);
             }
         }
     }

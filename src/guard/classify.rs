@@ -405,11 +405,10 @@ impl Search<'_> {
                     .into(),
             ),
             "LoadStmt" => self.deny("load", "LOAD is not allowed through rlsgate".into()),
-            "DiscardStmt" => {
-                if node.get("target").and_then(Value::as_i64) == Some(DiscardMode::DiscardAll as i64) {
+            "DiscardStmt"
+                if node.get("target").and_then(Value::as_i64) == Some(DiscardMode::DiscardAll as i64) => {
                     self.reset = Some(SessionReset::DiscardAll);
                 }
-            }
             "ListenStmt" => self.session("LISTEN"),
             "PrepareStmt" => self.session("SQL PREPARE"),
             "DeclareCursorStmt"

@@ -229,11 +229,11 @@ impl Session {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
         }
-        if let Some(kind) = analysis.reset {
-            if let Some(refusal) = self.reset_refusal(kind) {
-                self.refuse_query(refusal);
-                return Ok(Flow::Continue);
-            }
+        if let Some(kind) = analysis.reset
+            && let Some(refusal) = self.reset_refusal(kind)
+        {
+            self.refuse_query(refusal);
+            return Ok(Flow::Continue);
         }
         if let [statement] = analysis.statements.as_slice()
             && let Some(target) = &statement.deallocate
