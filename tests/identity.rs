@@ -15,23 +15,6 @@ async fn login_code(proxy: &Proxy, token: &str) -> String {
     }
 }
 
-fn b64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 fn with_header(header: serde_json::Value, claims: serde_json::Value) -> String {
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     if let Some(jku) = header.get("jku").and_then(|v| v.as_str()) {
@@ -57,8 +40,8 @@ async fn hostile_tokens_are_refused_with_28000() {
     let claims = json!({"store_id": "north", "exp": now() + 60});
     let none = format!(
         "{}.{}.",
-        b64(br#"{"alg":"none","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes())
+        base64url(br#"{"alg":"none","typ":"JWT"}"#),
+        base64url(claims.to_string().as_bytes())
     );
     assert_eq!(login_code(&proxy, &none).await, "28000");
     let jku = with_header(
@@ -74,9 +57,9 @@ async fn hostile_tokens_are_refused_with_28000() {
     // RS256 header but HS256 is the only configured algorithm
     let rs = format!(
         "{}.{}.{}",
-        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes()),
-        b64(b"sig")
+        base64url(br#"{"alg":"RS256","typ":"JWT"}"#),
+        base64url(claims.to_string().as_bytes()),
+        base64url(b"sig")
     );
     assert_eq!(login_code(&proxy, &rs).await, "28000");
     let huge =
