@@ -329,6 +329,22 @@ async fn large_rows_and_results_are_relayed() {
         .unwrap()
         .get(0);
     assert_eq!(big.len(), 8_000_000);
+    // a 6.4 MB value streams through byte for byte
+    let row = north
+        .query_one(
+            "SELECT v, md5(v) FROM (SELECT string_agg(md5(g::text), '' ORDER BY g) AS v FROM generate_series(1, 200000) g) s",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (value, digest): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(value.len(), 6_400_000);
+    let check: String = north
+        .query_one("SELECT md5($1)", &[&value])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(check, digest);
     let rows = north
         .query("SELECT g FROM generate_series(1, 100000) g", &[])
         .await

@@ -38,6 +38,8 @@ use statements::Statements;
 
 /// Largest server message relayed (Postgres' own limit is 1 GB).
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
+/// Server messages larger than this are streamed to the client instead of buffered whole.
+const STREAM_AT: usize = 1 << 20;
 /// Flush client-bound bytes once this much is buffered.
 const FLUSH_AT: usize = 64 * 1024;
 
@@ -197,6 +199,8 @@ pub struct Session {
     tracker: crate::metrics::ClientTracker,
     /// When the current server connection was checked out.
     held_since: Option<std::time::Instant>,
+    /// Bytes of a large server message still to stream through to the client.
+    passthrough: usize,
     /// When the client's oldest unanswered request arrived (query duration metric).
     query_started: Option<std::time::Instant>,
     /// The tenant's concurrent-transaction slot, held with the server connection.
@@ -275,6 +279,7 @@ impl Session {
             held_since: None,
             tenant_permit: None,
             query_started: None,
+            passthrough: 0,
             pending: None,
             cancel,
             shared,
@@ -377,6 +382,9 @@ impl Session {
                 match server.as_mut() {
                     Some(s) => {
                         let conn = s.conn();
+                        if conn.read_buf.capacity() - conn.read_buf.len() < 8192 {
+                            conn.read_buf.reserve(64 * 1024);
+                        }
                         conn.stream.read_buf(&mut conn.read_buf).await
                     }
                     None => std::future::pending().await,
@@ -436,10 +444,37 @@ impl Session {
     /// Handle every complete server frame in the read buffer.
     fn process_server(&mut self) -> Result<(), SessionError> {
         loop {
+            let forwards_rows = matches!(
+                self.expect.front(),
+                Some(Expect::Execute | Expect::Query { .. })
+            );
             let Some(server) = self.server.as_mut() else {
                 return Ok(());
             };
-            let frame = match try_read_frame(&mut server.conn().read_buf, MAX_SERVER_MESSAGE) {
+            let buf = &mut server.conn().read_buf;
+            // A large DataRow/CopyData the client gets anyway is streamed through as it arrives
+            // instead of being buffered whole (memory stays bounded by the read size).
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.client_out.extend_from_slice(&buf.split_to(n));
+                self.passthrough -= n;
+                continue;
+            }
+            if forwards_rows
+                && matches!(buf.first(), Some(&(be::DATA_ROW | be::COPY_DATA)))
+                && let Some(len) = crate::protocol::frame::peek_len(buf)
+                && len > STREAM_AT
+                && len <= MAX_SERVER_MESSAGE
+            {
+                let n = buf.len().min(len);
+                self.client_out.extend_from_slice(&buf.split_to(n));
+                self.passthrough = len - n;
+                continue;
+            }
+            let frame = match try_read_frame(buf, MAX_SERVER_MESSAGE) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(SessionError::UpstreamProtocol(e.to_string())),
