@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::guard::protected::ProtectedSet;
+use crate::guard::tree::{const_string, func_name, unwrap_node};
 
 const PREFIX: &str = "SELECT ";
 
@@ -129,12 +130,6 @@ impl Expr {
     }
 }
 
-/// `{"node": {"Kind": body}}` → `("Kind", body)`.
-fn kind(v: &Value) -> Option<(&str, &Value)> {
-    let inner = v.get("node")?.as_object()?;
-    inner.iter().next().map(|(k, v)| (k.as_str(), v))
-}
-
 fn int(v: &Value, key: &str) -> i64 {
     v.get(key).and_then(Value::as_i64).unwrap_or(0)
 }
@@ -148,28 +143,6 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
 
 fn sval(v: &Value) -> Option<&str> {
     v.get("node")?.get("String")?.get("sval")?.as_str()
-}
-
-/// Lower-cased last element of a function name.
-fn func_name(call: &Value) -> Option<String> {
-    list(call, "funcname")
-        .last()
-        .and_then(sval)
-        .map(str::to_ascii_lowercase)
-}
-
-/// A string constant, possibly behind casts (`'x'::text`).
-fn const_string(v: &Value) -> Option<String> {
-    match kind(v)? {
-        ("AConst", c) => c
-            .get("val")?
-            .get("Sval")?
-            .get("sval")?
-            .as_str()
-            .map(str::to_string),
-        ("TypeCast", t) => const_string(t.get("arg")?),
-        _ => None,
-    }
 }
 
 /// The setting a `current_setting(…)` call reads (lower case); `Some("")` when not a constant.
@@ -217,7 +190,7 @@ fn has_column_ref(v: &Value) -> bool {
 }
 
 fn requires(v: &Value, ctx: &ExprCtx) -> bool {
-    match kind(v) {
+    match unwrap_node(v) {
         Some(("BoolExpr", b)) => {
             let args = list(b, "args");
             match int(b, "boolop") {
@@ -236,7 +209,7 @@ fn requires(v: &Value, ctx: &ExprCtx) -> bool {
         // EXISTS (…) / x IN (SELECT …): restricted when the subquery is.
         Some(("SubLink", s)) if matches!(int(s, "sub_link_type"), 1 | 3) => {
             s.get("subselect")
-                .and_then(kind)
+                .and_then(unwrap_node)
                 .is_some_and(|(k, sel)| k == "SelectStmt" && select_restricts(sel, ctx))
                 || (reads_tenant(v, ctx) && has_column_ref(v))
         }
@@ -288,7 +261,7 @@ fn collect_tenant_columns(v: &Value, ctx: &ExprCtx, out: &mut HashSet<String>) {
                     body.get("rexpr").unwrap_or(&Value::Null),
                 );
                 for (col, other) in [(l, r), (r, l)] {
-                    if let Some(("ColumnRef", c)) = kind(col)
+                    if let Some(("ColumnRef", c)) = unwrap_node(col)
                         && reads_tenant(other, ctx)
                         && let Some(name) = list(c, "fields").last().and_then(sval)
                     {
@@ -360,7 +333,7 @@ fn walk_calls(
 /// The location of a protected `current_setting()` call that is the whole argument of a cast,
 /// directly or as the single output of a scalar subquery.
 fn cast_call(arg: &Value, ctx: &ExprCtx) -> Option<usize> {
-    match kind(arg)? {
+    match unwrap_node(arg)? {
         ("FuncCall", f) => {
             let s = current_setting_arg(f)?;
             (!s.is_empty() && ctx.protected.is_protected(&s))
@@ -369,13 +342,13 @@ fn cast_call(arg: &Value, ctx: &ExprCtx) -> Option<usize> {
                 .map(|l| l.max(0) as usize)
         }
         ("SubLink", s) if int(s, "sub_link_type") == 5 => {
-            let (k, sel) = kind(s.get("subselect")?)?;
+            let (k, sel) = unwrap_node(s.get("subselect")?)?;
             if k != "SelectStmt" {
                 return None;
             }
             let targets = list(sel, "target_list");
             let [only] = targets else { return None };
-            let (_, rt) = kind(only)?;
+            let (_, rt) = unwrap_node(only)?;
             cast_call(rt.get("val")?, ctx)
         }
         _ => None,

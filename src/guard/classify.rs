@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::GuardOptions;
 use super::session_effects::{Deallocate, SettingChange, effects};
+use super::tree::{const_string, func_name, unwrap_node};
 
 /// How a statement moves the transaction state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -560,33 +561,6 @@ fn set_to_utf8(node: &Value) -> bool {
             )
         }),
         _ => false,
-    }
-}
-
-/// Lower-cased last element of `funcname` (the function, without schema).
-fn func_name(node: &Value) -> Option<String> {
-    let parts = node.get("funcname")?.as_array()?;
-    let last = parts.last()?;
-    let s = last.get("node")?.get("String")?.get("sval")?.as_str()?;
-    Some(s.to_ascii_lowercase())
-}
-
-fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
-    let inner = v.get("node")?.as_object()?;
-    inner.iter().next().map(|(k, v)| (k.as_str(), v))
-}
-
-/// A string constant, possibly behind casts (`'x'::text`).
-fn const_string(v: &Value) -> Option<String> {
-    match unwrap_node(v)? {
-        ("AConst", c) => c
-            .get("val")?
-            .get("Sval")?
-            .get("sval")?
-            .as_str()
-            .map(str::to_string),
-        ("TypeCast", t) => const_string(t.get("arg")?),
-        _ => None,
     }
 }
 

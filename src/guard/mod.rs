@@ -5,6 +5,7 @@
 mod classify;
 pub mod protected;
 mod session_effects;
+pub(crate) mod tree;
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};

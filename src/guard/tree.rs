@@ -1,0 +1,31 @@
+//! Helpers over libpg_query's parse tree in its serde (JSON) form, shared by the guard and
+//! `rlsgate check`: nodes are `{"node": {"Kind": body}}`.
+
+use serde_json::Value;
+
+/// `{"node": {"Kind": body}}` → `("Kind", body)`.
+pub(crate) fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
+    let inner = v.get("node")?.as_object()?;
+    inner.iter().next().map(|(k, v)| (k.as_str(), v))
+}
+
+/// Lower-cased last element of a FuncCall's `funcname` (the function, without schema).
+pub(crate) fn func_name(call: &Value) -> Option<String> {
+    let last = call.get("funcname")?.as_array()?.last()?;
+    let s = last.get("node")?.get("String")?.get("sval")?.as_str()?;
+    Some(s.to_ascii_lowercase())
+}
+
+/// A string constant, possibly behind casts (`'x'::text`).
+pub(crate) fn const_string(v: &Value) -> Option<String> {
+    match unwrap_node(v)? {
+        ("AConst", c) => c
+            .get("val")?
+            .get("Sval")?
+            .get("sval")?
+            .as_str()
+            .map(str::to_string),
+        ("TypeCast", t) => const_string(t.get("arg")?),
+        _ => None,
+    }
+}
