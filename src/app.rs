@@ -141,6 +141,11 @@ impl Shared {
         Arc::clone(&self.live.load().config)
     }
 
+    /// Classify a statement with the current guard (cached by text).
+    pub fn analyze(&self, sql: &str) -> Arc<crate::guard::Analysis> {
+        self.live.load().guard.analyze(sql)
+    }
+
     /// The current live state (validator, guard, TLS acceptor).
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()

@@ -224,7 +224,7 @@ impl Session {
             }
             return Ok(Flow::Continue);
         }
-        let analysis = self.shared.live().guard.analyze(sql);
+        let analysis = self.shared.analyze(sql);
         if let Some(refusal) = self.refusal_for(&analysis, sql) {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
@@ -454,7 +454,17 @@ impl Session {
             if self.must_wait() {
                 return Ok(Flow::Wait(frame));
             }
-            let outside_tx = self.unit_outside_tx(&frame);
+            let first = self.unit_statement(&frame);
+            let outside_tx = first.as_ref().is_some_and(|a| a.runs_outside_transaction());
+            // transaction_wrap: statements that behave differently inside a block (SAVEPOINT
+            // outside a transaction, SET LOCAL, …) run as Postgres would, unwrapped; a unit that
+            // starts with the client's own BEGIN gets the context right after it.
+            let block_sensitive = first
+                .as_ref()
+                .is_some_and(|a| a.statements.first().is_some_and(|s| s.block_sensitive));
+            let begins = first
+                .as_ref()
+                .is_some_and(|a| a.tx_effect() == TxEffect::Begin);
             let due = match self.start_unit(outside_tx).await? {
                 Ok(due) => due,
                 Err(e) => {
@@ -462,8 +472,8 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
             };
-            if self.wrap && due && !self.unit_block_sensitive(&frame) {
-                if self.unit_begins(&frame) {
+            if self.wrap && due && !block_sensitive {
+                if begins {
                     // the context goes after the client's own BEGIN (see on_bind/Execute)
                     self.begin_portal = Some(None);
                 } else {
@@ -509,7 +519,7 @@ impl Session {
         {
             return Ok(false);
         }
-        let analysis = self.shared.live().guard.analyze(p.sql);
+        let analysis = self.shared.analyze(p.sql);
         if !analysis.parsed || analysis.is_denied() || analysis.session_state.is_some() {
             return Ok(false);
         }
@@ -526,57 +536,17 @@ impl Session {
         Ok(true)
     }
 
-    /// transaction_wrap: the unit opens with a statement that behaves differently inside a block
-    /// (SAVEPOINT outside a transaction, SET LOCAL, …): run it as Postgres would, unwrapped.
-    fn unit_block_sensitive(&self, frame: &Frame) -> bool {
-        let first = |a: &Analysis| a.statements.first().is_some_and(|s| s.block_sensitive);
+    /// The statement the message opening a unit is about (a Parse's text, a Bind's prepared
+    /// statement), classified once for the decisions taken at unit start.
+    fn unit_statement(&self, frame: &Frame) -> Option<Arc<Analysis>> {
         match frame.tag {
             fe::PARSE => fe::parse(frame.body())
-                .map(|p| first(&self.shared.live().guard.analyze(p.sql)))
-                .unwrap_or(false),
+                .ok()
+                .map(|p| self.shared.analyze(p.sql)),
             fe::BIND => fe::bind(frame.body())
                 .ok()
-                .and_then(|b| self.stmts.get(b.statement).map(|p| first(&p.analysis)))
-                .unwrap_or(false),
-            _ => false,
-        }
-    }
-
-    /// transaction_wrap: the unit this message opens starts with the client's own BEGIN.
-    fn unit_begins(&self, frame: &Frame) -> bool {
-        let effect = match frame.tag {
-            fe::PARSE => fe::parse(frame.body())
-                .map(|p| self.shared.live().guard.analyze(p.sql).tx_effect())
-                .ok(),
-            fe::BIND => fe::bind(frame.body())
-                .ok()
-                .and_then(|b| self.stmts.get(b.statement).map(|p| p.analysis.tx_effect())),
+                .and_then(|b| self.stmts.get(b.statement).map(|p| Arc::clone(&p.analysis))),
             _ => None,
-        };
-        effect == Some(TxEffect::Begin)
-    }
-
-    /// Whether the unit this message opens runs a statement that cannot be in a transaction block.
-    fn unit_outside_tx(&self, frame: &Frame) -> bool {
-        match frame.tag {
-            fe::PARSE => fe::parse(frame.body())
-                .map(|p| {
-                    self.shared
-                        .live()
-                        .guard
-                        .analyze(p.sql)
-                        .runs_outside_transaction()
-                })
-                .unwrap_or(false),
-            fe::BIND => fe::bind(frame.body())
-                .ok()
-                .and_then(|b| {
-                    self.stmts
-                        .get(b.statement)
-                        .map(|p| p.analysis.runs_outside_transaction())
-                })
-                .unwrap_or(false),
-            _ => false,
         }
     }
 
@@ -605,7 +575,7 @@ impl Session {
 
     fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
-        let analysis = self.shared.live().guard.analyze(p.sql);
+        let analysis = self.shared.analyze(p.sql);
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }

@@ -199,6 +199,9 @@ pub struct Session {
     tracker: crate::metrics::ClientTracker,
     /// When the current server connection was checked out.
     held_since: Option<std::time::Instant>,
+    /// From the config at login (a reload applies to new sessions): kept here, off the hot path.
+    idle_tx_timeout: std::time::Duration,
+    leeway: u64,
     /// Bytes of a large server message still to stream through to the client.
     passthrough: usize,
     /// When the client's oldest unanswered request arrived (query duration metric).
@@ -280,6 +283,8 @@ impl Session {
             tenant_permit: None,
             query_started: None,
             passthrough: 0,
+            idle_tx_timeout: config.server.idle_in_transaction_timeout,
+            leeway: config.auth.leeway.as_secs(),
             pending: None,
             cancel,
             shared,
@@ -354,7 +359,7 @@ impl Session {
             // Holding a connection inside a transaction and waiting for the client.
             let idle_in_tx =
                 self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
-            let idle_tx_timeout = self.shared.config().server.idle_in_transaction_timeout;
+            let idle_tx_timeout = self.idle_tx_timeout;
             // A token that expires while the client is between transactions ends the session then.
             let expiry = idle.then(|| self.until_expiry());
             let expiry_deadline = async {
@@ -710,7 +715,7 @@ impl Session {
 
     /// Time left until the token (plus leeway) expires.
     fn until_expiry(&self) -> std::time::Duration {
-        let leeway = self.shared.config().auth.leeway.as_secs();
+        let leeway = self.leeway;
         let deadline = self.identity.expires_at.saturating_add(leeway);
         let now = jsonwebtoken::get_current_timestamp();
         std::time::Duration::from_secs(deadline.saturating_sub(now).saturating_add(1))
@@ -758,7 +763,7 @@ impl Session {
     }
 
     fn token_expired(&self) -> bool {
-        let leeway = self.shared.config().auth.leeway.as_secs();
+        let leeway = self.leeway;
         jsonwebtoken::get_current_timestamp() > self.identity.expires_at.saturating_add(leeway)
     }
 }
