@@ -323,16 +323,13 @@ pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>, stop: Cancel
 }
 
 /// Over `max_client_conn`: tell the client and close, without reading anything.
-async fn refuse_client(mut tcp: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+async fn refuse_client(tcp: TcpStream) {
     let err = crate::error::ClientError::fatal(
         crate::error::sqlstate::TOO_MANY_CONNECTIONS,
         "sorry, too many clients already",
     )
     .with_hint("rlsgate's server.max_client_conn is reached");
-    let mut out = bytes::BytesMut::new();
-    crate::protocol::backend::write_error(&err, &mut out);
-    let _ = tcp.write_all(&out).await;
+    client::report(&mut crate::stream::Stream::Plain(tcp), &err).await;
 }
 
 async fn handle(

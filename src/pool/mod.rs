@@ -113,6 +113,32 @@ struct Inner {
 }
 
 impl Inner {
+    /// Open one upstream connection within `connect_timeout`, recording for readiness whether
+    /// the upstream can be reached.
+    async fn open(&self) -> Result<ServerConn, PoolError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connect = connect::connect(&self.cfg, self.tls.as_ref(), id);
+        let result = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(PoolError::Connect(format!(
+                "timed out after {:?}",
+                self.cfg.connect_timeout
+            ))),
+        };
+        self.failing.store(result.is_err(), Ordering::Relaxed);
+        let conn = result?;
+        self.connected_once.store(true, Ordering::Relaxed);
+        tracing::debug!(
+            server_id = id,
+            backend_pid = conn.backend_pid,
+            "opened upstream connection"
+        );
+        if let Ok(mut p) = self.server_params.lock() {
+            p.get_or_insert_with(|| conn.params.clone());
+        }
+        Ok(conn)
+    }
+
     fn too_old(&self, conn: &ServerConn) -> bool {
         !self.cfg.max_lifetime.is_zero() && conn.created.elapsed() >= self.cfg.max_lifetime
     }
@@ -211,34 +237,7 @@ impl Pool {
                 permit: Some(permit),
             });
         }
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
-        let conn = match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
-            Ok(Ok(c)) => {
-                self.inner.failing.store(false, Ordering::Relaxed);
-                self.inner.connected_once.store(true, Ordering::Relaxed);
-                c
-            }
-            Ok(Err(e)) => {
-                self.inner.failing.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-            Err(_) => {
-                self.inner.failing.store(true, Ordering::Relaxed);
-                return Err(PoolError::Connect(format!(
-                    "timed out after {:?}",
-                    self.inner.cfg.connect_timeout
-                )));
-            }
-        };
-        tracing::debug!(
-            server_id = id,
-            backend_pid = conn.backend_pid,
-            "opened upstream connection"
-        );
-        if let Ok(mut p) = self.inner.server_params.lock() {
-            p.get_or_insert_with(|| conn.params.clone());
-        }
+        let conn = self.inner.open().await?;
         Ok(Checkout {
             conn: Some(conn),
             pool: Arc::clone(&self.inner),
@@ -309,23 +308,14 @@ impl Pool {
             let Ok(permit) = Arc::clone(&self.inner.permits).try_acquire_owned() else {
                 return;
             };
-            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let connect = connect::connect(&self.inner.cfg, self.inner.tls.as_ref(), id);
-            match tokio::time::timeout(self.inner.cfg.connect_timeout, connect).await {
-                Ok(Ok(conn)) => {
-                    self.inner.failing.store(false, Ordering::Relaxed);
-                    self.inner.connected_once.store(true, Ordering::Relaxed);
+            match self.inner.open().await {
+                Ok(conn) => {
                     if let Ok(mut idle) = self.inner.idle.lock() {
                         idle.insert(0, conn);
                     }
                 }
-                Ok(Err(e)) => {
-                    self.inner.failing.store(true, Ordering::Relaxed);
+                Err(e) => {
                     tracing::debug!(error = %e, "could not open an upstream connection in the background");
-                    return;
-                }
-                Err(_) => {
-                    self.inner.failing.store(true, Ordering::Relaxed);
                     return;
                 }
             }

@@ -299,32 +299,28 @@ impl Session {
                 TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
             };
         }
-        match after {
-            After::Swallow => {
-                // replies rlsgate produces itself may be queued right behind this entry
-                self.emit_synthetic();
-                return Ok(());
-            }
-            After::ContinueSplit => {
-                if self.continue_split(status)? {
-                    self.emit_synthetic();
-                    return Ok(());
-                }
-            }
+        let forward = match after {
+            After::Swallow => false,
+            After::ContinueSplit => !self.continue_split(status)?,
             After::SwallowThenCommit => {
                 // COPY FROM STDIN inside rlsgate's block: its COMMIT could not be pipelined (the
                 // server would read it as part of the copy), so it goes now.
                 self.wrap_commit(After::Forward);
-                self.emit_synthetic();
-                return Ok(());
+                false
             }
-            After::FinishSplit => self.split = None,
-            After::Forward => {}
+            After::FinishSplit => {
+                self.split = None;
+                true
+            }
+            After::Forward => true,
+        };
+        if forward {
+            if let Some(started) = self.query_started.take() {
+                self.shared.metrics.query_finished(started.elapsed());
+            }
+            self.client_out.extend_from_slice(&frame.bytes);
         }
-        if let Some(started) = self.query_started.take() {
-            self.shared.metrics.query_finished(started.elapsed());
-        }
-        self.client_out.extend_from_slice(&frame.bytes);
+        // replies rlsgate produces itself may be queued right behind this entry
         self.emit_synthetic();
         Ok(())
     }
