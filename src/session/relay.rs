@@ -200,35 +200,35 @@ impl Session {
             match self.expect.pop_front() {
                 // A Query inside an unsynced extended unit is skipped as well: no ReadyForQuery.
                 Some(Expect::Query { .. }) => self.in_flight -= 1,
+                // A Parse (the client's, or a hidden re-Parse) that did not happen.
                 Some(Expect::One {
                     prepared,
-                    client_name,
+                    client_name: Some(name),
                     ..
-                }) => self.forget_failed_parse(prepared.as_deref(), client_name.as_deref()),
+                }) => self.parse_skipped(prepared.as_deref(), Some(&name)),
                 Some(Expect::Hidden { prepared, .. }) => {
-                    self.forget_failed_parse(prepared.as_deref(), Some(""))
+                    self.parse_skipped(prepared.as_deref(), None)
                 }
                 _ => {}
             }
         }
     }
 
-    /// A Parse that did not happen: the server does not have the statement, nor does the client.
-    fn forget_failed_parse(&mut self, server_name: Option<&str>, client_name: Option<&str>) {
+    /// A Parse that did not happen: the server does not have that statement (named), or its
+    /// unnamed statement is no longer known; a client's named statement is forgotten too.
+    fn parse_skipped(&mut self, server_name: Option<&str>, client_name: Option<&str>) {
         let Some(server) = self.server.as_mut() else {
             return;
         };
         let conn = server.conn();
-        match (server_name, client_name) {
-            (Some(name), client) => {
+        match server_name {
+            Some(name) => {
                 conn.prepared.remove(name);
-                if let Some(c) = client.filter(|c| !c.is_empty()) {
-                    self.stmts.remove(c);
-                }
             }
-            // An unnamed Parse (the client's or our hidden re-Parse) did not happen.
-            (None, Some("")) => conn.unnamed_owner = None,
-            _ => {}
+            None => conn.unnamed_owner = None,
+        }
+        if let Some(c) = client_name.filter(|c| !c.is_empty()) {
+            self.stmts.remove(c);
         }
     }
 
