@@ -250,3 +250,57 @@ async fn es256_public_key_tokens_work_and_algorithm_confusion_is_refused() {
     proxy.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_use_tls_per_sslmode() {
+    let dir = std::env::temp_dir().join(format!("rlsgate-uptls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = write_cert(&dir);
+    let opts = rlsgate::embedded_pg::EmbeddedOptions {
+        ssl: Some((cert.clone(), key)),
+        ..Default::default()
+    };
+    let tls_pg = tokio::task::spawn_blocking(move || rlsgate::embedded_pg::EmbeddedPg::start(opts))
+        .await
+        .unwrap()
+        .unwrap();
+    tls_pg
+        .psql(
+            "postgres",
+            &format!("CREATE ROLE rlsgate_app LOGIN PASSWORD '{APP_PASSWORD}'"),
+        )
+        .unwrap();
+    let base = config_text("postgres", 1, "").replace(
+        &format!("port = {}", pg().port()),
+        &format!("port = {}", tls_pg.port()),
+    );
+    let ssl_query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    for (mode, extra, want) in [
+        ("require", String::new(), "t"),
+        (
+            "verify-full",
+            format!("ca_file = \"{}\"\n", cert.display()),
+            "t",
+        ),
+        ("disable", String::new(), "f"),
+    ] {
+        let cfg = base.replace(
+            "sslmode = \"disable\"",
+            &format!("sslmode = \"{mode}\"\n{extra}"),
+        );
+        let proxy = start_proxy_with("postgres", &cfg).await;
+        let c = client(&proxy, "north").await;
+        let row = c.simple_query(ssl_query).await.unwrap();
+        let got = row
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(got, want, "sslmode {mode}");
+        proxy.stop().await;
+    }
+    drop(tls_pg);
+    let _ = std::fs::remove_dir_all(dir);
+}
