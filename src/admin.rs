@@ -193,15 +193,21 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                 .tenants()
                 .into_iter()
                 .map(|(t, c, s)| {
+                    let pinned = shared.limits.pinned(&t);
                     vec![
                         t,
                         c.to_string(),
+                        pinned.to_string(),
                         s.transactions.to_string(),
                         s.denials.to_string(),
                     ]
                 })
                 .collect();
-            table(&["tenant", "clients", "transactions", "denials"], rows, out);
+            table(
+                &["tenant", "clients", "pinned", "transactions", "denials"],
+                rows,
+                out,
+            );
         }
         ["SHOW", "CONFIG"] => {
             let rows = [
@@ -217,6 +223,10 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                 (
                     "server.max_client_conn",
                     config.server.max_client_conn.to_string(),
+                ),
+                (
+                    "server.idle_in_transaction_timeout",
+                    format!("{:?}", config.server.idle_in_transaction_timeout),
                 ),
                 ("upstream.host", config.upstream.host.clone()),
                 ("upstream.port", config.upstream.port.to_string()),
@@ -234,6 +244,15 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                 ("auth.algorithms", config.auth.algorithms.join(",")),
                 ("auth.tenant_claim", config.auth.tenant_claim.clone()),
                 ("guard.protected", config.guard.protected.join(",")),
+                // in force (resolved from the pool size when unset; 0 = unlimited)
+                (
+                    "limits.max_transactions_per_tenant",
+                    shared.limits.max_transactions().to_string(),
+                ),
+                (
+                    "limits.max_pinned_per_tenant",
+                    shared.limits.max_pinned().to_string(),
+                ),
             ]
             .into_iter()
             .map(|(k, v)| vec![k.to_string(), v])

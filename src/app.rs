@@ -121,7 +121,7 @@ impl Shared {
             throttle,
             audit,
             registry: Arc::new(crate::registry::Registry::default()),
-            limits: crate::limits::Limits::new(config.limits.clone()),
+            limits: crate::limits::Limits::new(config.limits.clone(), config.upstream.pool_size),
             metrics: Arc::new(crate::metrics::Metrics::new(
                 config.metrics.per_tenant,
                 config.metrics.tenant_cap,

@@ -81,8 +81,13 @@ pub struct ServerConfig {
     /// Most client connections at once; more get FATAL 53300.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,
-    /// A client idle inside a transaction longer than this is disconnected (0 = never).
-    #[serde(default = "zero_duration", with = "humantime_serde_compat")]
+    /// A client idle inside a transaction longer than this is disconnected (0 = never). On by
+    /// default: a client that sits in `BEGIN` would otherwise hold a pool slot (and its locks)
+    /// for as long as it likes.
+    #[serde(
+        default = "default_idle_in_transaction_timeout",
+        with = "humantime_serde_compat"
+    )]
     pub idle_in_transaction_timeout: Duration,
 }
 
@@ -105,7 +110,7 @@ impl Default for ServerConfig {
             max_message_size: default_max_message_size(),
             session_state: SessionStatePolicy::default(),
             max_client_conn: default_max_client_conn(),
-            idle_in_transaction_timeout: zero_duration(),
+            idle_in_transaction_timeout: default_idle_in_transaction_timeout(),
         }
     }
 }
@@ -238,13 +243,34 @@ pub struct LimitsConfig {
     #[serde(default)]
     pub max_clients_per_tenant: usize,
     /// Concurrent transactions (server connections) per tenant: a fair share of the pool.
+    /// Unset = [`LimitsConfig::transactions_cap`]'s default share; `0` = unlimited.
     #[serde(default)]
-    pub max_transactions_per_tenant: usize,
+    pub max_transactions_per_tenant: Option<usize>,
+    /// Server connections pinned to a tenant's clients by session state (transaction mode).
+    /// Unset = [`LimitsConfig::pinned_cap`]'s default share; `0` = unlimited.
+    #[serde(default)]
+    pub max_pinned_per_tenant: Option<usize>,
     /// Transactions per second per tenant.
     #[serde(default)]
     pub transaction_rate_per_tenant: u32,
     #[serde(default)]
     pub on_limit: OnLimit,
+}
+
+impl LimitsConfig {
+    /// Concurrent transactions one tenant may run (0 = unlimited). Unset: three quarters of the
+    /// pool (at least 1), so that with two or more connections one tenant never holds them all.
+    pub fn transactions_cap(&self, pool_size: usize) -> usize {
+        self.max_transactions_per_tenant
+            .unwrap_or_else(|| (pool_size * 3 / 4).max(1))
+    }
+
+    /// Server connections one tenant's clients may keep pinned (0 = unlimited). Unset: a
+    /// quarter of the pool (at least 1).
+    pub fn pinned_cap(&self, pool_size: usize) -> usize {
+        self.max_pinned_per_tenant
+            .unwrap_or_else(|| (pool_size / 4).max(1))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -290,6 +316,13 @@ pub struct GuardConfig {
     pub allow_create_function: bool,
     #[serde(default = "default_cache_size")]
     pub verdict_cache_size: usize,
+    /// Byte budget of the verdict cache (texts over 64 KiB are never cached).
+    #[serde(default = "default_cache_bytes", deserialize_with = "de_bytes")]
+    pub verdict_cache_bytes: usize,
+    /// Allow the large-object functions, pg_largeobject and the large-object fastpath calls.
+    /// Large objects belong to the upstream role, not to a tenant: RLS cannot protect them.
+    #[serde(default)]
+    pub allow_large_objects: bool,
 }
 
 impl Default for GuardConfig {
@@ -299,6 +332,8 @@ impl Default for GuardConfig {
             allow_do_blocks: false,
             allow_create_function: false,
             verdict_cache_size: default_cache_size(),
+            verdict_cache_bytes: default_cache_bytes(),
+            allow_large_objects: false,
         }
     }
 }
@@ -339,8 +374,8 @@ fn default_health_check_after() -> Duration {
 fn default_max_client_conn() -> usize {
     1000
 }
-fn zero_duration() -> Duration {
-    Duration::ZERO
+fn default_idle_in_transaction_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(600)
@@ -383,6 +418,9 @@ fn default_tenant_claim() -> String {
 }
 fn default_protected() -> Vec<String> {
     vec!["app.*".into()]
+}
+fn default_cache_bytes() -> usize {
+    32 << 20
 }
 fn default_cache_size() -> usize {
     10_000
@@ -618,6 +656,54 @@ hs_secret = "s"
         assert_eq!(c.server.session_state, SessionStatePolicy::Pin);
         assert_eq!(c.upstream.idle_timeout, Duration::from_secs(600));
         assert!(c.client_tls_enabled());
+        // the documented defaults, not an explicit "unlimited"
+        assert_eq!(
+            c.server.idle_in_transaction_timeout,
+            Duration::from_secs(60)
+        );
+        assert_eq!(c.limits.transactions_cap(c.upstream.pool_size), 15);
+        assert_eq!(c.limits.pinned_cap(c.upstream.pool_size), 5);
+    }
+
+    #[test]
+    fn dos_defaults_are_on() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(
+            c.server.idle_in_transaction_timeout,
+            Duration::from_secs(60)
+        );
+        // unset: a fair share of the default pool of 20
+        assert_eq!(c.limits.max_transactions_per_tenant, None);
+        assert_eq!(c.limits.max_pinned_per_tenant, None);
+        assert_eq!(c.limits.transactions_cap(c.upstream.pool_size), 15);
+        assert_eq!(c.limits.pinned_cap(c.upstream.pool_size), 5);
+        let text = format!("{MINIMAL}\n[server]\nidle_in_transaction_timeout = \"0s\"\n");
+        let c = Config::from_toml(&text).expect("valid");
+        assert_eq!(c.server.idle_in_transaction_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn tenant_caps_unset_differ_from_explicit_zero() {
+        let unset = LimitsConfig::default();
+        for (pool, tx, pins) in [(1, 1, 1), (2, 1, 1), (3, 2, 1), (4, 3, 1), (8, 6, 2)] {
+            assert_eq!(unset.transactions_cap(pool), tx, "pool {pool}");
+            assert_eq!(unset.pinned_cap(pool), pins, "pool {pool}");
+            assert!(unset.transactions_cap(pool) < pool || pool == 1);
+        }
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_transactions_per_tenant = 0\nmax_pinned_per_tenant = 0\n"
+        );
+        let zero = Config::from_toml(&text).expect("valid").limits;
+        assert_eq!(zero.max_transactions_per_tenant, Some(0));
+        assert_eq!(zero.max_pinned_per_tenant, Some(0));
+        assert_eq!(zero.transactions_cap(20), 0, "0 = unlimited");
+        assert_eq!(zero.pinned_cap(20), 0, "0 = unlimited");
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_transactions_per_tenant = 7\nmax_pinned_per_tenant = 2\n"
+        );
+        let set = Config::from_toml(&text).expect("valid").limits;
+        assert_eq!(set.transactions_cap(20), 7);
+        assert_eq!(set.pinned_cap(20), 2);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Per-tenant limits against noisy neighbours: client connections, concurrent transactions (a
-//! fair share of the pool), and a transaction rate. Excess gets an error at once or waits up to
-//! `checkout_timeout`, as configured.
+//! fair share of the pool), server connections pinned by session state, and a transaction rate.
+//! Excess transactions get an error at once or wait up to `checkout_timeout`, as configured; a
+//! pin over the cap is refused at once (a pinned connection is not given back until its client
+//! leaves, so waiting would rarely help).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,12 +16,23 @@ use crate::error::{ClientError, sqlstate};
 struct TenantState {
     clients: usize,
     transactions: Arc<Semaphore>,
+    /// Server connections pinned to this tenant's clients.
+    pinned: usize,
     tokens: f64,
     refilled: Instant,
 }
 
+impl TenantState {
+    fn unused(&self) -> bool {
+        self.clients == 0 && self.pinned == 0 && Arc::strong_count(&self.transactions) == 1
+    }
+}
+
 pub struct Limits {
     cfg: LimitsConfig,
+    /// Resolved from the config and the pool size (0 = unlimited).
+    max_transactions: usize,
+    max_pinned: usize,
     tenants: Mutex<HashMap<String, TenantState>>,
 }
 
@@ -35,19 +48,57 @@ impl Drop for ClientSlot {
             && let Some(s) = t.get_mut(&self.tenant)
         {
             s.clients = s.clients.saturating_sub(1);
-            if s.clients == 0 && Arc::strong_count(&s.transactions) == 1 {
+            if s.unused() {
                 t.remove(&self.tenant);
             }
         }
     }
 }
 
+/// A server connection pinned to one of a tenant's clients; released on drop (the client left).
+pub struct PinSlot {
+    limits: Arc<Limits>,
+    tenant: String,
+}
+
+impl Drop for PinSlot {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.limits.tenants.lock()
+            && let Some(s) = t.get_mut(&self.tenant)
+        {
+            s.pinned = s.pinned.saturating_sub(1);
+            if s.unused() {
+                t.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A pin refused: the tenant already holds `cap` pinned connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinLimit {
+    pub cap: usize,
+}
+
 impl Limits {
-    pub fn new(cfg: LimitsConfig) -> Arc<Limits> {
+    /// Limits for a pool of `pool_size` connections (unset caps default to a share of it).
+    pub fn new(cfg: LimitsConfig, pool_size: usize) -> Arc<Limits> {
         Arc::new(Limits {
+            max_transactions: cfg.transactions_cap(pool_size),
+            max_pinned: cfg.pinned_cap(pool_size),
             cfg,
             tenants: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Concurrent transactions per tenant in force (0 = unlimited).
+    pub fn max_transactions(&self) -> usize {
+        self.max_transactions
+    }
+
+    /// Pinned server connections per tenant in force (0 = unlimited).
+    pub fn max_pinned(&self) -> usize {
+        self.max_pinned
     }
 
     fn state<'a>(
@@ -58,13 +109,12 @@ impl Limits {
         map.entry(tenant.to_string())
             .or_insert_with(|| TenantState {
                 clients: 0,
-                transactions: Arc::new(Semaphore::new(
-                    if self.cfg.max_transactions_per_tenant == 0 {
-                        Semaphore::MAX_PERMITS
-                    } else {
-                        self.cfg.max_transactions_per_tenant
-                    },
-                )),
+                transactions: Arc::new(Semaphore::new(if self.max_transactions == 0 {
+                    Semaphore::MAX_PERMITS
+                } else {
+                    self.max_transactions
+                })),
+                pinned: 0,
                 tokens: self.cfg.transaction_rate_per_tenant.max(1) as f64,
                 refilled: Instant::now(),
             })
@@ -123,7 +173,7 @@ impl Limits {
                 tokio::time::sleep(delay).await;
             }
         }
-        if self.cfg.max_transactions_per_tenant == 0 {
+        if self.max_transactions == 0 {
             return Ok(None);
         }
         let sem = {
@@ -143,9 +193,35 @@ impl Limits {
         permit.map(Some).ok_or_else(|| {
             limit_error(format!(
                 "tenant \"{tenant}\" has {} transactions running (max_transactions_per_tenant)",
-                self.cfg.max_transactions_per_tenant
+                self.max_transactions
             ))
         })
+    }
+
+    /// Before a client's statement pins a server connection: count the pin against the tenant's
+    /// `max_pinned_per_tenant`, or refuse it. Checked and counted under one lock, so concurrent
+    /// clients of a tenant cannot overshoot the cap. The slot is held while the pin is.
+    pub fn try_pin(self: &Arc<Self>, tenant: &str) -> Result<PinSlot, PinLimit> {
+        let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let max = self.max_pinned;
+        let s = self.state(&mut map, tenant);
+        if max > 0 && s.pinned >= max {
+            return Err(PinLimit { cap: max });
+        }
+        s.pinned += 1;
+        Ok(PinSlot {
+            limits: Arc::clone(self),
+            tenant: tenant.to_string(),
+        })
+    }
+
+    /// Server connections pinned to the tenant's clients now.
+    pub fn pinned(&self, tenant: &str) -> usize {
+        self.tenants
+            .lock()
+            .ok()
+            .and_then(|t| t.get(tenant).map(|s| s.pinned))
+            .unwrap_or(0)
     }
 }
 
@@ -155,4 +231,44 @@ fn limit_error(message: String) -> ClientError {
         format!("rlsgate: {message}"),
     )
     .with_hint("retry later; the limits are in [limits]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_pinned: Option<usize>, pool_size: usize) -> Arc<Limits> {
+        Limits::new(
+            LimitsConfig {
+                max_pinned_per_tenant: max_pinned,
+                ..LimitsConfig::default()
+            },
+            pool_size,
+        )
+    }
+
+    #[test]
+    fn pins_are_capped_per_tenant_and_released_on_drop() {
+        let l = limits(None, 8); // default: a quarter of the pool
+        assert_eq!(l.max_pinned(), 2);
+        assert_eq!(l.max_transactions(), 6);
+        let a1 = l.try_pin("a").expect("first pin");
+        let _a2 = l.try_pin("a").expect("second pin");
+        assert_eq!(l.try_pin("a").err(), Some(PinLimit { cap: 2 }));
+        assert_eq!(l.pinned("a"), 2);
+        let _b = l.try_pin("b").expect("another tenant is not affected");
+        drop(a1);
+        assert_eq!(l.pinned("a"), 1);
+        let _a3 = l.try_pin("a").expect("a pin was released");
+    }
+
+    #[test]
+    fn zero_means_unlimited_pins_and_state_is_forgotten() {
+        let l = limits(Some(0), 4);
+        let pins: Vec<_> = (0..50).map(|_| l.try_pin("a").expect("unlimited")).collect();
+        assert_eq!(l.pinned("a"), 50);
+        drop(pins);
+        assert_eq!(l.pinned("a"), 0);
+        assert!(l.tenants.lock().unwrap().is_empty());
+    }
 }

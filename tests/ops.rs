@@ -349,8 +349,13 @@ async fn a_flooding_tenant_cannot_starve_another() {
         "south's p99 under north's flood: {p99:?}"
     );
     proxy.stop().await;
-    // without the limit north's eight clients take every connection and south waits behind them
-    let proxy = start_proxy_with(&db, &limits_config(&db, 4, "")).await;
+    // without the limit (explicit 0: unset would be the default share of 3) north's eight clients
+    // take every connection and south waits behind them
+    let proxy = start_proxy_with(
+        &db,
+        &limits_config(&db, 4, "max_transactions_per_tenant = 0"),
+    )
+    .await;
     let unlimited = south_p99_under_flood(&proxy).await;
     assert!(unlimited > p99, "limit {p99:?} vs none {unlimited:?}");
     proxy.stop().await;

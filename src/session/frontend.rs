@@ -173,6 +173,39 @@ impl Session {
         None
     }
 
+    /// Transaction mode, `session_state = "pin"`: before a statement that would pin the
+    /// connection is sent, count the pin against the tenant's `max_pinned_per_tenant` — or refuse
+    /// the statement (it is not sent, so it creates no state). One tenant opening client after
+    /// client with temp tables or LISTEN would otherwise take the whole pool.
+    fn pin_refusal(&mut self, analysis: &Analysis) -> Option<Refusal> {
+        if analysis.session_state.is_none()
+            || self.mode != PoolMode::Transaction
+            || self.pinned.is_some()
+            || self.pin_slot.is_some()
+        {
+            return None;
+        }
+        match self.shared.limits.try_pin(&self.identity.tenant) {
+            Ok(slot) => {
+                self.pin_slot = Some(slot);
+                None
+            }
+            Err(crate::limits::PinLimit { cap }) => {
+                tracing::info!(cap, "statement refused: tenant at max_pinned_per_tenant");
+                Some(Refusal {
+                    sqlstate: sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    message: format!(
+                        "rlsgate: tenant \"{}\" already holds {cap} pinned server connections (limits.max_pinned_per_tenant)",
+                        self.identity.tenant
+                    ),
+                    hint: Some(
+                        "temporary tables, LISTEN, WITH HOLD cursors, SQL PREPARE and session advisory locks keep a server connection per client: close those sessions, or use pool_mode = \"session\"",
+                    ),
+                })
+            }
+        }
+    }
+
     /// Transaction mode, `session_state = "pin"`: keep the connection for this client from now on.
     fn pin_for(&mut self, analysis: &Analysis) {
         let Some(what) = analysis.session_state else {
@@ -180,6 +213,10 @@ impl Session {
         };
         if self.mode != PoolMode::Transaction || self.pinned.is_some() {
             return;
+        }
+        if self.pin_slot.is_none() {
+            // every caller asks pin_refusal first; one that did not still counts (if under the cap)
+            self.pin_slot = self.shared.limits.try_pin(&self.identity.tenant).ok();
         }
         self.pinned = Some(what);
         let now = self
@@ -245,9 +282,16 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
+        if let Some(refusal) = self.pin_refusal(&analysis) {
+            self.refuse_query(refusal);
+            return Ok(Flow::Continue);
+        }
         let due = match self.start_unit(analysis.runs_outside_transaction()).await? {
             Ok(due) => due,
             Err(e) => {
+                if self.pinned.is_none() {
+                    self.pin_slot = None; // the statement did not run: no pin
+                }
                 self.local_query_error(&e.to_client_error());
                 return Ok(Flow::Continue);
             }
@@ -592,6 +636,9 @@ impl Session {
                 message: format!("rlsgate: too many prepared statements (limit {MAX_STATEMENTS})"),
                 hint: Some("close statements that are no longer used"),
             });
+        }
+        if let Some(refusal) = self.pin_refusal(&analysis) {
+            return self.refuse_extended(refusal);
         }
         if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();

@@ -193,6 +193,9 @@ pub struct Session {
     split: Option<Split>,
     /// Transaction mode: the server connection stays with this client (session state), and why.
     pinned: Option<&'static str>,
+    /// The pin counted against the tenant's `max_pinned_per_tenant` (taken just before the
+    /// pinning statement is sent; released when the client leaves).
+    pin_slot: Option<crate::limits::PinSlot>,
     /// Entry in the client registry (admin console; KILL).
     client_entry: crate::registry::Registration,
     /// Client-connection metrics (state gauge).
@@ -277,6 +280,7 @@ impl Session {
             last_status: TxStatus::Idle,
             split: None,
             pinned: None,
+            pin_slot: None,
             client_entry,
             tracker,
             held_since: None,
@@ -637,6 +641,7 @@ impl Session {
     /// Client is gone: keep the connection only if it is idle and clean.
     async fn finish(&mut self) {
         self.cancel.slot.clear().await;
+        self.pin_slot = None;
         if let Some(what) = self.pinned.take() {
             let left = self
                 .shared
