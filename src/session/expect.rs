@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::guard::TxEffect;
+
 #[derive(Debug)]
 pub enum Expect {
     /// Injected `SET LOCAL`s: swallow their ParseComplete, BindComplete, notices and
@@ -21,6 +23,13 @@ pub enum Expect {
         tag: u8,
         prepared: Option<Arc<str>>,
         client_name: Option<Box<str>>,
+    },
+    /// A client Bind that replaces a portal tracked as ending the transaction: forward its
+    /// BindComplete. If the server skips it (after an error), the old portal and its entry stay.
+    Rebind {
+        portal: Box<str>,
+        effect: TxEffect,
+        unit: u64,
     },
     /// Describe of a statement: ParameterDescription, then RowDescription or NoData.
     DescribeStatement,

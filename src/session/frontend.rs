@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::expect::{After, Expect};
 use super::inject;
 use super::statements::{MAX_STATEMENTS, Prepared, server_name};
-use super::{Flow, Piece, PieceKind, Predicted, Session, SessionError, Split};
+use super::{Flow, Piece, PieceKind, Predicted, Reapply, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
@@ -52,6 +52,7 @@ impl Session {
             return Ok(Flow::Continue);
         }
         match frame.tag {
+            fe::QUERY | fe::FUNCTION_CALL if self.unit_open => self.inside_unit(frame).await,
             fe::QUERY => self.on_query(frame).await,
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
                 self.on_extended(frame).await
@@ -106,6 +107,8 @@ impl Session {
         if new_tx && self.token_expired() {
             return Err(SessionError::TokenExpired);
         }
+        // (not for a Query inside an open unit: that one is covered by `reapply`)
+        let chained = !self.unit_open && std::mem::take(&mut self.chained);
         if let Err(e) = self.ensure_server().await {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
@@ -115,6 +118,11 @@ impl Session {
         }
         let due = self.predicted == Predicted::Idle && !outside_tx;
         if due && !self.wrap {
+            self.inject_context();
+        }
+        if chained && self.predicted == Predicted::InBlock && self.last_status == TxStatus::InBlock
+        {
+            // COMMIT/ROLLBACK AND CHAIN opened this block: it has none of rlsgate's settings.
             self.inject_context();
         }
         Ok(Ok(due))
@@ -137,6 +145,25 @@ impl Session {
         if effect != TxEffect::None {
             self.predicted = Predicted::Unknown;
         }
+        if effect == TxEffect::Unknown {
+            // maybe COMMIT/ROLLBACK AND CHAIN: see start_unit
+            self.chained = true;
+        }
+    }
+
+    /// A simple Query (or FunctionCall) inside an open extended unit: the server ends the unit's
+    /// implicit transaction with it (an explicit block goes on), so the unit's next statement
+    /// needs the context again (see on_bind).
+    async fn inside_unit(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        let flow = if frame.tag == fe::QUERY {
+            self.on_query(frame).await?
+        } else {
+            self.on_function_call(frame).await?
+        };
+        if matches!(flow, Flow::Continue) {
+            self.reapply = Some(Reapply::Unknown);
+        }
+        Ok(flow)
     }
 
     fn refusal_for(&self, analysis: &Analysis, sql: &str) -> Option<Refusal> {
@@ -296,6 +323,10 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
+        if !due && self.unit_open && self.reapply.take().is_some() {
+            // the open extended unit ended its transaction before this Query (see on_bind)
+            self.inject_context();
+        }
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
@@ -307,11 +338,14 @@ impl Session {
         let unit = if pieces.len() > 1 {
             // settings count once the last piece ends committed
             let first = pieces.remove(0);
+            let last = first.kind;
             self.send_piece(first, due, true)?;
             self.split = Some(Split {
                 rest: pieces.into(),
                 failed: false,
+                last,
             });
+            self.after_unit(analysis.tx_effect());
             // counted when the whole split ends (see relay::on_ready)
             SPLIT_UNIT
         } else if self.wrap
@@ -525,6 +559,12 @@ impl Session {
                     self.wrapping = true;
                 }
             }
+            // A new transaction that has no context yet: the first statement runs outside any
+            // (VACUUM …), or transaction_wrap places the context later (after the client's BEGIN;
+            // a block-sensitive statement goes unwrapped). Whatever else the unit binds gets it.
+            let bare = self.predicted == Predicted::Idle
+                && (outside_tx || (self.wrap && (begins || block_sensitive)));
+            self.reapply = bare.then_some(Reapply::Outside);
             self.unit_open = true;
             self.unit_effect = TxEffect::None;
         }
@@ -535,11 +575,26 @@ impl Session {
             fe::EXECUTE => {
                 let portal = fe::execute_portal(frame.body()).map_err(protocol)?;
                 let after_begin = matches!(&self.begin_portal, Some(Some(p)) if p == portal);
+                let ends = match self.ending_portals.is_empty() {
+                    true => None,
+                    false => self.ending_portals.get(portal).map(|(effect, _)| *effect),
+                };
                 self.server_out.extend_from_slice(&frame.bytes);
                 self.expect.push_back(Expect::Execute);
                 if after_begin {
                     self.begin_portal = None;
+                    self.reapply = None;
                     self.inject_context();
+                }
+                if let Some(effect) = ends {
+                    // Once this ran, the transaction the context was applied in is over (also
+                    // for a portal bound in an earlier unit): the next statement of the unit
+                    // gets the context again (see on_bind), the next unit waits for the state.
+                    self.unit_effect = combine(self.unit_effect, effect);
+                    self.reapply = Some(match effect {
+                        TxEffect::Unknown => Reapply::Unknown,
+                        _ => Reapply::Outside,
+                    });
                 }
             }
             fe::CLOSE => self.on_close(&frame)?,
@@ -741,6 +796,12 @@ impl Session {
 
     fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let b = fe::bind(frame.body()).map_err(protocol)?;
+        if let Some(why) = self.reapply
+            && self.server.is_some()
+            && let Some(analysis) = self.stmts.get(b.statement).map(|p| Arc::clone(&p.analysis))
+        {
+            self.reapply_context(why, &analysis, b.portal);
+        }
         let Some(prepared) = self.ensure_prepared(b.statement)? else {
             return self.unknown_statement(b.statement);
         };
@@ -750,12 +811,10 @@ impl Session {
             }
             self.apply_reset(kind);
         }
-        self.unit_effect = combine(self.unit_effect, prepared.analysis.tx_effect());
+        let effect = prepared.analysis.tx_effect();
+        self.unit_effect = combine(self.unit_effect, effect);
         if self.wrapping && prepared.analysis.copy_from_stdin {
             self.wrapping_copy = true;
-        }
-        if self.begin_portal == Some(None) && prepared.analysis.tx_effect() == TxEffect::Begin {
-            self.begin_portal = Some(Some(b.portal.to_string()));
         }
         let analysis = Arc::clone(&prepared.analysis);
         self.stage_settings(self.units_sent + 1, &analysis);
@@ -770,12 +829,60 @@ impl Session {
             )
             .map_err(protocol)?;
         }
-        self.expect.push_back(Expect::One {
-            tag: be::BIND_COMPLETE,
-            prepared: None,
-            client_name: None,
+        // Executing this portal ends the transaction (or runs outside one): remember it, for as
+        // long as the server may hold it.
+        let ends = matches!(effect, TxEffect::End | TxEffect::Unknown)
+            || analysis.statements.first().is_some_and(|s| s.no_tx_block);
+        let replaced = if ends {
+            let unit = self.units_sent + 1;
+            self.ending_portals.insert(b.portal.into(), (effect, unit));
+            None
+        } else if self.ending_portals.is_empty() {
+            None
+        } else {
+            self.ending_portals.remove(b.portal)
+        };
+        self.expect.push_back(match replaced {
+            Some((effect, unit)) => Expect::Rebind {
+                portal: b.portal.into(),
+                effect,
+                unit,
+            },
+            None => Expect::One {
+                tag: be::BIND_COMPLETE,
+                prepared: None,
+                client_name: None,
+            },
         });
         Ok(())
+    }
+
+    /// Before a Bind in a unit whose transaction may be over (or that started without the
+    /// context): apply the context again, unless this statement runs outside a transaction or
+    /// only ends one (then the next statement gets it; an injection before a ROLLBACK would also
+    /// fail in an aborted block).
+    fn reapply_context(&mut self, why: Reapply, analysis: &Analysis, portal: &str) {
+        let first = analysis.statements.first();
+        let effect = analysis.tx_effect();
+        let ends = effect == TxEffect::End || (effect == TxEffect::Unknown && analysis.parsed);
+        if ends || first.is_some_and(|s| s.no_tx_block) {
+            return;
+        }
+        if self.wrap && effect == TxEffect::Begin {
+            // transaction_wrap: inside the client's block, after its BEGIN (see Execute)
+            self.begin_portal = Some(Some(portal.to_string()));
+            return;
+        }
+        self.reapply = None;
+        if self.wrapping && why == Reapply::Outside && !first.is_some_and(|s| s.block_sensitive) {
+            // The client's COMMIT/ROLLBACK closed rlsgate's block: open another one for the rest
+            // of the unit (closed by rlsgate's COMMIT after the Sync), so that the context is set
+            // inside a block, as transaction_wrap needs it.
+            let _ = fe::write_simple_extended("BEGIN", &mut self.server_out);
+            self.expect.push_back(Expect::Inject { remaining: 1 });
+        }
+        // Otherwise pipelined as at a unit's start (in a chained block: inside it).
+        self.inject_context();
     }
 
     fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
@@ -817,6 +924,7 @@ impl Session {
 
     fn on_sync(&mut self, frame: Frame) -> Flow {
         self.skip_until_sync = false;
+        self.reapply = None;
         if self.local_failed_unit && self.server.is_none() {
             self.local_failed_unit = false;
             self.unit_open = false;

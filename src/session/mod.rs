@@ -117,10 +117,24 @@ enum Predicted {
     Unknown,
 }
 
+/// Why the tenant context must be applied again before the next statement of the open extended
+/// unit: the transaction it was applied in may be over, or the unit started without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reapply {
+    /// No transaction block is open: a COMMIT/ROLLBACK/PREPARE TRANSACTION or a statement that
+    /// runs outside a transaction was executed, or the unit started without the context.
+    Outside,
+    /// Not known from the text: COMMIT/ROLLBACK AND CHAIN (a block without the context), an
+    /// unparsed statement, or a simple Query inside the unit.
+    Unknown,
+}
+
 /// A multi-statement Query split after COMMIT/ROLLBACK, run one piece at a time.
 struct Split {
     rest: VecDeque<Piece>,
     failed: bool,
+    /// Kind of the piece sent last.
+    last: PieceKind,
 }
 
 /// A piece of a split Query.
@@ -173,6 +187,14 @@ pub struct Session {
     /// transaction_wrap: the open extended unit starts with the client's BEGIN; inject the
     /// context after the Execute of this portal.
     begin_portal: Option<Option<String>>,
+    /// The open extended unit's next statement needs the context applied first.
+    reapply: Option<Reapply>,
+    /// Portals on the server that end the transaction (or run outside one) when executed:
+    /// name → (their statement's effect, unit of their Bind). Portals die with their
+    /// transaction: entries go when a later unit reports idle.
+    ending_portals: std::collections::HashMap<Box<str>, (TxEffect, u64)>,
+    /// COMMIT/ROLLBACK AND CHAIN may have opened the current block without the context.
+    chained: bool,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// A denied or failed extended message: drop client messages up to Sync.
@@ -269,6 +291,9 @@ impl Session {
             wrapping: false,
             wrapping_copy: false,
             begin_portal: None,
+            reapply: None,
+            ending_portals: std::collections::HashMap::new(),
+            chained: false,
             skip_until_sync: false,
             local_failed_unit: false,
             stmts: Statements::default(),

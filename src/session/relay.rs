@@ -75,6 +75,7 @@ impl Session {
             },
             Expect::Hidden { tag: want, .. } if *want == tag => (false, true),
             Expect::One { tag: want, .. } if *want == tag => (true, true),
+            Expect::Rebind { .. } if tag == be::BIND_COMPLETE => (true, true),
             Expect::Raise => match tag {
                 be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
                 _ => return Err(unexpected(tag, front)),
@@ -103,6 +104,7 @@ impl Session {
             | Expect::WrapCommit { .. }
             | Expect::Hidden { .. }
             | Expect::One { .. }
+            | Expect::Rebind { .. }
             | Expect::Synthetic(_) => {
                 return Err(unexpected(tag, front));
             }
@@ -209,6 +211,14 @@ impl Session {
                 Some(Expect::Hidden { prepared, .. }) => {
                     self.parse_skipped(prepared.as_deref(), None)
                 }
+                // A Bind that did not happen: the portal it would have replaced is still there.
+                Some(Expect::Rebind {
+                    portal,
+                    effect,
+                    unit,
+                }) => {
+                    self.ending_portals.entry(portal).or_insert((effect, unit));
+                }
                 _ => {}
             }
         }
@@ -290,6 +300,11 @@ impl Session {
                 .retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
         self.settle_settings(status);
+        if status == TxStatus::Idle && !self.ending_portals.is_empty() {
+            // No transaction, so no portals: those bound before this unit's end are gone.
+            let done = self.units_done;
+            self.ending_portals.retain(|_, (_, unit)| *unit > done);
+        }
         // Only a reply to the last thing in flight tells the state after the client's work; not
         // one that arrives while the client's extended unit is still open (e.g. the Z of
         // transaction_wrap's BEGIN, sent ahead of a unit whose Sync has not come yet).
@@ -363,6 +378,16 @@ impl Session {
             return Ok(false);
         };
         let more = !split.rest.is_empty();
+        // Still in a block after a piece that ends with COMMIT/ROLLBACK (plain mode splits only
+        // there) or with other transaction control (transaction_wrap): AND CHAIN opened a block
+        // without the context.
+        let chained = status == TxStatus::InBlock
+            && piece.kind == PieceKind::Statements
+            && (!self.wrap || split.last == PieceKind::Control);
+        split.last = piece.kind;
+        if chained {
+            self.inject_context();
+        }
         self.send_piece(piece, status == TxStatus::Idle, more)?;
         Ok(true)
     }
