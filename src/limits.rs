@@ -265,7 +265,9 @@ mod tests {
     #[test]
     fn zero_means_unlimited_pins_and_state_is_forgotten() {
         let l = limits(Some(0), 4);
-        let pins: Vec<_> = (0..50).map(|_| l.try_pin("a").expect("unlimited")).collect();
+        let pins: Vec<_> = (0..50)
+            .map(|_| l.try_pin("a").expect("unlimited"))
+            .collect();
         assert_eq!(l.pinned("a"), 50);
         drop(pins);
         assert_eq!(l.pinned("a"), 0);

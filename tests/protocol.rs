@@ -28,13 +28,9 @@ async fn function_call_is_refused_except_large_objects() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_objects_work_through_libpq_fastpath() {
-    let proxy = start_proxy(1).await;
-    let file = std::env::temp_dir().join(format!("rlsgate-lo-{}", std::process::id()));
-    std::fs::write(&file, b"large object payload").unwrap();
-    let out = run_client(
-        &proxy,
+fn lo_import(proxy: &Proxy, file: &std::path::Path) -> std::process::Output {
+    run_client(
+        proxy,
         "psql",
         &token("north"),
         &[
@@ -43,7 +39,40 @@ async fn large_objects_work_through_libpq_fastpath() {
             "-c",
             &format!("\\lo_import {}", file.display()),
         ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_are_refused_by_default_even_through_the_fastpath() {
+    let proxy = start_proxy(1).await;
+    let file = std::env::temp_dir().join(format!("rlsgate-lo-deny-{}", std::process::id()));
+    std::fs::write(&file, b"large object payload").unwrap();
+    let out = lo_import(&proxy, &file);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("large objects are not allowed"),
+        "{}",
+        stderr(&out)
     );
+    assert_eq!(
+        admin_sql(&proxy.db, "SELECT count(*) FROM pg_largeobject_metadata"),
+        "0"
+    );
+    let _ = std::fs::remove_file(file);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_work_through_libpq_fastpath_when_allowed() {
+    let db = demo_db();
+    let proxy = start_proxy_with(
+        &db,
+        &config_text(&db, 1, "[guard]\nallow_large_objects = true\n"),
+    )
+    .await;
+    let file = std::env::temp_dir().join(format!("rlsgate-lo-{}", std::process::id()));
+    std::fs::write(&file, b"large object payload").unwrap();
+    let out = lo_import(&proxy, &file);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("lo_import "), "{}", stdout(&out));
     let oid = stdout(&out).trim_start_matches("lo_import ").to_string();

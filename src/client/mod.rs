@@ -83,7 +83,7 @@ impl UserFacing for HandshakeError {
             HandshakeError::ProtectedStartupSetting(name) => ClientError::fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!(
-                    "setting \"{name}\" at login is not allowed: it is managed by rlsgate from your token"
+                    "setting \"{name}\" at login is not allowed through rlsgate: it is managed by rlsgate, changes who the session acts as, or changes how SQL text is read"
                 ),
             ),
             HandshakeError::PlaintextRefused(_) => ClientError::fatal(

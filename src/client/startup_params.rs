@@ -64,16 +64,38 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The first requested setting a client may not set at login, if any.
+/// Client encodings in which a multibyte character can end in a byte that is `\\` or `'` in
+/// ASCII: text lexed in one of them could hide a statement from the guard.
+const UNSAFE_ENCODINGS: &[&str] = &["sjis", "shiftjis", "big5", "gbk", "uhc", "gb18030", "johab"];
+
+/// The first requested setting a client may not set at login, if any: protected settings,
+/// role changes, and settings that change how the server reads SQL text (unless set to the
+/// value the guard assumes). `client_encoding` is never applied upstream (rlsgate talks UTF-8);
+/// the encodings that could change how quotes are read are refused outright.
 pub fn forbidden_setting(params: &[(String, String)], protected: &ProtectedSet) -> Option<String> {
     requested_settings(params)
         .into_iter()
-        .map(|(name, _)| name)
-        .find(|name| {
+        .find(|(name, value)| {
             let lower = name.to_ascii_lowercase();
+            let unsafe_encoding = lower == "client_encoding" && {
+                let v = value.trim().to_ascii_lowercase().replace(['_', '-'], "");
+                UNSAFE_ENCODINGS.contains(&v.as_str())
+            };
+            // new objects would be created in the temporary schema, out of the pool's sight
+            let temp_path = lower == "search_path"
+                && value
+                    .split(',')
+                    .any(|s| crate::guard::policy::is_temp_schema(s.trim().trim_matches('"')));
             protected.is_protected(&lower)
-                || matches!(lower.as_str(), "role" | "session_authorization")
+                || crate::guard::policy::ROLE_SETTINGS.contains(&lower.as_str())
+                || lower == "seed"
+                || temp_path
+                || unsafe_encoding
+                || (lower != "client_encoding"
+                    && crate::guard::policy::lexer_setting(&lower)
+                    && !crate::guard::policy::lexer_value_ok(&lower, value))
         })
+        .map(|(name, _)| name)
 }
 
 #[cfg(test)]
@@ -104,6 +126,37 @@ mod tests {
             forbidden_setting(&p(&[("options", "-c search_path=a -c\\ app.x=1")]), &prot).is_some()
         );
         assert!(forbidden_setting(&p(&[("options", "-c role=admin")]), &prot).is_some());
+        // settings that change how SQL text is read
+        for bad in [
+            "-c standard_conforming_strings=off",
+            "--standard-conforming-strings=off",
+            "-c backslash_quote=on",
+            "-c client_encoding=SJIS",
+            "-cclient_encoding=Shift_JIS",
+        ] {
+            assert!(
+                forbidden_setting(&p(&[("options", bad)]), &prot).is_some(),
+                "{bad}"
+            );
+        }
+        assert!(forbidden_setting(&p(&[("standard_conforming_strings", "off")]), &prot).is_some());
+        assert!(forbidden_setting(&p(&[("search_path", "pg_temp")]), &prot).is_some());
+        assert!(
+            forbidden_setting(&p(&[("options", "--search_path=public,PG_TEMP_3")]), &prot)
+                .is_some()
+        );
+        assert!(forbidden_setting(&p(&[("options", "-c seed=0.5")]), &prot).is_some());
+        assert!(forbidden_setting(&p(&[("search_path", "public, app")]), &prot).is_none());
+        assert!(forbidden_setting(&p(&[("client_encoding", "GBK")]), &prot).is_some());
+        assert!(forbidden_setting(&p(&[("client_encoding", "UTF8")]), &prot).is_none());
+        assert!(forbidden_setting(&p(&[("client_encoding", "SQL_ASCII")]), &prot).is_none());
+        assert!(
+            forbidden_setting(
+                &p(&[("options", "-c standard_conforming_strings=on")]),
+                &prot
+            )
+            .is_none()
+        );
         assert!(
             forbidden_setting(
                 &p(&[

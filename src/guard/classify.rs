@@ -6,12 +6,12 @@
 //! protected setting, or leave session state behind on a pooled connection.
 
 use pg_query::NodeEnum;
-use pg_query::protobuf::{DiscardMode, RawStmt, TransactionStmtKind, VariableSetKind};
-use serde_json::Value;
+use pg_query::protobuf::{RawStmt, TransactionStmtKind, VariableSetKind};
 
 use super::GuardOptions;
+use super::search::Search;
 use super::session_effects::{Deallocate, SettingChange, effects};
-use super::tree::{const_string, func_name, unwrap_node};
+use crate::error::sqlstate;
 
 /// How a statement moves the transaction state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,8 @@ pub struct Statement {
 pub struct Denial {
     /// Short, bounded rule name (for logs and metrics).
     pub rule: &'static str,
+    /// What the client gets: 42501 for a refusal, 42601 for text the guard cannot parse.
+    pub sqlstate: &'static str,
     /// What was blocked and why, for the client.
     pub message: String,
 }
@@ -123,48 +125,32 @@ impl Analysis {
 }
 
 fn deny(rule: &'static str, message: String) -> Verdict {
-    Verdict::Deny(Denial { rule, message })
+    Verdict::Deny(Denial {
+        rule,
+        sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+        message,
+    })
 }
 
-/// Functions that run SQL given to them as text.
-const SQL_EXEC_FUNCTIONS: &[&str] = &[
-    "query_to_xml",
-    "query_to_xmlschema",
-    "query_to_xml_and_xmlschema",
-    "ts_stat",
-];
-/// Functions that read through a cursor or table by name; allowed with constant arguments only.
-const XML_EXPORT_PREFIXES: &[&str] = &[
-    "cursor_to_xml",
-    "table_to_xml",
-    "schema_to_xml",
-    "database_to_xml",
-];
-/// Session-level advisory locks survive the transaction.
-const SESSION_LOCK_FUNCTIONS: &[&str] = &[
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
-/// Settings that change who the session is.
-const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
-/// Settings that change how the server reads SQL text, which would let text parse differently
-/// upstream than in the guard.
-const PARSER_SETTINGS: &[&str] = &[
-    "standard_conforming_strings",
-    "backslash_quote",
-    "client_encoding",
-];
+/// Texts longer than this are analysed on a stack of their own: a long text can hold a deep
+/// tree (a chain of `+` nests one level per term), and decoding, walking and dropping it all
+/// recurse. Short texts cannot be deep enough to matter.
+const OWN_STACK_ABOVE: usize = 256;
+/// Virtual size of that stack; only the pages a deep tree touches are ever committed.
+const OWN_STACK_SIZE: usize = 256 << 20;
 
 pub fn analyze(sql: &str, opts: &GuardOptions) -> Analysis {
-    analyze_depth(sql, opts, 0)
+    if sql.len() > OWN_STACK_ABOVE {
+        stacker::grow(OWN_STACK_SIZE, || analyze_depth(sql, opts, 0))
+    } else {
+        analyze_depth(sql, opts, 0)
+    }
 }
 
-fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
+pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
     let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
         Ok(p) => p,
-        Err(_) => return unparsable(sql, opts),
+        Err(e) => return unparsable(&e),
     };
     let mut analysis = Analysis {
         verdict: Verdict::Allow,
@@ -212,16 +198,17 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
             return analysis;
         }
     };
-    let mut search = Search {
-        opts,
-        depth,
-        verdict: Verdict::Allow,
-        session_state: None,
-        session_set: false,
-        session_sets: 0,
-        reset: None,
-    };
+    let mut search = Search::new(opts, depth);
     search.walk(&tree);
+    if search.deallocate_all
+        && (analysis.statements.len() > 1 || depth > 0)
+        && !matches!(search.verdict, Verdict::Deny(_))
+    {
+        search.verdict = deny(
+            "internal_statement",
+            "DEALLOCATE ALL must be sent as a statement of its own through rlsgate (it would drop statements rlsgate manages)".into(),
+        );
+    }
     analysis.verdict = search.verdict;
     analysis.session_state = search.session_state;
     analysis.session_set = search.session_set;
@@ -246,33 +233,21 @@ fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analysis {
     analysis
 }
 
-/// Text libpg_query cannot parse: Postgres will reject it too, unless it mentions something
-/// sensitive, in which case it is denied rather than let through unclassified.
-fn unparsable(sql: &str, opts: &GuardOptions) -> Analysis {
-    let lower = sql.to_ascii_lowercase();
-    let sensitive = opts.protected.mentioned_in(&lower)
-        || [
-            "set_config",
-            "reset",
-            "discard",
-            "role",
-            "authorization",
-            "to_xml",
-            "dblink",
-            "ts_stat",
-        ]
-        .iter()
-        .any(|w| lower.contains(w));
-    let verdict = if sensitive {
-        deny(
-            "unparsable",
-            "statement could not be parsed and mentions a protected setting or a context-changing command".into(),
-        )
-    } else {
-        Verdict::Allow
+/// Text the guard cannot parse is denied (fail closed): the parser may be newer than the
+/// server, or the text may be nested deeper than the guard reads; either way nothing in it
+/// has been checked.
+fn unparsable(e: &pg_query::Error) -> Analysis {
+    let reason = match e {
+        pg_query::Error::Parse(m) => m.clone(),
+        pg_query::Error::Decode(_) => "statement is nested too deeply for rlsgate to check".into(),
+        other => other.to_string(),
     };
     Analysis {
-        verdict,
+        verdict: Verdict::Deny(Denial {
+            rule: "unparsable",
+            sqlstate: sqlstate::SYNTAX_ERROR,
+            message: format!("statement could not be parsed by rlsgate's guard: {reason}"),
+        }),
         statements: Vec::new(),
         session_state: None,
         session_set: false,
@@ -340,253 +315,4 @@ fn has_defelem(params: &[pg_query::protobuf::Node], name: &str) -> bool {
     params.iter().any(
         |p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case(name)),
     )
-}
-
-struct Search<'a> {
-    opts: &'a GuardOptions,
-    depth: u32,
-    verdict: Verdict,
-    session_state: Option<&'static str>,
-    session_set: bool,
-    session_sets: usize,
-    reset: Option<SessionReset>,
-}
-
-impl Search<'_> {
-    fn walk(&mut self, v: &Value) {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    self.visit(key, child);
-                    if self.is_denied() {
-                        return;
-                    }
-                    self.walk(child);
-                }
-            }
-            Value::Array(items) => {
-                for child in items {
-                    self.walk(child);
-                    if self.is_denied() {
-                        return;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn is_denied(&self) -> bool {
-        matches!(self.verdict, Verdict::Deny(_))
-    }
-
-    fn deny(&mut self, rule: &'static str, message: String) {
-        if !self.is_denied() {
-            self.verdict = deny(rule, message);
-        }
-    }
-
-    fn session(&mut self, what: &'static str) {
-        self.session_state.get_or_insert(what);
-    }
-
-    fn visit(&mut self, key: &str, node: &Value) {
-        match key {
-            // `setstmt` (ALTER ROLE/DATABASE/SYSTEM … SET) and `funccall` (CALL) hold these nodes
-            // as typed fields rather than wrapped nodes.
-            "VariableSetStmt" | "setstmt" => self.variable_set(node),
-            "FuncCall" | "funccall" => self.func_call(node),
-            "DoStmt" if !self.opts.allow_do_blocks => self.deny(
-                "do_block",
-                "DO blocks are not allowed through rlsgate: their body could change the tenant context".into(),
-            ),
-            "CreateFunctionStmt" if !self.opts.allow_create_function => self.deny(
-                "create_function",
-                "CREATE FUNCTION/PROCEDURE is not allowed through rlsgate: a function body could change the tenant context"
-                    .into(),
-            ),
-            "LoadStmt" => self.deny("load", "LOAD is not allowed through rlsgate".into()),
-            "DiscardStmt"
-                if node.get("target").and_then(Value::as_i64) == Some(DiscardMode::DiscardAll as i64) => {
-                    self.reset = Some(SessionReset::DiscardAll);
-                }
-            "ListenStmt" => self.session("LISTEN"),
-            "PrepareStmt" => self.session("SQL PREPARE"),
-            "DeclareCursorStmt"
-                // CURSOR_OPT_HOLD = 0x0020
-                if node.get("options").and_then(Value::as_i64).is_some_and(|o| o & 0x20 != 0) => {
-                    self.session("DECLARE … WITH HOLD");
-                }
-            "relpersistence" if node.as_str() == Some("t") => self.session("temporary object"),
-            _ => {}
-        }
-    }
-
-    fn variable_set(&mut self, node: &Value) {
-        let name = node
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let kind = node.get("kind").and_then(Value::as_i64).unwrap_or(0);
-        let is_local = node
-            .get("is_local")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if kind == VariableSetKind::VarResetAll as i64 {
-            self.reset = Some(SessionReset::ResetAll);
-            return;
-        }
-        if self.opts.protected.is_protected(&name) {
-            return self.deny(
-                "protected_setting",
-                format!("changing protected setting \"{name}\" is not allowed: it is managed by rlsgate from your token"),
-            );
-        }
-        if ROLE_SETTINGS.contains(&name.as_str()) {
-            return self.deny(
-                "role_change",
-                format!("changing \"{name}\" is not allowed through rlsgate: it would change who the session acts as"),
-            );
-        }
-        if PARSER_SETTINGS.contains(&name.as_str())
-            && !(name == "client_encoding" && set_to_utf8(node))
-        {
-            return self.deny(
-                "parser_setting",
-                format!("changing \"{name}\" is not allowed through rlsgate: it changes how SQL text is read"),
-            );
-        }
-        if !is_local && kind != VariableSetKind::VarSetMulti as i64 {
-            self.session_set = true;
-            self.session_sets += 1;
-        }
-    }
-
-    fn func_call(&mut self, node: &Value) {
-        let Some(name) = func_name(node) else { return };
-        let args = node
-            .get("args")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        if name == "set_config" {
-            return self.set_config(args);
-        }
-        if SQL_EXEC_FUNCTIONS.contains(&name.as_str()) || name.starts_with("dblink") {
-            // query_to_xml & co. take the SQL first; dblink takes it first or second (after a
-            // connection string), so for dblink every argument must be safe SQL.
-            let sql_args = if name.starts_with("dblink") {
-                args
-            } else {
-                &args[..args.len().min(1)]
-            };
-            let safe = !sql_args.is_empty() && sql_args.iter().all(|a| self.is_safe_sql(a));
-            if !safe {
-                self.deny(
-                    "sql_exec_function",
-                    format!("{name}() is not allowed here: it runs SQL that rlsgate cannot check (only a constant, safe query is allowed)"),
-                );
-            }
-            return;
-        }
-        if XML_EXPORT_PREFIXES.iter().any(|p| name.starts_with(p)) && !args.iter().all(is_constant)
-        {
-            return self.deny(
-                "sql_exec_function",
-                format!("{name}() is only allowed with constant arguments"),
-            );
-        }
-        if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
-            self.session("session advisory lock");
-        }
-    }
-
-    /// A constant string that parses and classifies as harmless.
-    fn is_safe_sql(&self, arg: &Value) -> bool {
-        match const_string(arg) {
-            Some(sql) if self.depth < 4 => {
-                let a = analyze_depth(&sql, self.opts, self.depth + 1);
-                a.parsed
-                    && !a.is_denied()
-                    && a.session_state.is_none()
-                    && !a.session_set
-                    && a.reset.is_none()
-            }
-            _ => false,
-        }
-    }
-
-    fn set_config(&mut self, args: &[Value]) {
-        let Some(setting) = args.first().and_then(const_string) else {
-            return self.deny(
-                "set_config",
-                "set_config() with a non-constant setting name is not allowed: rlsgate cannot tell which setting it changes".into(),
-            );
-        };
-        let setting = setting.trim().to_ascii_lowercase();
-        if self.opts.protected.is_protected(&setting) {
-            return self.deny(
-                "protected_setting",
-                format!("changing protected setting \"{setting}\" is not allowed: it is managed by rlsgate from your token"),
-            );
-        }
-        if ROLE_SETTINGS.contains(&setting.as_str()) || PARSER_SETTINGS.contains(&setting.as_str())
-        {
-            return self.deny(
-                "role_change",
-                format!("changing \"{setting}\" is not allowed through rlsgate"),
-            );
-        }
-        let is_local = args.get(2).and_then(const_bool);
-        if is_local != Some(true) {
-            self.session_set = true;
-            self.session_sets += 1;
-        }
-    }
-}
-
-/// `SET client_encoding = 'UTF8'` (the only encoding the guard reads).
-fn set_to_utf8(node: &Value) -> bool {
-    let args = node
-        .get("args")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
-    match args {
-        [one] => const_string(one).is_some_and(|v| {
-            matches!(
-                v.to_ascii_lowercase().as_str(),
-                "utf8" | "utf-8" | "unicode"
-            )
-        }),
-        _ => false,
-    }
-}
-
-fn const_bool(v: &Value) -> Option<bool> {
-    match unwrap_node(v)? {
-        ("AConst", c) => {
-            let val = c.get("val")?;
-            if let Some(b) = val.get("Boolval") {
-                return Some(b.get("boolval").and_then(Value::as_bool).unwrap_or(false));
-            }
-            let s = val.get("Sval")?.get("sval")?.as_str()?.to_ascii_lowercase();
-            match s.as_str() {
-                "t" | "true" | "on" | "yes" | "1" => Some(true),
-                "f" | "false" | "off" | "no" | "0" => Some(false),
-                _ => None,
-            }
-        }
-        ("TypeCast", t) => const_bool(t.get("arg")?),
-        _ => None,
-    }
-}
-
-fn is_constant(v: &Value) -> bool {
-    match unwrap_node(v) {
-        Some(("AConst", _)) => true,
-        Some(("TypeCast", t)) => t.get("arg").is_some_and(is_constant),
-        _ => false,
-    }
 }

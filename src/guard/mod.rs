@@ -3,7 +3,9 @@
 //! run in a transaction block, session state). Pure: no I/O. Verdicts are cached by exact text.
 
 mod classify;
+pub mod policy;
 pub mod protected;
+mod search;
 mod session_effects;
 pub(crate) mod tree;
 
@@ -24,11 +26,52 @@ pub struct GuardOptions {
     pub protected: ProtectedSet,
     pub allow_do_blocks: bool,
     pub allow_create_function: bool,
+    pub allow_large_objects: bool,
+}
+
+/// Texts longer than this are classified every time instead of cached: they rarely repeat,
+/// and a few of them would otherwise hold the cache's whole byte budget.
+const MAX_CACHED_TEXT: usize = 64 * 1024;
+
+/// Verdicts by exact text, bounded in entries and in bytes.
+struct Cache {
+    entries: LruCache<Box<str>, Arc<Analysis>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Cache {
+    fn cost(sql: &str, analysis: &Analysis) -> usize {
+        // text + the analysis and its statements (an estimate; exactness is not needed)
+        sql.len()
+            + std::mem::size_of::<Analysis>()
+            + analysis.statements.len() * std::mem::size_of::<classify::Statement>()
+            + 64
+    }
+
+    fn put(&mut self, sql: &str, analysis: Arc<Analysis>) {
+        let cost = Cache::cost(sql, &analysis);
+        if sql.len() > MAX_CACHED_TEXT || cost > self.max_bytes {
+            return;
+        }
+        if let Some((old_sql, old)) = self.entries.push(sql.into(), analysis) {
+            self.bytes = self.bytes.saturating_sub(Cache::cost(&old_sql, &old));
+        }
+        self.bytes += cost;
+        while self.bytes > self.max_bytes {
+            match self.entries.pop_lru() {
+                Some((old_sql, old)) => {
+                    self.bytes = self.bytes.saturating_sub(Cache::cost(&old_sql, &old))
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 pub struct Guard {
     options: GuardOptions,
-    cache: Mutex<LruCache<Box<str>, Arc<Analysis>>>,
+    cache: Mutex<Cache>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -45,26 +88,36 @@ impl Guard {
             protected: ProtectedSet::new(&config.protected),
             allow_do_blocks: config.allow_do_blocks,
             allow_create_function: config.allow_create_function,
+            allow_large_objects: config.allow_large_objects,
         };
         let size = NonZeroUsize::new(config.verdict_cache_size.max(1)).unwrap_or(NonZeroUsize::MIN);
         Guard {
             options,
-            cache: Mutex::new(LruCache::new(size)),
+            cache: Mutex::new(Cache {
+                entries: LruCache::new(size),
+                bytes: 0,
+                max_bytes: config.verdict_cache_bytes,
+            }),
         }
     }
 
     /// Classify `sql` (one or more statements), from the cache when seen before.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
         if let Ok(mut cache) = self.cache.lock()
-            && let Some(hit) = cache.get(sql)
+            && let Some(hit) = cache.entries.get(sql)
         {
             return Arc::clone(hit);
         }
         let analysis = Arc::new(classify::analyze(sql, &self.options));
         if let Ok(mut cache) = self.cache.lock() {
-            cache.put(sql.into(), Arc::clone(&analysis));
+            cache.put(sql, Arc::clone(&analysis));
         }
         analysis
+    }
+
+    /// Bytes the verdict cache holds now (estimate).
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.lock().map(|c| c.bytes).unwrap_or(0)
     }
 
     /// Classify without the cache (benchmarks).
@@ -74,5 +127,43 @@ impl Guard {
 
     pub fn protected(&self) -> &ProtectedSet {
         &self.options.protected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(max_bytes: usize) -> Guard {
+        Guard::new(&GuardConfig {
+            verdict_cache_bytes: max_bytes,
+            ..GuardConfig::default()
+        })
+    }
+
+    #[test]
+    fn long_texts_are_never_cached() {
+        let g = guard(32 << 20);
+        for i in 0..20 {
+            let sql = format!("SELECT {i} AS n, '{}' AS pad", "x".repeat(2 << 20));
+            assert!(!g.analyze(&sql).is_denied());
+        }
+        assert!(g.cache_bytes() < 64 * 1024, "{}", g.cache_bytes());
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_budget() {
+        let budget = 1 << 20;
+        let g = guard(budget);
+        for i in 0..200 {
+            let sql = format!("SELECT {i} AS n, '{}' AS pad", "y".repeat(30 * 1024));
+            g.analyze(&sql);
+            assert!(g.cache_bytes() <= budget, "{} after {i}", g.cache_bytes());
+        }
+        // and it still caches: the most recent text is a hit
+        let last = format!("SELECT 199 AS n, '{}' AS pad", "y".repeat(30 * 1024));
+        let a = g.analyze(&last);
+        let b = g.analyze(&last);
+        assert!(Arc::ptr_eq(&a, &b));
     }
 }

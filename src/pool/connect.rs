@@ -78,6 +78,7 @@ pub(super) async fn connect(
         created: now,
         last_used: now,
         prepared: Default::default(),
+        last_tenant: None,
         dirty_session: false,
         unnamed_owner: None,
         settings_owner: None,

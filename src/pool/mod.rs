@@ -2,8 +2,8 @@
 //! [`Checkout`] that closes the connection on drop unless it was released clean.
 
 mod connect;
+pub mod statements;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,8 +78,11 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     pub created: Instant,
     pub last_used: Instant,
-    /// Server-side names of the prepared statements that exist on this connection.
-    pub prepared: HashSet<Arc<str>>,
+    /// rlsgate's prepared statements on this connection (bounded; see [`statements`]).
+    pub prepared: statements::ServerStatements,
+    /// The tenant whose transaction ran last on it: sequence state (`lastval()`, `currval()`)
+    /// is discarded before another tenant's transaction.
+    pub last_tenant: Option<Arc<str>>,
     /// A session-level SET ran on it: reset before anyone else gets it.
     pub dirty_session: bool,
     /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.

@@ -202,6 +202,11 @@ pub fn write_describe(kind: u8, name: &str, out: &mut BytesMut) -> Result<(), Pr
     fe::describe(kind, name, out).map_err(write_err)
 }
 
+/// `Close` of a statement or portal.
+pub fn write_close(kind: u8, name: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    fe::close(kind, name, out).map_err(write_err)
+}
+
 /// Parse + Bind + Execute of a parameterless statement on the unnamed statement/portal, no Sync.
 pub fn write_simple_extended(sql: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
     write_parse("", sql, &[0, 0], out)?;

@@ -179,7 +179,7 @@ impl Session {
                 fingerprint: crate::audit::fingerprint(sql),
             });
             return Some(Refusal {
-                sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+                sqlstate: d.sqlstate,
                 message: format!("rlsgate: {}", d.message),
                 hint: None,
             });
@@ -483,7 +483,8 @@ impl Session {
             return Ok(Flow::Wait(frame));
         }
         let oid = fe::function_call_oid(frame.body()).map_err(protocol)?;
-        if LARGE_OBJECT_FUNCTIONS.contains(&oid) {
+        let large_objects = self.shared.config().guard.allow_large_objects;
+        if LARGE_OBJECT_FUNCTIONS.contains(&oid) && large_objects {
             let due = match self.start_unit(false).await? {
                 Ok(due) => due,
                 Err(e) => {
@@ -509,6 +510,14 @@ impl Session {
             return Ok(Flow::Continue);
         }
         tracing::info!(oid, "FunctionCall refused");
+        if LARGE_OBJECT_FUNCTIONS.contains(&oid) {
+            self.refuse_query(Refusal {
+                sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: "rlsgate: large objects are not allowed through rlsgate: they belong to the upstream role, not to a tenant, and row-level security cannot protect them".into(),
+                hint: Some("store the data in a bytea column of a tenant table, or set guard.allow_large_objects = true"),
+            });
+            return Ok(Flow::Continue);
+        }
         self.refuse_query(Refusal {
             sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
             message: "rlsgate: the FunctionCall protocol message is not supported (it bypasses statement checks)".into(),
@@ -623,7 +632,12 @@ impl Session {
             return Ok(false);
         }
         let prepared = Arc::new(Prepared {
-            server_name: server_name(&self.shared.stmt_hasher, p.sql, p.param_types),
+            server_name: server_name(
+                &self.shared.stmt_hasher,
+                &self.identity.tenant,
+                p.sql,
+                p.param_types,
+            ),
             sql: Arc::from(p.sql),
             param_types: Bytes::copy_from_slice(p.param_types),
             analysis,
@@ -678,6 +692,18 @@ impl Session {
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }
+        if analysis
+            .statements
+            .iter()
+            .any(|s| matches!(s.deallocate, Some(None)))
+        {
+            // The server would drop every statement of the connection, rlsgate's included.
+            return self.refuse_extended(Refusal {
+                sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: "rlsgate: DEALLOCATE ALL must be sent as a simple query of its own through rlsgate (it would drop statements rlsgate manages)".into(),
+                hint: None,
+            });
+        }
         if !p.name.is_empty() && self.stmts.contains(p.name) {
             return self.refuse_extended(Refusal {
                 sqlstate: sqlstate::DUPLICATE_PREPARED_STATEMENT,
@@ -699,7 +725,12 @@ impl Session {
             self.mark_dirty();
         }
         self.pin_for(&analysis);
-        let server_name = server_name(&self.shared.stmt_hasher, p.sql, p.param_types);
+        let server_name = server_name(
+            &self.shared.stmt_hasher,
+            &self.identity.tenant,
+            p.sql,
+            p.param_types,
+        );
         let prepared = Arc::new(Prepared {
             server_name: Arc::clone(&server_name),
             sql: Arc::from(p.sql),
@@ -725,7 +756,7 @@ impl Session {
         } else {
             fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out)
                 .map_err(protocol)?;
-            conn.prepared.insert(Arc::clone(&server_name));
+            conn.prepared.insert(Arc::clone(&server_name), p.sql.len());
             self.expect.push_back(Expect::One {
                 tag: be::PARSE_COMPLETE,
                 prepared: Some(server_name),
@@ -777,7 +808,8 @@ impl Session {
                 &mut self.server_out,
             )
             .map_err(protocol)?;
-            conn.prepared.insert(Arc::clone(&prepared.server_name));
+            conn.prepared
+                .insert(Arc::clone(&prepared.server_name), prepared.sql.len());
             self.expect.push_back(Expect::Hidden {
                 tag: be::PARSE_COMPLETE,
                 prepared: Some(Arc::clone(&prepared.server_name)),

@@ -709,23 +709,48 @@ impl Session {
         (!self.settings.is_empty()).then_some((self.id, self.settings.version))
     }
 
-    /// Before a transaction: if the connection holds other settings than this client's, replay
-    /// the client's (hidden, pipelined ahead of the client's messages).
+    /// Before a transaction: close statements the connection evicted, discard another tenant's
+    /// sequence state (`lastval()`/`currval()` would show its new ids), and if the connection
+    /// holds other settings than this client's, replay the client's — all hidden, pipelined
+    /// ahead of the client's messages.
     fn sync_settings(&mut self) -> Result<(), SessionError> {
         let desired = self.desired_settings();
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
         let conn = server.conn();
-        if conn.settings_owner == desired {
+        for name in conn.prepared.take_to_close() {
+            crate::protocol::frontend::write_close(b'S', &name, &mut self.server_out)
+                .map_err(SessionError::ClientProtocol)?;
+            self.expect.push_back(Expect::Hidden {
+                tag: be::CLOSE_COMPLETE,
+                prepared: None,
+            });
+        }
+        let tenant = self.identity.tenant.as_str();
+        let other_tenant = conn.last_tenant.as_deref().is_some_and(|t| t != tenant);
+        if conn.last_tenant.as_deref() != Some(tenant) {
+            conn.last_tenant = Some(Arc::from(tenant));
+        }
+        if conn.settings_owner == desired && !other_tenant {
             return Ok(());
         }
-        let reset = if conn.settings_owner.is_some() {
+        let discard = if other_tenant {
+            "DISCARD SEQUENCES"
+        } else {
+            ""
+        };
+        let reset = if conn.settings_owner.is_some() && conn.settings_owner != desired {
             "RESET ALL"
         } else {
             ""
         };
-        let sql = [reset, self.settings.replay_sql()]
+        let replay = if conn.settings_owner != desired {
+            self.settings.replay_sql()
+        } else {
+            ""
+        };
+        let sql = [discard, reset, replay]
             .iter()
             .filter(|s| !s.is_empty())
             .copied()

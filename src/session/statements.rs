@@ -1,9 +1,9 @@
 //! A client's prepared statements and their names on the server.
 //!
 //! Client statement names are private to the client. On the server every statement is named
-//! `rg_<hash of text and parameter types>` (keyed per process, so names cannot be predicted), so
-//! identical statements are shared between clients and re-prepared on whichever connection serves
-//! the next transaction.
+//! `rg_<hash of tenant, text and parameter types>` (keyed per process, so names cannot be
+//! predicted), so identical statements are shared between clients of one tenant and re-prepared
+//! on whichever connection serves the next transaction; tenants never share one.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -76,8 +76,15 @@ impl Statements {
     }
 }
 
-/// The server-side name for a statement.
-pub fn server_name(hasher: &impl BuildHasher, sql: &str, param_types: &[u8]) -> Arc<str> {
-    let h = hasher.hash_one((sql, param_types));
+/// The server-side name for a statement: per tenant, so that no tenant can ever bind, describe
+/// or replace a statement another tenant prepared (SQL-level access to the `rg_` namespace is
+/// denied by the guard as well).
+pub fn server_name(
+    hasher: &impl BuildHasher,
+    tenant: &str,
+    sql: &str,
+    param_types: &[u8],
+) -> Arc<str> {
+    let h = hasher.hash_one((tenant, sql, param_types));
     Arc::from(format!("rg_{h:016x}"))
 }
