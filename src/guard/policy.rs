@@ -367,6 +367,14 @@ pub fn lexer_value_ok(name: &str, value: &str) -> bool {
     }
 }
 
+/// A lexer setting the server reports (ParameterStatus) with a value other than the guard's:
+/// `Some(name)`. Checked when a connection opens and on every report afterwards, so that a
+/// route to change them that the guard does not know still cannot go unnoticed.
+pub fn unexpected_lexer_report(name: &str, value: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    (lexer_setting(&lower) && !lexer_value_ok(&lower, value)).then(|| format!("{lower} = {value}"))
+}
+
 /// rlsgate's own server-side prepared statements are named with this prefix.
 pub const INTERNAL_STATEMENT_PREFIX: &str = "rg_";
 

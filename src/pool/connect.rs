@@ -53,6 +53,11 @@ pub(super) async fn connect(
         match frame.tag {
             be::PARAMETER_STATUS => {
                 let (k, v) = be::parameter_status(frame.body()).map_err(proto_err)?;
+                if let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v) {
+                    return Err(PoolError::Protocol(format!(
+                        "the upstream reads SQL text with {what}; rlsgate's guard requires standard_conforming_strings = on and client_encoding UTF8 (fix the server, database or role default)"
+                    )));
+                }
                 server_params.push((k.to_string(), v.to_string()));
             }
             be::BACKEND_KEY_DATA => backend = be::backend_key(frame.body()).map_err(proto_err)?,

@@ -65,6 +65,8 @@ pub enum SessionError {
     IdleInTransaction,
     #[error("terminated by the administrator")]
     Killed,
+    #[error("the upstream now reads SQL text with {0}")]
+    LexerChanged(String),
 }
 
 impl UserFacing for SessionError {
@@ -92,6 +94,12 @@ impl UserFacing for SessionError {
                 ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, "token expired")
                     .with_hint("reconnect with a fresh token")
             }
+            SessionError::LexerChanged(what) => ClientError::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "rlsgate: the upstream connection now reads SQL text with {what}; closing the session"
+                ),
+            ),
             SessionError::Killed => ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command (rlsgate KILL)",
@@ -343,6 +351,10 @@ impl Session {
     /// Run until the client leaves. Errors are reported to the client here.
     pub async fn run(mut self) {
         let result = self.serve().await;
+        if let Err(SessionError::LexerChanged(what)) = &result {
+            tracing::error!(%what, "upstream connection reads SQL text differently from the guard; closing it");
+            drop(self.server.take());
+        }
         if let Err(e) = &result {
             match e {
                 SessionError::ClientIo(_) => tracing::debug!(error = %e, "client connection ended"),

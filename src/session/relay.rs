@@ -49,7 +49,19 @@ impl Session {
                 // "SET LOCAL can only be used in transaction blocks": ours, not the client's.
                 return Ok(());
             }
-            be::NOTICE_RESPONSE | be::NOTIFICATION | be::PARAMETER_STATUS => {
+            be::PARAMETER_STATUS => {
+                if let Ok((k, v)) = be::parameter_status(frame.body())
+                    && let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v)
+                {
+                    // Some route changed how the server reads text: nothing the guard checked
+                    // can be trusted on this connection any more. End the session; the
+                    // connection is closed (a reply is in flight, so it is never reused).
+                    return Err(SessionError::LexerChanged(what));
+                }
+                self.client_out.extend_from_slice(&frame.bytes);
+                return Ok(());
+            }
+            be::NOTICE_RESPONSE | be::NOTIFICATION => {
                 self.client_out.extend_from_slice(&frame.bytes);
                 return Ok(());
             }
