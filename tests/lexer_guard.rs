@@ -53,8 +53,7 @@ async fn an_upstream_that_reads_text_differently_is_refused() {
     let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
     let err = connect(&proxy, &token("north"))
         .await
-        .err()
-        .expect("no upstream connection may be used");
+        .expect_err("no upstream connection may be used");
     assert_eq!(code(&err), "08006", "{err}");
     let detail = err
         .as_db_error()
