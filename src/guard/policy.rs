@@ -380,13 +380,14 @@ pub const INTERNAL_STATEMENT_PREFIX: &str = "rg_";
 
 /// `pg_temp`, `pg_temp_3`: the session's temporary schema.
 pub fn is_temp_schema(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    match lower.strip_prefix("pg_temp") {
-        Some("") => true,
-        Some(rest) => rest
-            .strip_prefix('_')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
-        None => false,
+    let b = name.as_bytes();
+    if b.len() < 7 || !b[..7].eq_ignore_ascii_case(b"pg_temp") {
+        return false;
+    }
+    match &b[7..] {
+        [] => true,
+        [b'_', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::GuardOptions;
 use super::classify::{Denial, SessionReset, Verdict, analyze_depth};
 use super::policy::{self, FunctionRule, KindRule, NameKind, RelationRule};
-use super::tree::{const_string, func_name, unwrap_node};
+use super::tree::{const_string, unwrap_node};
 use crate::error::sqlstate;
 
 /// How deep SQL inside SQL (`query_to_xml('…')`) is followed before it is denied.
@@ -46,20 +46,11 @@ impl<'a> Search<'a> {
     pub fn walk(&mut self, v: &Value) {
         match v {
             Value::Object(map) => {
-                if let Some(Value::String(rel)) = map.get("relname") {
-                    self.relation(rel);
-                }
-                if let Some(Value::String(schema)) = map.get("schemaname")
-                    && policy::is_temp_schema(schema)
-                {
-                    self.session("temporary object");
-                }
                 for (key, child) in map {
-                    self.visit(key, child);
+                    let stores = self.visit(key, child);
                     if self.is_denied() {
                         return;
                     }
-                    let stores = policy::stores_code(key);
                     self.stored += u32::from(stores);
                     self.walk(child);
                     self.stored -= u32::from(stores);
@@ -103,9 +94,23 @@ impl<'a> Search<'a> {
         self.session_sets += 1;
     }
 
-    fn visit(&mut self, key: &str, node: &Value) {
+    /// Check one key of the tree; returns whether its value is a statement whose parts are
+    /// stored and run later.
+    fn visit(&mut self, key: &str, node: &Value) -> bool {
         match key {
-            k if k.ends_with("Stmt") => self.statement(k, node),
+            k if k.ends_with("Stmt") => {
+                self.statement(k, node);
+                return policy::stores_code(k);
+            }
+            // A relation reference (RangeVar, wrapped or as a typed field such as `relation`).
+            "relname" => {
+                if let Some(rel) = node.as_str() {
+                    self.relation(rel);
+                }
+            }
+            "schemaname" if node.as_str().is_some_and(policy::is_temp_schema) => {
+                self.session("temporary object")
+            }
             // ALTER … SET holds its VariableSetStmt as a typed field; CALL its FuncCall.
             "setstmt" => self.variable_set(node),
             "FuncCall" | "funccall" => self.func_call(node),
@@ -130,6 +135,7 @@ impl<'a> Search<'a> {
             "relpersistence" if node.as_str() == Some("t") => self.session("temporary object"),
             _ => {}
         }
+        false
     }
 
     fn statement(&mut self, kind: &str, node: &Value) {
@@ -277,7 +283,13 @@ impl<'a> Search<'a> {
     }
 
     fn relation(&mut self, name: &str) {
-        match policy::relation(&name.to_ascii_lowercase()) {
+        // The parser folds unquoted names already; only quoted ones need folding here.
+        let rule = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            policy::relation(&name.to_ascii_lowercase())
+        } else {
+            policy::relation(name)
+        };
+        match rule {
             RelationRule::Ordinary => {}
             RelationRule::Settings if self.stored > 0 => self.deny(
                 "settings_write",
@@ -354,12 +366,14 @@ impl<'a> Search<'a> {
             .unwrap_or(&[]);
         // The value the statement sets, when it is one constant. DEFAULT/RESET return lexer
         // settings to rlsgate's own (the server defaults, which the startup check keeps).
+        // (only lexer settings are judged by their value)
         let value = match (kind, args) {
+            _ if !policy::lexer_setting(&name) => None,
             (k, _)
                 if k == VariableSetKind::VarSetDefault as i64
                     || k == VariableSetKind::VarReset as i64 =>
             {
-                policy::lexer_setting(&name).then(|| default_lexer_value(&name).to_string())
+                Some(default_lexer_value(&name).to_string())
             }
             (k, [one]) if k == VariableSetKind::VarSetValue as i64 => {
                 const_string(one).or_else(|| const_bool_text(one))
@@ -391,7 +405,7 @@ impl<'a> Search<'a> {
     }
 
     fn func_call(&mut self, node: &Value) {
-        let Some(name) = func_name(node) else { return };
+        let Some(name) = call_name(node) else { return };
         let args = node
             .get("args")
             .and_then(Value::as_array)
@@ -522,6 +536,17 @@ impl<'a> Search<'a> {
             self.untracked_set();
         }
     }
+}
+
+/// Lower-cased last element of a call's `funcname`, borrowed when the parser already folded it.
+fn call_name(call: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    let last = call.get("funcname")?.as_array()?.last()?;
+    let s = last.get("node")?.get("String")?.get("sval")?.as_str()?;
+    Some(if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    })
 }
 
 /// The server default of a lexer setting (what DEFAULT/RESET give back).
