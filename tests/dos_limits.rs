@@ -65,43 +65,46 @@ async fn idle_in_transaction_timeout_is_on_by_default_and_frees_a_held_lock() {
     );
     proxy.stop().await;
 
-    // the same mechanism with a short timeout: north locks a shared table and sits idle
-    let proxy = start_proxy_with(
-        &db,
-        &config(&db, 2, "idle_in_transaction_timeout = \"600ms\"", ""),
-    )
-    .await;
-    let mut north = RawClient::connect(&proxy, &token("north")).await;
-    north
-        .query("BEGIN; LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
-        .await;
-    let msgs = north.until_ready().await;
-    assert_eq!(msgs.last().unwrap().body, b"T", "{msgs:?}");
-    // south's query waits on the lock (inside the server, not idle) until north is cut off
-    let south = client(&proxy, "south").await;
-    let started = Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(10), count(&south, "customers"))
-        .await
-        .expect("the lock holder was not disconnected");
-    assert_eq!(n, 2);
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
-        "south waited {waited:?} (the lock holder must be disconnected after ~600ms)"
-    );
-    let fatal = north.recv().await;
-    assert_eq!(fatal.tag, 'E', "{fatal:?}");
-    assert_eq!(fatal.field(b'S'), "FATAL");
-    assert_eq!(fatal.code(), "25P03", "{}", fatal.field(b'M'));
-    // and the lock is gone with the connection
-    assert_eq!(
-        admin_sql(
+    // the same mechanism with a short timeout: north locks a shared table and sits idle; with
+    // a pool of 1 south waits for the connection, with 4 for the lock
+    for pool in [1, 4] {
+        let proxy = start_proxy_with(
             &db,
-            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND relation = 'customers'::regclass"
-        ),
-        "0"
-    );
-    proxy.stop().await;
+            &config(&db, pool, "idle_in_transaction_timeout = \"600ms\"", ""),
+        )
+        .await;
+        let mut north = RawClient::connect(&proxy, &token("north")).await;
+        north
+            .query("BEGIN; LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
+            .await;
+        let msgs = north.until_ready().await;
+        assert_eq!(msgs.last().unwrap().body, b"T", "{msgs:?}");
+        // south's query waits on the lock (inside the server, not idle) until north is cut off
+        let south = client(&proxy, "south").await;
+        let started = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(10), count(&south, "customers"))
+            .await
+            .expect("the lock holder was not disconnected");
+        assert_eq!(n, 2);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
+            "south waited {waited:?} (the lock holder must be disconnected after ~600ms)"
+        );
+        let fatal = north.recv().await;
+        assert_eq!(fatal.tag, 'E', "{fatal:?}");
+        assert_eq!(fatal.field(b'S'), "FATAL");
+        assert_eq!(fatal.code(), "25P03", "{}", fatal.field(b'M'));
+        // and the lock is gone with the connection
+        assert_eq!(
+            admin_sql(
+                &db,
+                "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND relation = 'customers'::regclass"
+            ),
+            "0"
+        );
+        proxy.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
