@@ -194,3 +194,32 @@ async fn messages_after_an_error_read_with_flush_are_skipped_until_sync() {
     assert_eq!(tags(&c.until_ready().await), "T D C Z");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_cannot_be_prepared_or_sent_in_the_extended_protocol() {
+    let proxy = start_proxy(1).await;
+    let south = client(&proxy, "south").await;
+    let stmt = south
+        .prepare("SELECT count(*) FROM customers")
+        .await
+        .unwrap();
+    let mut north = RawClient::connect(&proxy, &token("north")).await;
+    // PQprepare-style (Parse + Sync, no connection held) and a full unit
+    for name in ["dall", ""] {
+        north.parse(name, "DEALLOCATE ALL").await;
+        north.sync().await;
+        let msgs = north.until_ready().await;
+        assert_eq!(tags(&msgs), "E Z", "{name:?}");
+        assert_eq!(msgs[0].code(), "42501");
+        north.bind("", name).await;
+        north.execute("").await;
+        north.sync().await;
+        let msgs = north.until_ready().await;
+        assert_eq!(msgs[0].tag, 'E', "{name:?}: {}", tags(&msgs));
+        assert_ne!(msgs[0].code(), "", "{name:?}");
+    }
+    // south's statement on the shared connection survived
+    let n: i64 = south.query_one(&stmt, &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    proxy.stop().await;
+}

@@ -628,7 +628,11 @@ impl Session {
             return Ok(false);
         }
         let analysis = self.shared.analyze(p.sql);
-        if !analysis.parsed || analysis.is_denied() || analysis.session_state.is_some() {
+        if !analysis.parsed
+            || analysis.is_denied()
+            || analysis.session_state.is_some()
+            || drops_all_statements(&analysis)
+        {
             return Ok(false);
         }
         let prepared = Arc::new(Prepared {
@@ -692,11 +696,7 @@ impl Session {
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }
-        if analysis
-            .statements
-            .iter()
-            .any(|s| matches!(s.deallocate, Some(None)))
-        {
+        if drops_all_statements(&analysis) {
             // The server would drop every statement of the connection, rlsgate's included.
             return self.refuse_extended(Refusal {
                 sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -1079,6 +1079,15 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
 const LARGE_OBJECT_FUNCTIONS: &[u32] = &[
     715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172,
 ];
+
+/// SQL `DEALLOCATE ALL`: in the extended protocol it would drop rlsgate's statements on the
+/// server too (as a simple Query of its own it is answered by the proxy).
+fn drops_all_statements(analysis: &Analysis) -> bool {
+    analysis
+        .statements
+        .iter()
+        .any(|s| matches!(s.deallocate, Some(None)))
+}
 
 fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
     match (a, b) {
