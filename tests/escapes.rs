@@ -1046,6 +1046,12 @@ const EVIL_SQL: &str = "select set_config(''app.current_store_id'', ''south'', t
 
 fn class2_deny() -> Vec<Case> {
     vec![
+        Case::deny(
+            "SELECT ('select to_tsvector(set_config(''app.current_store_id'',''south'',false))'::text).ts_stat",
+        ),
+        Case::deny(
+            "SELECT (s.q).ts_stat FROM (VALUES ('select to_tsvector(name) from customers')) s(q)",
+        ),
         Case::deny(format!("SELECT query_to_xml('{EVIL_SQL}', true, true, '')")),
         Case::deny("SELECT query_to_xml(q, true, true, '') FROM (VALUES ('select 1')) v(q)"),
         Case::deny(format!(
@@ -1229,6 +1235,11 @@ at_pools!(class3: class03_code_running_definitions_are_denied_pool_1, class03_co
 
 fn class4_deny() -> Vec<Case> {
     vec![
+        // a spoofed pin on the setting's name: every write to pg_settings is set_config()
+        Case::deny(
+            "UPDATE pg_settings SET setting = 'off' FROM (SELECT 'work_mem'::text AS name) x WHERE x.name = 'work_mem' AND pg_settings.name = 'standard_conforming_strings'",
+        ),
+        Case::deny("UPDATE pg_settings SET setting = '64kB' WHERE name = 'work_mem'"),
         Case::deny("UPDATE pg_settings SET setting = 'south' WHERE name = 'app.current_store_id'"),
         Case::deny(
             "update PG_CATALOG.PG_SETTINGS set SETTING = 'south' where NAME = 'app.current_store_id'",
@@ -1667,6 +1678,10 @@ at_pools!(class5_set: class05_session_settings_do_not_reach_other_tenants_pool_1
 
 fn class5_seed_deny() -> Vec<Case> {
     vec![
+        // field-selection syntax calls the function too
+        Case::deny("SELECT (0.5::float8).setseed"),
+        Case::deny("SELECT (s.x).setseed FROM (SELECT 0.5::float8 AS x) s"),
+        Case::deny("SELECT (42::bigint).pg_advisory_lock, (0.5::float8).SetSeed"),
         Case::deny("SELECT setseed(0.5)"),
         Case::deny("select PG_CATALOG.SETSEED(0.5)"),
         Case::deny("SELECT * FROM setseed(0.5)"),
@@ -2136,6 +2151,9 @@ fn class9_deny() -> Vec<Case> {
     // Signals only ever target backends of this test's database (or no backend at all), so an
     // allowed one cannot disturb the other tests of this binary.
     vec![
+        Case::deny("SELECT (2147483647).pg_terminate_backend"),
+        Case::deny("SELECT (b.pid).pg_cancel_backend FROM (SELECT 2147483647 AS pid) b"),
+        Case::deny("SELECT (x).\"pg_terminate_backend\" FROM (VALUES (2147483647)) v(x)"),
         Case::deny(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
         ),
@@ -2183,6 +2201,9 @@ const LO_OTHER: u32 = 910_002;
 
 fn class10_deny() -> Vec<Case> {
     vec![
+        Case::deny("SELECT convert_from((910001::oid).lo_get, 'UTF8')"),
+        Case::deny("SELECT (910001::oid).lo_unlink"),
+        Case::deny("SELECT (o.id).LO_GET FROM (SELECT 910001::oid AS id) o"),
         Case::deny("SELECT lo_create(0)"),
         Case::deny("SELECT pg_catalog.lo_creat(-1)"),
         Case::deny("SELECT lo_import('/etc/hostname')"),

@@ -77,6 +77,11 @@ const ATTACKS: &[&str] = &[
     "SELECT * FROM crosstab('select set_config(''app.current_store_id'',''x'',true), 1, 2') AS t(a text, b text)",
     "SET standard_conforming_strings = off",
     "SET client_encoding = 'SJIS'",
+    "SELECT convert_from((16582::oid).lo_get, 'UTF8')",
+    "SELECT (9355).pg_terminate_backend",
+    "SELECT ('select 1'::text).ts_stat",
+    "UPDATE pg_settings SET setting = 'off' FROM (SELECT 'work_mem'::text AS name) x WHERE x.name = 'work_mem' AND pg_settings.name = 'standard_conforming_strings'",
+    "SET seed = 0.5",
 ];
 
 /// Rewrites that keep a statement's meaning.

@@ -114,6 +114,9 @@ impl<'a> Search<'a> {
             // ALTER … SET holds its VariableSetStmt as a typed field; CALL its FuncCall.
             "setstmt" => self.variable_set(node),
             "FuncCall" | "funccall" => self.func_call(node),
+            // `(arg).fname` and `t.fname` call fname(arg) / fname(t): functional notation.
+            "ColumnRef" => self.field_selection(node.get("fields"), 1),
+            "AIndirection" => self.field_selection(node.get("indirection"), 0),
             "AlterTableCmd" => {
                 if let Some(why) = node
                     .get("subtype")
@@ -213,11 +216,15 @@ impl<'a> Search<'a> {
             "DiscardStmt" if int("target") == DiscardMode::DiscardAll as i64 => {
                 self.reset = Some(SessionReset::DiscardAll);
             }
-            "InsertStmt" | "DeleteStmt" | "MergeStmt" if self.targets_settings(node) => self.deny(
-                "settings_write",
-                "writing to pg_settings is not allowed through rlsgate (use SET)".into(),
-            ),
-            "UpdateStmt" if self.targets_settings(node) => self.settings_update(node),
+            // pg_settings' update rule is set_config(): any setting, named by any expression.
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
+                if self.targets_settings(node) =>
+            {
+                self.deny(
+                    "settings_write",
+                    "writing to pg_settings is not allowed through rlsgate: it is set_config() in disguise (use SET)".into(),
+                )
+            }
             "RenameStmt" | "AlterObjectSchemaStmt" => {
                 let field = if kind == "RenameStmt" {
                     "rename_type"
@@ -253,33 +260,6 @@ impl<'a> Search<'a> {
             .and_then(|r| r.get("relname"))
             .and_then(Value::as_str)
             .is_some_and(|n| policy::relation(&n.to_ascii_lowercase()) == RelationRule::Settings)
-    }
-
-    /// `UPDATE pg_settings SET setting = … WHERE name = '<setting>'` is `set_config(…, false)`.
-    fn settings_update(&mut self, node: &Value) {
-        if self.stored > 0 {
-            return self.deny(
-                "settings_write",
-                "pg_settings cannot be written by stored code (views, rules, prepared statements) through rlsgate".into(),
-            );
-        }
-        let Some(name) = node.get("where_clause").and_then(pinned_setting_name) else {
-            return self.deny(
-                "settings_write",
-                "UPDATE pg_settings is only allowed through rlsgate with WHERE name = '<setting>' (better: use SET)".into(),
-            );
-        };
-        if let Some((rule, why)) = self.setting_denial(&name, None) {
-            return self.deny(rule, why);
-        }
-        if name == "search_path" {
-            return self.deny(
-                "settings_write",
-                "changing search_path through pg_settings is not allowed through rlsgate (use SET search_path)".into(),
-            );
-        }
-        // Replayable only as SET; this form is reset instead.
-        self.untracked_set();
     }
 
     fn relation(&mut self, name: &str) {
@@ -480,6 +460,36 @@ impl<'a> Search<'a> {
         }
     }
 
+    /// Names after the first element of a column reference, and in an indirection, may be
+    /// functions called with field-selection syntax (`(16582::oid).lo_get`): every function the
+    /// guard treats specially is denied in that form (its arguments cannot be checked there).
+    fn field_selection(&mut self, names: Option<&Value>, skip: usize) {
+        let Some(names) = names.and_then(Value::as_array) else {
+            return;
+        };
+        for n in names.iter().skip(skip) {
+            let Some(name) = n
+                .get("node")
+                .and_then(|n| n.get("String"))
+                .and_then(|s| s.get("sval"))
+                .and_then(Value::as_str)
+            else {
+                continue;
+            };
+            let rule = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                policy::function(&name.to_ascii_lowercase())
+            } else {
+                policy::function(name)
+            };
+            if rule != FunctionRule::Ordinary {
+                return self.deny(
+                    "field_selection_call",
+                    format!("\"{name}\" in field-selection form calls {name}(), which is not allowed that way through rlsgate"),
+                );
+            }
+        }
+    }
+
     /// A constant string that parses and classifies as harmless.
     fn is_safe_sql(&self, arg: &Value) -> bool {
         match const_string(arg) {
@@ -562,42 +572,6 @@ fn default_lexer_value(name: &str) -> &'static str {
 fn has_named_args(args: &[Value]) -> bool {
     args.iter()
         .any(|a| matches!(unwrap_node(a), Some(("NamedArgExpr", _))))
-}
-
-/// `name = '<constant>'` in a WHERE clause (alone or in an AND chain).
-fn pinned_setting_name(where_clause: &Value) -> Option<String> {
-    match unwrap_node(where_clause)? {
-        ("AExpr", e) => {
-            let op = e.get("name")?.as_array()?;
-            let [op] = op.as_slice() else { return None };
-            if op.get("node")?.get("String")?.get("sval")?.as_str()? != "=" {
-                return None;
-            }
-            let (l, r) = (e.get("lexpr")?, e.get("rexpr")?);
-            let (col, val) = if is_name_column(l) { (l, r) } else { (r, l) };
-            is_name_column(col).then_some(())?;
-            const_string(val).map(|v| v.trim().to_ascii_lowercase())
-        }
-        ("BoolExpr", b) if b.get("boolop").and_then(Value::as_i64) == Some(1) => {
-            // AND_EXPR = 1: one conjunct must pin the name.
-            b.get("args")?
-                .as_array()?
-                .iter()
-                .find_map(pinned_setting_name)
-        }
-        _ => None,
-    }
-}
-
-fn is_name_column(v: &Value) -> bool {
-    let Some(("ColumnRef", c)) = unwrap_node(v) else {
-        return false;
-    };
-    c.get("fields")
-        .and_then(Value::as_array)
-        .and_then(|f| f.last())
-        .and_then(|f| f.get("node")?.get("String")?.get("sval")?.as_str())
-        == Some("name")
 }
 
 fn is_number(v: &Value) -> bool {
