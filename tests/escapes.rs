@@ -1662,6 +1662,46 @@ fn class5_settings() -> Vec<Vec<Step>> {
         )],
         // the ordinary spelling, for comparison (tracked and replayed for the attacker only)
         vec![simple("SET statement_timeout = 4321")],
+        // SETs the proxy forgets because the transaction "failed", that stay on the server
+        vec![
+            simple("BEGIN"),
+            simple("SET search_path = pg_catalog"),
+            simple("SET default_transaction_read_only = on"),
+            simple("SAVEPOINT s"),
+            simple("ROLLBACK TO SAVEPOINT s"),
+            simple("COMMIT"),
+        ],
+        vec![
+            simple("BEGIN"),
+            simple("SET statement_timeout = 4321"),
+            simple("SAVEPOINT s"),
+            simple("SELECT 1/0"),
+            simple("ROLLBACK TO SAVEPOINT s"),
+            simple("COMMIT"),
+        ],
+        vec![simple(
+            "BEGIN; SET statement_timeout = 4321; SET search_path = pg_catalog; COMMIT; SELECT 1/0",
+        )],
+        vec![
+            ext("BEGIN"),
+            ext("SET statement_timeout = 4321"),
+            ext("SAVEPOINT s"),
+            ext("ROLLBACK TO SAVEPOINT s"),
+            ext("COMMIT"),
+        ],
+        // a local call the proxy once read as session-level, hiding a real session-level one
+        vec![
+            simple(
+                "SELECT set_config('work_mem', '1MB', 'yes'); SELECT 1 FROM (SELECT set_config('statement_timeout', '4321', false)) s",
+            ),
+            simple("RESET work_mem"),
+        ],
+        vec![
+            simple(
+                "SELECT set_config('work_mem', '1MB', 'Y'); SELECT set_config('default_transaction_read_only', 'on', 'of')",
+            ),
+            simple("RESET work_mem"),
+        ],
     ]
 }
 

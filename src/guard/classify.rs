@@ -191,15 +191,29 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
             deallocate,
         });
     }
-    let tree = match serde_json::to_value(&parsed.protobuf) {
-        Ok(t) => t,
-        Err(_) => {
-            analysis.verdict = deny("unclassified", "statement could not be classified".into());
-            return analysis;
-        }
-    };
+    // Each statement is walked on its own, so that the session-level settings the walk finds in
+    // it can be matched against the one change (if any) the proxy tracks for it: one wrongly
+    // tracked statement must never hide an untracked one elsewhere in the text.
     let mut search = Search::new(opts, depth);
-    search.walk(&tree);
+    let mut untracked = false;
+    for (raw, statement) in parsed.protobuf.stmts.iter().zip(&analysis.statements) {
+        let tree = match serde_json::to_value(raw) {
+            Ok(t) => t,
+            Err(_) => {
+                analysis.verdict = deny("unclassified", "statement could not be classified".into());
+                return analysis;
+            }
+        };
+        let before = search.session_sets;
+        search.walk(&tree);
+        let found = search.session_sets - before;
+        let tracked = usize::from(statement.setting.is_some());
+        // more changes than tracked, or a tracked change the walk does not see as one
+        untracked |= found != tracked;
+        if matches!(search.verdict, Verdict::Deny(_)) {
+            break;
+        }
+    }
     if search.deallocate_all
         && (analysis.statements.len() > 1 || depth > 0)
         && !matches!(search.verdict, Verdict::Deny(_))
@@ -212,12 +226,7 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
     analysis.verdict = search.verdict;
     analysis.session_state = search.session_state;
     analysis.session_set = search.session_set;
-    let tracked = analysis
-        .statements
-        .iter()
-        .filter(|s| s.setting.is_some())
-        .count();
-    analysis.untracked_set = search.session_sets > tracked;
+    analysis.untracked_set = untracked;
     if let (Some(kind), Verdict::Allow) = (search.reset, &analysis.verdict) {
         if analysis.statements.len() == 1 && depth == 0 {
             analysis.reset = Some(kind);

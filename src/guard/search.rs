@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::GuardOptions;
 use super::classify::{Denial, SessionReset, Verdict, analyze_depth};
 use super::policy::{self, FunctionRule, KindRule, NameKind, RelationRule};
-use super::tree::{const_string, unwrap_node};
+use super::tree::{const_string, parse_bool, unwrap_node};
 use crate::error::sqlstate;
 
 /// How deep SQL inside SQL (`query_to_xml('…')`) is followed before it is denied.
@@ -599,12 +599,7 @@ fn const_bool(v: &Value) -> Option<bool> {
             if let Some(b) = val.get("Boolval") {
                 return Some(b.get("boolval").and_then(Value::as_bool).unwrap_or(false));
             }
-            let s = val.get("Sval")?.get("sval")?.as_str()?.to_ascii_lowercase();
-            match s.as_str() {
-                "t" | "true" | "on" | "yes" | "1" => Some(true),
-                "f" | "false" | "off" | "no" | "0" => Some(false),
-                _ => None,
-            }
+            parse_bool(val.get("Sval")?.get("sval")?.as_str()?)
         }
         ("TypeCast", t) => const_bool(t.get("arg")?),
         _ => None,

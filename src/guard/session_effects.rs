@@ -106,10 +106,7 @@ fn set_config_call(target: &Node) -> Option<SettingChange> {
     let is_local = match f.args[2].node.as_ref()? {
         NodeEnum::AConst(c) => match &c.val {
             Some(a_const::Val::Boolval(b)) => b.boolval,
-            Some(a_const::Val::Sval(s)) => matches!(
-                s.sval.to_ascii_lowercase().as_str(),
-                "t" | "true" | "on" | "1"
-            ),
+            Some(a_const::Val::Sval(s)) => super::tree::parse_bool(&s.sval)?,
             _ => return None,
         },
         _ => return None,

@@ -16,6 +16,24 @@ pub(crate) fn func_name(call: &Value) -> Option<String> {
     Some(s.to_ascii_lowercase())
 }
 
+/// A boolean as PostgreSQL reads one (`parse_bool`): any prefix of true/false/yes/no, on/off
+/// (at least two letters), 1/0; case-insensitive, surrounding whitespace ignored.
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
+    let v = text.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
+    if prefix_of("true") || prefix_of("yes") || v == "on" || v == "1" {
+        Some(true)
+    } else if prefix_of("false")
+        || prefix_of("no")
+        || (v.len() >= 2 && prefix_of("off"))
+        || v == "0"
+    {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// A string constant, possibly behind casts (`'x'::text`).
 pub(crate) fn const_string(v: &Value) -> Option<String> {
     match unwrap_node(v)? {

@@ -359,7 +359,15 @@ impl Session {
             TxStatus::Failed => self.tx_failed = true,
             TxStatus::Idle => {
                 if std::mem::take(&mut self.tx_failed) {
-                    self.settings.discard_through(self.units_done);
+                    if self.settings.discard_through(self.units_done)
+                        && let Some(server) = self.server.as_mut()
+                    {
+                        // Some of them may have taken effect all the same (a SET before a
+                        // ROLLBACK TO SAVEPOINT, a piece of a split Query that committed before
+                        // a later one failed): what the connection holds is unknown now, so it
+                        // gets RESET ALL (and the client's replay) before the next transaction.
+                        server.conn().settings_owner = Some((self.id, u64::MAX));
+                    }
                 } else if let Some(reset) = self.settings.commit_through(self.units_done) {
                     let desired = self.desired_settings();
                     if let Some(server) = self.server.as_mut() {

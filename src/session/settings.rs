@@ -137,8 +137,12 @@ impl Settings {
     }
 
     /// Units up to `unit` were rolled back: forget their changes.
-    pub fn discard_through(&mut self, unit: u64) {
+    /// Units up to `unit` ended failed or rolled back: forget their changes. Returns whether
+    /// there were any.
+    pub fn discard_through(&mut self, unit: u64) -> bool {
+        let before = self.pending.len();
         self.pending.retain(|(u, _)| *u > unit);
+        self.pending.len() != before
     }
 
     fn rebuild(&mut self) {
