@@ -89,6 +89,7 @@ pub fn forbidden_setting(params: &[(String, String)], protected: &ProtectedSet) 
             protected.is_protected(&lower)
                 || crate::guard::policy::ROLE_SETTINGS.contains(&lower.as_str())
                 || lower == "seed"
+                || lower == "idle_session_timeout"
                 || temp_path
                 || unsafe_encoding
                 || (lower != "client_encoding"

@@ -307,6 +307,12 @@ impl<'a> Search<'a> {
                 ),
             ));
         }
+        if name == "idle_session_timeout" {
+            return Some((
+                "session_state",
+                "setting \"idle_session_timeout\" would end a pooled connection while it waits in the pool for the next tenant".into(),
+            ));
+        }
         if name == "seed" {
             return Some((
                 "session_state",

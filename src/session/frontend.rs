@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::expect::{After, Expect};
 use super::inject;
-use super::statements::{MAX_STATEMENTS, Prepared, server_name};
+use super::statements::{MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Piece, PieceKind, Predicted, Reapply, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
@@ -623,8 +623,7 @@ impl Session {
     /// Returns false when the normal path must handle the message (denials, syntax errors, …).
     fn deferred_prepare(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
-        if p.name.is_empty() || self.stmts.contains(p.name) || self.stmts.count() >= MAX_STATEMENTS
-        {
+        if p.name.is_empty() || self.stmts.contains(p.name) || !self.stmts.has_room(p.sql.len()) {
             return Ok(false);
         }
         let analysis = self.shared.analyze(p.sql);
@@ -711,10 +710,13 @@ impl Session {
                 hint: None,
             });
         }
-        if !p.name.is_empty() && self.stmts.count() >= MAX_STATEMENTS {
+        if !p.name.is_empty() && !self.stmts.has_room(p.sql.len()) {
             return self.refuse_extended(Refusal {
                 sqlstate: sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                message: format!("rlsgate: too many prepared statements (limit {MAX_STATEMENTS})"),
+                message: format!(
+                    "rlsgate: too many prepared statements (limits: {MAX_STATEMENTS} statements, {} MiB of text per client)",
+                    MAX_STATEMENT_BYTES >> 20
+                ),
                 hint: Some("close statements that are no longer used"),
             });
         }

@@ -747,36 +747,31 @@ impl Session {
         if conn.settings_owner == desired && !other_tenant {
             return Ok(());
         }
-        let discard = if other_tenant {
-            "DISCARD SEQUENCES"
-        } else {
-            ""
-        };
-        let reset = if conn.settings_owner.is_some() && conn.settings_owner != desired {
-            "RESET ALL"
-        } else {
-            ""
-        };
+        // Statements of their own (each its own implicit transaction), so that a replay that
+        // fails cannot roll back the reset and leave the previous client's settings.
+        let reset = conn.settings_owner.is_some() && conn.settings_owner != desired;
         let replay = if conn.settings_owner != desired {
             self.settings.replay_sql()
         } else {
             ""
         };
-        let sql = [discard, reset, replay]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("; ");
         conn.settings_owner = desired;
-        if sql.is_empty() {
-            return Ok(());
+        let hidden: [(bool, &str, &'static str); 3] = [
+            (other_tenant, "DISCARD SEQUENCES", "sequence discard"),
+            (reset, "RESET ALL", "settings reset"),
+            (!replay.is_empty(), replay, "settings replay"),
+        ];
+        for (due, sql, what) in hidden {
+            if !due {
+                continue;
+            }
+            crate::protocol::frontend::write_query(sql, &mut self.server_out)
+                .map_err(SessionError::ClientProtocol)?;
+            // (expect_ready, spelled out: `replay` borrows the settings)
+            self.expect.push_back(Expect::HiddenQuery { what });
+            self.in_flight += 1;
+            self.units_sent += 1;
         }
-        crate::protocol::frontend::write_query(&sql, &mut self.server_out)
-            .map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::HiddenQuery {
-            what: "settings replay",
-        });
         Ok(())
     }
 

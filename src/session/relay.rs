@@ -22,8 +22,18 @@ impl Session {
             return match tag {
                 be::READY_FOR_QUERY => self.on_ready(frame),
                 be::ERROR_RESPONSE => {
+                    let what = *what;
                     let n = be::notice_fields(frame.body()).unwrap_or_default();
-                    tracing::warn!(what = *what, code = %n.code, message = %n.message, "a statement rlsgate runs itself failed");
+                    tracing::warn!(what, code = %n.code, message = %n.message, "a statement rlsgate runs itself failed");
+                    if let Some(server) = self.server.as_mut() {
+                        let conn = server.conn();
+                        // What the connection holds is unknown: reset before the next
+                        // transaction, and clean it completely before another client.
+                        conn.settings_owner = Some((self.id, u64::MAX));
+                        if what != "settings replay" {
+                            conn.dirty_session = true;
+                        }
+                    }
                     Ok(())
                 }
                 _ => Ok(()),

@@ -23,6 +23,8 @@ pub struct Prepared {
 
 /// Most named statements one client may hold (Postgres has no limit; this bounds memory).
 pub const MAX_STATEMENTS: usize = 10_000;
+/// Most statement text (bytes) one client's named statements may hold in the proxy.
+pub const MAX_STATEMENT_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Default)]
 pub struct Statements {
@@ -30,6 +32,8 @@ pub struct Statements {
     /// The client's unnamed statement and its Parse sequence number.
     pub unnamed: Option<(Arc<Prepared>, u64)>,
     pub parse_seq: u64,
+    /// Text bytes of the named statements.
+    bytes: usize,
 }
 
 impl Statements {
@@ -50,7 +54,10 @@ impl Statements {
         if name.is_empty() {
             self.unnamed = Some((p, self.parse_seq));
         } else {
-            self.named.insert(name.to_string(), p);
+            self.bytes += p.sql.len();
+            if let Some(old) = self.named.insert(name.to_string(), p) {
+                self.bytes = self.bytes.saturating_sub(old.sql.len());
+            }
         }
         self.parse_seq
     }
@@ -58,21 +65,22 @@ impl Statements {
     pub fn remove(&mut self, name: &str) {
         if name.is_empty() {
             self.unnamed = None;
-        } else {
-            self.named.remove(name);
+        } else if let Some(old) = self.named.remove(name) {
+            self.bytes = self.bytes.saturating_sub(old.sql.len());
         }
+    }
+
+    /// Whether one more named statement of `len` bytes fits the client's limits.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.named.len() < MAX_STATEMENTS && self.bytes.saturating_add(len) <= MAX_STATEMENT_BYTES
     }
 
     /// DISCARD ALL: forget every statement (the sequence keeps counting, so old server-side
     /// unnamed statements never match a new one).
     pub fn forget_all(&mut self) {
         self.named.clear();
+        self.bytes = 0;
         self.unnamed = None;
-    }
-
-    /// Number of named statements.
-    pub fn count(&self) -> usize {
-        self.named.len()
     }
 }
 
