@@ -7,6 +7,8 @@
 mod clients;
 #[path = "compat.rs"]
 mod compat;
+#[path = "escapes.rs"]
+mod escapes;
 #[path = "guard_corpus.rs"]
 mod guard_corpus;
 #[path = "identity.rs"]
@@ -19,3 +21,5 @@ mod login;
 mod pooling;
 #[path = "protocol.rs"]
 mod protocol;
+#[path = "settings_handoff.rs"]
+mod settings_handoff;
