@@ -153,7 +153,9 @@ impl Settings {
             .chain(self.runtime.iter())
             .map(|(_, sql)| sql.as_str())
             .collect::<Vec<_>>()
-            .join("; ");
+            // a newline before each `;`: a `-- comment` at the end of a client's SET text ends
+            // there instead of swallowing the SETs after it
+            .join("\n; ");
     }
 }
 
@@ -205,5 +207,27 @@ mod tests {
         assert_eq!(s.commit_through(4), Some(false));
         assert!(s.is_empty());
         assert_eq!(s.version, 2);
+    }
+
+    #[test]
+    fn a_trailing_comment_does_not_swallow_later_settings() {
+        let mut s = Settings::default();
+        for (name, sql) in [
+            ("work_mem", "SET work_mem = '2MB' -- trailing"),
+            ("statement_timeout", "SET statement_timeout = 4321"),
+        ] {
+            s.stage(
+                1,
+                &SettingChange::Set {
+                    name: name.into(),
+                    sql: sql.into(),
+                },
+            );
+        }
+        s.commit_through(1);
+        assert_eq!(
+            s.replay_sql(),
+            "SET work_mem = '2MB' -- trailing\n; SET statement_timeout = 4321"
+        );
     }
 }
