@@ -17,31 +17,9 @@ fn config(db: &str, pool: usize, server: &str, limits: &str) -> String {
     format!("{text}\n[limits]\n{limits}\n")
 }
 
-fn admin_token() -> String {
-    token_with(serde_json::json!({
-        "store_id": "ops", "rlsgate_admin": true, "exp": now() + 3600
-    }))
-}
-
-/// An admin console command through psql (`-At`, `|`-separated).
+/// An admin console command that must succeed.
 fn admin(proxy: &Proxy, sql: &str) -> String {
-    let out = std::process::Command::new(pg().bin("psql"))
-        .env_clear()
-        .env("PGPASSWORD", admin_token())
-        .args([
-            "-X",
-            "-At",
-            "-F",
-            "|",
-            &format!(
-                "host=127.0.0.1 port={} dbname=rlsgate user=operator sslmode=disable",
-                proxy.addr.port()
-            ),
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("run psql");
+    let out = admin_psql(proxy, sql);
     assert!(out.status.success(), "{sql}: {}", stderr(&out));
     stdout(&out)
 }

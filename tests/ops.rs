@@ -52,29 +52,6 @@ fn admin_config(db: &str) -> String {
     config_text(db, 2, "admin_claim = \"rlsgate_admin\"")
 }
 
-fn admin_token() -> String {
-    token_with(
-        json!({"store_id": "ops", "sub": "operator", "rlsgate_admin": true, "exp": now() + 600}),
-    )
-}
-
-fn admin_psql(proxy: &Proxy, sql: &str) -> std::process::Output {
-    let mut cmd = std::process::Command::new(pg().bin("psql"));
-    cmd.env_clear().env("PGPASSWORD", admin_token()).args([
-        "-X",
-        "-At",
-        "-F",
-        "|",
-        &format!(
-            "host=127.0.0.1 port={} dbname=rlsgate user=operator sslmode=disable",
-            proxy.addr.port()
-        ),
-        "-c",
-        sql,
-    ]);
-    cmd.output().unwrap()
-}
-
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))

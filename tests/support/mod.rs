@@ -406,3 +406,31 @@ pub fn base64url(input: &[u8]) -> String {
     }
     out
 }
+
+/// A token for the admin console (`admin_claim = "rlsgate_admin"` in the config).
+pub fn admin_token() -> String {
+    token_with(
+        serde_json::json!({"store_id": "ops", "sub": "operator", "rlsgate_admin": true, "exp": now() + 600}),
+    )
+}
+
+/// An admin console command through psql (`-At`, `|`-separated).
+pub fn admin_psql(proxy: &Proxy, sql: &str) -> Output {
+    std::process::Command::new(pg().bin("psql"))
+        .env_clear()
+        .env("PGPASSWORD", admin_token())
+        .args([
+            "-X",
+            "-At",
+            "-F",
+            "|",
+            &format!(
+                "host=127.0.0.1 port={} dbname=rlsgate user=operator sslmode=disable",
+                proxy.addr.port()
+            ),
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql")
+}
