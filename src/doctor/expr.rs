@@ -169,7 +169,7 @@ fn reads_tenant(v: &Value, ctx: &ExprCtx) -> bool {
     any_node(v, &mut |k, body| match k {
         "FuncCall" => {
             current_setting_arg(body).as_deref() == Some(ctx.tenant_setting)
-                || func_name(body).is_some_and(|n| ctx.tenant_functions.contains(&n))
+                || func_name(body).is_some_and(|n| ctx.tenant_functions.contains(n.as_ref()))
         }
         // CURRENT_ROLE, CURRENT_USER, USER, SESSION_USER
         "SqlvalueFunction" => ctx.role_mode && (10..=13).contains(&int(body, "op")),

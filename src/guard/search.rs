@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::GuardOptions;
 use super::classify::{Denial, SessionReset, Verdict, analyze_depth};
 use super::policy::{self, FunctionRule, KindRule, NameKind, RelationRule};
-use super::tree::{const_string, parse_bool, unwrap_node};
+use super::tree::{const_string, folded, func_name, parse_bool, unwrap_node};
 use crate::error::sqlstate;
 
 /// How deep SQL inside SQL (`query_to_xml('…')`) is followed before it is denied.
@@ -263,13 +263,7 @@ impl<'a> Search<'a> {
     }
 
     fn relation(&mut self, name: &str) {
-        // The parser folds unquoted names already; only quoted ones need folding here.
-        let rule = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            policy::relation(&name.to_ascii_lowercase())
-        } else {
-            policy::relation(name)
-        };
-        match rule {
+        match policy::relation(&folded(name)) {
             RelationRule::Ordinary => {}
             RelationRule::Settings if self.stored > 0 => self.deny(
                 "settings_write",
@@ -391,7 +385,7 @@ impl<'a> Search<'a> {
     }
 
     fn func_call(&mut self, node: &Value) {
-        let Some(name) = call_name(node) else { return };
+        let Some(name) = func_name(node) else { return };
         let args = node
             .get("args")
             .and_then(Value::as_array)
@@ -482,12 +476,7 @@ impl<'a> Search<'a> {
             else {
                 continue;
             };
-            let rule = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                policy::function(&name.to_ascii_lowercase())
-            } else {
-                policy::function(name)
-            };
-            if rule != FunctionRule::Ordinary {
+            if policy::function(&folded(name)) != FunctionRule::Ordinary {
                 return self.deny(
                     "field_selection_call",
                     format!("\"{name}\" in field-selection form calls {name}(), which is not allowed that way through rlsgate"),
@@ -552,17 +541,6 @@ impl<'a> Search<'a> {
             self.untracked_set();
         }
     }
-}
-
-/// Lower-cased last element of a call's `funcname`, borrowed when the parser already folded it.
-fn call_name(call: &Value) -> Option<std::borrow::Cow<'_, str>> {
-    let last = call.get("funcname")?.as_array()?.last()?;
-    let s = last.get("node")?.get("String")?.get("sval")?.as_str()?;
-    Some(if s.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(s.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    })
 }
 
 /// The server default of a lexer setting (what DEFAULT/RESET give back).

@@ -1,6 +1,8 @@
 //! Helpers over libpg_query's parse tree in its serde (JSON) form, shared by the guard and
 //! `rlsgate check`: nodes are `{"node": {"Kind": body}}`.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 /// `{"node": {"Kind": body}}` → `("Kind", body)`.
@@ -9,11 +11,21 @@ pub(crate) fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
     inner.iter().next().map(|(k, v)| (k.as_str(), v))
 }
 
-/// Lower-cased last element of a FuncCall's `funcname` (the function, without schema).
-pub(crate) fn func_name(call: &Value) -> Option<String> {
+/// Lower-cased last element of a FuncCall's `funcname` (the function, without schema); borrowed
+/// when the parser already folded it (unquoted names), so the guard's walk does not allocate.
+pub(crate) fn func_name(call: &Value) -> Option<Cow<'_, str>> {
     let last = call.get("funcname")?.as_array()?.last()?;
     let s = last.get("node")?.get("String")?.get("sval")?.as_str()?;
-    Some(s.to_ascii_lowercase())
+    Some(folded(s))
+}
+
+/// `name` in lower case, borrowed when it already is (the parser folds unquoted names).
+pub(crate) fn folded(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 /// A boolean as PostgreSQL reads one (`parse_bool`): any prefix of true/false/yes/no, on/off
