@@ -60,9 +60,9 @@ impl Session {
                 return Ok(());
             }
             be::PARAMETER_STATUS => {
-                if let Ok((k, v)) = be::parameter_status(frame.body())
-                    && let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v)
-                {
+                let (k, v) = be::parameter_status(frame.body())
+                    .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
+                if let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v) {
                     // Some route changed how the server reads text: nothing the guard checked
                     // can be trusted on this connection any more. End the session; the
                     // connection is closed (a reply is in flight, so it is never reused).
