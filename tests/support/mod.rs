@@ -13,6 +13,8 @@ use rlsgate::config::Config;
 use rlsgate::embedded_pg::{EmbeddedOptions, EmbeddedPg};
 use tokio_util::sync::CancellationToken;
 
+pub mod relay;
+
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 pub const APP_PASSWORD: &str = "app-password-for-tests";
 pub const DEMO_SQL: &str = include_str!("../../sql/demo.sql");
