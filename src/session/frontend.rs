@@ -113,7 +113,8 @@ impl Session {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
         }
-        if self.predicted == Predicted::Idle && self.in_flight == 0 {
+        // (once per unit: inside an open extended unit an error could make the server skip them)
+        if self.predicted == Predicted::Idle && self.in_flight == 0 && !self.unit_open {
             self.sync_settings()?;
         }
         let due = self.predicted == Predicted::Idle && !outside_tx;

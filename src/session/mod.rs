@@ -9,6 +9,7 @@
 mod expect;
 mod frontend;
 mod inject;
+mod io;
 mod relay;
 mod settings;
 mod statements;
@@ -17,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
@@ -40,8 +41,8 @@ use statements::Statements;
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
 /// Server messages larger than this are streamed to the client instead of buffered whole.
 const STREAM_AT: usize = 1 << 20;
-/// Flush client-bound bytes once this much is buffered.
-const FLUSH_AT: usize = 64 * 1024;
+/// How long the last words to a leaving client may take.
+const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -168,9 +169,12 @@ pub struct Session {
     client: Stream,
     client_buf: BytesMut,
     client_out: BytesMut,
+    /// Bytes written to the client that TLS may still hold back (see [`io`]).
+    client_unflushed: bool,
     max_message: usize,
     server: Option<Checkout>,
     server_out: BytesMut,
+    server_unflushed: bool,
     identity: Identity,
     /// Client address and login user name (audit lines).
     peer: String,
@@ -282,8 +286,10 @@ impl Session {
             client: login.stream,
             client_buf: login.read_buf,
             client_out: BytesMut::with_capacity(16 * 1024),
+            client_unflushed: false,
             server: None,
             server_out: BytesMut::with_capacity(16 * 1024),
+            server_unflushed: false,
             identity: login.identity,
             peer: login.peer.to_string(),
             user: login.user.clone(),
@@ -374,8 +380,12 @@ impl Session {
             if !matches!(e, SessionError::ClientIo(_)) {
                 let mut out = std::mem::take(&mut self.client_out);
                 be::write_error(&e.to_client_error(), &mut out);
-                let _ = self.client.write_all(&out).await;
-                let _ = self.client.flush().await;
+                // bounded: a client that does not read must not keep the session
+                let _ = tokio::time::timeout(CLOSING_WRITE, async {
+                    self.client.write_all(&out).await?;
+                    self.client.flush().await
+                })
+                .await;
             }
         }
         self.finish().await;
@@ -386,11 +396,8 @@ impl Session {
             if self.process_client().await? {
                 return Ok(());
             }
-            self.flush_server().await?;
-            self.flush_client().await?;
             self.maybe_release().await;
 
-            let read_client = self.pending.is_none() && self.split.is_none();
             // Between transactions (also in session mode, where the connection stays held).
             let idle = self.server.is_none()
                 || (self.in_flight == 0
@@ -417,52 +424,39 @@ impl Session {
                 }
             };
             let killed = self.client_entry.entry.kill.clone();
-            let Session {
-                client,
-                client_buf,
-                server,
-                shutdown,
-                ..
-            } = self;
-            let server_read = async {
-                match server.as_mut() {
-                    Some(s) => {
-                        let conn = s.conn();
-                        if conn.read_buf.capacity() - conn.read_buf.len() < 8192 {
-                            conn.read_buf.reserve(64 * 1024);
-                        }
-                        conn.stream.read_buf(&mut conn.read_buf).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                r = client.read_buf(client_buf), if read_client => {
-                    match r {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => self.shared.metrics.bytes(n as u64, 0),
-                        Err(e) => return Err(SessionError::ClientIo(e)),
-                    }
-                }
-                r = server_read => {
-                    match r {
-                        Ok(0) => return Err(SessionError::UpstreamClosed),
-                        Ok(_) => self.process_server()?,
-                        Err(e) => return Err(SessionError::UpstreamIo(e)),
-                    }
-                }
+            let shutdown = self.shutdown.clone();
+            let io = io::Sockets::new(self);
+            let event = tokio::select! {
+                r = io => r?,
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
                 _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
                 _ = killed.cancelled() => return Err(SessionError::Killed),
                 _ = expiry_deadline => return Err(SessionError::TokenExpired),
+            };
+            if event.client_read > 0 {
+                self.shared.metrics.bytes(event.client_read as u64, 0);
+            }
+            if event.client_wrote > 0 {
+                self.shared.metrics.bytes(0, event.client_wrote as u64);
+            }
+            if event.client_closed {
+                return Ok(());
+            }
+            if event.server_read {
+                self.process_server()?;
             }
         }
     }
 
     /// Handle every complete client frame that can be handled now. `Ok(true)` = client is done.
+    /// Frames stay buffered while a split Query or a held frame waits for replies (COPY traffic
+    /// excepted), and while the output towards either side is full (backpressure).
     async fn process_client(&mut self) -> Result<bool, SessionError> {
         loop {
-            if self.split.is_some() {
+            if self.split.is_some() && !self.copy_in {
+                return Ok(false);
+            }
+            if self.server_out.len() >= io::OUT_CAP || self.client_out.len() >= io::OUT_CAP {
                 return Ok(false);
             }
             let frame = match self.pending.take() {
@@ -480,9 +474,6 @@ impl Session {
                     return Ok(false);
                 }
                 Flow::Terminate => return Ok(true),
-            }
-            if self.client_out.len() >= FLUSH_AT {
-                self.flush_client().await?;
             }
         }
     }
@@ -529,33 +520,18 @@ impl Session {
         }
     }
 
+    /// Write out what is buffered for the client (login and the final error only; the session
+    /// loop writes as the client reads).
     async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.client_out.is_empty() {
             self.client
                 .write_all(&self.client_out)
                 .await
                 .map_err(SessionError::ClientIo)?;
+            self.client.flush().await.map_err(SessionError::ClientIo)?;
             self.shared.metrics.bytes(0, self.client_out.len() as u64);
             self.client_out.clear();
         }
-        Ok(())
-    }
-
-    async fn flush_server(&mut self) -> Result<(), SessionError> {
-        if self.server_out.is_empty() {
-            return Ok(());
-        }
-        let Some(server) = self.server.as_mut() else {
-            self.server_out.clear();
-            return Ok(());
-        };
-        server
-            .conn()
-            .stream
-            .write_all(&self.server_out)
-            .await
-            .map_err(SessionError::UpstreamIo)?;
-        self.server_out.clear();
         Ok(())
     }
 
@@ -692,6 +668,7 @@ impl Session {
             );
         }
         let clean = self.in_flight == 0
+            && self.server_out.is_empty()
             && !self.unit_open
             && self.expect.is_empty()
             && self.predicted == Predicted::Idle;

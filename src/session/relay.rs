@@ -222,8 +222,28 @@ impl Session {
             .is_some_and(|e| !matches!(e, Expect::Sync { .. }))
         {
             match self.expect.pop_front() {
-                // A Query inside an unsynced extended unit is skipped as well: no ReadyForQuery.
-                Some(Expect::Query { .. }) => self.in_flight -= 1,
+                // A Query inside an unsynced extended unit is skipped as well (also rlsgate's own
+                // BEGIN/COMMIT around it): no ReadyForQuery will come for it. The unit counts as
+                // done; a split Query ends, none of its pieces having run.
+                Some(Expect::Query { after } | Expect::WrapCommit { after }) => {
+                    self.query_skipped();
+                    if matches!(after, After::ContinueSplit | After::FinishSplit) {
+                        self.split = None;
+                        self.settings
+                            .retag(super::frontend::SPLIT_UNIT, self.units_done);
+                    }
+                }
+                Some(Expect::HiddenQuery { what }) => {
+                    self.query_skipped();
+                    if what != "transaction_wrap BEGIN"
+                        && let Some(server) = self.server.as_mut()
+                    {
+                        // a settings statement that did not run: as if it had failed
+                        let conn = server.conn();
+                        conn.settings_owner = Some((self.id, u64::MAX));
+                        conn.dirty_session = true;
+                    }
+                }
                 // A Parse (the client's, or a hidden re-Parse) that did not happen.
                 Some(Expect::One {
                     prepared,
@@ -244,6 +264,12 @@ impl Session {
                 _ => {}
             }
         }
+    }
+
+    /// Bookkeeping for a Query the server skipped (it waits for a Sync after an error).
+    fn query_skipped(&mut self) {
+        self.in_flight -= 1;
+        self.units_done += 1;
     }
 
     /// A Parse that did not happen: the server does not have that statement (named), or its
