@@ -113,8 +113,16 @@ impl Shared {
             config.auth.failed_login_window,
         );
         let upstream_tls = tls::upstream_config(&config.upstream)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            config.metrics.per_tenant,
+            config.metrics.tenant_cap,
+        ));
+        let pool_options = crate::pool::PoolOptions {
+            keepalive: config.server.keepalive(),
+            metrics: Some(Arc::clone(&metrics)),
+        };
         Ok(Arc::new(Shared {
-            pool: Pool::new(config.upstream.clone(), upstream_tls),
+            pool: Pool::with_options(config.upstream.clone(), upstream_tls, pool_options),
             cancels: Arc::new(CancelRegistry::default()),
             stmt_hasher: RandomState::new(),
             pinned: std::sync::atomic::AtomicUsize::new(0),
@@ -122,10 +130,7 @@ impl Shared {
             audit,
             registry: Arc::new(crate::registry::Registry::default()),
             limits: crate::limits::Limits::new(config.limits.clone(), config.upstream.pool_size),
-            metrics: Arc::new(crate::metrics::Metrics::new(
-                config.metrics.per_tenant,
-                config.metrics.tenant_cap,
-            )),
+            metrics,
             paused: tokio::sync::watch::channel(false).0,
             draining: std::sync::atomic::AtomicBool::new(false),
             config_path: std::sync::Mutex::new(None),
@@ -226,6 +231,11 @@ impl Shared {
         }
         if format!("{:?}", old.upstream) != format!("{:?}", config.upstream) {
             notes.push("[upstream] changes need a restart".to_string());
+        }
+        if old.server.keepalive() != config.server.keepalive() {
+            notes.push(
+                "server.tcp_* keepalive changes apply to new client connections; upstream connections keep theirs until a restart".to_string(),
+            );
         }
         if old.server.pool_mode != config.server.pool_mode {
             notes.push("server.pool_mode change applies to new clients only".to_string());
@@ -340,6 +350,9 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     tcp.set_nodelay(true).ok();
+    if let Err(e) = crate::stream::apply_keepalive(&tcp, &shared.config().server.keepalive()) {
+        tracing::warn!(error = %e, "cannot set TCP keepalive on the client socket");
+    }
     let timeout = shared.config().server.handshake_timeout;
     let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
         Err(_) => {

@@ -89,6 +89,52 @@ pub struct ServerConfig {
         with = "humantime_serde_compat"
     )]
     pub idle_in_transaction_timeout: Duration,
+    /// SO_KEEPALIVE on client and upstream sockets (PgBouncer's `tcp_keepalive`).
+    #[serde(default = "default_true")]
+    pub tcp_keepalive: bool,
+    /// Idle time before the first keepalive probe (TCP_KEEPIDLE); whole seconds, "0s" = the
+    /// OS default (7200 s on Linux).
+    #[serde(default = "default_tcp_keepidle", with = "humantime_serde_compat")]
+    pub tcp_keepidle: Duration,
+    /// Time between unanswered probes (TCP_KEEPINTVL); whole seconds, "0s" = the OS default.
+    #[serde(default = "default_tcp_keepintvl", with = "humantime_serde_compat")]
+    pub tcp_keepintvl: Duration,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT); 0 = the OS default.
+    #[serde(default = "default_tcp_keepcnt")]
+    pub tcp_keepcnt: u32,
+    /// Linux TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the
+    /// connection is dropped; "0s" = off (the OS default).
+    #[serde(default, with = "humantime_serde_compat")]
+    pub tcp_user_timeout: Duration,
+}
+
+/// The TCP keepalive settings of `[server]`, applied to every client and upstream socket
+/// ([`crate::stream::apply_keepalive`]). A zero duration or count leaves the OS default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveConfig {
+    pub enabled: bool,
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    pub user_timeout: Duration,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        ServerConfig::default().keepalive()
+    }
+}
+
+impl ServerConfig {
+    pub fn keepalive(&self) -> KeepaliveConfig {
+        KeepaliveConfig {
+            enabled: self.tcp_keepalive,
+            idle: self.tcp_keepidle,
+            interval: self.tcp_keepintvl,
+            count: self.tcp_keepcnt,
+            user_timeout: self.tcp_user_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -111,6 +157,11 @@ impl Default for ServerConfig {
             session_state: SessionStatePolicy::default(),
             max_client_conn: default_max_client_conn(),
             idle_in_transaction_timeout: default_idle_in_transaction_timeout(),
+            tcp_keepalive: true,
+            tcp_keepidle: default_tcp_keepidle(),
+            tcp_keepintvl: default_tcp_keepintvl(),
+            tcp_keepcnt: default_tcp_keepcnt(),
+            tcp_user_timeout: Duration::ZERO,
         }
     }
 }
@@ -377,6 +428,20 @@ fn default_max_client_conn() -> usize {
 fn default_idle_in_transaction_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_true() -> bool {
+    true
+}
+/// With the defaults a dead peer is noticed after 60 s idle + 6 × 10 s of probes = 2 minutes
+/// (Linux's own defaults take over 2 hours).
+fn default_tcp_keepidle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_tcp_keepintvl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_tcp_keepcnt() -> u32 {
+    6
+}
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(600)
 }
@@ -528,6 +593,37 @@ impl Config {
         }
         if self.upstream.database.is_empty() {
             return Err(invalid("upstream.database", "must not be empty"));
+        }
+        // Linux's limits (MAX_TCP_KEEPIDLE/KEEPINTVL/KEEPCNT): larger values fail setsockopt.
+        for (key, d) in [
+            ("server.tcp_keepidle", self.server.tcp_keepidle),
+            ("server.tcp_keepintvl", self.server.tcp_keepintvl),
+        ] {
+            if d.subsec_nanos() != 0 {
+                return Err(invalid(key, "must be a whole number of seconds"));
+            }
+            if d.as_secs() > 32_767 {
+                return Err(invalid(key, "must be at most 32767s"));
+            }
+        }
+        if self.server.tcp_keepcnt > 127 {
+            return Err(invalid("server.tcp_keepcnt", "must be at most 127"));
+        }
+        if self.server.tcp_user_timeout.as_millis() > i32::MAX as u128 {
+            return Err(invalid("server.tcp_user_timeout", "too large"));
+        }
+        if !self.server.tcp_user_timeout.is_zero() && self.server.tcp_user_timeout.as_millis() == 0
+        {
+            return Err(invalid(
+                "server.tcp_user_timeout",
+                "must be at least 1ms (or \"0s\" = off)",
+            ));
+        }
+        if !cfg!(target_os = "linux") && !self.server.tcp_user_timeout.is_zero() {
+            return Err(invalid(
+                "server.tcp_user_timeout",
+                "is supported on Linux only",
+            ));
         }
         if self.server.max_message_size < 1024 {
             return Err(invalid("server.max_message_size", "must be at least 1kB"));
@@ -704,6 +800,46 @@ hs_secret = "s"
         let set = Config::from_toml(&text).expect("valid").limits;
         assert_eq!(set.transactions_cap(20), 7);
         assert_eq!(set.pinned_cap(20), 2);
+    }
+
+    #[test]
+    fn keepalive_keys_defaults_and_limits() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(
+            c.server.keepalive(),
+            KeepaliveConfig {
+                enabled: true,
+                idle: Duration::from_secs(60),
+                interval: Duration::from_secs(10),
+                count: 6,
+                user_timeout: Duration::ZERO,
+            }
+        );
+        assert_eq!(KeepaliveConfig::default(), c.server.keepalive());
+        let set = "tcp_keepalive = false\ntcp_keepidle = \"2m\"\ntcp_keepintvl = \"0s\"\ntcp_keepcnt = 0\ntcp_user_timeout = \"1500ms\"";
+        let c = Config::from_toml(&format!("[server]\n{set}\n{MINIMAL}")).expect("valid");
+        assert_eq!(
+            c.server.keepalive(),
+            KeepaliveConfig {
+                enabled: false,
+                idle: Duration::from_secs(120),
+                interval: Duration::ZERO,
+                count: 0,
+                user_timeout: Duration::from_millis(1500),
+            }
+        );
+        for bad in [
+            "tcp_keepidle = \"1500ms\"",
+            "tcp_keepintvl = \"40000s\"",
+            "tcp_keepcnt = 128",
+            "tcp_user_timeout = \"100us\"",
+            "tcp_keepidle = \"soon\"",
+        ] {
+            assert!(
+                Config::from_toml(&format!("[server]\n{bad}\n{MINIMAL}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

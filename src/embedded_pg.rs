@@ -10,14 +10,15 @@
 //! only [`EmbeddedPg`] holds. When the pipe closes — [`EmbeddedPg::stop`], `Drop`,
 //! or the owner dying in any way, even SIGKILL — the watchdog sends SIGINT (fast
 //! shutdown), waits, and removes the temp dir: a cluster kept in a `static` never
-//! outlives its test binary.
+//! outlives its test binary. [`EmbeddedPg::restart`] stops the postmaster with
+//! `pg_ctl stop` and has the same watchdog start a new one.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,18 +94,49 @@ pub struct EmbeddedPg {
     /// When root: the (user, uid, gid) server binaries run as.
     run_as: Option<(String, u32, u32)>,
     pipe: Option<ChildStdin>,
+    /// The watchdog's stdout: one postmaster pid per line (one per start).
+    pids: Option<BufReader<ChildStdout>>,
     watchdog: Option<Child>,
     postmaster_pid: Option<i32>,
+}
+
+/// `pg_ctl stop -m <mode>`: how [`EmbeddedPg::restart`] shuts the server down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// Wait for clients to disconnect.
+    Smart,
+    /// Terminate sessions (each gets FATAL 57P01), checkpoint, exit.
+    Fast,
+    /// SIGQUIT everything, no checkpoint (crash recovery at the next start).
+    Immediate,
+}
+
+impl ShutdownMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownMode::Smart => "smart",
+            ShutdownMode::Fast => "fast",
+            ShutdownMode::Immediate => "immediate",
+        }
+    }
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// `$1` postgres binary, `$2` data dir, `$3` temp dir. Prints the postmaster
-/// pid, then blocks until stdin reaches EOF.
+/// pid, then blocks until stdin reaches EOF. A `start` line on stdin (sent
+/// once the postmaster was stopped) reaps it, starts a new one and prints its pid.
 const WATCHDOG: &str = r#""$1" -D "$2" </dev/null >&2 &
 pid=$!
 echo "$pid"
-read -r _line
+while read -r line; do
+  if [ "$line" = start ]; then
+    wait "$pid"
+    "$1" -D "$2" </dev/null >&2 &
+    pid=$!
+    echo "$pid"
+  fi
+done
 kill -INT "$pid" 2>/dev/null
 wait "$pid"
 rm -rf "$3""#;
@@ -136,6 +168,7 @@ impl EmbeddedPg {
             superuser: opts.superuser.clone(),
             run_as: None,
             pipe: None,
+            pids: None,
             watchdog: None,
             postmaster_pid: None,
         };
@@ -263,23 +296,64 @@ log_line_prefix = '%m [%p] %q%u@%d '
         tracing::debug!(cmd = ?cmd, "starting postgres watchdog");
         let mut child = cmd.spawn().map_err(io_err(format!("spawning {cmd:?}")))?;
         self.pipe = child.stdin.take();
-        let stdout = child.stdout.take();
+        self.pids = child.stdout.take().map(BufReader::new);
         self.watchdog = Some(child);
+        self.read_postmaster_pid(&format!("{cmd:?}"))
+    }
+
+    /// The next pid line from the watchdog.
+    fn read_postmaster_pid(&mut self, what: &str) -> Result<(), EmbeddedError> {
         let mut line = String::new();
-        if let Some(out) = stdout {
-            BufReader::new(out)
-                .read_line(&mut line)
+        if let Some(out) = self.pids.as_mut() {
+            out.read_line(&mut line)
                 .map_err(io_err("reading the postmaster pid from the watchdog"))?;
         }
         let pid = line
             .trim()
             .parse::<i32>()
             .map_err(|_| EmbeddedError::Command {
-                cmd: format!("{cmd:?}"),
+                cmd: what.to_string(),
                 status: format!("watchdog did not report a postmaster pid (got {line:?})"),
                 output: self.log_tail(),
             })?;
         self.postmaster_pid = Some(pid);
+        Ok(())
+    }
+
+    /// Run `pg_ctl -D <data dir> <args>` as the user the server runs as; returns stdout.
+    /// Do not `start`/`restart` with it: the new postmaster would escape the watchdog (use
+    /// [`EmbeddedPg::restart`]).
+    pub fn pg_ctl(&self, args: &[&str]) -> Result<String, EmbeddedError> {
+        let mut cmd = self.server_command(&self.bin("pg_ctl"));
+        cmd.arg("-D").arg(self.data_dir()).args(args);
+        run_checked(&mut cmd, None)
+    }
+
+    /// Stop the server with `pg_ctl stop -m <mode>` (waiting until it is gone), then start it
+    /// again on the same port and data directory and wait (≤ 30 s) until it accepts
+    /// connections. Every session open before is ended by the server.
+    pub fn restart(&mut self, mode: ShutdownMode) -> Result<(), EmbeddedError> {
+        self.pg_ctl(&["stop", "-w", "-t", "60", "-m", mode.as_str()])?;
+        if let Some(pid) = self.postmaster_pid {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let pipe = self.pipe.as_mut().ok_or_else(|| EmbeddedError::Io {
+            what: "restart: the cluster was stopped".into(),
+            source: io::Error::new(io::ErrorKind::NotConnected, "no watchdog"),
+        })?;
+        pipe.write_all(b"start\n")
+            .and_then(|()| pipe.flush())
+            .map_err(io_err("asking the watchdog to start postgres again"))?;
+        self.read_postmaster_pid("watchdog restart")?;
+        self.wait_ready()?;
+        tracing::info!(
+            port = self.port,
+            mode = mode.as_str(),
+            "embedded PostgreSQL restarted"
+        );
         Ok(())
     }
 
@@ -396,6 +470,7 @@ log_line_prefix = '%m [%p] %q%u@%d '
     /// the temp dir. Idempotent; also run on `Drop`.
     pub fn stop(&mut self) {
         drop(self.pipe.take());
+        drop(self.pids.take());
         if let Some(mut child) = self.watchdog.take() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {

@@ -1,11 +1,92 @@
-//! A TCP stream that may have been upgraded to TLS (client side or upstream side).
+//! A TCP stream that may have been upgraded to TLS (client side or upstream side), and the
+//! socket options rlsgate sets and inspects on the TCP socket underneath.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::config::KeepaliveConfig;
+
+/// Set SO_KEEPALIVE (and TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT where non-zero) and, where
+/// non-zero, TCP_USER_TIMEOUT on `tcp` from the `[server] tcp_*` keys. With keepalive off,
+/// SO_KEEPALIVE is cleared.
+pub fn apply_keepalive(tcp: &TcpStream, cfg: &KeepaliveConfig) -> io::Result<()> {
+    let sock = SockRef::from(tcp);
+    if cfg.enabled {
+        let mut params = TcpKeepalive::new();
+        if !cfg.idle.is_zero() {
+            params = params.with_time(cfg.idle);
+        }
+        if !cfg.interval.is_zero() {
+            params = params.with_interval(cfg.interval);
+        }
+        if cfg.count != 0 {
+            params = params.with_retries(cfg.count);
+        }
+        sock.set_tcp_keepalive(&params)?;
+    } else {
+        sock.set_keepalive(false)?;
+    }
+    #[cfg(target_os = "linux")]
+    if !cfg.user_timeout.is_zero() {
+        sock.set_tcp_user_timeout(Some(cfg.user_timeout))?;
+    }
+    Ok(())
+}
+
+/// The keepalive-related options of a socket as the kernel reports them (getsockopt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketKeepalive {
+    /// SO_KEEPALIVE
+    pub enabled: bool,
+    /// TCP_KEEPIDLE
+    pub idle: Duration,
+    /// TCP_KEEPINTVL
+    pub interval: Duration,
+    /// TCP_KEEPCNT
+    pub count: u32,
+    /// TCP_USER_TIMEOUT (zero = off); always zero off Linux.
+    pub user_timeout: Duration,
+}
+
+/// Read back what [`apply_keepalive`] set (for tests and diagnostics).
+pub fn keepalive_of(tcp: &TcpStream) -> io::Result<SocketKeepalive> {
+    socket_keepalive(SockRef::from(tcp))
+}
+
+/// [`keepalive_of`] for any socket (e.g. one found by its file descriptor).
+pub fn socket_keepalive(sock: SockRef<'_>) -> io::Result<SocketKeepalive> {
+    #[cfg(target_os = "linux")]
+    let user_timeout = sock.tcp_user_timeout()?.unwrap_or_default();
+    #[cfg(not(target_os = "linux"))]
+    let user_timeout = Duration::ZERO;
+    Ok(SocketKeepalive {
+        enabled: sock.keepalive()?,
+        idle: sock.tcp_keepalive_time()?,
+        interval: sock.tcp_keepalive_interval()?,
+        count: sock.tcp_keepalive_retries()?,
+        user_timeout,
+    })
+}
+
+/// What a non-blocking look at the socket of a connection that should be idle shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleProbe {
+    /// Nothing to read: the peer has said nothing since the last exchange.
+    Quiet,
+    /// Bytes are waiting although nothing was asked (e.g. a FATAL before the peer closes).
+    Readable,
+    /// The peer closed the connection (EOF).
+    Closed,
+    /// The socket reports an error (e.g. ECONNRESET).
+    Failed(io::ErrorKind),
+}
 
 pub enum Stream {
     Plain(TcpStream),
@@ -26,6 +107,30 @@ impl Stream {
             Stream::ServerTls(s) => s.get_ref().0,
             Stream::ClientTls(s) => s.get_ref().0,
         }
+    }
+
+    /// Peek (MSG_PEEK | MSG_DONTWAIT: nothing consumed, one recv syscall) at the raw TCP
+    /// socket. On a connection that is idle between exchanges anything but
+    /// [`IdleProbe::Quiet`] means the peer spoke unprompted or hung up. Under TLS the bytes are
+    /// still encrypted, but any record arriving on an idle connection (an alert, close_notify,
+    /// data) means the same.
+    pub fn probe_idle(&self) -> IdleProbe {
+        let sock = SockRef::from(self.tcp());
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        loop {
+            return match sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+                Ok(0) => IdleProbe::Closed,
+                Ok(_) => IdleProbe::Readable,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleProbe::Quiet,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => IdleProbe::Failed(e.kind()),
+            };
+        }
+    }
+
+    /// The keepalive options of the TCP socket underneath (getsockopt).
+    pub fn keepalive(&self) -> io::Result<SocketKeepalive> {
+        keepalive_of(self.tcp())
     }
 }
 

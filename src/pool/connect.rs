@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{PoolError, ServerConn};
-use crate::config::{SslMode, UpstreamConfig};
+use crate::config::{KeepaliveConfig, SslMode, UpstreamConfig};
 use crate::protocol::backend::{self as be, ServerNotice};
 use crate::protocol::frame::{Frame, try_read_frame};
 use crate::stream::Stream;
@@ -24,12 +24,16 @@ const MAX_HANDSHAKE_MSG: usize = 1 << 20;
 pub(super) async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    keepalive: &KeepaliveConfig,
     id: u64,
 ) -> Result<ServerConn, PoolError> {
     let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
         .await
         .map_err(|e| PoolError::Connect(format!("{}:{}: {e}", cfg.host, cfg.port)))?;
     tcp.set_nodelay(true).ok();
+    if let Err(e) = crate::stream::apply_keepalive(&tcp, keepalive) {
+        tracing::warn!(server_id = id, error = %e, "cannot set TCP keepalive on the upstream socket");
+    }
     let mut stream = negotiate_tls(tcp, cfg, tls).await?;
 
     let mut out = BytesMut::new();

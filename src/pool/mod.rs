@@ -12,11 +12,12 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::UpstreamConfig;
+use crate::config::{KeepaliveConfig, UpstreamConfig};
 use crate::error::{ClientError, UserFacing, sqlstate};
+use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::protocol::backend as be;
 use crate::protocol::frontend as fe;
-use crate::stream::Stream;
+use crate::stream::{IdleProbe, SocketKeepalive, Stream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -92,6 +93,46 @@ pub struct ServerConn {
     pub settings_owner: Option<(u64, u64)>,
 }
 
+impl ServerConn {
+    /// The keepalive options of the upstream socket as the kernel reports them.
+    pub fn keepalive_of(&self) -> std::io::Result<SocketKeepalive> {
+        self.stream.keepalive()
+    }
+
+    /// Why this connection, idle in the pool, must not be handed out: the server sent something
+    /// unprompted (typically FATAL 57P01 before closing, at a restart or
+    /// `pg_terminate_backend`) or closed it. `None` = its socket is quiet. One non-blocking
+    /// peek; on a plain connection, what the server said is read for the log.
+    fn gone_reason(&mut self) -> Option<String> {
+        let probe = self.stream.probe_idle();
+        if probe == IdleProbe::Quiet {
+            return None;
+        }
+        let mut reason = format!("{probe:?}");
+        if let (IdleProbe::Readable, Stream::Plain(tcp)) = (probe, &self.stream) {
+            // Whatever is already here; the connection is dropped either way.
+            let _ = tcp.try_read_buf(&mut self.read_buf);
+            if let Ok(Some(frame)) =
+                crate::protocol::frame::try_read_frame(&mut self.read_buf, 1 << 20)
+                && matches!(frame.tag, be::ERROR_RESPONSE | be::NOTICE_RESPONSE)
+                && let Ok(n) = be::notice_fields(frame.body())
+            {
+                reason = format!("{} {}: {}", n.severity, n.code, n.message);
+            }
+        }
+        Some(reason)
+    }
+}
+
+/// How the pool sets up its sockets and where it reports.
+#[derive(Debug, Clone, Default)]
+pub struct PoolOptions {
+    /// `[server] tcp_*`, applied to every upstream socket.
+    pub keepalive: KeepaliveConfig,
+    /// Dropped dead connections are counted as `rlsgate_upstream_errors_total{kind="lost"}`.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
 /// Where to send a CancelRequest for the backend behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
@@ -104,6 +145,8 @@ pub struct CancelTarget {
 struct Inner {
     cfg: UpstreamConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
+    keepalive: KeepaliveConfig,
+    metrics: Option<Arc<Metrics>>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -120,7 +163,7 @@ impl Inner {
     /// the upstream can be reached.
     async fn open(&self) -> Result<ServerConn, PoolError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let connect = connect::connect(&self.cfg, self.tls.as_ref(), id);
+        let connect = connect::connect(&self.cfg, self.tls.as_ref(), &self.keepalive, id);
         let result = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(r) => r,
             Err(_) => Err(PoolError::Connect(format!(
@@ -140,6 +183,29 @@ impl Inner {
             p.get_or_insert_with(|| conn.params.clone());
         }
         Ok(conn)
+    }
+
+    /// An idle connection the server closed or spoke on: log it, count it (`lost`), and tell the
+    /// caller to drop it.
+    fn dead(&self, conn: &mut ServerConn, during: &'static str) -> bool {
+        let Some(reason) = conn.gone_reason() else {
+            return false;
+        };
+        tracing::info!(
+            server_id = conn.id,
+            backend_pid = conn.backend_pid,
+            during,
+            reason,
+            "dropping idle upstream connection the server closed"
+        );
+        self.lost();
+        true
+    }
+
+    fn lost(&self) {
+        if let Some(m) = &self.metrics {
+            m.upstream_error(UpstreamErrorKind::Lost);
+        }
     }
 
     fn too_old(&self, conn: &ServerConn) -> bool {
@@ -167,12 +233,23 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// A pool with the default [`PoolOptions`] (default keepalive, no metrics).
     pub fn new(cfg: UpstreamConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Pool {
+        Pool::with_options(cfg, tls, PoolOptions::default())
+    }
+
+    pub fn with_options(
+        cfg: UpstreamConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        opts: PoolOptions,
+    ) -> Pool {
         let permits = Arc::new(Semaphore::new(cfg.pool_size));
         Pool {
             inner: Arc::new(Inner {
                 cfg,
                 tls,
+                keepalive: opts.keepalive,
+                metrics: opts.metrics,
                 idle: Mutex::new(Vec::new()),
                 permits,
                 next_id: AtomicU64::new(1),
@@ -201,7 +278,10 @@ impl Pool {
         Ok(params)
     }
 
-    /// Borrow a connection, waiting up to `checkout_timeout` for a free slot.
+    /// Borrow a connection, waiting up to `checkout_timeout` for a free slot. An idle
+    /// connection is handed out only if its socket is quiet (the server has neither spoken on
+    /// it nor closed it since it was released) and, when it has been idle `health_check_after`
+    /// or longer, it answers an empty query.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
         let timeout = self.inner.cfg.checkout_timeout;
         // Fast path without a timer when a slot is free.
@@ -228,10 +308,14 @@ impl Pool {
                 );
                 continue;
             }
+            if self.inner.dead(&mut conn, "checkout") {
+                continue;
+            }
             if conn.last_used.elapsed() >= self.inner.cfg.health_check_after
                 && let Err(e) = health_check(&mut conn).await
             {
                 tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
+                self.inner.lost();
                 continue;
             }
             return Ok(Checkout {
@@ -283,16 +367,20 @@ impl Pool {
         self.inner.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    /// Periodic upkeep: close idle connections past `idle_timeout`/`max_lifetime` (keeping
-    /// `min_idle`), and open connections up to `min_idle` idle ones.
+    /// Periodic upkeep: close idle connections the server closed, and those past
+    /// `idle_timeout`/`max_lifetime` (keeping `min_idle`), and open connections up to
+    /// `min_idle` idle ones.
     pub async fn maintain(&self) {
         let min_idle = self.inner.cfg.min_idle;
         if let Ok(mut idle) = self.inner.idle.lock() {
             // idle is a stack: the oldest-used connections are at the front
             let mut keep = Vec::with_capacity(idle.len());
             let total = idle.len();
-            for (i, conn) in idle.drain(..).enumerate() {
+            for (i, mut conn) in idle.drain(..).enumerate() {
                 let remaining = total - i;
+                if self.inner.dead(&mut conn, "maintenance") {
+                    continue;
+                }
                 if self.inner.expired(&conn)
                     && (keep.len() + remaining > min_idle || self.inner.too_old(&conn))
                 {
