@@ -1254,3 +1254,43 @@ async fn relay_partition_during_a_query() {
     proxy.stop().await;
     findings.assert_none();
 }
+
+/// The upstream hangs (relay stalled both ways) and comes back: the query in flight completes,
+/// nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_stall_both_ways_then_resume() {
+    const POOL: usize = 2;
+    let (relay, proxy) = behind_relay(POOL).await;
+    let db = proxy.db.clone();
+    let mut findings = Findings::default();
+    let mut victim = Wire::must_connect(proxy.addr, &db, "south").await;
+    victim.ok("BEGIN").await;
+    victim.ok("UPDATE customers SET email = email").await;
+    relay.set_both(Mode::Stall);
+    victim.send_query("SELECT 42").await;
+    let early = victim.reply(Duration::from_millis(2000)).await;
+    assert!(
+        early.timed_out && early.msgs.is_empty(),
+        "an answer came through a stalled relay: {}",
+        early.summary()
+    );
+    relay.set_both(Mode::Pass);
+    let r = victim.reply(T10).await;
+    if !r.ok() || r.value().as_deref() != Some("42") {
+        findings
+            .0
+            .push(format!("stalled query after resume: {}", r.summary()));
+    } else {
+        let r = victim.query("COMMIT", T10).await;
+        if !r.ok() || !r.completed("COMMIT") {
+            findings
+                .0
+                .push(format!("COMMIT after resume: {}", r.summary()));
+        }
+    }
+    drop(victim);
+    findings.check(upstream_clean(pg(), &db).await);
+    findings.check(pool_full(&proxy, POOL).await);
+    proxy.stop().await;
+    findings.assert_none();
+}
