@@ -121,6 +121,10 @@ async fn a_client_that_leaves_while_its_query_waits_is_noticed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_pipelined_behind_copy_from_stdin_keep_the_session_in_step() {
     let proxy = start_proxy(1).await;
+    admin_sql(
+        &proxy.db,
+        &format!("GRANT TEMPORARY ON DATABASE {} TO rlsgate_app", proxy.db),
+    );
     type Tail = fn(&mut Vec<u8>);
     let tails: &[(&str, Tail)] = &[
         ("bind", |m| {
@@ -144,8 +148,10 @@ async fn messages_pipelined_behind_copy_from_stdin_keep_the_session_in_step() {
         c.parse("s1", "SELECT 1").await;
         c.sync().await;
         c.until_ready().await;
+        c.query("CREATE TEMP TABLE t (x int)").await;
+        assert_eq!(tags(&c.until_ready().await), "C Z");
         let mut m = Vec::new();
-        push(&mut m, b'Q', b"COPY products (name) FROM STDIN\0");
+        push(&mut m, b'Q', b"COPY t FROM STDIN\0");
         tail(&mut m);
         c.stream.write_all(&m).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -181,6 +187,102 @@ async fn messages_pipelined_behind_copy_from_stdin_keep_the_session_in_step() {
         drop(c);
         pool_serves(&proxy).await;
     }
+    proxy.stop().await;
+}
+
+/// The extended-protocol COPY (Parse/Bind/Execute/Sync) with another unit pipelined behind it,
+/// and a COPY whose data is pipelined right behind it (no wait for CopyInResponse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_copy_with_a_unit_pipelined_behind_it_stays_in_step() {
+    let proxy = start_proxy(1).await;
+    admin_sql(
+        &proxy.db,
+        &format!("GRANT TEMPORARY ON DATABASE {} TO rlsgate_app", proxy.db),
+    );
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    // (tenant tables refuse COPY FROM under RLS; a temp table pins the connection, fine here)
+    c.query("CREATE TEMP TABLE t (x int)").await;
+    assert_eq!(tags(&c.until_ready().await), "C Z");
+    let mut m = Vec::new();
+    push(&mut m, b'P', b"\0COPY t FROM STDIN\0\0\0");
+    push(&mut m, b'B', b"\0\0\0\0\0\0\0\0");
+    push(&mut m, b'E', b"\0\0\0\0\0");
+    push(&mut m, b'S', b"");
+    push(&mut m, b'P', b"\0SELECT 7\0\0\0");
+    push(&mut m, b'B', b"\0\0\0\0\0\0\0\0");
+    push(&mut m, b'E', b"\0\0\0\0\0");
+    push(&mut m, b'S', b"");
+    c.stream.write_all(&m).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut m = Vec::new();
+    push(&mut m, b'S', b"");
+    push(&mut m, b'Q', b"SELECT 42\0");
+    c.stream.write_all(&m).await.unwrap();
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut answered = false;
+    while let Ok(msg) = tokio::time::timeout_at(deadline, c.recv()).await {
+        if msg.tag == 'D' && msg.body.ends_with(b"42") {
+            answered = true;
+        }
+        let done = answered && msg.tag == 'Z';
+        all.push(msg);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        !all.iter().any(|m| m.tag == 'E' && m.field(b'S') == "FATAL"),
+        "the session ended: {all:?}"
+    );
+    assert!(answered, "no answer to SELECT 42: {all:?}");
+    assert!(all.iter().any(|m| m.tag == 'G'), "COPY started: {all:?}");
+
+    // COPY with its data and CopyDone in the same write: rows arrive, the session goes on.
+    let mut m = Vec::new();
+    push(&mut m, b'Q', b"DELETE FROM t\0");
+    push(&mut m, b'Q', b"COPY t FROM STDIN\0");
+    push(&mut m, b'd', b"1\n2\n");
+    push(&mut m, b'c', b"");
+    push(&mut m, b'Q', b"SELECT count(*) FROM t\0");
+    c.stream.write_all(&m).await.unwrap();
+    c.until_ready().await;
+    let copied = c.until_ready().await;
+    assert!(
+        copied
+            .iter()
+            .any(|m| m.tag == 'C' && m.body.starts_with(b"COPY 2")),
+        "{copied:?}"
+    );
+    let counted = c.until_ready().await;
+    assert!(
+        counted
+            .iter()
+            .any(|m| m.tag == 'D' && m.body.ends_with(b"2")),
+        "{counted:?}"
+    );
+
+    // Bad data: the server ends the COPY with an error; the client's next Query (no CopyDone
+    // sent) runs normally, as with Postgres.
+    let mut m = Vec::new();
+    push(&mut m, b'Q', b"COPY t FROM STDIN\0");
+    c.stream.write_all(&m).await.unwrap();
+    assert_eq!(c.recv().await.tag, 'G');
+    let mut m = Vec::new();
+    push(&mut m, b'd', b"not a number\n");
+    c.stream.write_all(&m).await.unwrap();
+    let failed = c.until_ready().await;
+    assert_eq!(tags(&failed), "E Z", "{failed:?}");
+    c.query("SELECT 43").await;
+    let answered = c.until_ready().await;
+    assert!(
+        answered
+            .iter()
+            .any(|m| m.tag == 'D' && m.body.ends_with(b"43")),
+        "{answered:?}"
+    );
+    drop(c);
+    pool_serves(&proxy).await;
     proxy.stop().await;
 }
 

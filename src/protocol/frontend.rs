@@ -156,6 +156,15 @@ pub fn write_query(sql: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
     fe::query(sql, out).map_err(write_err)
 }
 
+/// `CopyFail` with a reason rlsgate writes itself (no NUL in it).
+pub fn write_copy_fail(reason: &str, out: &mut BytesMut) {
+    let reason = reason.replace('\0', "");
+    out.put_u8(COPY_FAIL);
+    out.put_i32((4 + reason.len() + 1) as i32);
+    out.put_slice(reason.as_bytes());
+    out.put_u8(0);
+}
+
 /// `Parse` with a given name and the param-type tail copied from the client's message.
 pub fn write_parse(
     name: &str,

@@ -36,11 +36,12 @@ pub enum Expect {
     /// Describe of a portal: RowDescription or NoData.
     DescribePortal,
     /// Execute: rows (and COPY traffic) until CommandComplete, EmptyQuery or PortalSuspended.
-    Execute,
+    /// `copy`: it runs COPY FROM STDIN and the server has not answered yet.
+    Execute { copy: bool },
     /// Sync: ReadyForQuery (then `after`).
     Sync { after: After },
-    /// Query: everything until ReadyForQuery (then `after`).
-    Query { after: After },
+    /// Query: everything until ReadyForQuery (then `after`). `copy` as for Execute.
+    Query { after: After, copy: bool },
     /// A denial raised server-side: swallow ParseComplete/BindComplete, forward the error.
     Raise,
     /// A statement rlsgate runs itself (settings replay, the `BEGIN` of transaction_wrap):
@@ -50,6 +51,16 @@ pub enum Expect {
     /// CommandComplete and notices, forward an error (a commit-time failure is the client's),
     /// then `after` for its ReadyForQuery.
     WrapCommit { after: After },
+}
+
+impl Expect {
+    /// A COPY FROM STDIN the server has not answered yet (CopyInResponse or an error).
+    pub fn awaits_copy(&self) -> bool {
+        matches!(
+            self,
+            Expect::Execute { copy: true } | Expect::Query { copy: true, .. }
+        )
+    }
 }
 
 /// What happens with the ReadyForQuery that completes an entry.

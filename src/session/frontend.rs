@@ -51,6 +51,22 @@ impl Session {
             // After an error Postgres ignores everything up to Sync; so do we.
             return Ok(Flow::Continue);
         }
+        let ignored_in_copy = matches!(frame.tag, fe::FLUSH | fe::SYNC | fe::TERMINATE);
+        if !ignored_in_copy && self.copy_awaited {
+            // A COPY FROM STDIN was sent and the server has not said yet whether it reads data
+            // now: what it makes of the next message depends on that (also of COPY data: a
+            // CopyDone must not be sent before the server is in COPY, or Syncs after it would be
+            // taken for ignored ones).
+            if self.expect.iter().any(Expect::awaits_copy) {
+                return Ok(Flow::Wait(frame));
+            }
+            self.copy_awaited = false;
+        }
+        let copy_traffic =
+            ignored_in_copy || matches!(frame.tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL);
+        if !copy_traffic && self.copy_in {
+            return Ok(self.interrupt_copy(&frame));
+        }
         match frame.tag {
             fe::QUERY | fe::FUNCTION_CALL if self.unit_open => self.inside_unit(frame).await,
             fe::QUERY => self.on_query(frame).await,
@@ -360,11 +376,13 @@ impl Session {
             if analysis.copy_from_stdin {
                 self.expect_ready(Expect::Query {
                     after: After::SwallowThenCommit,
+                    copy: true,
                 });
                 self.units_sent + 1
             } else {
                 self.expect_ready(Expect::Query {
                     after: After::Swallow,
+                    copy: false,
                 });
                 self.wrap_commit(After::Forward);
                 self.units_sent
@@ -373,6 +391,7 @@ impl Session {
             self.server_out.extend_from_slice(&frame.bytes);
             let unit = self.expect_ready(Expect::Query {
                 after: After::Forward,
+                copy: analysis.copy_from_stdin,
             });
             if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Begin) {
                 self.inject_context();
@@ -380,6 +399,7 @@ impl Session {
             self.after_unit(analysis.tx_effect());
             unit
         };
+        self.copy_awaited |= analysis.copy_from_stdin;
         self.stage_settings(unit, &analysis);
         Ok(Flow::Continue)
     }
@@ -464,6 +484,7 @@ impl Session {
             if fe::write_query(&sql, &mut self.server_out).is_ok() {
                 self.expect_ready(Expect::Query {
                     after: After::Forward,
+                    copy: false,
                 });
                 return;
             }
@@ -499,6 +520,7 @@ impl Session {
             }
             self.server_out.extend_from_slice(&frame.bytes);
             self.expect_ready(Expect::Query {
+                copy: false,
                 after: if wrapped {
                     After::Swallow
                 } else {
@@ -590,7 +612,9 @@ impl Session {
                     false => self.ending_portals.get(portal).map(|(effect, _)| *effect),
                 };
                 self.server_out.extend_from_slice(&frame.bytes);
-                self.expect.push_back(Expect::Execute);
+                let copy = self.copy_portal.as_deref() == Some(portal);
+                self.expect.push_back(Expect::Execute { copy });
+                self.copy_awaited |= copy;
                 if after_begin {
                     self.begin_portal = None;
                     self.reapply = None;
@@ -852,6 +876,11 @@ impl Session {
             self.wrapping_copy = true;
         }
         let analysis = Arc::clone(&prepared.analysis);
+        if analysis.copy_from_stdin {
+            self.copy_portal = Some(b.portal.into());
+        } else if self.copy_portal.as_deref() == Some(b.portal) {
+            self.copy_portal = None;
+        }
         self.stage_settings(self.units_sent + 1, &analysis);
         if b.statement.is_empty() {
             self.server_out.extend_from_slice(&frame.bytes);
@@ -993,6 +1022,19 @@ impl Session {
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);
+        Flow::Continue
+    }
+
+    /// Another message during COPY FROM STDIN: Postgres fails the COPY with it (the message is
+    /// consumed, not run). The same happens here without sending it: a CopyFail naming it.
+    fn interrupt_copy(&mut self, frame: &Frame) -> Flow {
+        self.copy_in = false;
+        let reason = format!(
+            "unexpected message type 0x{:02X} during COPY from stdin",
+            frame.tag
+        );
+        tracing::debug!(%reason, "COPY interrupted by the client");
+        fe::write_copy_fail(&reason, &mut self.server_out);
         Flow::Continue
     }
 

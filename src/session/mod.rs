@@ -209,6 +209,10 @@ pub struct Session {
     chained: bool,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
+    /// A COPY FROM STDIN may still be unanswered (see `Expect::awaits_copy`): other messages wait.
+    copy_awaited: bool,
+    /// The portal last bound to a COPY FROM STDIN statement.
+    copy_portal: Option<Box<str>>,
     /// A denied or failed extended message: drop client messages up to Sync.
     skip_until_sync: bool,
     /// The proxy itself failed the current extended unit (no server): answer Sync locally.
@@ -247,6 +251,8 @@ pub struct Session {
     tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// A client message that waits until the replies in flight tell the transaction state.
     pending: Option<Frame>,
+    /// The server sent a FATAL error (forwarded to the client): its connection is ending.
+    upstream_fatal: bool,
     cancel: Registration,
     shutdown: CancellationToken,
 }
@@ -301,6 +307,8 @@ impl Session {
             unit_open: false,
             unit_effect: TxEffect::None,
             copy_in: false,
+            copy_awaited: false,
+            copy_portal: None,
             wrap: config.upstream.transaction_wrap,
             wrapping: false,
             wrapping_copy: false,
@@ -329,6 +337,7 @@ impl Session {
             idle_tx_timeout: config.server.idle_in_transaction_timeout,
             leeway: config.auth.leeway.as_secs(),
             pending: None,
+            upstream_fatal: false,
             cancel,
             shared,
             shutdown,
@@ -377,7 +386,24 @@ impl Session {
                 }
                 _ => tracing::warn!(error = %e, "session ended with an error"),
             }
-            if !matches!(e, SessionError::ClientIo(_)) {
+            let lost = matches!(
+                e,
+                SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
+            );
+            if lost {
+                self.shared
+                    .metrics
+                    .upstream_error(crate::metrics::UpstreamErrorKind::Lost);
+            }
+            // One error per failure: after the server's own FATAL, the client has its answer.
+            let told = lost && self.upstream_fatal;
+            if told {
+                let _ = tokio::time::timeout(CLOSING_WRITE, async {
+                    self.client.write_all(&self.client_out).await?;
+                    self.client.flush().await
+                })
+                .await;
+            } else if !matches!(e, SessionError::ClientIo(_)) {
                 let mut out = std::mem::take(&mut self.client_out);
                 be::write_error(&e.to_client_error(), &mut out);
                 // bounded: a client that does not read must not keep the session
@@ -483,7 +509,7 @@ impl Session {
         loop {
             let forwards_rows = matches!(
                 self.expect.front(),
-                Some(Expect::Execute | Expect::Query { .. })
+                Some(Expect::Execute { .. } | Expect::Query { .. })
             );
             let Some(server) = self.server.as_mut() else {
                 return Ok(());

@@ -113,7 +113,7 @@ impl Session {
                 be::ROW_DESCRIPTION | be::NO_DATA => (true, true),
                 _ => return Err(unexpected(tag, front)),
             },
-            Expect::Execute => (
+            Expect::Execute { .. } => (
                 true,
                 matches!(
                     tag,
@@ -149,6 +149,11 @@ impl Session {
     /// right behind Execute) are ignored by the server until CopyDone, so expect no reply to them.
     fn enter_copy_in(&mut self) {
         self.copy_in = true;
+        if let Some(Expect::Query { copy, .. } | Expect::Execute { copy }) = self.expect.front_mut()
+        {
+            // answered: the server reads COPY data now
+            *copy = false;
+        }
         let before = self.expect.len();
         let mut first = true;
         let mut rearm = false;
@@ -184,6 +189,15 @@ impl Session {
     }
 
     fn on_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if be::notice_fields(frame.body())
+            .is_ok_and(|n| n.severity == "FATAL" || n.severity == "PANIC")
+        {
+            // The server ends the connection (terminated backend, shutdown): the client gets
+            // this error, and no second one when the connection then closes.
+            self.upstream_fatal = true;
+        }
+        // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
+        self.copy_in = false;
         let Some(front) = self.expect.front() else {
             // An error outside any request (e.g. the server terminating the session): pass it on.
             self.client_out.extend_from_slice(&frame.bytes);
@@ -225,7 +239,7 @@ impl Session {
                 // A Query inside an unsynced extended unit is skipped as well (also rlsgate's own
                 // BEGIN/COMMIT around it): no ReadyForQuery will come for it. The unit counts as
                 // done; a split Query ends, none of its pieces having run.
-                Some(Expect::Query { after } | Expect::WrapCommit { after }) => {
+                Some(Expect::Query { after, .. } | Expect::WrapCommit { after }) => {
                     self.query_skipped();
                     if matches!(after, After::ContinueSplit | After::FinishSplit) {
                         self.split = None;
@@ -326,7 +340,7 @@ impl Session {
             ));
         };
         let after = match front {
-            Expect::Sync { after } | Expect::Query { after } | Expect::WrapCommit { after } => {
+            Expect::Sync { after } | Expect::Query { after, .. } | Expect::WrapCommit { after } => {
                 after
             }
             Expect::HiddenQuery { .. } => After::Swallow,
@@ -335,6 +349,7 @@ impl Session {
         self.in_flight -= 1;
         self.units_done += 1;
         self.last_status = status;
+        self.copy_in = false;
         let split_ends = match after {
             After::FinishSplit => true,
             After::ContinueSplit => self
@@ -483,7 +498,7 @@ impl Session {
 
     fn write_client_query(&mut self, sql: &str, after: After) -> Result<(), SessionError> {
         fe::write_query(sql, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::Query { after });
+        self.expect_ready(Expect::Query { after, copy: false });
         Ok(())
     }
 
