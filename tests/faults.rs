@@ -791,7 +791,6 @@ async fn restart_under_writer_load(mode: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rlsgate defect: an upstream FATAL is forwarded and then rlsgate adds its own FATAL 08006 (two ErrorResponses for one failure)"]
 async fn upstream_fast_restart_under_writer_load() {
     restart_under_writer_load("fast").await;
 }
@@ -806,7 +805,6 @@ async fn upstream_immediate_restart_under_writer_load() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rlsgate defect: an upstream FATAL is forwarded and then rlsgate adds its own FATAL 08006 (two ErrorResponses for one failure)"]
 async fn terminated_backend_mid_transaction_and_mid_query() {
     let db = shared_db().await;
     let proxy = start_proxy_with(&db, &config(&db, pg().port(), 3)).await;
