@@ -840,6 +840,9 @@ enum Failure {
     Login(String),
     /// After Sync (+ROLLBACK + marker query) nothing came back and the connection stayed open.
     NoReadyAfterSync,
+    /// The proxy answered after Sync but `ROLLBACK` did not get the session out of its
+    /// transaction: the marker query failed (the errors it got are listed).
+    NoRecovery(String),
     /// The proxy told the client it lost the upstream although the upstream is fine.
     Desync(String),
     /// The session (and its pool connection) outlived the client.
@@ -853,6 +856,7 @@ impl Failure {
         match self {
             Failure::Login(_) => "login",
             Failure::NoReadyAfterSync => "no-ready-after-sync",
+            Failure::NoRecovery(_) => "no-recovery",
             Failure::Desync(_) => "desync",
             Failure::SessionOutlivesClient(_) => "session-outlives-client",
             Failure::Health(_) => "health",
@@ -953,6 +957,10 @@ async fn run_case(
             tail.extend_from_slice(&sync().bytes);
             tail.extend_from_slice(&query("ROLLBACK").bytes);
             tail.extend_from_slice(&query(&format!("SELECT '{marker}'")).bytes);
+            let sent_at = {
+                conn.drain();
+                conn.got.len()
+            };
             if conn.write(&tail).await.is_ok() {
                 let needle = marker.as_bytes().to_vec();
                 let found = conn
@@ -962,7 +970,18 @@ async fn run_case(
                     )
                     .await;
                 rep.reached_marker = found;
-                if !found && conn.closed.is_none() {
+                let after: Vec<&Msg> = conn.got[sent_at..].iter().collect();
+                if !found && conn.closed.is_none() && after.iter().any(|m| m.tag == 'Z') {
+                    let errors: Vec<String> = after
+                        .iter()
+                        .filter(|m| m.tag == 'E')
+                        .map(|m| error_line(m))
+                        .collect();
+                    rep.failures.push(Failure::NoRecovery(format!(
+                        "replies since CopyFail+Sync+ROLLBACK+marker were sent (may include late ones): {}; errors {errors:?}",
+                        tags(&conn.got[sent_at..])
+                    )));
+                } else if !found && conn.closed.is_none() {
                     rep.failures.push(Failure::NoReadyAfterSync);
                     if t.stop_early {
                         return rep;
@@ -1210,6 +1229,7 @@ async fn minimize(h: &mut Harness, f: &Finding, budget: Duration) -> (Case, usiz
             }
         }
     }
+    best.mutated = best.items.iter().any(|i| i.label.contains(" ["));
     (best, trials)
 }
 
@@ -1523,6 +1543,52 @@ async fn desync_denied_statement_after_split_begin() {
             query("ROLLBACK; BEGIN"),
             query("SELEC 1"),
             query("SELECT 1"),
+        ],
+        End::Resync,
+    )
+    .await;
+}
+
+/// Seed 3 case 179: a BEGIN that ends a split Query, then a FunctionCall (refused with 0A000, the
+/// transaction failed upstream): from then on `ROLLBACK` itself is answered with 25P02, so the
+/// client can never leave the failed transaction (every later statement fails).
+/// Bytes: 5100000014524f4c4c4241434b3b20424547494e00,
+/// 460000000e00000001000000000000 (FunctionCall oid 1, no args; any oid does it)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "no-recovery: `ROLLBACK; BEGIN` then a refused FunctionCall: ROLLBACK is answered 25P02 forever"]
+async fn no_recovery_rollback_after_split_begin_and_refused_function_call() {
+    check(
+        vec![query("ROLLBACK; BEGIN"), function_call(1, &[])],
+        End::Resync,
+    )
+    .await;
+}
+
+/// Seed 3 case 1205 (hand-minimised further): any extended-protocol message without a Sync
+/// (here a Parse), then `BEGIN`, a statement that fails, and any Query: the proxy re-applies the
+/// tenant context inside the aborted transaction, gets 25P02 and ends the session with
+/// FATAL XX000 instead of answering 25P02. (Found as Describe(P, "") + `BEGIN; SELECT 1/0` +
+/// `COMMIT`.)
+/// Bytes: 50000000100053454c4543542031000000, 510000000a424547494e00,
+/// 510000000f53454c45435420312f3000, 510000000d53454c454354203200
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "desync: an unsynced Parse, then BEGIN, a failing statement and any Query end the session with FATAL XX000"]
+async fn desync_unsynced_parse_then_failed_transaction() {
+    check(
+        vec![
+            parse("", "SELECT 1", &[]),
+            query("BEGIN"),
+            query("SELECT 1/0"),
+            query("SELECT 2"),
+        ],
+        End::Resync,
+    )
+    .await;
+    check(
+        vec![
+            describe(b'P', ""),
+            query("BEGIN; SELECT 1/0"),
+            query("COMMIT"),
         ],
         End::Resync,
     )
