@@ -1536,7 +1536,6 @@ async fn wedge_unbound_execute_then_commit_then_query() {
 /// Bytes: 5100000014524f4c4c4241434b3b20424547494e00, 510000000c53454c4543203100,
 /// 510000000d53454c454354203100
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "desync: `ROLLBACK; BEGIN`, a guard-denied statement, then any Query ends the session with FATAL XX000 (context re-applied in an aborted transaction)"]
 async fn desync_denied_statement_after_split_begin() {
     check(
         vec![
@@ -1555,7 +1554,6 @@ async fn desync_denied_statement_after_split_begin() {
 /// Bytes: 5100000014524f4c4c4241434b3b20424547494e00,
 /// 460000000e00000001000000000000 (FunctionCall oid 1, no args; any oid does it)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "no-recovery: `ROLLBACK; BEGIN` then a refused FunctionCall: ROLLBACK is answered 25P02 forever"]
 async fn no_recovery_rollback_after_split_begin_and_refused_function_call() {
     check(
         vec![query("ROLLBACK; BEGIN"), function_call(1, &[])],
@@ -1572,7 +1570,6 @@ async fn no_recovery_rollback_after_split_begin_and_refused_function_call() {
 /// Bytes: 50000000100053454c4543542031000000, 510000000a424547494e00,
 /// 510000000f53454c45435420312f3000, 510000000d53454c454354203200
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "desync: an unsynced Parse, then BEGIN, a failing statement and any Query end the session with FATAL XX000"]
 async fn desync_unsynced_parse_then_failed_transaction() {
     check(
         vec![

@@ -95,18 +95,20 @@ impl Session {
             fe::FUNCTION_CALL => self.on_function_call(frame).await,
             fe::TERMINATE => Ok(Flow::Terminate),
             other => Err(SessionError::ClientProtocol(
-                crate::protocol::ProtocolError::Malformed(if other.is_ascii_graphic() {
-                    "unknown frontend message type"
-                } else {
-                    "invalid frontend message type"
-                }),
+                crate::protocol::ProtocolError::UnknownMessage(other as char),
             )),
         }
     }
 
     /// Must this unit wait until in-flight replies reveal the transaction state?
+    /// Also when the open extended unit needs the context again (see `reapply`): whether it can
+    /// be applied depends on the state the replies tell (not in an aborted block).
+    /// Likewise after a possible COMMIT/ROLLBACK AND CHAIN (`chained`).
     fn must_wait(&self) -> bool {
-        self.in_flight > 0 && self.predicted == Predicted::Unknown
+        self.in_flight > 0
+            && (self.predicted == Predicted::Unknown
+                || self.chained
+                || (self.unit_open && self.reapply.is_some()))
     }
 
     /// Start a unit of work: check the token, get a connection, inject the context when the unit
@@ -341,8 +343,12 @@ impl Session {
             }
         };
         if !due && self.unit_open && self.reapply.take().is_some() {
-            // the open extended unit ended its transaction before this Query (see on_bind)
-            self.inject_context();
+            // The open extended unit ended its transaction before this Query (see on_bind). In
+            // an aborted block the context cannot be set (and is not needed: only the end of
+            // the block can run, and what follows starts a transaction that gets it).
+            if self.last_status != TxStatus::Failed {
+                self.inject_context();
+            }
         }
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
