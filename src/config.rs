@@ -89,6 +89,12 @@ pub struct ServerConfig {
         with = "humantime_serde_compat"
     )]
     pub idle_in_transaction_timeout: Duration,
+    /// After PgBouncer's `query_timeout`: a request that has waited this long with nothing from
+    /// the upstream (since it was sent, or since the last bytes of its answer) ends the session
+    /// and closes its upstream connection (0 = never). Meant for network faults and hung
+    /// servers: set it a little above the server's `statement_timeout`.
+    #[serde(default, with = "humantime_serde_compat")]
+    pub query_timeout: Duration,
     /// SO_KEEPALIVE on client and upstream sockets (PgBouncer's `tcp_keepalive`).
     #[serde(default = "default_true")]
     pub tcp_keepalive: bool,
@@ -157,6 +163,7 @@ impl Default for ServerConfig {
             session_state: SessionStatePolicy::default(),
             max_client_conn: default_max_client_conn(),
             idle_in_transaction_timeout: default_idle_in_transaction_timeout(),
+            query_timeout: Duration::ZERO,
             tcp_keepalive: true,
             tcp_keepidle: default_tcp_keepidle(),
             tcp_keepintvl: default_tcp_keepintvl(),

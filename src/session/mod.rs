@@ -64,6 +64,8 @@ pub enum SessionError {
     Shutdown,
     #[error("idle in transaction for longer than idle_in_transaction_timeout")]
     IdleInTransaction,
+    #[error("no answer from the upstream within query_timeout")]
+    QueryTimeout,
     #[error("terminated by the administrator")]
     Killed,
     #[error("the upstream now reads SQL text with {0}")]
@@ -110,6 +112,11 @@ impl UserFacing for SessionError {
                 "terminating connection due to idle-in-transaction timeout",
             )
             .with_hint("rlsgate's server.idle_in_transaction_timeout"),
+            SessionError::QueryTimeout => ClientError::fatal(
+                sqlstate::QUERY_CANCELED,
+                "rlsgate: no answer from the upstream database within query_timeout; closing the connection",
+            )
+            .with_hint("rlsgate's server.query_timeout"),
             SessionError::Shutdown => {
                 ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
             }
@@ -242,6 +249,9 @@ pub struct Session {
     held_since: Option<std::time::Instant>,
     /// From the config at login (a reload applies to new sessions): kept here, off the hot path.
     idle_tx_timeout: std::time::Duration,
+    query_timeout: std::time::Duration,
+    /// When bytes last came from the upstream (kept only with a query_timeout).
+    server_heard: Option<std::time::Instant>,
     leeway: u64,
     /// Bytes of a large server message still to stream through to the client.
     passthrough: usize,
@@ -335,6 +345,8 @@ impl Session {
             query_started: None,
             passthrough: 0,
             idle_tx_timeout: config.server.idle_in_transaction_timeout,
+            query_timeout: config.server.query_timeout,
+            server_heard: None,
             leeway: config.auth.leeway.as_secs(),
             pending: None,
             upstream_fatal: false,
@@ -422,6 +434,10 @@ impl Session {
             if self.process_client().await? {
                 return Ok(());
             }
+            if self.expect.is_empty() {
+                // nothing awaits the upstream: what the client asked was answered here
+                self.query_started = None;
+            }
             self.maybe_release().await;
 
             // Between transactions (also in session mode, where the connection stays held).
@@ -449,6 +465,24 @@ impl Session {
                     std::future::pending().await
                 }
             };
+            // A request waits for the upstream (query_timeout bounds the wait).
+            // Measured from the request or the last bytes from the upstream, whichever is later:
+            // long results and COPY TO keep it alive; COPY FROM STDIN waits for the client.
+            let query_deadline = match (self.query_started, self.query_timeout.is_zero()) {
+                (Some(started), false)
+                    if self.server.is_some() && !self.expect.is_empty() && !self.copy_in =>
+                {
+                    let since = self.server_heard.map_or(started, |h| h.max(started));
+                    Some(tokio::time::Instant::from_std(since + self.query_timeout))
+                }
+                _ => None,
+            };
+            let query_deadline = async {
+                match query_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let killed = self.client_entry.entry.kill.clone();
             let shutdown = self.shutdown.clone();
             let io = io::Sockets::new(self);
@@ -456,6 +490,7 @@ impl Session {
                 r = io => r?,
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
                 _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
+                _ = query_deadline => return Err(SessionError::QueryTimeout),
                 _ = killed.cancelled() => return Err(SessionError::Killed),
                 _ = expiry_deadline => return Err(SessionError::TokenExpired),
             };
@@ -469,6 +504,9 @@ impl Session {
                 return Ok(());
             }
             if event.server_read {
+                if !self.query_timeout.is_zero() {
+                    self.server_heard = Some(std::time::Instant::now());
+                }
                 self.process_server()?;
             }
         }
