@@ -377,6 +377,10 @@ pub struct GuardConfig {
     /// Byte budget of the verdict cache (texts over 64 KiB are never cached).
     #[serde(default = "default_cache_bytes", deserialize_with = "de_bytes")]
     pub verdict_cache_bytes: usize,
+    /// Longest statement text the guard classifies; longer ones are refused (54000) unread.
+    /// Classifying costs several hundred bytes of memory per byte of text.
+    #[serde(default = "default_max_statement_bytes", deserialize_with = "de_bytes")]
+    pub max_statement_bytes: usize,
     /// Allow the large-object functions, pg_largeobject and the large-object fastpath calls.
     /// Large objects belong to the upstream role, not to a tenant: RLS cannot protect them.
     #[serde(default)]
@@ -391,6 +395,7 @@ impl Default for GuardConfig {
             allow_create_function: false,
             verdict_cache_size: default_cache_size(),
             verdict_cache_bytes: default_cache_bytes(),
+            max_statement_bytes: default_max_statement_bytes(),
             allow_large_objects: false,
         }
     }
@@ -434,6 +439,9 @@ fn default_max_client_conn() -> usize {
 }
 fn default_idle_in_transaction_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_statement_bytes() -> usize {
+    1 << 20
 }
 fn default_true() -> bool {
     true

@@ -352,3 +352,64 @@ async fn statement_and_lock_timeouts_can_be_pinned_on_the_upstream_role() {
     assert_eq!(count(&north, "customers").await, 3);
     proxy.stop().await;
 }
+
+/// The guard's cost grows with the text (several hundred bytes of memory per byte): texts over
+/// `guard.max_statement_bytes` are refused unread with 54000, in both protocols, and the
+/// session goes on; texts under it (also large ones, classified one at a time off the shared
+/// worker threads) run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_longer_than_the_guard_checks_are_refused_unread() {
+    let db = demo_db();
+    let proxy = start_proxy_with(
+        &db,
+        &config_text(&db, 2, "[guard]\nmax_statement_bytes = \"128KB\""),
+    )
+    .await;
+    let c = client(&proxy, "north").await;
+    let literal = |n: usize| format!("SELECT length('{}')", "x".repeat(n));
+    // 100 KB: over the one-at-a-time threshold, under the cap
+    let rows = c
+        .simple_query(&literal(100 * 1024))
+        .await
+        .expect("100 KB runs");
+    assert!(
+        rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("102400"))),
+        "{rows:?}"
+    );
+    for big in [
+        literal(200 * 1024),
+        format!("SELECT 1; {}", literal(200 * 1024)),
+    ] {
+        let e = c.simple_query(&big).await.expect_err("refused");
+        assert_eq!(code(&e), "54000", "{}", message(&e));
+        assert!(
+            message(&e).contains("max_statement_bytes"),
+            "{}",
+            message(&e)
+        );
+        let e = c
+            .query(big.as_str(), &[])
+            .await
+            .expect_err("refused (extended)");
+        assert_eq!(code(&e), "54000", "{}", message(&e));
+    }
+    assert_eq!(count(&c, "customers").await > 0, true);
+    // a client running small statements meanwhile is served
+    let other = client(&proxy, "south").await;
+    let heavy = tokio::spawn({
+        let text = literal(120 * 1024);
+        async move {
+            for _ in 0..5 {
+                c.simple_query(&text).await.expect("large statement");
+            }
+        }
+    });
+    for _ in 0..20 {
+        other
+            .simple_query("SELECT 1")
+            .await
+            .expect("small statement");
+    }
+    heavy.await.expect("heavy client");
+    proxy.stop().await;
+}

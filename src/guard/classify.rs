@@ -245,6 +245,27 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
 /// Text the guard cannot parse is denied (fail closed): the parser may be newer than the
 /// server, or the text may be nested deeper than the guard reads; either way nothing in it
 /// has been checked.
+/// A text longer than `[guard] max_statement_bytes`: refused unread (classifying costs memory
+/// and time in proportion to the text, several hundred bytes per byte).
+pub(super) fn too_long(len: usize, max: usize) -> Analysis {
+    Analysis {
+        verdict: Verdict::Deny(Denial {
+            rule: "statement_too_long",
+            sqlstate: sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            message: format!(
+                "statement of {len} bytes is longer than rlsgate's guard checks (guard.max_statement_bytes = {max})"
+            ),
+        }),
+        statements: Vec::new(),
+        session_state: None,
+        session_set: false,
+        untracked_set: false,
+        parsed: false,
+        reset: None,
+        copy_from_stdin: false,
+    }
+}
+
 fn unparsable(e: &pg_query::Error) -> Analysis {
     let reason = match e {
         pg_query::Error::Parse(m) => m.clone(),

@@ -33,6 +33,28 @@ pub struct GuardOptions {
 /// and a few of them would otherwise hold the cache's whole byte budget.
 const MAX_CACHED_TEXT: usize = 64 * 1024;
 
+/// Texts longer than this are classified one at a time, process-wide, on a thread that serves
+/// no other client (peak memory is several hundred bytes per byte of text).
+const LARGE_TEXT: usize = 64 * 1024;
+static LARGE_CLASSIFICATION: Mutex<()> = Mutex::new(());
+
+/// Run a large classification: one at a time; in a multi-threaded runtime the worker hands its
+/// other clients to another thread first (`block_in_place`), so they are not held up.
+fn classify_large<T>(work: impl FnOnce() -> T) -> T {
+    let one_at_a_time = || {
+        let _turn = LARGE_CLASSIFICATION
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        work()
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(one_at_a_time)
+        }
+        _ => one_at_a_time(),
+    }
+}
+
 /// Verdicts by exact text, bounded in entries and in bytes.
 struct Cache {
     entries: LruCache<Box<str>, Arc<Analysis>>,
@@ -71,6 +93,8 @@ impl Cache {
 
 pub struct Guard {
     options: GuardOptions,
+    /// `[guard] max_statement_bytes`: longer texts are refused unread.
+    max_statement_bytes: usize,
     cache: Mutex<Cache>,
 }
 
@@ -93,6 +117,7 @@ impl Guard {
         let size = NonZeroUsize::new(config.verdict_cache_size.max(1)).unwrap_or(NonZeroUsize::MIN);
         Guard {
             options,
+            max_statement_bytes: config.max_statement_bytes,
             cache: Mutex::new(Cache {
                 entries: LruCache::new(size),
                 bytes: 0,
@@ -108,7 +133,13 @@ impl Guard {
         {
             return Arc::clone(hit);
         }
-        let analysis = Arc::new(classify::analyze(sql, &self.options));
+        let analysis = Arc::new(if sql.len() > self.max_statement_bytes {
+            classify::too_long(sql.len(), self.max_statement_bytes)
+        } else if sql.len() > LARGE_TEXT {
+            classify_large(|| classify::analyze(sql, &self.options))
+        } else {
+            classify::analyze(sql, &self.options)
+        });
         if let Ok(mut cache) = self.cache.lock() {
             cache.put(sql, Arc::clone(&analysis));
         }
