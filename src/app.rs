@@ -274,6 +274,11 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     let clients = Arc::new(tokio::sync::Semaphore::new(
         shared.config().server.max_client_conn,
     ));
+    crate::fd_limit::prepare(
+        shared.config().server.max_client_conn,
+        shared.config().upstream.pool_size,
+    );
+    let mut fd_reserve = crate::fd_limit::Reserve::new();
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, pool_size = shared.config().upstream.pool_size, "rlsgate is accepting connections");
     loop {
@@ -292,6 +297,19 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         let _slot = slot;
                         session.await
                     }.instrument(span));
+                }
+                Err(e) if crate::fd_limit::is_exhaustion(&e) && fd_reserve.release() => {
+                    // Out of descriptors: use the reserved one to tell the waiting client.
+                    let next = tokio::time::timeout(
+                        std::time::Duration::from_millis(100),
+                        listener.accept(),
+                    )
+                    .await;
+                    if let Ok(Ok((tcp, peer))) = next {
+                        tracing::warn!(%peer, error = %e, "out of file descriptors; refusing a client");
+                        refuse_at_fd_limit(tcp);
+                    }
+                    fd_reserve.restore();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -340,6 +358,24 @@ async fn refuse_client(tcp: TcpStream) {
     )
     .with_hint("rlsgate's server.max_client_conn is reached");
     client::report(&mut crate::stream::Stream::Plain(tcp), &err).await;
+}
+
+/// At the open-files limit: `FATAL 53300` written without waiting (whatever the client sent
+/// is read first, so closing does not reset the connection under the message), then closed.
+fn refuse_at_fd_limit(tcp: TcpStream) {
+    let err = crate::error::ClientError::fatal(
+        crate::error::sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    )
+    .with_hint("rlsgate has reached its open-files limit");
+    let mut out = bytes::BytesMut::new();
+    crate::protocol::backend::write_error(&err, &mut out);
+    let mut sink = [0u8; 1024];
+    let _ = tcp.try_read(&mut sink);
+    let _ = tcp.try_write(&out);
+    if let Ok(std) = tcp.into_std() {
+        let _ = std.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 async fn handle(

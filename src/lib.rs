@@ -36,6 +36,7 @@ pub mod config;
 pub mod doctor;
 pub mod embedded_pg;
 pub mod error;
+pub mod fd_limit;
 pub mod guard;
 pub mod http;
 pub mod limits;
