@@ -259,12 +259,14 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             let metrics = Arc::clone(&gauges.metrics);
             let shared_for_gauges = gauges;
+            let mut memory = MemoryReturn::default();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
                         pool.maintain().await;
                         metrics.set_server_connections(pool.idle_count(), pool.in_use());
                         metrics.set_pinned(shared_for_gauges.pinned.load(Ordering::Relaxed));
+                        memory.after_clients(shared_for_gauges.registry.count()).await;
                     }
                     _ = stop.cancelled() => return,
                 }
@@ -340,6 +342,35 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     let writer = shared.audit_writer.lock().ok().and_then(|mut w| w.take());
     if let Some(writer) = writer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
+    }
+}
+
+/// Memory freed by clients that left goes back to the system. The allocator keeps freed memory
+/// for reuse; after thousands of idle clients leave, rlsgate would otherwise hold their memory
+/// until it exits.
+#[derive(Default)]
+struct MemoryReturn {
+    /// Most clients seen since memory was last returned.
+    peak: usize,
+}
+
+impl MemoryReturn {
+    /// Clients that left since the peak before memory is returned (and at least half of it).
+    const LEFT: usize = 100;
+
+    async fn after_clients(&mut self, now: usize) {
+        self.peak = self.peak.max(now);
+        if self.peak - now < Self::LEFT || now > self.peak / 2 {
+            return;
+        }
+        self.peak = now;
+        // walks the whole heap: off the runtime's worker threads
+        let _ = tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim only releases free memory back to the system.
+            unsafe { libc::malloc_trim(0) }
+        })
+        .await;
+        tracing::debug!(clients = now, "returned freed memory to the system");
     }
 }
 

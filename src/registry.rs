@@ -82,6 +82,11 @@ impl Registry {
         }
     }
 
+    /// Logged-in clients now.
+    pub fn count(&self) -> usize {
+        self.clients.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
     pub fn clients(&self) -> Vec<Arc<ClientEntry>> {
         let mut v: Vec<_> = self
             .clients

@@ -301,10 +301,11 @@ impl Session {
             max_message: config.server.max_message_size,
             client: login.stream,
             client_buf: login.read_buf,
-            client_out: BytesMut::with_capacity(16 * 1024),
+            // (grown on first use: an idle client holds as little as possible)
+            client_out: BytesMut::new(),
             client_unflushed: false,
             server: None,
-            server_out: BytesMut::with_capacity(16 * 1024),
+            server_out: BytesMut::new(),
             server_unflushed: false,
             identity: login.identity,
             peer: login.peer.to_string(),
