@@ -474,13 +474,13 @@ fn mutate(rng: &mut Rng, items: &mut Vec<Item>) -> bool {
                 .push_str(&format!(" [bitflip byte {pos} bit {bit}]"));
             true
         }
-        1 => {
+        1 if len > 0 => {
             let tag = rng.next() as u8;
             it.bytes[0] = tag;
             it.label.push_str(&format!(" [tag -> {:?}]", tag as char));
             true
         }
-        2 => {
+        2 if len > 0 => {
             let keep = rng.below(len);
             it.bytes.truncate(keep);
             it.label.push_str(&format!(" [truncated to {keep}]"));
