@@ -176,10 +176,26 @@ mod tests {
     fn long_texts_are_never_cached() {
         let g = guard(32 << 20);
         for i in 0..20 {
-            let sql = format!("SELECT {i} AS n, '{}' AS pad", "x".repeat(2 << 20));
+            let sql = format!("SELECT {i} AS n, '{}' AS pad", "x".repeat(200 << 10));
             assert!(!g.analyze(&sql).is_denied());
         }
         assert!(g.cache_bytes() < 64 * 1024, "{}", g.cache_bytes());
+    }
+
+    #[test]
+    fn texts_over_max_statement_bytes_are_refused_unparsed() {
+        let g = Guard::new(&GuardConfig {
+            max_statement_bytes: 100 << 10,
+            ..GuardConfig::default()
+        });
+        let sql = format!("SELECT '{}'", "x".repeat(100 << 10));
+        let a = g.analyze(&sql);
+        assert!(!a.parsed);
+        match &a.verdict {
+            Verdict::Deny(d) => assert_eq!(d.sqlstate, "54000"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!g.analyze(&format!("SELECT '{}'", "x".repeat(90 << 10))).is_denied());
     }
 
     #[test]
