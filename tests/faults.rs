@@ -736,8 +736,30 @@ async fn restart_under_writer_load(mode: &'static str) {
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = su(&cluster.pg, &db, "SELECT count(*) FROM fault_log").await;
+    let t0 = std::time::Instant::now();
     cluster.restart(mode).await;
+    let server_back = t0.elapsed();
     restarted.store(true, Ordering::Relaxed);
+    // how long after the server is back a brand-new client is served through rlsgate
+    let t1 = std::time::Instant::now();
+    let mut served_after = None;
+    while t1.elapsed() < Duration::from_secs(10) {
+        if let Ok(mut c) = Wire::connect(proxy.addr, &db, "north").await
+            && c.query("SELECT 1", T10).await.ok()
+        {
+            served_after = Some(t1.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "restart -m {mode}: pg_ctl restart took {server_back:?}; a new client was served through rlsgate {served_after:?} after that"
+    );
+    if served_after.is_none() {
+        let mut f = Findings::default();
+        f.0.push("no new client served within 10 s of the restart".into());
+        f.assert_none();
+    }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Ordering::Relaxed);
 

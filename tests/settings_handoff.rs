@@ -100,7 +100,13 @@ async fn idle_session_timeout_cannot_kill_pooled_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statement_text_per_client_is_bounded() {
-    let proxy = start_proxy(1).await;
+    // (1 MB texts: over the guard's default size cap, which has a test of its own)
+    let db = demo_db();
+    let proxy = start_proxy_with(
+        &db,
+        &config_text(&db, 1, "[guard]\nmax_statement_bytes = \"2MB\""),
+    )
+    .await;
     let mut north = RawClient::connect(&proxy, &token("north")).await;
     let pad = "x".repeat(1 << 20);
     let mut refused = None;

@@ -301,8 +301,15 @@ async fn large_result_and_large_message_pipelined_do_not_deadlock() {
     let mut c = RawClient::connect(&proxy, &token("north")).await;
     let mut m = Vec::new();
     push(&mut m, b'Q', b"SELECT repeat('x', 8 * 1024 * 1024)\0");
-    let big = format!("SELECT length('{}')\0", "y".repeat(8 * 1024 * 1024));
-    push(&mut m, b'Q', big.as_bytes());
+    // an 8 MB Bind parameter (an 8 MB SQL text would be over guard.max_statement_bytes)
+    push(&mut m, b'P', b"\0SELECT length($1::text)\0\0\0");
+    let mut bind = b"\0\0\0\0\0\x01".to_vec();
+    bind.extend_from_slice(&(8 * 1024 * 1024i32).to_be_bytes());
+    bind.extend_from_slice(&vec![b'y'; 8 * 1024 * 1024]);
+    bind.extend_from_slice(b"\0\0");
+    push(&mut m, b'B', &bind);
+    push(&mut m, b'E', b"\0\0\0\0\0");
+    push(&mut m, b'S', b"");
     let (mut rd, mut wr) = c.stream.split();
     let write = async {
         wr.write_all(&m).await.unwrap();

@@ -263,6 +263,8 @@ pub struct Session {
     pending: Option<Frame>,
     /// The server sent a FATAL error (forwarded to the client): its connection is ending.
     upstream_fatal: bool,
+    /// The server ended the held connection between transactions: close it (see serve).
+    server_lost: bool,
     cancel: Registration,
     shutdown: CancellationToken,
 }
@@ -351,6 +353,7 @@ impl Session {
             leeway: config.auth.leeway.as_secs(),
             pending: None,
             upstream_fatal: false,
+            server_lost: false,
             cancel,
             shared,
             shutdown,
@@ -509,7 +512,22 @@ impl Session {
                     self.server_heard = Some(std::time::Instant::now());
                 }
                 self.process_server()?;
+                if std::mem::take(&mut self.server_lost) {
+                    self.close_lost_server().await;
+                }
             }
+        }
+    }
+
+    /// The held connection was ended by the server between transactions: close it, count it.
+    async fn close_lost_server(&mut self) {
+        self.cancel.slot.clear().await;
+        if let Some(server) = self.server.take() {
+            self.account_release();
+            self.shared
+                .metrics
+                .upstream_error(crate::metrics::UpstreamErrorKind::Lost);
+            drop(server);
         }
     }
 
@@ -546,6 +564,9 @@ impl Session {
     /// Handle every complete server frame in the read buffer.
     fn process_server(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.server_lost {
+                return Ok(());
+            }
             let forwards_rows = matches!(
                 self.expect.front(),
                 Some(Expect::Execute { .. } | Expect::Query { .. })

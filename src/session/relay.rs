@@ -189,12 +189,29 @@ impl Session {
     }
 
     fn on_error(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if be::notice_fields(frame.body())
-            .is_ok_and(|n| n.severity == "FATAL" || n.severity == "PANIC")
-        {
-            // The server ends the connection (terminated backend, shutdown): the client gets
-            // this error, and no second one when the connection then closes.
+        let fatal = be::notice_fields(frame.body())
+            .ok()
+            .filter(|n| n.severity == "FATAL" || n.severity == "PANIC");
+        if let Some(n) = fatal {
+            // The server ends the connection (terminated backend, shutdown).
+            let between_transactions = self.mode == crate::config::PoolMode::Transaction
+                && self.pinned.is_none()
+                && self.expect.is_empty()
+                && self.in_flight == 0
+                && !self.unit_open
+                && self.predicted == Predicted::Idle;
+            if between_transactions {
+                // Nothing of the client's was on it: the connection is closed and the client's
+                // next transaction gets another one (see serve).
+                tracing::info!(code = %n.code, message = %n.message, "upstream connection ended between transactions; closing it");
+                self.server_lost = true;
+                return Ok(());
+            }
+            // The client's transaction or request is lost: it gets this error, and the session
+            // ends with it (no second error when the connection then closes).
             self.upstream_fatal = true;
+            self.client_out.extend_from_slice(&frame.bytes);
+            return Err(SessionError::UpstreamClosed);
         }
         // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
         self.copy_in = false;
