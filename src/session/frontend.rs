@@ -362,7 +362,8 @@ impl Session {
             // settings count once the last piece ends committed
             let first = pieces.remove(0);
             let last = first.kind;
-            self.send_piece(first, due, true)?;
+            // plain mode: start_unit already applied the context for the first piece
+            self.send_piece(first, due && self.wrap, true)?;
             self.split = Some(Split {
                 rest: pieces.into(),
                 failed: false,
