@@ -31,7 +31,7 @@ pub fn prepare(max_client_conn: usize, pool_size: usize) -> Option<u64> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    let soft = lim.rlim_cur as u64;
+    let soft: u64 = lim.rlim_cur;
     let needed = max_client_conn as u64 + pool_size as u64 + OVERHEAD;
     if needed > soft {
         tracing::warn!(
