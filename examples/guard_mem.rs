@@ -39,6 +39,16 @@ fn main() {
     let t = std::time::Instant::now();
     let a = guard.analyze_uncached(&sql);
     let rss = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let hwm = rss.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("").to_string();
-    println!("{kind} {} bytes: {:?} parsed={} denied={} {hwm}", sql.len(), t.elapsed(), a.parsed, a.is_denied());
+    let hwm = rss
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "{kind} {} bytes: {:?} parsed={} denied={} {hwm}",
+        sql.len(),
+        t.elapsed(),
+        a.parsed,
+        a.is_denied()
+    );
 }

@@ -195,7 +195,10 @@ mod tests {
             Verdict::Deny(d) => assert_eq!(d.sqlstate, "54000"),
             other => panic!("{other:?}"),
         }
-        assert!(!g.analyze(&format!("SELECT '{}'", "x".repeat(90 << 10))).is_denied());
+        assert!(
+            !g.analyze(&format!("SELECT '{}'", "x".repeat(90 << 10)))
+                .is_denied()
+        );
     }
 
     #[test]
