@@ -161,19 +161,7 @@ async fn messages_pipelined_behind_copy_from_stdin_keep_the_session_in_step() {
         push(&mut m, b'S', b"");
         push(&mut m, b'Q', b"SELECT 42\0");
         c.stream.write_all(&m).await.unwrap();
-        let mut all = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let mut answered = false;
-        while let Ok(msg) = tokio::time::timeout_at(deadline, c.recv()).await {
-            if msg.tag == 'D' && msg.body.ends_with(b"42") {
-                answered = true;
-            }
-            let done = answered && msg.tag == 'Z';
-            all.push(msg);
-            if done {
-                break;
-            }
-        }
+        let (all, answered) = until_answered(&mut c, b"42").await;
         assert!(
             !all.iter().any(|m| m.tag == 'E' && m.field(b'S') == "FATAL"),
             "{what}: the session ended: {all:?}"
@@ -218,19 +206,7 @@ async fn extended_copy_with_a_unit_pipelined_behind_it_stays_in_step() {
     push(&mut m, b'S', b"");
     push(&mut m, b'Q', b"SELECT 42\0");
     c.stream.write_all(&m).await.unwrap();
-    let mut all = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut answered = false;
-    while let Ok(msg) = tokio::time::timeout_at(deadline, c.recv()).await {
-        if msg.tag == 'D' && msg.body.ends_with(b"42") {
-            answered = true;
-        }
-        let done = answered && msg.tag == 'Z';
-        all.push(msg);
-        if done {
-            break;
-        }
-    }
+    let (all, answered) = until_answered(&mut c, b"42").await;
     assert!(
         !all.iter().any(|m| m.tag == 'E' && m.field(b'S') == "FATAL"),
         "the session ended: {all:?}"
@@ -284,6 +260,24 @@ async fn extended_copy_with_a_unit_pipelined_behind_it_stays_in_step() {
     drop(c);
     pool_serves(&proxy).await;
     proxy.stop().await;
+}
+
+/// Messages until the ReadyForQuery after a DataRow ending in `value` (or 5 s); whether it came.
+async fn until_answered(c: &mut RawClient, value: &[u8]) -> (Vec<Msg>, bool) {
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut answered = false;
+    while let Ok(msg) = tokio::time::timeout_at(deadline, c.recv()).await {
+        if msg.tag == 'D' && msg.body.ends_with(value) {
+            answered = true;
+        }
+        let done = answered && msg.tag == 'Z';
+        all.push(msg);
+        if done {
+            break;
+        }
+    }
+    (all, answered)
 }
 
 fn push(m: &mut Vec<u8>, tag: u8, body: &[u8]) {

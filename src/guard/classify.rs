@@ -248,22 +248,13 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
 /// A text longer than `[guard] max_statement_bytes`: refused unread (classifying costs memory
 /// and time in proportion to the text, several hundred bytes per byte).
 pub(super) fn too_long(len: usize, max: usize) -> Analysis {
-    Analysis {
-        verdict: Verdict::Deny(Denial {
-            rule: "statement_too_long",
-            sqlstate: sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            message: format!(
-                "statement of {len} bytes is longer than rlsgate's guard checks (guard.max_statement_bytes = {max})"
-            ),
-        }),
-        statements: Vec::new(),
-        session_state: None,
-        session_set: false,
-        untracked_set: false,
-        parsed: false,
-        reset: None,
-        copy_from_stdin: false,
-    }
+    unread(Denial {
+        rule: "statement_too_long",
+        sqlstate: sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        message: format!(
+            "statement of {len} bytes is longer than rlsgate's guard checks (guard.max_statement_bytes = {max})"
+        ),
+    })
 }
 
 fn unparsable(e: &pg_query::Error) -> Analysis {
@@ -272,12 +263,17 @@ fn unparsable(e: &pg_query::Error) -> Analysis {
         pg_query::Error::Decode(_) => "statement is nested too deeply for rlsgate to check".into(),
         other => other.to_string(),
     };
+    unread(Denial {
+        rule: "unparsable",
+        sqlstate: sqlstate::SYNTAX_ERROR,
+        message: format!("statement could not be parsed by rlsgate's guard: {reason}"),
+    })
+}
+
+/// A text the guard did not read: denied, nothing known about it.
+fn unread(denial: Denial) -> Analysis {
     Analysis {
-        verdict: Verdict::Deny(Denial {
-            rule: "unparsable",
-            sqlstate: sqlstate::SYNTAX_ERROR,
-            message: format!("statement could not be parsed by rlsgate's guard: {reason}"),
-        }),
+        verdict: Verdict::Deny(denial),
         statements: Vec::new(),
         session_state: None,
         session_set: false,

@@ -436,3 +436,16 @@ pub fn admin_psql(proxy: &Proxy, sql: &str) -> Output {
         .output()
         .expect("run psql")
 }
+
+/// Resident memory of this process (the in-process proxy included), in kB.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
