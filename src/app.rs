@@ -383,22 +383,23 @@ pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>, stop: Cancel
 
 /// Over `max_client_conn`: tell the client and close, without reading anything.
 async fn refuse_client(tcp: TcpStream) {
-    let err = crate::error::ClientError::fatal(
+    let err = too_many_clients("rlsgate's server.max_client_conn is reached");
+    client::report(&mut crate::stream::Stream::Plain(tcp), &err).await;
+}
+
+/// `FATAL 53300`, as Postgres words it, with rlsgate's reason as the hint.
+fn too_many_clients(hint: &'static str) -> crate::error::ClientError {
+    crate::error::ClientError::fatal(
         crate::error::sqlstate::TOO_MANY_CONNECTIONS,
         "sorry, too many clients already",
     )
-    .with_hint("rlsgate's server.max_client_conn is reached");
-    client::report(&mut crate::stream::Stream::Plain(tcp), &err).await;
+    .with_hint(hint)
 }
 
 /// At the open-files limit: `FATAL 53300` written without waiting (whatever the client sent
 /// is read first, so closing does not reset the connection under the message), then closed.
 fn refuse_at_fd_limit(tcp: TcpStream) {
-    let err = crate::error::ClientError::fatal(
-        crate::error::sqlstate::TOO_MANY_CONNECTIONS,
-        "sorry, too many clients already",
-    )
-    .with_hint("rlsgate has reached its open-files limit");
+    let err = too_many_clients("rlsgate has reached its open-files limit");
     let mut out = bytes::BytesMut::new();
     crate::protocol::backend::write_error(&err, &mut out);
     let mut sink = [0u8; 1024];
