@@ -149,20 +149,142 @@ async fn extended_errors_skip_to_sync_like_postgres() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protocol_3_2_is_negotiated_down() {
+/// One message (tag, whole frame) from a socket that has not logged in.
+async fn first_messages(addr: std::net::SocketAddr, packet: &[u8], n: usize) -> Vec<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(packet).await.unwrap();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() > len {
+                out.push(buf.drain(..=len).collect());
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("an answer within 10s")
+            .unwrap();
+        assert!(read > 0, "closed after {out:?} + {buf:?}");
+        buf.extend_from_slice(&chunk[..read]);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiate_protocol_version_is_byte_for_byte_what_postgres_15_sends() {
     let proxy = start_proxy(1).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let msg = startup_packet(
-        (3 << 16) | 2,
-        &[("user", "app"), ("database", proxy.db.as_str())],
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", pg().port()).parse().unwrap();
+    let v = |minor: i32| (3 << 16) | minor;
+    let cases: [(&str, i32, &[(&str, &str)]); 6] = [
+        ("3.2", v(2), &[]),
+        (
+            "3.2 + _pq_ options",
+            v(2),
+            &[("_pq_.foo", "1"), ("_pq_.bar", "x")],
+        ),
+        ("3.1", v(1), &[]),
+        ("3.9999", v(9999), &[]),
+        ("3.65535", v(65535), &[("_pq_.a", "")]),
+        ("3.0 + _pq_ option", v(0), &[("_pq_.only", "on")]),
+    ];
+    for (what, version, options) in cases {
+        let mut params = vec![("user", "rlsgate_app"), ("database", proxy.db.as_str())];
+        params.extend_from_slice(options);
+        let packet = startup_packet(version, &params);
+        let from_pg = first_messages(server, &packet, 2).await;
+        let from_proxy = first_messages(proxy.addr, &packet, 2).await;
+        assert_eq!(from_pg[0][0], b'v', "{what}: Postgres 15 negotiates");
+        assert_eq!(
+            from_proxy[0], from_pg[0],
+            "{what}: NegotiateProtocolVersion differs from Postgres 15's"
+        );
+        // newest supported version: the full version number 3.0
+        assert_eq!(&from_proxy[0][5..9], &196_608i32.to_be_bytes(), "{what}");
+        // then both ask for a password
+        assert_eq!((from_pg[1][0], from_proxy[1][0]), (b'R', b'R'), "{what}");
+    }
+    // 3.0 without options: no negotiation on either side
+    let packet = startup_packet(
+        v(0),
+        &[("user", "rlsgate_app"), ("database", proxy.db.as_str())],
     );
-    s.write_all(&msg).await.unwrap();
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first).await.unwrap();
-    assert_eq!(first[0], b'v', "NegotiateProtocolVersion expected");
+    assert_eq!(first_messages(server, &packet, 1).await[0][0], b'R');
+    assert_eq!(first_messages(proxy.addr, &packet, 1).await[0][0], b'R');
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_18_with_max_protocol_version_3_2_connects_at_3_0() {
+    let Some(python) = libpq18_python() else {
+        return;
+    };
+    let proxy = start_proxy(1).await;
+    let script = "import sys, psycopg\n\
+                  conn = psycopg.connect(sys.argv[1])\n\
+                  n = conn.execute('SELECT count(*) FROM customers').fetchone()[0]\n\
+                  print(conn.info.pgconn.full_protocol_version, n)\n";
+    for max in ["3.2", "latest"] {
+        let conninfo = format!(
+            "{} max_protocol_version={max}",
+            proxy.conn_str(&token("north"))
+        );
+        let out = std::process::Command::new(&python)
+            .args(["-c", script, &conninfo])
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "max_protocol_version={max}: {}",
+            stderr(&out)
+        );
+        // protocol 3.0 (PQfullProtocolVersion = 30000), north's three customers
+        assert_eq!(stdout(&out), "30000 3", "max_protocol_version={max}");
+    }
+    // and min_protocol_version=3.2 is refused by libpq itself, as against Postgres 15
+    let conninfo = format!(
+        "{} min_protocol_version=3.2",
+        proxy.conn_str(&token("north"))
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, &conninfo])
+        .output()
+        .expect("run python");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("3.0"), "{}", stderr(&out));
+    proxy.stop().await;
+}
+
+/// The venv of tests/compat/install.sh (psycopg 3 bundling libpq 18), or `None` after saying why
+/// the test is skipped.
+fn libpq18_python() -> Option<std::path::PathBuf> {
+    let env = std::env::var_os("COMPAT_ENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/compat-env")
+        });
+    let python = env.join("venv/bin/python");
+    let version = std::process::Command::new(&python)
+        .args(["-c", "import psycopg; print(psycopg.pq.version())"])
+        .output();
+    match version {
+        Ok(out) if out.status.success() => {
+            let v: u32 = stdout(&out).parse().unwrap_or(0);
+            if v >= 180_000 {
+                return Some(python);
+            }
+            eprintln!("SKIPPED: {} has libpq {v}, not 18+", python.display());
+        }
+        _ => eprintln!(
+            "SKIPPED: no psycopg venv at {} (create it with tests/compat/install.sh)",
+            python.display()
+        ),
+    }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -206,7 +206,7 @@ async fn login(
 ) -> Result<(Identity, StartupMessage, String), HandshakeError> {
     let mut out = BytesMut::new();
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
-        be::write_negotiate_version(0, startup.protocol_options.clone(), &mut out);
+        be::write_negotiate_version(&startup.protocol_options, &mut out);
     }
     if startup
         .param("replication")

@@ -179,9 +179,16 @@ pub fn write_ready(status: TxStatus, out: &mut BytesMut) {
     encode(ReadyForQuery::new(status), out);
 }
 
-pub fn write_negotiate_version(newest_minor: i32, unsupported: Vec<String>, out: &mut BytesMut) {
+/// The newest protocol version rlsgate speaks, as a full protocol version number (3.0).
+pub const PROTOCOL_3_0: i32 = 3 << 16;
+
+/// NegotiateProtocolVersion as PostgreSQL 15 sends it to a client that asked for a newer minor
+/// version (3.1, 3.2, … 3.65535) or for `_pq_.` options: the full version number of 3.0
+/// (196608, not the bare minor 0, which libpq 18 reads as version 0.0 and gives up) and the
+/// option names it did not recognise, in the client's order.
+pub fn write_negotiate_version(unsupported: &[String], out: &mut BytesMut) {
     encode(
-        NegotiateProtocolVersion::new(newest_minor, unsupported),
+        NegotiateProtocolVersion::new(PROTOCOL_3_0, unsupported.to_vec()),
         out,
     );
 }
