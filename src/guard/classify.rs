@@ -9,7 +9,8 @@ use pg_query::NodeEnum;
 use pg_query::protobuf::{RawStmt, TransactionStmtKind, VariableSetKind};
 
 use super::GuardOptions;
-use super::search::Search;
+use super::pinned::{CALL_POINTER, pinned_setting};
+use super::search::{PinnedCall, Search};
 use super::session_effects::{Deallocate, SettingChange, effects};
 use crate::error::sqlstate;
 
@@ -162,6 +163,8 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
         reset: None,
         copy_from_stdin: false,
     };
+    // per statement: the setting a pinned `set_config(name, …) FROM pg_settings` changes
+    let mut pins: Vec<Option<String>> = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let (start, end) = stmt_range(raw, sql.len());
         let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
@@ -180,7 +183,11 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
             }
             _ => false,
         };
-        let (setting, deallocate) = node.map(|n| effects(n, text)).unwrap_or((None, None));
+        let pinned = node.and_then(pinned_setting);
+        let (setting, deallocate) = node
+            .map(|n| effects(n, text, pinned.as_deref()))
+            .unwrap_or((None, None));
+        pins.push(pinned);
         analysis.statements.push(Statement {
             start,
             end,
@@ -196,7 +203,13 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
     // tracked statement must never hide an untracked one elsewhere in the text.
     let mut search = Search::new(opts, depth);
     let mut untracked = false;
-    for (raw, statement) in parsed.protobuf.stmts.iter().zip(&analysis.statements) {
+    for ((raw, statement), pin) in parsed
+        .protobuf
+        .stmts
+        .iter()
+        .zip(&analysis.statements)
+        .zip(pins)
+    {
         let tree = match serde_json::to_value(raw) {
             Ok(t) => t,
             Err(_) => {
@@ -204,8 +217,14 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
                 return analysis;
             }
         };
+        // The pinned name counts for the statement's one set_config call and no other.
+        search.pinned = pin.and_then(|name| {
+            tree.pointer(CALL_POINTER)
+                .map(|call| PinnedCall::new(call, name))
+        });
         let before = search.session_sets;
         search.walk(&tree);
+        search.pinned = None;
         let found = search.session_sets - before;
         let tracked = usize::from(statement.setting.is_some());
         // more changes than tracked, or a tracked change the walk does not see as one

@@ -3,6 +3,7 @@
 //! run in a transaction block, session state). Pure: no I/O. Verdicts are cached by exact text.
 
 mod classify;
+mod pinned;
 pub mod policy;
 pub mod protected;
 mod search;

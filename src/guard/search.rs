@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::GuardOptions;
 use super::classify::{Denial, SessionReset, Verdict, analyze_depth};
+use super::pinned::forbidden_relation_name;
 use super::policy::{self, FunctionRule, KindRule, NameKind, RelationRule};
 use super::tree::{const_string, folded, func_name, parse_bool, unwrap_node};
 use crate::error::sqlstate;
@@ -26,6 +27,29 @@ pub(super) struct Search<'a> {
     pub deallocate_all: bool,
     /// Inside a statement whose parts are stored and run later (view, rule, default, …).
     stored: u32,
+    /// The set_config call of a pinned `SELECT set_config(name, …) FROM pg_settings WHERE
+    /// name = '…'` in the statement being walked (see [`super::pinned`]).
+    pub pinned: Option<PinnedCall>,
+}
+
+/// One set_config call whose setting name the WHERE clause pins to a literal.
+pub(super) struct PinnedCall {
+    /// The call's node in the tree being walked: compared by address only (never read), so
+    /// that the pinned name applies to exactly that call and not to another set_config(name, …)
+    /// elsewhere in the statement.
+    call: *const Value,
+    /// The literal, as written.
+    name: String,
+}
+
+impl PinnedCall {
+    pub fn new(call: &Value, name: String) -> Self {
+        PinnedCall { call, name }
+    }
+
+    fn is(&self, call: &Value) -> bool {
+        std::ptr::eq(self.call, call)
+    }
 }
 
 impl<'a> Search<'a> {
@@ -40,6 +64,7 @@ impl<'a> Search<'a> {
             reset: None,
             deallocate_all: false,
             stored: 0,
+            pinned: None,
         }
     }
 
@@ -136,6 +161,21 @@ impl<'a> Search<'a> {
                 self.session("temporary object")
             }
             "relpersistence" if node.as_str() == Some("t") => self.session("temporary object"),
+            // A relation named pg_settings could stand in for the settings view in a pinned
+            // set_config(name, …) (see super::pinned). CREATE TABLE/VIEW/TABLE AS are refused by
+            // `relation` (stored statements); SELECT INTO and renames are caught here.
+            "into_clause" | "into"
+                if node
+                    .get("rel")
+                    .and_then(|r| r.get("relname"))
+                    .and_then(Value::as_str)
+                    .is_some_and(forbidden_relation_name) =>
+            {
+                self.settings_shadow_denied()
+            }
+            "newname" if node.as_str().is_some_and(forbidden_relation_name) => {
+                self.settings_shadow_denied()
+            }
             _ => {}
         }
         false
@@ -276,6 +316,13 @@ impl<'a> Search<'a> {
         }
     }
 
+    fn settings_shadow_denied(&mut self) {
+        self.deny(
+            "settings_write",
+            "creating or renaming a relation called pg_settings is not allowed through rlsgate: it could stand in for the settings view".into(),
+        );
+    }
+
     fn large_object_denied(&mut self) {
         self.deny(
             "large_object",
@@ -393,7 +440,10 @@ impl<'a> Search<'a> {
             .unwrap_or(&[]);
         match policy::function(&name) {
             FunctionRule::Ordinary => {}
-            FunctionRule::SetConfig => self.set_config(args),
+            FunctionRule::SetConfig => {
+                let pinned = self.pinned.take_if(|p| p.is(node)).map(|p| p.name);
+                self.set_config(args, pinned)
+            }
             FunctionRule::RunsSql(positions) => {
                 let sql_args: Vec<&Value> = match positions {
                     // every argument that could hold text (numbers cannot)
@@ -501,14 +551,16 @@ impl<'a> Search<'a> {
         }
     }
 
-    fn set_config(&mut self, args: &[Value]) {
+    /// `pinned`: the setting name of a pinned `set_config(name, …) FROM pg_settings` (its first
+    /// argument is then the column); it is checked exactly as a constant name would be.
+    fn set_config(&mut self, args: &[Value], pinned: Option<String>) {
         if has_named_args(args) {
             return self.deny(
                 "set_config",
                 "set_config() with named arguments is not allowed through rlsgate".into(),
             );
         }
-        let Some(setting) = args.first().and_then(const_string) else {
+        let Some(setting) = args.first().and_then(const_string).or(pinned) else {
             return self.deny(
                 "set_config",
                 "set_config() with a non-constant setting name is not allowed: rlsgate cannot tell which setting it changes".into(),

@@ -18,8 +18,13 @@ pub enum SettingChange {
 /// `DEALLOCATE name` (`Some`) or `DEALLOCATE ALL` (`None`).
 pub type Deallocate = Option<String>;
 
-/// Effects of one top-level statement; `text` is the statement's own text.
-pub fn effects(node: &NodeEnum, text: &str) -> (Option<SettingChange>, Option<Deallocate>) {
+/// Effects of one top-level statement; `text` is the statement's own text, `pinned` the setting
+/// name of a pinned `SELECT set_config(name, …) FROM pg_settings WHERE name = '…'`.
+pub(super) fn effects(
+    node: &NodeEnum,
+    text: &str,
+    pinned: Option<&str>,
+) -> (Option<SettingChange>, Option<Deallocate>) {
     match node {
         NodeEnum::VariableSetStmt(v) if !v.is_local => {
             let name = v.name.to_ascii_lowercase();
@@ -39,8 +44,21 @@ pub fn effects(node: &NodeEnum, text: &str) -> (Option<SettingChange>, Option<De
         NodeEnum::SelectStmt(s)
             if s.target_list.len() == 1 && s.from_clause.is_empty() && s.where_clause.is_none() =>
         {
-            (s.target_list.first().and_then(set_config_call), None)
+            (
+                s.target_list
+                    .first()
+                    .and_then(|t| set_config_call(t, SettingName::Argument)),
+                None,
+            )
         }
+        NodeEnum::SelectStmt(s) if s.target_list.len() == 1 => (
+            pinned.and_then(|name| {
+                s.target_list
+                    .first()
+                    .and_then(|t| set_config_call(t, SettingName::Pinned(name)))
+            }),
+            None,
+        ),
         NodeEnum::DeallocateStmt(d) => (None, Some((!d.isall).then(|| d.name.clone()))),
         _ => (None, None),
     }
@@ -86,8 +104,21 @@ pub fn reauth_token(sql: &str) -> Option<String> {
     const_str(&f.args[0])
 }
 
+/// Where the setting name of a `set_config()` call comes from.
+#[derive(Debug, Clone, Copy)]
+enum SettingName<'a> {
+    /// Its first argument, a constant.
+    Argument,
+    /// The literal a pinned `… FROM pg_settings WHERE name = '…'` compares `name` with.
+    Pinned(&'a str),
+}
+
 /// `SELECT set_config('name', 'value', false)` with constants → `SET "name" TO 'value'`.
-fn set_config_call(target: &Node) -> Option<SettingChange> {
+///
+/// A pinned call is replayed in its own conditional form, with everything schema-qualified:
+/// like the client's statement it is a no-op where the server has no such setting (pg_dump
+/// relies on that against older servers), where `SET` would fail and stop the replay.
+fn set_config_call(target: &Node, name_from: SettingName<'_>) -> Option<SettingChange> {
     let Some(NodeEnum::ResTarget(t)) = &target.node else {
         return None;
     };
@@ -101,7 +132,11 @@ fn set_config_call(target: &Node) -> Option<SettingChange> {
     if last != "set_config" || f.args.len() != 3 {
         return None;
     }
-    let name = const_str(&f.args[0])?.to_ascii_lowercase();
+    let written = match name_from {
+        SettingName::Argument => const_str(&f.args[0])?,
+        SettingName::Pinned(name) => name.to_string(),
+    };
+    let name = written.to_ascii_lowercase();
     let value = const_str(&f.args[1])?;
     let is_local = match f.args[2].node.as_ref()? {
         NodeEnum::AConst(c) => match &c.val {
@@ -114,11 +149,18 @@ fn set_config_call(target: &Node) -> Option<SettingChange> {
     if is_local {
         return None;
     }
-    let sql = format!(
-        "SET {} TO {}",
-        escape_identifier(&name),
-        escape_literal(&value)
-    );
+    let sql = match name_from {
+        SettingName::Argument => format!(
+            "SET {} TO {}",
+            escape_identifier(&name),
+            escape_literal(&value)
+        ),
+        SettingName::Pinned(_) => format!(
+            "SELECT pg_catalog.set_config(name, {}, false) FROM pg_catalog.pg_settings WHERE name = {}",
+            escape_literal(&value),
+            escape_literal(&written)
+        ),
+    };
     Some(SettingChange::Set { name, sql })
 }
 
