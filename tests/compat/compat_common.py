@@ -51,9 +51,9 @@ START = time.monotonic()
 class Results:
     """Per-feature outcomes collected from every connection (thread-safe)."""
 
-    def __init__(self):
+    def __init__(self, features=FEATURES):
         self.lock = threading.Lock()
-        self.items = {f: [] for f in FEATURES}
+        self.items = {f: [] for f in features}
         self.notes = []
 
     def add(self, feature, who, ok, detail):
