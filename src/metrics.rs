@@ -166,12 +166,14 @@ impl LoginFailure {
             | HandshakeError::NoUser
             | HandshakeError::ProtectedStartupSetting(_)
             | HandshakeError::PlaintextRefused(_)
+            | HandshakeError::PlaintextNeverAllowed
             | HandshakeError::Replication => Some(LoginFailure::Other),
             HandshakeError::Gone
             | HandshakeError::Io(_)
             | HandshakeError::Protocol(_)
             | HandshakeError::Tls(_)
             | HandshakeError::SslStuffing
+            | HandshakeError::DirectTlsRefused(_)
             | HandshakeError::Unexpected(_) => None,
             _ => Some(LoginFailure::Other),
         }

@@ -46,6 +46,12 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The ALPN protocol name PostgreSQL 17+ and libpq 17+ use. The server offers only this one: a
+/// client that offers other protocols and not this one fails the handshake (alert
+/// `no_application_protocol`), as with PostgreSQL 17; a client that offers none is accepted after
+/// an SSLRequest, but not over direct TLS (see `client::handshake`).
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
 /// The acceptor for client connections (`[tls] cert/key`).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = load_certs(cert)?;
@@ -54,10 +60,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         path: key.display().to_string(),
         reason: e.to_string(),
     })?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -163,6 +163,9 @@ async fn tls_login_works_and_plaintext_tokens_can_be_refused() {
     // PGSSLMODE=disable in run_client: refused because the token would travel in clear text
     assert!(!out.status.success());
     assert!(stderr(&out).contains("without TLS"), "{}", stderr(&out));
+    // psql came from loopback: the message must name the rule that refused it, not the address
+    assert!(!stderr(&out).contains("non-loopback"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("never"), "{}", stderr(&out));
 
     let mut cmd = std::process::Command::new(pg().bin("psql"));
     cmd.env_clear().env("PGPASSWORD", &tok).args([
@@ -303,4 +306,69 @@ async fn upstream_connections_use_tls_per_sslmode() {
     }
     drop(tls_pg);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// rlsgate on a dual-stack `[::]:0` listener, where IPv4 clients show as `::ffff:a.b.c.d`.
+async fn dual_stack_proxy(db: &str, config: &str) -> Option<Proxy> {
+    let listener = match tokio::net::TcpListener::bind("[::]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: no IPv6 listener here: {e}");
+            return None;
+        }
+    };
+    let port = listener.local_addr().unwrap().port();
+    let config = rlsgate::config::Config::from_toml(config).unwrap();
+    let shared = rlsgate::app::Shared::new(config).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(rlsgate::app::run(
+        listener,
+        std::sync::Arc::clone(&shared),
+        shutdown.clone(),
+    ));
+    Some(Proxy {
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        db: db.to_string(),
+        shared,
+        shutdown,
+        task,
+    })
+}
+
+/// This host's address on its default route, when it has one that is not loopback.
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.1:9").ok()?; // no packet is sent
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_clients_of_a_dual_stack_listener_are_loopback() {
+    let db = demo_db();
+    let Some(proxy) = dual_stack_proxy(&db, &config_text(&db, 1, "")).await else {
+        return;
+    };
+    // 127.0.0.1 arrives as ::ffff:127.0.0.1: still loopback, so a plaintext token is accepted
+    let c = connect(&proxy, &token("north"))
+        .await
+        .expect("IPv4 loopback client through a dual-stack listener");
+    assert_eq!(count(&c, "customers").await, 3);
+    match non_loopback_ip() {
+        Some(ip) => {
+            let conn = format!(
+                "host={ip} port={} dbname={db} user=app password={} sslmode=disable",
+                proxy.addr.port(),
+                token("north")
+            );
+            let err = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .err()
+                .expect("a plaintext token from a non-loopback address is refused");
+            assert_eq!(code(&err), "08004", "{err}");
+            assert!(message(&err).contains("non-loopback"), "{err}");
+        }
+        None => eprintln!("SKIPPED (part): this host has no non-loopback address"),
+    }
+    proxy.stop().await;
 }

@@ -38,6 +38,8 @@ pub enum HandshakeError {
     Tls(String),
     #[error("client sent data after SSLRequest before the TLS handshake")]
     SslStuffing,
+    #[error("direct TLS connection refused: {0}")]
+    DirectTlsRefused(&'static str),
     #[error("unexpected message {0:?} during the handshake")]
     Unexpected(char),
     #[error("database {0:?} does not exist")]
@@ -46,8 +48,10 @@ pub enum HandshakeError {
     NoUser,
     #[error("protected setting {0:?} in the startup packet")]
     ProtectedStartupSetting(String),
-    #[error("token over a connection without TLS from {0}")]
+    #[error("token over a connection without TLS from the non-loopback address {0}")]
     PlaintextRefused(SocketAddr),
+    #[error("token over a connection without TLS (tls.plaintext_password = \"never\")")]
+    PlaintextNeverAllowed,
     #[error("authentication failed: {0}")]
     Auth(#[from] AuthError),
     #[error("replication connections are not supported")]
@@ -62,7 +66,8 @@ impl UserFacing for HandshakeError {
             HandshakeError::Gone
             | HandshakeError::Io(_)
             | HandshakeError::Tls(_)
-            | HandshakeError::SslStuffing => {
+            | HandshakeError::SslStuffing
+            | HandshakeError::DirectTlsRefused(_) => {
                 ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
             }
             HandshakeError::Protocol(ProtocolError::UnsupportedVersion { .. }) => {
@@ -89,6 +94,11 @@ impl UserFacing for HandshakeError {
             HandshakeError::PlaintextRefused(_) => ClientError::fatal(
                 sqlstate::CONNECTION_REJECTED,
                 "rlsgate refuses a token sent without TLS from a non-loopback address",
+            )
+            .with_hint("connect with sslmode=require"),
+            HandshakeError::PlaintextNeverAllowed => ClientError::fatal(
+                sqlstate::CONNECTION_REJECTED,
+                "rlsgate refuses a token sent without TLS, from any address (tls.plaintext_password = \"never\")",
             )
             .with_hint("connect with sslmode=require"),
             HandshakeError::Auth(e) => e.to_client_error(),
@@ -133,9 +143,12 @@ pub async fn handshake(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Result<Handshake, (Option<Stream>, HandshakeError)> {
-    let mut stream = Stream::Plain(tcp);
+    let mut stream = match accept_direct_tls(tcp, shared).await {
+        Ok(s) => s,
+        Err(e) => return Err((None, e)),
+    };
     let mut buf = BytesMut::with_capacity(1024);
-    let mut tls_done = false;
+    let mut tls_done = stream.is_tls();
     let startup = loop {
         let packet = match read_startup(&mut stream, &mut buf).await {
             Ok(p) => p,
@@ -197,6 +210,41 @@ pub async fn handshake(
     }
 }
 
+/// The first byte of a TLS handshake record. A startup packet never starts with it (its length
+/// would be hundreds of megabytes), so it marks a client that starts TLS at once.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Direct TLS (libpq 17+ `sslnegotiation=direct`), as PostgreSQL 17 does it: a client whose first
+/// byte opens a TLS handshake record gets the TLS handshake at once, without an SSLRequest, and
+/// must have negotiated ALPN `postgresql` (which proves it is a Postgres client, not some other
+/// TLS client pointed at the port). Without `[tls]`, or without ALPN, the connection is closed
+/// with nothing written: the client speaks TLS, so a plaintext ErrorResponse would only be
+/// garbage to it (Postgres logs the reason and closes too). Anything else is left unread for
+/// [`read_startup`].
+async fn accept_direct_tls(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Stream, HandshakeError> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 {
+        return Err(HandshakeError::Gone);
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return Ok(Stream::Plain(tcp));
+    }
+    let Some(acceptor) = shared.live().tls_acceptor.clone() else {
+        return Err(HandshakeError::DirectTlsRefused("TLS is not configured"));
+    };
+    let mut tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+        let _ = tls.shutdown().await;
+        return Err(HandshakeError::DirectTlsRefused(
+            "the client did not negotiate ALPN \"postgresql\"",
+        ));
+    }
+    Ok(Stream::ServerTls(Box::new(tls)))
+}
+
 async fn login(
     stream: &mut Stream,
     buf: &mut BytesMut,
@@ -234,13 +282,14 @@ async fn login(
     {
         return Err(HandshakeError::ProtectedStartupSetting(name));
     }
-    let allowed = match config.plaintext_password() {
-        PlaintextPassword::Always => true,
-        PlaintextPassword::Loopback => stream.is_tls() || peer.ip().is_loopback(),
-        PlaintextPassword::Never => stream.is_tls(),
-    };
-    if !allowed {
-        return Err(HandshakeError::PlaintextRefused(peer));
+    // An IPv4 client of a dual-stack listener shows as ::ffff:127.0.0.1: canonical form first.
+    let loopback = peer.ip().to_canonical().is_loopback();
+    match config.plaintext_password() {
+        _ if stream.is_tls() => {}
+        PlaintextPassword::Always => {}
+        PlaintextPassword::Loopback if loopback => {}
+        PlaintextPassword::Loopback => return Err(HandshakeError::PlaintextRefused(peer)),
+        PlaintextPassword::Never => return Err(HandshakeError::PlaintextNeverAllowed),
     }
     if !shared.throttle.allows(peer.ip()) {
         shared.audit.record(AuditEvent::LoginThrottled {
