@@ -1,6 +1,6 @@
 //! The admin console: database `rlsgate`, a token with `auth.admin_claim = true`, and
 //! PgBouncer-style commands over the wire protocol, answered as ordinary result sets:
-//! `SHOW POOLS|CLIENTS|SERVERS|TENANTS|CONFIG`, `RELOAD`, `PAUSE`, `RESUME`, `KILL <tenant>`.
+//! `SHOW POOLS|CLIENTS|SERVERS|TENANTS|CONFIG`, `RELOAD`, `RECONNECT`, `PAUSE`, `RESUME`, `KILL <tenant>`.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -271,6 +271,18 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
             }
             be::write_command_complete("RELOAD", out);
         }
+        ["RECONNECT"] => {
+            let closed = shared.pool.reconnect();
+            be::write_notice(
+                "NOTICE",
+                "01000",
+                &format!(
+                    "{closed} idle upstream connections closed; busy ones close when released"
+                ),
+                out,
+            );
+            be::write_command_complete("RECONNECT", out);
+        }
         ["PAUSE"] => {
             shared.set_paused(true);
             be::write_command_complete("PAUSE", out);
@@ -286,7 +298,7 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
         }
         _ => {
             return Err(ClientError::error(sqlstate::SYNTAX_ERROR, format!("unknown admin command: {text}")).with_hint(
-                "SHOW POOLS | SHOW CLIENTS | SHOW SERVERS | SHOW TENANTS | SHOW CONFIG | RELOAD | PAUSE | RESUME | KILL <tenant>",
+                "SHOW POOLS | SHOW CLIENTS | SHOW SERVERS | SHOW TENANTS | SHOW CONFIG | RELOAD | RECONNECT | PAUSE | RESUME | KILL <tenant>",
             ));
         }
     }

@@ -131,3 +131,71 @@ async fn prepared_statement_text_per_client_is_bounded() {
     assert_eq!(count(&south, "customers").await, 2);
     proxy.stop().await;
 }
+
+/// List-valued `search_path` (from `options=-c search_path=a,b`, a startup parameter as JDBC's
+/// `currentSchema=a,b` sends, or `set_config('search_path', 'a, b', false)`) is replayed as the
+/// same list when the client comes back to a connection another client used in between — not as
+/// one quoted schema named `a,b`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_valued_search_path_is_replayed_as_a_list() {
+    let db = demo_db();
+    admin_sql(
+        &db,
+        "CREATE SCHEMA sa; CREATE SCHEMA \"Sb\"; \
+         CREATE TABLE sa.only_a (x int); CREATE TABLE \"Sb\".only_b (y int); \
+         GRANT USAGE ON SCHEMA sa, \"Sb\" TO rlsgate_app; \
+         GRANT SELECT ON sa.only_a, \"Sb\".only_b TO rlsgate_app; \
+         GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO PUBLIC",
+    );
+    let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
+    let base = proxy.conn_str(&token("north"));
+    let via_options = format!("{base} options='-c search_path=sa,\\\"Sb\\\"'");
+    let (options_client, conn) = tokio_postgres::connect(&via_options, tokio_postgres::NoTls)
+        .await
+        .expect("connect with options");
+    tokio::spawn(conn);
+    let set_config_client = client(&proxy, "north").await;
+    set_config_client
+        .simple_query("SELECT set_config('search_path', 'sa, \"Sb\"', false)")
+        .await
+        .expect("set_config");
+    let other = client(&proxy, "south").await;
+
+    // A startup parameter of its own, as JDBC's currentSchema sends it.
+    let mut raw =
+        RawClient::connect_with(&proxy, &token("north"), &[("search_path", "sa,\"Sb\"")]).await;
+    for _ in 0..3 {
+        other.simple_query("SELECT 1").await.unwrap();
+        raw.query("SELECT x FROM only_a; SELECT y FROM only_b; SHOW search_path")
+            .await;
+        let msgs = raw.until_ready().await;
+        assert!(
+            !msgs.iter().any(|m| m.tag == 'E'),
+            "startup parameter: {msgs:?}"
+        );
+        let last_row = msgs.iter().rev().find(|m| m.tag == 'D').expect("a row");
+        assert!(
+            String::from_utf8_lossy(&last_row.body).ends_with("sa, \"Sb\""),
+            "{last_row:?}"
+        );
+    }
+
+    for (how, c) in [
+        ("options", &options_client),
+        ("set_config", &set_config_client),
+    ] {
+        for _ in 0..3 {
+            // Someone else uses the only connection in between.
+            other.simple_query("SELECT 1").await.unwrap();
+            let path: String = c.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+            assert_eq!(path, "sa, \"Sb\"", "{how}");
+            c.simple_query("SELECT x FROM only_a")
+                .await
+                .unwrap_or_else(|e| panic!("{how}: {e}"));
+            c.simple_query("SELECT y FROM only_b")
+                .await
+                .unwrap_or_else(|e| panic!("{how}: {e}"));
+        }
+    }
+    proxy.stop().await;
+}

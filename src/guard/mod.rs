@@ -8,6 +8,7 @@ pub mod policy;
 pub mod protected;
 mod search;
 mod session_effects;
+pub mod set_sql;
 pub(crate) mod tree;
 
 use std::num::NonZeroUsize;

@@ -4,7 +4,7 @@
 
 use pg_query::NodeEnum;
 use pg_query::protobuf::{Node, VariableSetKind, a_const};
-use postgres_protocol::escape::{escape_identifier, escape_literal};
+use postgres_protocol::escape::escape_literal;
 
 /// A session-level setting change the proxy can replay exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,11 +150,7 @@ fn set_config_call(target: &Node, name_from: SettingName<'_>) -> Option<SettingC
         return None;
     }
     let sql = match name_from {
-        SettingName::Argument => format!(
-            "SET {} TO {}",
-            escape_identifier(&name),
-            escape_literal(&value)
-        ),
+        SettingName::Argument => super::set_sql::set_statement(&name, &value),
         SettingName::Pinned(_) => format!(
             "SELECT pg_catalog.set_config(name, {}, false) FROM pg_catalog.pg_settings WHERE name = {}",
             escape_literal(&value),

@@ -91,6 +91,9 @@ pub(super) async fn connect(
         dirty_session: false,
         unnamed_owner: None,
         settings_owner: None,
+        // set by the pool (Inner::open)
+        generation: 0,
+        plans_epoch: 0,
     })
 }
 

@@ -4,6 +4,7 @@
 mod connect;
 pub mod statements;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,6 +92,10 @@ pub struct ServerConn {
     /// Whose session settings the connection holds: `(session id, settings version)`; `None` =
     /// the upstream defaults.
     pub settings_owner: Option<(u64, u64)>,
+    /// The pool's generation when it was opened: an admin RECONNECT closes older ones.
+    pub generation: u64,
+    /// The pool's plans epoch its statements were prepared in (see [`Pool::invalidate_plans`]).
+    pub plans_epoch: u64,
 }
 
 impl ServerConn {
@@ -156,7 +161,17 @@ struct Inner {
     connected_once: std::sync::atomic::AtomicBool,
     /// ParameterStatus set of the first connection, reported to clients at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
+    /// Bumped by an admin RECONNECT: connections of an older generation are closed instead of
+    /// being handed out or returned.
+    generation: AtomicU64,
+    /// Bumped when the server reports a cached plan whose result type changed.
+    plans_epoch: AtomicU64,
+    /// Those statements, with the epoch they went stale at.
+    stale_plans: Mutex<HashMap<Arc<str>, u64>>,
 }
+
+/// Most stale statements remembered (see [`Pool::plan_went_stale`]).
+const MAX_STALE_PLANS: usize = 10_000;
 
 impl Inner {
     /// Open one upstream connection within `connect_timeout`, recording for readiness whether
@@ -172,7 +187,10 @@ impl Inner {
             ))),
         };
         self.failing.store(result.is_err(), Ordering::Relaxed);
-        let conn = result?;
+        let mut conn = result?;
+        conn.generation = self.generation.load(Ordering::Relaxed);
+        conn.plans_epoch = self.plans_epoch.load(Ordering::Relaxed);
+        conn.prepared.epoch = conn.plans_epoch;
         self.connected_once.store(true, Ordering::Relaxed);
         tracing::debug!(
             server_id = id,
@@ -209,7 +227,8 @@ impl Inner {
     }
 
     fn too_old(&self, conn: &ServerConn) -> bool {
-        !self.cfg.max_lifetime.is_zero() && conn.created.elapsed() >= self.cfg.max_lifetime
+        (!self.cfg.max_lifetime.is_zero() && conn.created.elapsed() >= self.cfg.max_lifetime)
+            || conn.generation < self.generation.load(Ordering::Relaxed)
     }
 
     fn expired(&self, conn: &ServerConn) -> bool {
@@ -256,6 +275,9 @@ impl Pool {
                 server_params: Mutex::new(None),
                 failing: std::sync::atomic::AtomicBool::new(false),
                 connected_once: std::sync::atomic::AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                plans_epoch: AtomicU64::new(0),
+                stale_plans: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -265,6 +287,72 @@ impl Pool {
         if let Ok(mut idle) = self.inner.idle.lock() {
             idle.clear();
         }
+    }
+
+    /// Admin `RECONNECT`: every connection open now is closed instead of being reused — idle ones
+    /// at once, busy ones when their client releases them (as PgBouncer's RECONNECT). Returns
+    /// how many idle connections were closed.
+    pub fn reconnect(&self) -> usize {
+        self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        let closed = match self.inner.idle.lock() {
+            Ok(mut idle) => std::mem::take(&mut *idle),
+            Err(_) => Vec::new(),
+        };
+        tracing::info!(
+            idle_closed = closed.len(),
+            "RECONNECT: upstream connections will be replaced"
+        );
+        closed.len()
+    }
+
+    /// The server refused rlsgate's statement `name` with `cached plan must not change result
+    /// type` (a column was added to or dropped from a table it reads): every connection's copy
+    /// is closed and prepared again before it is used next, and clients whose own statement was
+    /// prepared before now get that error too (as they would from Postgres, where each session's
+    /// copy fails until it is prepared again). Returns the new plans epoch.
+    pub fn plan_went_stale(&self, name: &Arc<str>) -> u64 {
+        let epoch = self.inner.plans_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut stale) = self.inner.stale_plans.lock() {
+            if stale.len() >= MAX_STALE_PLANS {
+                // Forgetting is safe: a stale copy then fails on the server and is seen again.
+                stale.clear();
+            }
+            stale.insert(Arc::clone(name), epoch);
+        }
+        tracing::info!(
+            statement = %name,
+            epoch,
+            "the server refused a cached plan whose result type changed; preparing the statement again"
+        );
+        epoch
+    }
+
+    /// Increases with every [`Pool::plan_went_stale`]; nothing went stale while it is unchanged.
+    pub fn plans_epoch(&self) -> u64 {
+        self.inner.plans_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Statements that went stale after epoch `since`.
+    pub fn stale_since(&self, since: u64) -> Vec<Arc<str>> {
+        self.inner
+            .stale_plans
+            .lock()
+            .map(|stale| {
+                stale
+                    .iter()
+                    .filter(|(_, e)| **e > since)
+                    .map(|(n, _)| Arc::clone(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether statement `name`, prepared at epoch `since`, went stale afterwards.
+    pub fn is_stale(&self, name: &str, since: u64) -> bool {
+        self.inner
+            .stale_plans
+            .lock()
+            .is_ok_and(|stale| stale.get(name).is_some_and(|e| *e > since))
     }
 
     /// The upstream's ParameterStatus set (connecting once if none is known yet).

@@ -17,17 +17,26 @@ pub const MAX_STATEMENTS: usize = 1_000;
 pub const MAX_TEXT_BYTES: usize = 16 << 20;
 
 pub struct ServerStatements {
-    live: LruCache<Arc<str>, usize>,
+    /// Name → (text size, plans epoch when prepared).
+    live: LruCache<Arc<str>, (usize, u64)>,
+    /// The plans epoch statements prepared now are stamped with (the connection's, set when a
+    /// unit starts: see `Pool::plan_went_stale`).
+    pub epoch: u64,
     bytes: usize,
     to_close: Vec<(Arc<str>, usize)>,
+    /// Statements whose plan the server no longer accepts: closed at the next unit, and never
+    /// revived (unlike `to_close`).
+    retired: Vec<Arc<str>>,
 }
 
 impl Default for ServerStatements {
     fn default() -> Self {
         ServerStatements {
             live: LruCache::unbounded(),
+            epoch: 0,
             bytes: 0,
             to_close: Vec::new(),
+            retired: Vec::new(),
         }
     }
 }
@@ -50,14 +59,14 @@ impl ServerStatements {
 
     /// A statement of `size` bytes of text was prepared; older ones may be queued for Close.
     pub fn insert(&mut self, name: Arc<str>, size: usize) {
-        if let Some(old) = self.live.put(name, size) {
+        if let Some((old, _)) = self.live.put(name, (size, self.epoch)) {
             self.bytes = self.bytes.saturating_sub(old);
         }
         self.bytes += size;
         while self.live.len() > MAX_STATEMENTS
             || (self.bytes > MAX_TEXT_BYTES && self.live.len() > 1)
         {
-            let Some((n, s)) = self.live.pop_lru() else {
+            let Some((n, (s, _))) = self.live.pop_lru() else {
                 break;
             };
             self.bytes = self.bytes.saturating_sub(s);
@@ -67,7 +76,7 @@ impl ServerStatements {
 
     /// The Parse did not happen: the server does not have it.
     pub fn remove(&mut self, name: &str) {
-        if let Some(s) = self.live.pop(name) {
+        if let Some((s, _)) = self.live.pop(name) {
             self.bytes = self.bytes.saturating_sub(s);
         }
     }
@@ -77,11 +86,43 @@ impl ServerStatements {
         self.live.clear();
         self.bytes = 0;
         self.to_close.clear();
+        self.retired.clear();
+    }
+
+    /// The server no longer accepts the statement's plan: close it at the next unit (or right
+    /// before it is prepared again) and never revive it.
+    pub fn retire(&mut self, name: &Arc<str>) {
+        if let Some((size, _)) = self.live.pop(name) {
+            self.bytes = self.bytes.saturating_sub(size);
+        } else if let Some(i) = self.to_close.iter().position(|(n, _)| n == name) {
+            self.to_close.swap_remove(i);
+        } else {
+            return;
+        }
+        self.retired.push(Arc::clone(name));
+    }
+
+    /// The plans epoch the live statement `name` was prepared in.
+    pub fn epoch_of(&self, name: &str) -> Option<u64> {
+        self.live.peek(name).map(|(_, e)| *e)
+    }
+
+    /// Whether `name` was retired and not closed yet (forgetting it: the caller closes it now).
+    pub fn take_retired(&mut self, name: &str) -> bool {
+        match self.retired.iter().position(|n| &**n == name) {
+            Some(i) => {
+                self.retired.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Statements to Close at the start of the next unit.
     pub fn take_to_close(&mut self) -> Vec<Arc<str>> {
-        self.to_close.drain(..).map(|(n, _)| n).collect()
+        let mut names: Vec<Arc<str>> = self.to_close.drain(..).map(|(n, _)| n).collect();
+        names.append(&mut self.retired);
+        names
     }
 
     pub fn len(&self) -> usize {
@@ -118,6 +159,23 @@ mod tests {
         for n in &closing {
             assert!(!s.contains(n), "{n} was closed");
         }
+    }
+
+    #[test]
+    fn retired_statements_are_closed_and_not_revived() {
+        let mut s = ServerStatements::default();
+        s.insert(Arc::from("rg_a"), 10);
+        s.insert(Arc::from("rg_b"), 10);
+        s.retire(&Arc::from("rg_a"));
+        s.retire(&Arc::from("rg_unknown"));
+        assert!(!s.contains("rg_a"));
+        assert!(s.contains("rg_b"));
+        assert_eq!(s.take_to_close(), [Arc::from("rg_a")]);
+        assert!(s.take_to_close().is_empty());
+        s.retire(&Arc::from("rg_b"));
+        assert!(s.take_retired("rg_b"));
+        assert!(!s.take_retired("rg_b"));
+        assert!(s.take_to_close().is_empty());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::guard::TxEffect;
 
 #[derive(Debug)]
@@ -18,7 +20,8 @@ pub enum Expect {
     Synthetic(u8),
     /// Forward exactly one reply with this tag (ParseComplete, BindComplete, CloseComplete).
     /// For a Parse: `prepared` is the server statement it creates and `client_name` the client's
-    /// name for it; both are forgotten again if the Parse fails.
+    /// name for it; both are forgotten again if the Parse fails. For a Bind: `prepared` is the
+    /// server statement it binds (named ones only).
     One {
         tag: u8,
         prepared: Option<Arc<str>>,
@@ -41,9 +44,17 @@ pub enum Expect {
     /// Sync: ReadyForQuery (then `after`).
     Sync { after: After },
     /// Query: everything until ReadyForQuery (then `after`). `copy` as for Execute.
-    Query { after: After, copy: bool },
-    /// A denial raised server-side: swallow ParseComplete/BindComplete, forward the error.
-    Raise,
+    /// `refusal`: the guard refused the client's Query and rlsgate sent a statement the server
+    /// cannot parse instead, so that the transaction state is exactly Postgres'; the client gets
+    /// this ErrorResponse in place of the server's.
+    Query {
+        after: After,
+        copy: bool,
+        refusal: Option<Bytes>,
+    },
+    /// A refused extended-protocol message: the server fails rlsgate's unparsable Parse and
+    /// skips to Sync; the client gets `error` in place of the server's ErrorResponse.
+    Raise { error: Bytes },
     /// A statement rlsgate runs itself (settings replay, the `BEGIN` of transaction_wrap):
     /// swallow everything up to and including its ReadyForQuery.
     HiddenQuery { what: &'static str },
@@ -54,6 +65,15 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// A client's (or rlsgate's own) Query.
+    pub fn query(after: After, copy: bool) -> Expect {
+        Expect::Query {
+            after,
+            copy,
+            refusal: None,
+        }
+    }
+
     /// A COPY FROM STDIN the server has not answered yet (CopyInResponse or an error).
     pub fn awaits_copy(&self) -> bool {
         matches!(

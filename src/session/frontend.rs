@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::expect::{After, Expect};
 use super::inject;
@@ -26,6 +26,13 @@ pub(super) struct Refusal {
 }
 
 impl Refusal {
+    /// The ErrorResponse the client gets.
+    fn error_response(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        be::write_error(&self.client_error(), &mut out);
+        out.freeze()
+    }
+
     fn client_error(&self) -> ClientError {
         let e = ClientError::error(self.sqlstate, self.message.clone());
         match self.hint {
@@ -111,8 +118,6 @@ impl Session {
                 || (self.unit_open && self.reapply.is_some()))
     }
 
-    /// Start a unit of work: check the token, get a connection, inject the context when the unit
-    /// starts a transaction. `Err` from the pool is returned for the caller to report.
     /// Start a unit of work: check the token, get a connection, replay settings. Returns whether
     /// the unit starts a transaction that needs the context (`Ok(Ok(true))`): in plain mode the
     /// context is injected here, ahead of the unit; with transaction_wrap the caller places it.
@@ -381,25 +386,16 @@ impl Session {
             self.wrap_begin();
             self.server_out.extend_from_slice(&frame.bytes);
             if analysis.copy_from_stdin {
-                self.expect_ready(Expect::Query {
-                    after: After::SwallowThenCommit,
-                    copy: true,
-                });
+                self.expect_ready(Expect::query(After::SwallowThenCommit, true));
                 self.units_sent + 1
             } else {
-                self.expect_ready(Expect::Query {
-                    after: After::Swallow,
-                    copy: false,
-                });
+                self.expect_ready(Expect::query(After::Swallow, false));
                 self.wrap_commit(After::Forward);
                 self.units_sent
             }
         } else {
             self.server_out.extend_from_slice(&frame.bytes);
-            let unit = self.expect_ready(Expect::Query {
-                after: After::Forward,
-                copy: analysis.copy_from_stdin,
-            });
+            let unit = self.expect_ready(Expect::query(After::Forward, analysis.copy_from_stdin));
             if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Begin) {
                 self.inject_context();
             }
@@ -487,11 +483,11 @@ impl Session {
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
         if self.server.is_some() {
-            let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
-            if fe::write_query(&sql, &mut self.server_out).is_ok() {
+            if fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok() {
                 self.expect_ready(Expect::Query {
                     after: After::Forward,
                     copy: false,
+                    refusal: Some(refusal.error_response()),
                 });
                 return;
             }
@@ -526,14 +522,14 @@ impl Session {
                 self.wrap_begin();
             }
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect_ready(Expect::Query {
-                copy: false,
-                after: if wrapped {
+            self.expect_ready(Expect::query(
+                if wrapped {
                     After::Swallow
                 } else {
                     After::Forward
                 },
-            });
+                false,
+            ));
             if wrapped {
                 self.wrap_commit(After::Forward);
             }
@@ -676,6 +672,7 @@ impl Session {
             sql: Arc::from(p.sql),
             param_types: Bytes::copy_from_slice(p.param_types),
             analysis,
+            plans_epoch: self.shared.pool.plans_epoch(),
         });
         self.stmts.insert(p.name, prepared);
         let _sync = self.client_buf.split_to(5);
@@ -715,9 +712,16 @@ impl Session {
             return Ok(());
         };
         server.conn().unnamed_owner = None;
-        let sql = inject::raise_sql(refusal.sqlstate, &refusal.message, refusal.hint);
-        fe::write_simple_extended(&sql, &mut self.server_out).map_err(protocol)?;
-        self.expect.push_back(Expect::Raise);
+        fe::write_parse(
+            inject::REFUSED_STATEMENT,
+            inject::REFUSED_SQL,
+            &[0, 0],
+            &mut self.server_out,
+        )
+        .map_err(protocol)?;
+        self.expect.push_back(Expect::Raise {
+            error: refusal.error_response(),
+        });
         Ok(())
     }
 
@@ -770,6 +774,7 @@ impl Session {
             sql: Arc::from(p.sql),
             param_types: Bytes::copy_from_slice(p.param_types),
             analysis,
+            plans_epoch: self.shared.pool.plans_epoch(),
         });
         let seq = self.stmts.insert(p.name, prepared);
         let id = self.id;
@@ -788,6 +793,7 @@ impl Session {
         } else if conn.prepared.contains(&server_name) {
             self.push_synthetic(be::PARSE_COMPLETE);
         } else {
+            close_if_retired(conn, &server_name, &mut self.server_out, &mut self.expect)?;
             fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out)
                 .map_err(protocol)?;
             conn.prepared.insert(Arc::clone(&server_name), p.sql.len());
@@ -835,6 +841,12 @@ impl Session {
                 });
             }
         } else if !conn.prepared.contains(&prepared.server_name) {
+            close_if_retired(
+                conn,
+                &prepared.server_name,
+                &mut self.server_out,
+                &mut self.expect,
+            )?;
             fe::write_parse(
                 &prepared.server_name,
                 &prepared.sql,
@@ -867,6 +879,17 @@ impl Session {
             && let Some(analysis) = self.stmts.get(b.statement).map(|p| Arc::clone(&p.analysis))
         {
             self.reapply_context(why, &analysis, b.portal);
+        }
+        if let Some(p) = self.stmts.get(b.statement)
+            && p.plans_epoch != self.shared.pool.plans_epoch()
+            && self.shared.pool.is_stale(&p.server_name, p.plans_epoch)
+        {
+            // Postgres fails this client's copy of the statement after the migration as well.
+            return self.refuse_extended(Refusal {
+                sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
+                message: "cached plan must not change result type".into(),
+                hint: Some("prepare the statement again"),
+            });
         }
         let Some(prepared) = self.ensure_prepared(b.statement)? else {
             return self.unknown_statement(b.statement);
@@ -919,9 +942,10 @@ impl Session {
                 effect,
                 unit,
             },
+            // (the server statement, should the server refuse its plan)
             None => Expect::One {
                 tag: be::BIND_COMPLETE,
-                prepared: None,
+                prepared: (!b.statement.is_empty()).then(|| Arc::clone(&prepared.server_name)),
                 client_name: None,
             },
         });
@@ -1147,4 +1171,22 @@ fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
         (TxEffect::None, y) => y,
         _ => TxEffect::Unknown,
     }
+}
+
+/// A statement retired after a migration may still exist on the server: Close it right before
+/// it is prepared again (a Close of a missing statement is no error).
+fn close_if_retired(
+    conn: &mut crate::pool::ServerConn,
+    name: &str,
+    server_out: &mut bytes::BytesMut,
+    expect: &mut std::collections::VecDeque<Expect>,
+) -> Result<(), SessionError> {
+    if conn.prepared.take_retired(name) {
+        fe::write_close(b'S', name, server_out).map_err(protocol)?;
+        expect.push_back(Expect::Hidden {
+            tag: be::CLOSE_COMPLETE,
+            prepared: None,
+        });
+    }
+    Ok(())
 }

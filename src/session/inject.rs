@@ -1,5 +1,5 @@
 //! The bytes rlsgate sends upstream on its own: the tenant context (`SET LOCAL …` as
-//! Parse/Bind/Execute without Sync, DESIGN §3) and server-side raised errors for denials.
+//! Parse/Bind/Execute without Sync, DESIGN §3) and what stands in for a refused statement.
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
@@ -34,33 +34,20 @@ fn settings_messages(settings: &[(String, String)]) -> Result<(Bytes, usize), Pr
     Ok((out.freeze(), settings.len()))
 }
 
-/// SQL that makes the server itself raise `sqlstate`/`message`, so that the transaction state,
-/// the skipping of messages up to Sync and the ReadyForQuery status are exactly Postgres'.
-pub fn raise_sql(sqlstate: &str, message: &str, hint: Option<&str>) -> String {
-    // `$` is removed so no text can close the dollar quote; everything else is a quoted literal.
-    let clean = |s: &str| s.replace('$', "");
-    let mut sql = format!(
-        "DO $rlsgate$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
-        escape_literal(&clean(sqlstate)),
-        escape_literal(&clean(message)),
-    );
-    if let Some(h) = hint {
-        sql.push_str(&format!(", HINT = {}", escape_literal(&clean(h))));
-    }
-    sql.push_str("; END $rlsgate$");
-    sql
-}
+/// What rlsgate sends in place of a refused statement: text the server cannot parse, so that it
+/// fails the statement itself and the transaction state, the skipping of messages up to Sync and
+/// the ReadyForQuery status are exactly Postgres'. The relay hands the client the guard's error
+/// instead of the server's; nothing here depends on a procedural language or any privilege. The
+/// server's log shows `syntax error at or near "rlsgate"` with this text as the statement.
+pub const REFUSED_SQL: &str = "rlsgate refused this statement";
+
+/// The (never created) statement name of the extended-protocol refusal: a named Parse leaves the
+/// client's unnamed statement alone.
+pub const REFUSED_STATEMENT: &str = "rg_refused";
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn raise_sql_cannot_be_broken_out_of() {
-        let sql = raise_sql("42501", "name \"x$rlsgate$; select 1 --'\"", None);
-        assert_eq!(sql.matches("$rlsgate$").count(), 2);
-        assert!(sql.contains("'name \"xrlsgate; select 1 --''\"'"));
-    }
 
     #[test]
     fn context_values_are_quoted() {

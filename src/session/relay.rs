@@ -98,7 +98,7 @@ impl Session {
             Expect::Hidden { tag: want, .. } if *want == tag => (false, true),
             Expect::One { tag: want, .. } if *want == tag => (true, true),
             Expect::Rebind { .. } if tag == be::BIND_COMPLETE => (true, true),
-            Expect::Raise => match tag {
+            Expect::Raise { .. } => match tag {
                 be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
                 _ => return Err(unexpected(tag, front)),
             },
@@ -215,10 +215,37 @@ impl Session {
         }
         // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
         self.copy_in = false;
+        if let Some(Expect::One {
+            tag: be::BIND_COMPLETE,
+            prepared: Some(name),
+            ..
+        }) = self.expect.front()
+            && stale_plan(frame.body())
+        {
+            if let Some(server) = self.server.as_mut() {
+                let prepared = &mut server.conn().prepared;
+                // A copy older than a known change only needs replacing here; anything else is
+                // news for every connection and client.
+                let copy = prepared.epoch_of(name).unwrap_or(0);
+                if !self.shared.pool.is_stale(name, copy) {
+                    self.shared.pool.plan_went_stale(name);
+                }
+                prepared.retire(name);
+            }
+        }
         let Some(front) = self.expect.front() else {
             // An error outside any request (e.g. the server terminating the session): pass it on.
             self.client_out.extend_from_slice(&frame.bytes);
             return Ok(());
+        };
+        // A refused statement: the client gets the guard's error, not the server's parse error.
+        let error = match front {
+            Expect::Query {
+                refusal: Some(error),
+                ..
+            }
+            | Expect::Raise { error } => &error[..],
+            _ => &frame.bytes[..],
         };
         match front {
             Expect::Query { .. } | Expect::WrapCommit { .. } => {
@@ -226,14 +253,14 @@ impl Session {
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
                 }
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(error);
                 Ok(())
             }
             Expect::Inject { .. } => self.on_injection_error(frame),
             _ => {
                 // Extended protocol: the server now skips everything up to Sync.
                 self.tx_failed = true;
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(error);
                 self.discard_until_sync();
                 Ok(())
             }
@@ -515,7 +542,7 @@ impl Session {
 
     fn write_client_query(&mut self, sql: &str, after: After) -> Result<(), SessionError> {
         fe::write_query(sql, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
-        self.expect_ready(Expect::Query { after, copy: false });
+        self.expect_ready(Expect::query(after, false));
         Ok(())
     }
 
@@ -534,4 +561,15 @@ impl Session {
         let _ = fe::write_query("COMMIT", &mut self.server_out);
         self.expect_ready(Expect::WrapCommit { after });
     }
+}
+
+/// `0A000 cached plan must not change result type`: a prepared statement's table changed shape
+/// (ALTER TABLE … ADD/DROP COLUMN). Postgres keeps refusing the statement until it is prepared
+/// again.
+fn stale_plan(body: &[u8]) -> bool {
+    be::notice_fields(body).is_ok_and(|n| {
+        n.code == crate::error::sqlstate::FEATURE_NOT_SUPPORTED
+            && n.message
+                .starts_with("cached plan must not change result type")
+    })
 }

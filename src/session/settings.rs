@@ -3,8 +3,6 @@
 //! that connection holds someone else's settings; the replay is pipelined ahead of the client's
 //! messages, so it costs no round trip.
 
-use postgres_protocol::escape::{escape_identifier, escape_literal};
-
 use crate::guard::SettingChange;
 use crate::guard::protected::ProtectedSet;
 
@@ -52,11 +50,7 @@ impl Settings {
             {
                 continue;
             }
-            let sql = format!(
-                "SET {} TO {}",
-                escape_identifier(&lower),
-                escape_literal(value)
-            );
+            let sql = crate::guard::set_sql::set_statement(&lower, value);
             upsert(&mut s.startup, lower, sql);
         }
         s.rebuild();

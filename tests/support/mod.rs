@@ -267,6 +267,11 @@ impl Msg {
 
 impl RawClient {
     pub async fn connect(proxy: &Proxy, token: &str) -> RawClient {
+        RawClient::connect_with(proxy, token, &[]).await
+    }
+
+    /// Log in with extra startup parameters.
+    pub async fn connect_with(proxy: &Proxy, token: &str, extra: &[(&str, &str)]) -> RawClient {
         use tokio::io::AsyncWriteExt;
         let stream = tokio::net::TcpStream::connect(proxy.addr)
             .await
@@ -275,7 +280,9 @@ impl RawClient {
             stream,
             buf: bytes::BytesMut::new(),
         };
-        let msg = startup_packet(196_608, &[("user", "app"), ("database", proxy.db.as_str())]);
+        let mut params = vec![("user", "app"), ("database", proxy.db.as_str())];
+        params.extend_from_slice(extra);
+        let msg = startup_packet(196_608, &params);
         c.stream.write_all(&msg).await.unwrap();
         let auth = c.recv().await;
         assert_eq!(auth.tag, 'R', "{auth:?}");
