@@ -18,7 +18,7 @@ use lru::LruCache;
 
 pub use classify::{Analysis, Denial, SessionReset, Statement, TxEffect, Verdict};
 use protected::ProtectedSet;
-pub use session_effects::{Deallocate, SettingChange, reauth_token};
+pub use session_effects::{Deallocate, ReauthArg, SettingChange, reauth_call, reauth_token};
 
 use crate::config::GuardConfig;
 

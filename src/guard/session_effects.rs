@@ -67,6 +67,23 @@ pub(super) fn effects(
 /// The token of `SELECT rlsgate.reauth('<jwt>')`, sent alone as a simple Query. Parsed without the
 /// verdict cache so tokens are never kept in it.
 pub fn reauth_token(sql: &str) -> Option<String> {
+    match reauth_call(sql)? {
+        ReauthArg::Token(t) => Some(t),
+        ReauthArg::Param => None,
+    }
+}
+
+/// The argument of `SELECT rlsgate.reauth(…)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReauthArg {
+    /// The token, written in the text.
+    Token(String),
+    /// `$1` (optionally cast): the token comes as the first bind parameter.
+    Param,
+}
+
+/// `SELECT rlsgate.reauth('<jwt>')` or `SELECT rlsgate.reauth($1)`, alone.
+pub fn reauth_call(sql: &str) -> Option<ReauthArg> {
     let head = sql.trim_start();
     if head.len() < 6
         || !head[..6].eq_ignore_ascii_case("select")
@@ -101,7 +118,14 @@ pub fn reauth_token(sql: &str) -> Option<String> {
     if names != ["rlsgate", "reauth"] || f.args.len() != 1 {
         return None;
     }
-    const_str(&f.args[0])
+    let mut arg = f.args[0].node.as_ref()?;
+    if let NodeEnum::TypeCast(t) = arg {
+        arg = t.arg.as_ref()?.node.as_ref()?;
+    }
+    if let NodeEnum::ParamRef(p) = arg {
+        return (p.number == 1).then_some(ReauthArg::Param);
+    }
+    const_str(&f.args[0]).map(ReauthArg::Token)
 }
 
 /// Where the setting name of a `set_config()` call comes from.

@@ -232,6 +232,13 @@ pub fn write_data_row(values: &[String], out: &mut BytesMut) {
 
 /// A one-column, one-row text result: RowDescription + DataRow + CommandComplete.
 pub fn write_single_text_row(column: &str, value: &str, out: &mut BytesMut) {
+    write_text_row_description(column, out);
+    write_text_row(value, out);
+    write_command_complete("SELECT 1", out);
+}
+
+/// RowDescription of one text column.
+pub fn write_text_row_description(column: &str, out: &mut BytesMut) {
     out.put_u8(ROW_DESCRIPTION);
     out.put_i32((4 + 2 + column.len() + 1 + 4 + 2 + 4 + 2 + 4 + 2) as i32);
     out.put_i16(1);
@@ -243,12 +250,25 @@ pub fn write_single_text_row(column: &str, value: &str, out: &mut BytesMut) {
     out.put_i16(-1);
     out.put_i32(-1);
     out.put_i16(0); // text format
+}
+
+/// DataRow of one text value (the same bytes in text and binary format).
+pub fn write_text_row(value: &str, out: &mut BytesMut) {
     out.put_u8(DATA_ROW);
     out.put_i32((4 + 2 + 4 + value.len()) as i32);
     out.put_i16(1);
     out.put_i32(value.len() as i32);
     out.put_slice(value.as_bytes());
-    write_command_complete("SELECT 1", out);
+}
+
+/// ParameterDescription of `params` text parameters.
+pub fn write_text_parameters(params: u16, out: &mut BytesMut) {
+    out.put_u8(PARAMETER_DESCRIPTION);
+    out.put_i32(4 + 2 + 4 * i32::from(params));
+    out.put_u16(params);
+    for _ in 0..params {
+        out.put_i32(25);
+    }
 }
 
 /// A message with an empty body (ParseComplete, BindComplete, CloseComplete, NoData).

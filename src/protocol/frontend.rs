@@ -109,6 +109,21 @@ fn validate_bind_tail(rest: &[u8]) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// The first parameter value of a (validated) Bind tail: `None` for NULL or no parameter.
+pub fn bind_first_param(rest: &[u8]) -> Result<Option<&[u8]>, ProtocolError> {
+    let mut c = Cursor::new(rest, "Bind");
+    let nfmt = c.i16()?;
+    c.take(usize::try_from(nfmt).map_err(|_| ProtocolError::Malformed("Bind"))? * 2)?;
+    if c.i16()? < 1 {
+        return Ok(None);
+    }
+    let len = c.i32()?;
+    match usize::try_from(len) {
+        Ok(len) => Ok(Some(c.take(len)?)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// `Describe` and `Close`: kind (`S` statement or `P` portal) and name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), ProtocolError> {
     let mut c = Cursor::new(body, what);

@@ -18,6 +18,8 @@ pub enum Expect {
     Hidden { tag: u8, prepared: Option<Arc<str>> },
     /// A reply rlsgate produces itself (ParseComplete/CloseComplete for statements it tracks).
     Synthetic(u8),
+    /// Whole messages rlsgate produces itself (answers to `rlsgate.reauth($1)`).
+    Reply(Bytes),
     /// Forward exactly one reply with this tag (ParseComplete, BindComplete, CloseComplete).
     /// For a Parse: `prepared` is the server statement it creates and `client_name` the client's
     /// name for it; both are forgotten again if the Parse fails. For a Bind: `prepared` is the

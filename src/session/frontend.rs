@@ -555,6 +555,9 @@ impl Session {
     // ---------------------------------------------------------------- extended protocol
 
     async fn on_extended(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.on_reauth_message(&frame).await? {
+            return Ok(Flow::Continue);
+        }
         if !self.unit_open
             && self.server.is_none()
             && frame.tag == fe::PARSE
@@ -704,7 +707,7 @@ impl Session {
 
     /// Refuse an extended message: the server raises the error (exact state), then everything up
     /// to Sync is skipped, as Postgres does after an error.
-    fn refuse_extended(&mut self, refusal: Refusal) -> Result<(), SessionError> {
+    pub(super) fn refuse_extended(&mut self, refusal: Refusal) -> Result<(), SessionError> {
         self.skip_until_sync = true;
         let Some(server) = self.server.as_mut() else {
             self.local_failed_unit = true;

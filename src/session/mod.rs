@@ -10,6 +10,7 @@ mod expect;
 mod frontend;
 mod inject;
 mod io;
+mod reauth;
 mod relay;
 mod settings;
 mod statements;
@@ -190,6 +191,8 @@ pub struct Session {
     /// Statements in `context` (CommandCompletes to swallow).
     context_count: usize,
     expect: VecDeque<Expect>,
+    /// `rlsgate.reauth($1)` statements and portal (extended protocol).
+    reauth: reauth::ReauthState,
     /// Query/Sync messages sent whose ReadyForQuery has not arrived.
     in_flight: usize,
     predicted: Predicted,
@@ -315,6 +318,7 @@ impl Session {
             context,
             context_count,
             expect: VecDeque::new(),
+            reauth: Default::default(),
             in_flight: 0,
             predicted: Predicted::Idle,
             unit_open: false,

@@ -127,7 +127,8 @@ impl Session {
             | Expect::Hidden { .. }
             | Expect::One { .. }
             | Expect::Rebind { .. }
-            | Expect::Synthetic(_) => {
+            | Expect::Synthetic(_)
+            | Expect::Reply(_) => {
                 return Err(unexpected(tag, front));
             }
         };
@@ -182,8 +183,12 @@ impl Session {
 
     /// Emit replies rlsgate produces itself that have reached the front of the queue.
     fn emit_synthetic(&mut self) {
-        while let Some(Expect::Synthetic(tag)) = self.expect.front() {
-            be::write_empty(*tag, &mut self.client_out);
+        loop {
+            match self.expect.front() {
+                Some(Expect::Synthetic(tag)) => be::write_empty(*tag, &mut self.client_out),
+                Some(Expect::Reply(bytes)) => self.client_out.extend_from_slice(bytes),
+                _ => return,
+            }
             self.expect.pop_front();
         }
     }
