@@ -280,10 +280,16 @@ pub struct AuthConfig {
     pub role_template: Option<String>,
     #[serde(default)]
     pub role_allow: Vec<String>,
-    /// Failed logins per client address tolerated within `failed_login_window` before further
-    /// attempts are refused (FATAL 53300) without checking their tokens. 0 = no throttling.
+    /// Failed logins tolerated per (client address, token subject) within
+    /// `failed_login_window`; after that, further such failures are refused with FATAL 53300.
+    /// Only what an attacker controls counts: malformed or oversized tokens, bad signatures,
+    /// unknown key ids, disallowed algorithms. A token whose signature verifies is never
+    /// throttled; an expired or not-yet-valid one gets its own 28000 and is not counted. The
+    /// subject is the unverified `sub`; unreadable tokens share one bucket per address (refused
+    /// unchecked once it is locked). 0 = no throttling.
     #[serde(default = "default_failed_login_burst")]
     pub failed_login_burst: u32,
+    /// The window of `failed_login_burst`, counted from a key's first failure.
     #[serde(
         default = "default_failed_login_window",
         with = "humantime_serde_compat"

@@ -180,7 +180,8 @@ async fn negotiate_protocol_version_is_byte_for_byte_what_postgres_15_sends() {
     let proxy = start_proxy(1).await;
     let server: std::net::SocketAddr = format!("127.0.0.1:{}", pg().port()).parse().unwrap();
     let v = |minor: i32| (3 << 16) | minor;
-    let cases: [(&str, i32, &[(&str, &str)]); 6] = [
+    type Case<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 6] = [
         ("3.2", v(2), &[]),
         (
             "3.2 + _pq_ options",

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::Identity;
 use super::claims::{lookup, render_claim, valid_tenant};
 use super::jwks::{Jwks, JwksConfig, Lookup};
+use super::throttle::Claimed;
 use crate::config::AuthConfig;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use std::collections::BTreeMap;
@@ -149,11 +150,38 @@ impl std::fmt::Debug for Validator {
     }
 }
 
-/// Fields of the token header worth an audit line.
-#[derive(Debug, Clone, Default)]
+/// Fields of the token worth an audit line, and who it claims to be (for the login throttle).
+/// All unverified.
+#[derive(Debug, Clone)]
 pub struct TokenMeta {
     pub kid: Option<String>,
     pub jti: Option<String>,
+    pub claimed: Claimed,
+}
+
+/// A refused token, and whether its signature verified. A verified token was refused for its
+/// claims (expired, not yet valid, issuer, audience, tenant…): that is the issuer's doing, not
+/// an attacker's, and the login throttle does not count it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub error: AuthError,
+    pub signature_verified: bool,
+}
+
+impl Refusal {
+    fn unverified(error: AuthError) -> Self {
+        Refusal {
+            error,
+            signature_verified: false,
+        }
+    }
+
+    fn verified(error: AuthError) -> Self {
+        Refusal {
+            error,
+            signature_verified: true,
+        }
+    }
 }
 
 impl Validator {
@@ -271,33 +299,60 @@ impl Validator {
         }
     }
 
-    /// Header fields for audit lines (best effort; unverified).
+    /// Header and payload fields for audit lines and the throttle (best effort; unverified).
     pub fn meta(token: &str) -> TokenMeta {
-        let kid = jsonwebtoken::decode_header(token.trim())
-            .ok()
-            .and_then(|h| h.kid);
-        let jti = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token.trim())
-            .ok()
-            .and_then(|c| c.get("jti").and_then(Value::as_str).map(str::to_string));
-        TokenMeta { kid, jti }
+        let token = token.trim();
+        if token.len() > MAX_TOKEN_LEN {
+            return TokenMeta {
+                kid: None,
+                jti: None,
+                claimed: Claimed::Unreadable,
+            };
+        }
+        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid);
+        let claims = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token).ok();
+        let text = |name: &str| {
+            claims
+                .as_ref()
+                .and_then(|c| c.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let claimed = match (&claims, text("sub")) {
+            (Some(Value::Object(_)), Some(sub)) => Claimed::Subject(sub),
+            (Some(Value::Object(_)), None) => Claimed::NoSubject,
+            _ => Claimed::Unreadable,
+        };
+        TokenMeta {
+            kid,
+            jti: text("jti"),
+            claimed,
+        }
     }
 
     /// Check a token and build the identity it proves. `login_user` is the user name from the
     /// StartupMessage (checked against `auth.user_claim` when set).
     pub async fn validate(&self, token: &str, login_user: &str) -> Result<Identity, AuthError> {
+        self.check(token, login_user).await.map_err(|r| r.error)
+    }
+
+    /// As [`Validator::validate`], telling a refusal of a token whose signature verified from
+    /// one anybody could cause.
+    pub async fn check(&self, token: &str, login_user: &str) -> Result<Identity, Refusal> {
         let token = token.trim();
         if token.is_empty() {
-            return Err(AuthError::Empty);
+            return Err(Refusal::unverified(AuthError::Empty));
         }
         if token.len() > MAX_TOKEN_LEN {
-            return Err(AuthError::TooLarge);
+            return Err(Refusal::unverified(AuthError::TooLarge));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| map_error(e.kind()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Refusal::unverified(map_error(e.kind())))?;
         if header.jku.is_some() || header.x5u.is_some() {
-            return Err(AuthError::ForbiddenHeader);
+            return Err(Refusal::unverified(AuthError::ForbiddenHeader));
         }
         if !self.algorithms.contains(&header.alg) {
-            return Err(AuthError::BadAlgorithm);
+            return Err(Refusal::unverified(AuthError::BadAlgorithm));
         }
         let key = match self.select_key(&header) {
             Err(AuthError::UnknownKid) => {
@@ -309,17 +364,24 @@ impl Validator {
                     }
                 }
                 if !refreshed {
-                    return Err(AuthError::UnknownKid);
+                    return Err(Refusal::unverified(AuthError::UnknownKid));
                 }
-                self.select_key(&header)?
+                self.select_key(&header).map_err(Refusal::unverified)?
             }
-            other => other?,
+            other => other.map_err(Refusal::unverified)?,
         };
         let mut validation = self.validation.clone();
         validation.algorithms = vec![header.alg];
-        let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
-            .map_err(|e| map_error(e.kind()))?;
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
+            let error = map_error(e.kind());
+            if verified_before(e.kind()) {
+                Refusal::verified(error)
+            } else {
+                Refusal::unverified(error)
+            }
+        })?;
         self.identity(&data.claims, login_user)
+            .map_err(Refusal::verified)
     }
 
     /// The key for this header: HS* only ever uses the secret; asymmetric algorithms use the JWKS
@@ -476,6 +538,25 @@ fn fill_template(template: &str, claims: &Value) -> Result<String, AuthError> {
     Ok(out)
 }
 
+/// Whether `jsonwebtoken::decode` raises this only after the signature verified. It checks the
+/// header (already parsed above, so it cannot fail there), the algorithm, the signature, and only
+/// then decodes and validates the claims. A Base64 error may come from the signature segment as
+/// well as the payload, so it counts as unverified (a signer never produces bad base64).
+fn verified_before(kind: &ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ExpiredSignature
+            | ErrorKind::ImmatureSignature
+            | ErrorKind::InvalidIssuer
+            | ErrorKind::InvalidAudience
+            | ErrorKind::InvalidSubject
+            | ErrorKind::MissingRequiredClaim(_)
+            | ErrorKind::InvalidClaimFormat(_)
+            | ErrorKind::Json(_)
+            | ErrorKind::Utf8(_)
+    )
+}
+
 fn map_error(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -603,6 +684,80 @@ mod tests {
             v.validate(&"a".repeat(MAX_TOKEN_LEN + 1), "u").await,
             Err(AuthError::TooLarge)
         );
+    }
+
+    #[tokio::test]
+    async fn refusals_say_whether_the_signature_verified() {
+        let v = validator().await;
+        let good = json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"});
+        let mint = |c: &Value| mint_hs256(SECRET.as_bytes(), c).unwrap();
+        let verified = |e: AuthError| Err(Refusal::verified(e));
+        let unverified = |e: AuthError| Err(Refusal::unverified(e));
+        let mut expired = good.clone();
+        expired["exp"] = json!(now() - 10);
+        assert_eq!(
+            v.check(&mint(&expired), "u").await,
+            verified(AuthError::Expired)
+        );
+        let mut nbf = good.clone();
+        nbf["nbf"] = json!(now() + 3600);
+        assert_eq!(
+            v.check(&mint(&nbf), "u").await,
+            verified(AuthError::NotYetValid)
+        );
+        let mut iss = good.clone();
+        iss["iss"] = json!("other");
+        assert_eq!(
+            v.check(&mint(&iss), "u").await,
+            verified(AuthError::BadIssuer)
+        );
+        let mut tenant = good.clone();
+        tenant["store_id"] = json!("x y");
+        assert_eq!(
+            v.check(&mint(&tenant), "u").await,
+            verified(AuthError::BadClaim("store_id".into()))
+        );
+        // the claims of an expired token signed with another key are never looked at
+        let forged = mint_hs256(b"another-secret-another-secret-xx", &expired).unwrap();
+        assert_eq!(
+            v.check(&forged, "u").await,
+            unverified(AuthError::BadSignature)
+        );
+        let hs384 = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS384),
+            &good,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            v.check(&hs384, "u").await,
+            unverified(AuthError::BadAlgorithm)
+        );
+        let mut bad_sig_b64 = mint(&good);
+        bad_sig_b64.push('!');
+        assert!(
+            !v.check(&bad_sig_b64, "u")
+                .await
+                .unwrap_err()
+                .signature_verified
+        );
+        assert_eq!(v.check("a.b", "u").await, unverified(AuthError::Malformed));
+        assert_eq!(v.check(" ", "u").await, unverified(AuthError::Empty));
+    }
+
+    #[test]
+    fn meta_reads_the_claimed_subject_without_verifying() {
+        let forged =
+            mint_hs256(b"whatever-secret-whatever-secret!", &json!({"sub": "bob"})).unwrap();
+        assert_eq!(
+            Validator::meta(&forged).claimed,
+            Claimed::Subject("bob".into())
+        );
+        let anonymous = mint_hs256(b"whatever-secret-whatever-secret!", &json!({"x": 1})).unwrap();
+        assert_eq!(Validator::meta(&anonymous).claimed, Claimed::NoSubject);
+        for junk in ["", "not-a-token", "a.b.c", "e30.W10.x"] {
+            assert_eq!(Validator::meta(junk).claimed, Claimed::Unreadable, "{junk}");
+        }
     }
 
     #[tokio::test]

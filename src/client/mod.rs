@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::app::Shared;
 use crate::audit::AuditEvent;
-use crate::auth::{AuthError, Identity, Validator};
+use crate::auth::throttle::{Claimed, ThrottleKey};
+use crate::auth::{AuthError, Identity, Refusal, Validator};
 use crate::config::PlaintextPassword;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::metrics::{LoginFailure, LoginResult};
@@ -56,7 +57,7 @@ pub enum HandshakeError {
     Auth(#[from] AuthError),
     #[error("replication connections are not supported")]
     Replication,
-    #[error("too many failed logins from this address")]
+    #[error("too many logins with invalid tokens for this subject from this address")]
     Throttled,
 }
 
@@ -104,8 +105,9 @@ impl UserFacing for HandshakeError {
             HandshakeError::Auth(e) => e.to_client_error(),
             HandshakeError::Throttled => ClientError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
-                "too many failed logins from this address; retry later",
-            ),
+                "too many logins with invalid tokens for this subject from this address; retry later",
+            )
+            .with_hint("a valid token is still accepted"),
             HandshakeError::Replication => ClientError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported by rlsgate",
@@ -291,12 +293,6 @@ async fn login(
         PlaintextPassword::Loopback => return Err(HandshakeError::PlaintextRefused(peer)),
         PlaintextPassword::Never => return Err(HandshakeError::PlaintextNeverAllowed),
     }
-    if !shared.throttle.allows(peer.ip()) {
-        shared.audit.record(AuditEvent::LoginThrottled {
-            peer: peer.to_string(),
-        });
-        return Err(HandshakeError::Throttled);
-    }
     be::write_auth_cleartext(&mut out);
     stream.write_all(&out).await?;
     let frame = loop {
@@ -304,8 +300,14 @@ async fn login(
             Ok(Some(f)) => break f,
             Ok(None) => {}
             Err(ProtocolError::TooLarge { .. }) => {
-                shared.throttle.failed(peer.ip());
-                return Err(AuthError::TooLarge.into());
+                let key = shared.throttle.key(peer.ip(), &Claimed::Unreadable);
+                return Err(refuse_unverified(
+                    shared,
+                    peer,
+                    &user,
+                    key,
+                    AuthError::TooLarge,
+                ));
             }
             Err(e) => return Err(e.into()),
         }
@@ -318,19 +320,19 @@ async fn login(
     }
     let token = fe::password(frame.body())?;
     let meta = Validator::meta(token);
-    match shared.live().validator.validate(token, &user).await {
+    let key = shared.throttle.key(peer.ip(), &meta.claimed);
+    // An unreadable token never logs in: once its bucket is locked, it is not even looked at.
+    // Any other token is checked first, so that a genuine one always gets in.
+    if key.unreadable() && shared.throttle.locked(&key) {
+        return Err(throttled(shared, peer));
+    }
+    match shared.live().validator.check(token, &user).await {
         Ok(identity) if admin && !identity.admin => {
-            shared.throttle.failed(peer.ip());
-            shared
-                .metrics
-                .login(LoginResult::Failed(LoginFailure::BadClaim));
-            Err(HandshakeError::Auth(AuthError::BadClaim(
-                "admin claim".into(),
-            )))
+            let e = AuthError::BadClaim("admin claim".into());
+            Err(refuse_verified(shared, peer, user, &meta, e))
         }
         Ok(identity) => {
             shared.metrics.login(LoginResult::Ok);
-            shared.throttle.succeeded(peer.ip());
             shared.audit.record(AuditEvent::LoginOk {
                 peer: peer.to_string(),
                 user: user.clone(),
@@ -341,21 +343,76 @@ async fn login(
             });
             Ok((identity, startup, user))
         }
-        Err(e) => {
-            shared
-                .metrics
-                .login(LoginResult::Failed(LoginFailure::from_auth_error(&e)));
-            shared.throttle.failed(peer.ip());
+        Err(Refusal {
+            error,
+            signature_verified: true,
+        }) => Err(refuse_verified(shared, peer, user, &meta, error)),
+        Err(Refusal {
+            error,
+            signature_verified: false,
+        }) => {
             shared.audit.record(AuditEvent::LoginFailed {
                 peer: peer.to_string(),
-                user: Some(user),
-                reason: e.to_string(),
+                user: Some(user.clone()),
+                reason: error.to_string(),
                 kid: meta.kid,
                 jti: meta.jti,
             });
-            Err(e.into())
+            Err(refuse_unverified(shared, peer, &user, key, error))
         }
     }
+}
+
+/// A token whose signature verified but whose claims do not let it in (expired, not yet valid,
+/// issuer, tenant, admin claim…): its own error, never counted by the throttle.
+fn refuse_verified(
+    shared: &Shared,
+    peer: SocketAddr,
+    user: String,
+    meta: &crate::auth::TokenMeta,
+    error: AuthError,
+) -> HandshakeError {
+    shared
+        .metrics
+        .login(LoginResult::Failed(LoginFailure::from_auth_error(&error)));
+    shared.audit.record(AuditEvent::LoginFailed {
+        peer: peer.to_string(),
+        user: Some(user),
+        reason: error.to_string(),
+        kid: meta.kid.clone(),
+        jti: meta.jti.clone(),
+    });
+    error.into()
+}
+
+/// A token anybody could have sent (malformed, bad signature, unknown key, wrong algorithm…):
+/// counted under `key`, or refused as throttled once `key` is locked.
+fn refuse_unverified(
+    shared: &Shared,
+    peer: SocketAddr,
+    user: &str,
+    key: ThrottleKey,
+    error: AuthError,
+) -> HandshakeError {
+    if shared.throttle.locked(&key) {
+        return throttled(shared, peer);
+    }
+    tracing::debug!(user, error = %error, "token refused (counted by the login throttle)");
+    shared.throttle.failed(key);
+    shared
+        .metrics
+        .login(LoginResult::Failed(LoginFailure::from_auth_error(&error)));
+    error.into()
+}
+
+fn throttled(shared: &Shared, peer: SocketAddr) -> HandshakeError {
+    shared
+        .metrics
+        .login(LoginResult::Failed(LoginFailure::Throttled));
+    shared.audit.record(AuditEvent::LoginThrottled {
+        peer: peer.to_string(),
+    });
+    HandshakeError::Throttled
 }
 
 async fn read_startup(
