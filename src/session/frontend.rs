@@ -468,7 +468,9 @@ impl Session {
 
     /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
     fn apply_reset(&mut self, kind: SessionReset) {
-        if kind != SessionReset::DiscardAll {
+        // Inside a transaction block Postgres refuses DISCARD ALL (25001): nothing is dropped.
+        let in_block = self.predicted == Predicted::InBlock || self.unit_effect == TxEffect::Begin;
+        if kind != SessionReset::DiscardAll || in_block {
             return;
         }
         self.stmts.forget_all();
