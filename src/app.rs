@@ -434,9 +434,14 @@ async fn handle(
             }
             return;
         }
-        Ok(Ok(Handshake::Cancel { pid, key })) => {
+        Ok(Ok(Handshake::Cancel {
+            pid,
+            key,
+            mut stream,
+        })) => {
             shared.metrics.cancel();
             shared.cancels.cancel(pid, &key).await;
+            client::close(&mut stream).await;
             return;
         }
         Ok(Ok(Handshake::Admin { stream, read_buf })) => {

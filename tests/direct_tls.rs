@@ -350,3 +350,45 @@ async fn libpq_18_connects_with_sslnegotiation_direct() {
     assert!(!stderr(&out).contains("timeout"), "{}", stderr(&out));
     proxy.stop().await;
 }
+
+/// The end of a TLS connection rlsgate closes: Ok(0) after close_notify, or the error rustls
+/// reports for a connection that just ended (which libpq 18 takes for a failure).
+async fn clean_end(s: &mut (impl AsyncRead + Unpin)) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Err(_) => return Err("no end within 10 s".into()),
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => return Err(format!("{:?}: {e}", e.kind())),
+        }
+    }
+}
+
+/// A CancelRequest over TLS (libpq 18's `PQcancelBlocking` / psycopg `cancel_safe()`), and a
+/// refused TLS login: rlsgate ends both with close_notify, as Postgres does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_rlsgate_closes_end_with_close_notify() {
+    let certs = certs("close-notify");
+    let proxy = tls_proxy(&certs).await;
+    let connector = connector(&certs, &[b"postgresql"]);
+
+    let mut cancel = direct(&proxy, &connector).await.expect("TLS handshake");
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&80877102i32.to_be_bytes());
+    packet.extend_from_slice(&12345i32.to_be_bytes());
+    packet.extend_from_slice(&67890i32.to_be_bytes());
+    cancel.write_all(&packet).await.unwrap();
+    cancel.flush().await.unwrap();
+    assert_eq!(clean_end(&mut cancel).await, Ok(()), "cancel connection");
+
+    let mut refused = direct(&proxy, &connector).await.expect("TLS handshake");
+    let startup = startup_packet(196_608, &[("user", "app"), ("database", "no_such_db")]);
+    refused.write_all(&startup).await.unwrap();
+    refused.flush().await.unwrap();
+    let fatal = recv(&mut refused).await;
+    assert_eq!(fatal.tag, 'E', "{fatal:?}");
+    assert_eq!(clean_end(&mut refused).await, Ok(()), "refused login");
+    proxy.stop().await;
+}

@@ -120,6 +120,9 @@ pub enum Handshake {
     Cancel {
         pid: i32,
         key: Vec<u8>,
+        /// Closed cleanly once the cancel is sent (TLS close_notify: libpq 18 reports an error
+        /// for a TLS cancel connection that just ends).
+        stream: Stream,
     },
     /// A login to the admin console (database `rlsgate`, token with the admin claim).
     Admin {
@@ -189,7 +192,9 @@ pub async fn handshake(
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 return Err((Some(stream), HandshakeError::Unexpected('?')));
             }
-            StartupPacket::CancelRequest { pid, key } => return Ok(Handshake::Cancel { pid, key }),
+            StartupPacket::CancelRequest { pid, key } => {
+                return Ok(Handshake::Cancel { pid, key, stream });
+            }
             StartupPacket::Startup(m) => break m,
         }
     };
@@ -435,4 +440,12 @@ pub async fn report(stream: &mut Stream, err: &ClientError) {
     be::write_error(err, &mut out);
     let _ = stream.write_all(&out).await;
     let _ = stream.flush().await;
+    close(stream).await;
+}
+
+/// End the connection cleanly: over TLS a close_notify first, as Postgres does, so that clients
+/// (libpq 18 among them) do not take the end for a truncation attack. Bounded: a client that
+/// does not read cannot hold the task.
+pub async fn close(stream: &mut Stream) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
 }

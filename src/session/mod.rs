@@ -434,6 +434,10 @@ impl Session {
                 .await;
             }
         }
+        if self.client.is_tls() {
+            // close_notify, as Postgres sends it (see client::close)
+            crate::client::close(&mut self.client).await;
+        }
         self.finish().await;
     }
 
