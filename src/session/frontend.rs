@@ -484,15 +484,15 @@ impl Session {
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
-        if self.server.is_some() {
-            if fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok() {
-                self.expect_ready(Expect::Query {
-                    after: After::Forward,
-                    copy: false,
-                    refusal: Some(refusal.error_response()),
-                });
-                return;
-            }
+        if self.server.is_some()
+            && fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok()
+        {
+            self.expect_ready(Expect::Query {
+                after: After::Forward,
+                copy: false,
+                refusal: Some(refusal.error_response()),
+            });
+            return;
         }
         self.local_query_error(&refusal.client_error());
     }

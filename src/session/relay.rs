@@ -226,17 +226,16 @@ impl Session {
             ..
         }) = self.expect.front()
             && stale_plan(frame.body())
+            && let Some(server) = self.server.as_mut()
         {
-            if let Some(server) = self.server.as_mut() {
-                let prepared = &mut server.conn().prepared;
-                // A copy older than a known change only needs replacing here; anything else is
-                // news for every connection and client.
-                let copy = prepared.epoch_of(name).unwrap_or(0);
-                if !self.shared.pool.is_stale(name, copy) {
-                    self.shared.pool.plan_went_stale(name);
-                }
-                prepared.retire(name);
+            let prepared = &mut server.conn().prepared;
+            // A copy older than a known change only needs replacing here; anything else is news
+            // for every connection and client.
+            let copy = prepared.epoch_of(name).unwrap_or(0);
+            if !self.shared.pool.is_stale(name, copy) {
+                self.shared.pool.plan_went_stale(name);
             }
+            prepared.retire(name);
         }
         let Some(front) = self.expect.front() else {
             // An error outside any request (e.g. the server terminating the session): pass it on.
