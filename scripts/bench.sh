@@ -14,7 +14,9 @@
 #   SKIP_RLSGATE=1     do not build or start rlsgate; measure direct and
 #                      PgBouncer only (rlsgate columns print "skipped")
 #   BENCH_CASES="..."  subset of: select_simple select_extended
-#                      select_prepared tpcb churn (default: all, in that order)
+#                      select_prepared tpcb churn idle (default: all, in that
+#                      order; BENCH_CASES=idle measures memory only)
+#   BENCH_IDLE="n ..." idle-client counts of the idle case (default "1000 10000")
 #   PG_BIN=dir         PostgreSQL 15 server binaries
 #                      (default /usr/lib/postgresql/15/bin)
 #   BENCH_SCALE=n      pgbench -i scale factor (default 10)
@@ -41,6 +43,16 @@
 #                                       transaction mode: expect "error" there)
 #   tpcb             built-in TPC-B-like script, -M simple
 #   churn            -S -M simple -C   (a new connection per transaction)
+#   idle             memory per idle client, for each count n in BENCH_IDLE:
+#                    a fresh rlsgate and a fresh PgBouncer (each warmed up
+#                    by one query), then examples/idle_clients.rs logs n
+#                    clients in (plaintext) and keeps them idle; RSS of the
+#                    proxy process before the logins and 3 s after the last
+#                    one gives KB per idle client. One line per count:
+#   case=idle_<n> rlsgate_kb_per_client=<r> pgbouncer_kb_per_client=<r> rlsgate/pgbouncer=<r> rlsgate_rss_kb=<before>/<after> pgbouncer_rss_kb=<before>/<after>
+#                    (PgBouncer lets the idle user in with a cleartext
+#                    password via auth_type = hba, as idle_clients speaks no
+#                    SCRAM; it connects upstream as rlsgate_app.)
 #
 # rlsgate is started with an HS256 secret from RLSGATE_JWT_SECRET and a token
 # minted by `rlsgate token --secret-env RLSGATE_JWT_SECRET --claim
@@ -98,8 +110,9 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SKIP_RLSGATE=${SKIP_RLSGATE:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SCALE=${BENCH_SCALE:-10}
-ALL_CASES="select_simple select_extended select_prepared tpcb churn"
+ALL_CASES="select_simple select_extended select_prepared tpcb churn idle"
 CASES=${BENCH_CASES:-$ALL_CASES}
+IDLE_COUNTS=${BENCH_IDLE:-1000 10000}
 APP_USER=rlsgate_app
 APP_PASSWORD=benchpw
 DB=bench
@@ -110,6 +123,23 @@ for c in $CASES; do
         *) echo "bench.sh: unknown case '$c' in BENCH_CASES (known: $ALL_CASES)" >&2; exit 2 ;;
     esac
 done
+IDLE_MAX=0
+case " $CASES " in
+    *" idle "*)
+        for n in $IDLE_COUNTS; do
+            [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: BENCH_IDLE needs positive integers, got '$n'" >&2; exit 2; }
+            if [ "$n" -gt "$IDLE_MAX" ]; then IDLE_MAX=$n; fi
+        done
+        [ "$IDLE_MAX" -gt 0 ] || { echo "bench.sh: BENCH_IDLE is empty" >&2; exit 2; }
+        # One descriptor per idle client in idle_clients and in the proxy (rlsgate raises its own
+        # soft limit to the hard one; PgBouncer and idle_clients inherit this shell's).
+        ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+        if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE_MAX + 200)) ]; then
+            echo "bench.sh: BENCH_IDLE up to $IDLE_MAX needs an open-files limit of $((IDLE_MAX + 200)), have $(ulimit -n) (hard $(ulimit -Hn))" >&2
+            exit 2
+        fi
+        ;;
+esac
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -137,25 +167,29 @@ as_pg() {
 TMP=""
 RLSGATE_PID=""
 PG_STARTED=0
+# The idle case's own processes (idle_clients and a fresh rlsgate), stopped at exit too.
+EXTRA_PIDS=""
+
+stop_pid() { # pid: TERM, up to 5 s, then KILL
+    local pid=$1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
-    if [ -n "$RLSGATE_PID" ] && kill -0 "$RLSGATE_PID" 2>/dev/null; then
-        kill "$RLSGATE_PID" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$RLSGATE_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$RLSGATE_PID" 2>/dev/null
-        wait "$RLSGATE_PID" 2>/dev/null
-    fi
-    if [ -n "$TMP" ] && [ -f "$TMP/pgbouncer.pid" ]; then
-        local bpid
-        bpid=$(cat "$TMP/pgbouncer.pid" 2>/dev/null)
-        if [ -n "$bpid" ] && kill -0 "$bpid" 2>/dev/null; then
-            kill "$bpid" 2>/dev/null
-            for _ in $(seq 50); do kill -0 "$bpid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$bpid" 2>/dev/null
-        fi
+    local p
+    for p in $EXTRA_PIDS $RLSGATE_PID; do stop_pid "$p"; done
+    if [ -n "$TMP" ]; then
+        local pidfile
+        for pidfile in "$TMP"/pgbouncer*.pid; do
+            [ -f "$pidfile" ] && stop_pid "$(cat "$pidfile" 2>/dev/null)"
+        done
     fi
     if [ "$PG_STARTED" -eq 1 ]; then
         as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -m fast -w stop >/dev/null 2>&1 \
@@ -210,6 +244,13 @@ else
     RLSGATE_BIN=$ROOT/target/release/rlsgate
     [ -x "$RLSGATE_BIN" ] || die "build finished but $RLSGATE_BIN does not exist"
 fi
+IDLE_BIN=""
+if [ "$IDLE_MAX" -gt 0 ]; then
+    log "building the idle-client helper (cargo build --release --example idle_clients)"
+    (cd "$ROOT" && cargo build --release --example idle_clients >&2) || die "cargo build --example idle_clients failed"
+    IDLE_BIN=$ROOT/target/release/examples/idle_clients
+    [ -x "$IDLE_BIN" ] || die "build finished but $IDLE_BIN does not exist"
+fi
 
 # ---------------------------------------------------------------------------
 # Scratch space and ports.
@@ -244,6 +285,7 @@ pick_port() { # sets FREE_PORT (not run in a subshell, so USED_PORTS sticks)
 pick_port; PG_PORT=$FREE_PORT
 pick_port; BOUNCER_PORT=$FREE_PORT
 pick_port; RLSGATE_PORT=$FREE_PORT
+pick_port; IDLE_PORT=$FREE_PORT
 
 # libpq settings for every client below: plain TCP on loopback, no TLS or GSS
 # negotiation round trips (the same for all three targets).
@@ -477,8 +519,121 @@ ratio() { # a b
     fi
 }
 
+# ---------------------------------------------------------------------------
+# Memory per idle client (case idle).
+# ---------------------------------------------------------------------------
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null; }
+
+# Start a fresh proxy of kind $1 on IDLE_PORT for up to $2 clients; sets IDLE_TARGET_PID and
+# IDLE_PASSWORD (what idle_clients and the warm-up query log in with).
+start_idle_target() { # rlsgate|pgbouncer max_clients
+    local kind=$1 max=$2
+    case "$kind" in
+        rlsgate)
+            sed -e "s/^listen = .*/listen = \"127.0.0.1:$IDLE_PORT\"\nmax_client_conn = $max/" \
+                "$TMP/rlsgate.toml" >"$TMP/rlsgate-idle.toml"
+            "$RLSGATE_BIN" serve --config "$TMP/rlsgate-idle.toml" >"$TMP/rlsgate-idle.log" 2>&1 &
+            IDLE_TARGET_PID=$!
+            EXTRA_PIDS="$EXTRA_PIDS $IDLE_TARGET_PID"
+            IDLE_PASSWORD=$RLSGATE_TOKEN
+            wait_ready rlsgate "$IDLE_PORT" "$IDLE_TARGET_PID" "$TMP/rlsgate-idle.log"
+            ;;
+        pgbouncer)
+            IDLE_PASSWORD="idle-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+            printf '"idle" "%s"\n' "$IDLE_PASSWORD" >"$TMP/idle-userlist.txt"
+            echo "host all idle 127.0.0.1/32 password" >"$TMP/idle-hba.conf"
+            {
+                echo "[databases]"
+                echo "$DB = host=127.0.0.1 port=$PG_PORT dbname=$DB user=$APP_USER password=$APP_PASSWORD"
+                echo
+                echo "[pgbouncer]"
+                echo "listen_addr = 127.0.0.1"
+                echo "listen_port = $IDLE_PORT"
+                echo "unix_socket_dir ="
+                echo "auth_type = hba"
+                echo "auth_hba_file = $TMP/idle-hba.conf"
+                echo "auth_file = $TMP/idle-userlist.txt"
+                echo "pool_mode = transaction"
+                echo "default_pool_size = 20"
+                echo "min_pool_size = 0"
+                echo "reserve_pool_size = 0"
+                echo "max_client_conn = $max"
+                echo "max_db_connections = 20"
+                echo "ignore_startup_parameters = extra_float_digits"
+                echo "logfile = $TMP/pgbouncer-idle.log"
+                echo "pidfile = $TMP/pgbouncer-idle.pid"
+                echo "log_connections = 0"
+                echo "log_disconnections = 0"
+            } >"$TMP/pgbouncer-idle.ini"
+            chmod 600 "$TMP/idle-userlist.txt"
+            if [ "$IS_ROOT" -eq 1 ]; then
+                chown postgres: "$TMP/idle-userlist.txt" "$TMP/idle-hba.conf" "$TMP/pgbouncer-idle.ini"
+            fi
+            rm -f "$TMP/pgbouncer-idle.log"
+            # (runuser's PAM session resets the open-files limit: raise it again in there)
+            as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"' "$PGBOUNCER" -d "$TMP/pgbouncer-idle.ini" \
+                >"$TMP/pgbouncer-idle.stdout" 2>&1 \
+                || { cat "$TMP/pgbouncer-idle.stdout" "$TMP/pgbouncer-idle.log" >&2 2>/dev/null; die "pgbouncer (idle case) did not start"; }
+            wait_ready pgbouncer "$IDLE_PORT" "" "$TMP/pgbouncer-idle.log"
+            IDLE_TARGET_PID=$(cat "$TMP/pgbouncer-idle.pid")
+            ;;
+    esac
+    # Warm-up: the first login opens the upstream connection and the proxy's lazily built state.
+    PGPASSWORD=$IDLE_PASSWORD "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$IDLE_PORT" -U idle -d "$DB" \
+        -c "SELECT 1" >/dev/null 2>"$TMP/idle-warmup.err" \
+        || { cat "$TMP/idle-warmup.err" >&2; die "$kind (idle case) does not answer a query"; }
+}
+
+# Measure one proxy with n idle clients: sets IDLE_KB (KB per client, or "error") and
+# IDLE_RSS ("<RSS before>/<RSS after>" in KB, or "n/a").
+idle_measure() { # rlsgate|pgbouncer n
+    local kind=$1 n=$2 before="" after="" connected="" out deadline idle_pid
+    IDLE_KB=error IDLE_RSS=n/a
+    start_idle_target "$kind" $((n + 100))
+    sleep 1
+    before=$(rss_kb "$IDLE_TARGET_PID")
+    out="$TMP/idle-$kind-$n.out"
+    IDLE_TOKEN=$IDLE_PASSWORD "$IDLE_BIN" "127.0.0.1:$IDLE_PORT" "$DB" "$n" >"$out" 2>"$out.err" &
+    idle_pid=$!
+    EXTRA_PIDS="$EXTRA_PIDS $idle_pid"
+    deadline=$((SECONDS + 60 + n / 50))
+    while [ "$SECONDS" -lt "$deadline" ] && kill -0 "$idle_pid" 2>/dev/null; do
+        connected=$(sed -n 's/^connected \([0-9]*\)$/\1/p' "$out" 2>/dev/null | tail -n 1) || true
+        [ -n "$connected" ] && break
+        sleep 0.5
+    done
+    if [ "$connected" = "$n" ]; then
+        sleep 3
+        after=$(rss_kb "$IDLE_TARGET_PID")
+    fi
+    stop_pid "$idle_pid"
+    stop_pid "$IDLE_TARGET_PID"
+    if [ "$connected" != "$n" ] || [ -z "$before" ] || [ -z "$after" ]; then
+        { echo "----- idle_clients ($kind, $n): connected '${connected:-none}'"; tail -n 5 "$out" "$out.err"; } >&2
+        return 0
+    fi
+    IDLE_KB=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) / n }')
+    IDLE_RSS="$before/$after"
+}
+
+idle_case() {
+    local n rk=skipped rr=n/a
+    for n in $IDLE_COUNTS; do
+        if [ "$SKIP_RLSGATE" != 1 ]; then
+            log "case=idle target=rlsgate clients=$n"
+            idle_measure rlsgate "$n"
+            rk=$IDLE_KB rr=$IDLE_RSS
+        fi
+        log "case=idle target=pgbouncer clients=$n"
+        idle_measure pgbouncer "$n"
+        echo "case=idle_$n rlsgate_kb_per_client=$rk pgbouncer_kb_per_client=$IDLE_KB" \
+            "rlsgate/pgbouncer=$(ratio "$rk" "$IDLE_KB") rlsgate_rss_kb=$rr pgbouncer_rss_kb=$IDLE_RSS"
+    done
+}
+
 log "cases: $CASES; $ROUNDS round(s) x ${DURATION}s, -c $CLIENTS -j $THREADS"
 for cname in $CASES; do
+    if [ "$cname" = idle ]; then idle_case; continue; fi
     for round in $(seq "$ROUNDS"); do
         for target in $TARGETS; do
             if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi
