@@ -239,8 +239,11 @@ pub struct UpstreamConfig {
     /// inside the block (Citus propagates `SET LOCAL` to workers only in explicit blocks).
     #[serde(default)]
     pub transaction_wrap: bool,
-    /// Also inject `SET LOCAL citus.propagate_set_commands = 'local'`, so the upstream needs no
-    /// server setting (Citus).
+    /// Citus: start the injected context with `SET LOCAL citus.propagate_set_commands = 'local'`
+    /// (before the `SET LOCAL app.…`, which Citus then forwards to the workers of the
+    /// transaction), so the upstream needs no server setting. Only effective together with
+    /// `transaction_wrap` (Citus propagates SET LOCAL inside explicit blocks only); `rlsgate
+    /// check` probes a worker to confirm the tenant reaches it.
     #[serde(default)]
     pub citus_propagate_set: bool,
 }

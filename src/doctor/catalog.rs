@@ -111,6 +111,9 @@ pub(crate) struct Catalog {
     /// Lower-case names of functions whose body reads the tenant setting.
     pub tenant_functions: HashSet<String>,
     pub tenant_columns: HashSet<String>,
+    /// Citus tables (distributed, reference, Citus-managed local): Citus rejects subqueries in
+    /// their policies, so fixes compare with the setting directly.
+    pub citus_tables: HashSet<u32>,
 }
 
 impl Catalog {
@@ -316,6 +319,20 @@ impl Catalog {
             .await?;
         cat.tenant_functions = rows.iter().map(|r| r.get(0)).collect();
 
+        // pg_dist_partition is readable by every role where Citus is installed.
+        let citus = client
+            .query_one(
+                "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get::<_, bool>(0);
+        if citus {
+            let rows = client
+                .query("SELECT logicalrelid::oid FROM pg_dist_partition", &[])
+                .await?;
+            cat.citus_tables = rows.iter().map(|r| r.get(0)).collect();
+        }
         cat.classify(tenant_setting, base_columns, protected, role_mode);
         Ok(cat)
     }
@@ -368,8 +385,15 @@ impl Catalog {
         self.tenant_columns = columns;
     }
 
+    /// Whether a policy on `table` may contain a subquery (not on a Citus table).
+    pub fn subquery_allowed(&self, table: u32) -> bool {
+        !self.citus_tables.contains(&table)
+    }
+
     /// A boolean SQL expression tying a row of `table` (referred to as `alias`, or unqualified
     /// when `None`) to the tenant: the tenant column, or `EXISTS` over the parent it belongs to.
+    /// On a Citus table the setting is compared directly and there is no `EXISTS` form (Citus
+    /// rejects subqueries in policies on distributed tables).
     pub fn tenant_predicate(
         &self,
         table: u32,
@@ -382,14 +406,15 @@ impl Catalog {
             Some(a) => format!("{a}.{col}"),
             None => col.to_string(),
         };
+        let subquery = depth > 0 || self.subquery_allowed(table);
         if let Some(col) = t.tenant_column() {
             return Some(format!(
                 "{} = {}",
                 qual(&col.ident),
-                tenant_value(tenant_setting, &col.type_name)
+                tenant_value(tenant_setting, &col.type_name, subquery)
             ));
         }
-        if depth > 8 {
+        if depth > 8 || !subquery {
             return None;
         }
         let fk = &self.fks[t.tenant_via?];
@@ -427,8 +452,14 @@ fn ident_of(t: &Table, name: &str) -> String {
 
 /// `(SELECT nullif(current_setting('<setting>', true), ''))`, cast to the column type unless it
 /// is text-like. Evaluated once per statement, empty (outside a transaction rlsgate started) → NULL.
-pub(crate) fn tenant_value(setting: &str, type_name: &str) -> String {
-    let base = format!("(SELECT nullif(current_setting('{setting}', true), ''))");
+/// Without `subquery` (Citus tables) the bare `nullif(…)`, evaluated per row on the workers.
+pub(crate) fn tenant_value(setting: &str, type_name: &str, subquery: bool) -> String {
+    let call = format!("nullif(current_setting('{setting}', true), '')");
+    let base = if subquery {
+        format!("(SELECT {call})")
+    } else {
+        call
+    };
     let t = type_name.to_ascii_lowercase();
     if t == "text" || t.starts_with("character varying") {
         base

@@ -108,11 +108,12 @@ impl Expr {
         out
     }
 
-    /// The expression with per-row calls wrapped in `(SELECT …)` and cast calls in `nullif(…, '')`.
-    pub fn rewrite(&self, calls: &[SettingCall]) -> String {
+    /// The expression with per-row calls wrapped in `(SELECT …)` (when `subquery`: not on Citus
+    /// tables) and cast calls in `nullif(…, '')`.
+    pub fn rewrite(&self, calls: &[SettingCall], subquery: bool) -> String {
         let mut calls: Vec<&SettingCall> = calls
             .iter()
-            .filter(|c| c.per_row || c.cast_to.is_some())
+            .filter(|c| (subquery && c.per_row) || c.cast_to.is_some())
             .collect();
         calls.sort_by_key(|c| std::cmp::Reverse(c.start));
         let mut text = self.text.clone();
@@ -121,7 +122,7 @@ impl Expr {
             if c.cast_to.is_some() {
                 call = format!("nullif({call}, '')");
             }
-            if c.per_row {
+            if subquery && c.per_row {
                 call = format!("(SELECT {call})");
             }
             text.replace_range(c.start..c.end, &call);
@@ -475,15 +476,17 @@ mod tests {
             let calls = e.setting_calls(ctx);
             assert!(calls[0].per_row);
             assert_eq!(
-                e.rewrite(&calls),
+                e.rewrite(&calls, true),
                 "(store_id = NULLIF((SELECT current_setting('app.current_store_id'::text, true)), ''::text))"
             );
+            // Citus: no subquery; nothing else to fix.
+            assert_eq!(e.rewrite(&calls, false), text);
             let text = "(store_id = ( SELECT (current_setting('app.current_store_id'::text, true))::uuid AS current_setting))";
             let e = Expr::parse(text).unwrap();
             let calls = e.setting_calls(ctx);
             assert_eq!(calls[0].cast_to.as_deref(), Some("uuid"));
             assert!(!calls[0].per_row);
-            let fixed = e.rewrite(&calls);
+            let fixed = e.rewrite(&calls, true);
             assert!(
                 fixed.contains(
                     "(nullif(current_setting('app.current_store_id'::text, true), ''))::uuid"
@@ -494,6 +497,16 @@ mod tests {
                 Expr::parse(&fixed).unwrap().setting_calls(ctx)[0]
                     .cast_to
                     .is_none()
+            );
+            // A per-row cast on a Citus table: nullif, no subquery.
+            let text = "(store_id = (current_setting('app.current_store_id'::text, true))::uuid)";
+            let e = Expr::parse(text).unwrap();
+            let calls = e.setting_calls(ctx);
+            let fixed = e.rewrite(&calls, false);
+            assert!(!fixed.contains("SELECT"), "{fixed}");
+            assert!(
+                fixed.contains("nullif(current_setting('app.current_store_id'::text, true), '')"),
+                "{fixed}"
             );
         });
     }

@@ -26,12 +26,17 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::guard::protected::ProtectedSet;
 use catalog::Catalog;
+#[cfg(test)]
+pub(crate) use citus::CITUS_PROPAGATE_SET;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Critical,
     Warning,
+    /// Nothing to fix in the database, but something clients must do differently (the fix is
+    /// what to run instead). Does not change the exit code.
+    Note,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -212,8 +217,7 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
     if !ctx.superuser {
         functions::check(&client, &ctx, &mut findings).await?;
     }
-    let tenant_columns: Vec<String> = ctx.catalog.tenant_columns.iter().cloned().collect();
-    citus::check(&client, config, &tenant_columns, &mut findings).await?;
+    citus::check(&client, config, &ctx, &mut findings).await?;
     findings.sort_by(|a, b| {
         (a.severity, check_rank(a.check), &a.object).cmp(&(
             b.severity,
@@ -262,6 +266,7 @@ pub const CHECKS: &[&str] = &[
     "per-row-current-setting",
     "cast-of-empty-setting",
     "citus-distribution-column",
+    "citus-copy-to",
 ];
 
 fn check_rank(id: &str) -> usize {
@@ -374,6 +379,9 @@ pub async fn startup_check(config: &Config, allow_unsafe: bool) -> Result<(), St
             }
             Severity::Critical => {
                 tracing::error!(check = f.check, object = %f.object, fix = %f.fix, "{}", f.why)
+            }
+            Severity::Note => {
+                tracing::info!(check = f.check, object = %f.object, instead = %f.fix, "{}", f.why)
             }
         }
     }

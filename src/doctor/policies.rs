@@ -143,7 +143,12 @@ pub(crate) fn check(ctx: &Ctx, out: &mut Vec<Finding>) {
             }
             let Some(e) = Expr::parse(text) else { continue };
             let calls = e.setting_calls(&ectx);
-            if calls.iter().all(|c| !c.per_row && c.cast_to.is_none()) {
+            // Citus rejects subqueries in policies on its tables ("Subqueries are not supported
+            // in policies on distributed tables"): there the per-row call is the only form, and
+            // it runs on the workers, next to the rows.
+            let subquery = cat.subquery_allowed(t.oid);
+            let per_row = subquery && calls.iter().any(|c| c.per_row);
+            if !per_row && calls.iter().all(|c| c.cast_to.is_none()) {
                 continue;
             }
             let fix = format!(
@@ -151,10 +156,10 @@ pub(crate) fn check(ctx: &Ctx, out: &mut Vec<Finding>) {
                 p.ident,
                 t.qname,
                 clause.sql(),
-                e.rewrite(&calls)
+                e.rewrite(&calls, subquery)
             );
             let object = format!("policy {} on {} ({})", p.ident, t.qname, clause.sql());
-            if calls.iter().any(|c| c.per_row) {
+            if per_row {
                 ctx.push(
                     out,
                     Warning,

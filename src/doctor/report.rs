@@ -34,13 +34,13 @@ pub(crate) fn render(report: &Report, color: bool) -> String {
             report.tenant_columns.join(", ")
         }
     );
-    if report.findings.is_empty() {
+    if report.criticals() + report.warnings() == 0 {
         let _ = writeln!(out, "\n{}", style.paint("32;1", "No findings."));
-        return out;
     }
-    for (severity, title, code) in [
-        (Severity::Critical, "CRITICAL", "31;1"),
-        (Severity::Warning, "WARNING", "33;1"),
+    for (severity, title, code, fix) in [
+        (Severity::Critical, "CRITICAL", "31;1", "fix:"),
+        (Severity::Warning, "WARNING", "33;1", "fix:"),
+        (Severity::Note, "NOTE", "34;1", "instead:"),
     ] {
         let findings: Vec<_> = report
             .findings
@@ -61,11 +61,14 @@ pub(crate) fn render(report: &Report, color: bool) -> String {
             for line in wrap(&f.why, 92) {
                 let _ = writeln!(out, "    {line}");
             }
-            let _ = writeln!(out, "    {}", style.paint("2", "fix:"));
+            let _ = writeln!(out, "    {}", style.paint("2", fix));
             for line in f.fix.lines() {
                 let _ = writeln!(out, "      {}", style.paint("36", line));
             }
         }
+    }
+    if report.criticals() + report.warnings() == 0 {
+        return out;
     }
     let _ = writeln!(
         out,

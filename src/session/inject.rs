@@ -9,19 +9,36 @@ use crate::auth::Identity;
 use crate::protocol::ProtocolError;
 use crate::protocol::frontend as fe;
 
+/// What `[upstream] citus_propagate_set` adds in front of the tenant settings. Citus forwards a
+/// `SET LOCAL` to the worker connections of a transaction block only when this is already in
+/// effect when that `SET LOCAL` runs (measured on Citus 13.2: after the `SET LOCAL app.…` it
+/// is too late, the workers get nothing).
+pub const CITUS_PROPAGATE_SET: &str = "SET LOCAL citus.propagate_set_commands = 'local'";
+
 /// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), encoded
-/// once per identity. Returns the bytes and the number of statements.
-pub fn context_messages(identity: &Identity) -> Result<(Bytes, usize), ProtocolError> {
-    let (bytes, n) = settings_messages(&identity.settings)?;
-    let Some(role) = &identity.role else {
-        return Ok((bytes, n));
-    };
-    let mut out = BytesMut::from(&bytes[..]);
-    fe::write_simple_extended(
-        &format!("SET LOCAL ROLE {}", escape_identifier(role)),
-        &mut out,
-    )?;
-    Ok((out.freeze(), n + 1))
+/// once per identity, preceded by [`CITUS_PROPAGATE_SET`] when `citus_propagate_set`. Returns
+/// the bytes and the number of statements (the relay swallows that many replies).
+pub fn context_messages(
+    identity: &Identity,
+    citus_propagate_set: bool,
+) -> Result<(Bytes, usize), ProtocolError> {
+    let mut out = BytesMut::new();
+    let mut n = 0;
+    if citus_propagate_set {
+        fe::write_simple_extended(CITUS_PROPAGATE_SET, &mut out)?;
+        n += 1;
+    }
+    let (settings, count) = settings_messages(&identity.settings)?;
+    out.extend_from_slice(&settings);
+    n += count;
+    if let Some(role) = &identity.role {
+        fe::write_simple_extended(
+            &format!("SET LOCAL ROLE {}", escape_identifier(role)),
+            &mut out,
+        )?;
+        n += 1;
+    }
+    Ok((out.freeze(), n))
 }
 
 fn settings_messages(settings: &[(String, String)]) -> Result<(Bytes, usize), ProtocolError> {
@@ -48,6 +65,35 @@ pub const REFUSED_STATEMENT: &str = "rg_refused";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            tenant: "north".into(),
+            subject: None,
+            settings: vec![("app.current_store_id".into(), "north".into())],
+            expires_at: u64::MAX,
+            role: None,
+            jti: None,
+            admin: false,
+        }
+    }
+
+    #[test]
+    fn citus_propagate_set_comes_first_and_is_counted() {
+        let (plain, n) = context_messages(&identity(), false).unwrap();
+        assert_eq!(n, 1);
+        let (citus, m) = context_messages(&identity(), true).unwrap();
+        assert_eq!(m, 2);
+        let text = String::from_utf8_lossy(&citus);
+        let propagate = text.find(CITUS_PROPAGATE_SET).expect("propagate statement");
+        let tenant = text
+            .find("SET LOCAL app.current_store_id")
+            .expect("tenant setting");
+        assert!(propagate < tenant, "{text}");
+        assert!(!String::from_utf8_lossy(&plain).contains("citus"));
+        // `rlsgate check` probes the workers with the same statement.
+        assert_eq!(CITUS_PROPAGATE_SET, crate::doctor::CITUS_PROPAGATE_SET);
+    }
 
     #[test]
     fn context_values_are_quoted() {

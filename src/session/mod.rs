@@ -287,8 +287,9 @@ impl Session {
         shutdown: CancellationToken,
     ) -> Result<Self, SessionError> {
         let config = shared.config();
-        let (context, context_count) = inject::context_messages(&login.identity)
-            .map_err(|e| SessionError::Injection(e.to_string()))?;
+        let (context, context_count) =
+            inject::context_messages(&login.identity, config.upstream.citus_propagate_set)
+                .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
         let client_entry = shared.registry.register(
             id,
@@ -882,7 +883,10 @@ impl Session {
                 sqlstate::INVALID_AUTHORIZATION,
                 "rlsgate: reauth refused: the token is for another tenant",
             )),
-            Ok(id) => match inject::context_messages(&id) {
+            Ok(id) => match inject::context_messages(
+                &id,
+                self.shared.config().upstream.citus_propagate_set,
+            ) {
                 Ok((context, count)) => {
                     self.context = context;
                     self.context_count = count;
