@@ -7,6 +7,8 @@
 mod clients;
 #[path = "compat.rs"]
 mod compat;
+#[path = "copy_units.rs"]
+mod copy_units;
 #[path = "escapes.rs"]
 mod escapes;
 #[path = "guard_corpus.rs"]

@@ -91,6 +91,13 @@ impl Session {
                 if self.server.is_some() {
                     self.server_out.extend_from_slice(&frame.bytes);
                 }
+                if let Some(Expect::Query { copy, .. }) = self.expect.front_mut() {
+                    // A later statement of the same Query may be another COPY FROM STDIN: what
+                    // the client sends next waits until the server says (CopyInResponse, or the
+                    // Query's end).
+                    *copy = true;
+                    self.copy_awaited = true;
+                }
                 Ok(Flow::Continue)
             }
             fe::FLUSH | fe::COPY_DATA => {
@@ -387,6 +394,9 @@ impl Session {
             self.server_out.extend_from_slice(&frame.bytes);
             if analysis.copy_from_stdin {
                 self.expect_ready(Expect::query(After::SwallowThenCommit, true));
+                // rlsgate's COMMIT goes only once the COPY is over: until its answer the
+                // client's next unit would land inside this block.
+                self.predicted = Predicted::Unknown;
                 self.units_sent + 1
             } else {
                 self.expect_ready(Expect::query(After::Swallow, false));
@@ -484,6 +494,14 @@ impl Session {
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
+        if self.wrapping && self.unit_open {
+            // Inside rlsgate's own block around an unfinished extended unit: a server-side error
+            // would abort that block under the client's unit. Answered here, in order.
+            let mut reply = BytesMut::from(&refusal.error_response()[..]);
+            be::write_ready(TxStatus::Idle, &mut reply);
+            self.push_reply(reply.freeze());
+            return;
+        }
         if self.server.is_some()
             && fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok()
         {
@@ -1039,11 +1057,13 @@ impl Session {
         }
         self.server_out.extend_from_slice(&frame.bytes);
         self.begin_portal = None;
+        let mut copy_wrapped = false;
         if std::mem::take(&mut self.wrapping) {
             if std::mem::take(&mut self.wrapping_copy) {
                 self.expect_ready(Expect::Sync {
                     after: After::SwallowThenCommit,
                 });
+                copy_wrapped = true;
             } else {
                 self.expect_ready(Expect::Sync {
                     after: After::Swallow,
@@ -1058,6 +1078,10 @@ impl Session {
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);
+        if copy_wrapped {
+            // (see the wrapped COPY Query in on_query)
+            self.predicted = Predicted::Unknown;
+        }
         Flow::Continue
     }
 
@@ -1097,10 +1121,13 @@ pub(super) const SPLIT_UNIT: u64 = u64::MAX;
 /// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
 /// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
 fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
+    // (per piece by its text: a false positive only makes rlsgate wait for the server)
+    let copy = |text: &str| analysis.copy_from_stdin && text.to_ascii_lowercase().contains("stdin");
     let whole = |kind| {
         vec![Piece {
             text: sql.to_string(),
             kind,
+            copy: analysis.copy_from_stdin,
         }]
     };
     if !wrap {
@@ -1111,9 +1138,11 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
         let mut pieces = Vec::new();
         let mut start = 0;
         for at in splits.into_iter().chain(std::iter::once(sql.len())) {
+            let text = sql.get(start..at).unwrap_or_default();
             pieces.push(Piece {
-                text: sql.get(start..at).unwrap_or_default().to_string(),
+                text: text.to_string(),
                 kind: PieceKind::Statements,
+                copy: copy(text),
             });
             start = at;
         }
@@ -1148,9 +1177,13 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
     }
     pieces
         .into_iter()
-        .map(|(a, b, kind)| Piece {
-            text: sql.get(a..b).unwrap_or_default().to_string(),
-            kind,
+        .map(|(a, b, kind)| {
+            let text = sql.get(a..b).unwrap_or_default();
+            Piece {
+                text: text.to_string(),
+                kind,
+                copy: copy(text),
+            }
         })
         .collect()
 }

@@ -158,6 +158,8 @@ struct Split {
 pub(crate) struct Piece {
     pub text: String,
     pub kind: PieceKind,
+    /// It may run COPY FROM STDIN (the server then reads data: nothing may follow it unasked).
+    pub copy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -214,7 +214,7 @@ impl Session {
     }
 
     /// A reply rlsgate produces itself, in order behind what the server still owes.
-    fn push_reply(&mut self, bytes: Bytes) {
+    pub(super) fn push_reply(&mut self, bytes: Bytes) {
         if self.expect.is_empty() {
             self.client_out.extend_from_slice(&bytes);
         } else {

@@ -430,8 +430,10 @@ impl Session {
             After::ContinueSplit => !self.continue_split(status)?,
             After::SwallowThenCommit => {
                 // COPY FROM STDIN inside rlsgate's block: its COMMIT could not be pipelined (the
-                // server would read it as part of the copy), so it goes now.
+                // server would read it as part of the copy), so it goes now; the client's next
+                // unit waits for its answer (it must not run inside this block).
                 self.wrap_commit(After::Forward);
+                self.predicted = Predicted::Unknown;
                 false
             }
             After::FinishSplit => {
@@ -528,7 +530,9 @@ impl Session {
                 }
             }
             PieceKind::Control => self.write_client_query(&piece.text, after)?,
-            PieceKind::Statements if idle && self.wrap => {
+            // (a COPY piece runs unwrapped, with the context of plain mode: rlsgate's COMMIT
+            // could not follow it before the COPY ends)
+            PieceKind::Statements if idle && self.wrap && !piece.copy => {
                 self.wrap_begin();
                 self.write_client_query(&piece.text, After::Swallow)?;
                 self.wrap_commit(after);
@@ -537,7 +541,10 @@ impl Session {
                 if idle {
                     self.inject_context();
                 }
-                self.write_client_query(&piece.text, after)?;
+                fe::write_query(&piece.text, &mut self.server_out)
+                    .map_err(SessionError::ClientProtocol)?;
+                self.expect_ready(Expect::query(after, piece.copy));
+                self.copy_awaited |= piece.copy;
             }
         }
         self.predicted = Predicted::Unknown;

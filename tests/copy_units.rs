@@ -1,0 +1,127 @@
+//! COPY FROM STDIN followed by pipelined work (regressions found by the session fuzz target,
+//! fuzz/fuzz_targets/session.rs): nothing of rlsgate's or the client's reaches a server that is
+//! reading COPY data; the unit after a COPY runs with the tenant context; a Query with two
+//! COPYs behaves as in Postgres. Runs in plain mode here and with `transaction_wrap` in
+//! tests/wrap_mode.rs.
+
+mod support;
+
+use support::*;
+
+/// A demo database with a table without RLS that the application role may COPY into.
+async fn copy_proxy() -> Proxy {
+    let db = demo_db();
+    admin_sql(
+        &db,
+        "CREATE TABLE scratch (x int); GRANT SELECT, INSERT ON scratch TO rlsgate_app",
+    );
+    start_proxy_with(&db, &config_text(&db, 1, "")).await
+}
+
+async fn copy_data(c: &mut RawClient, data: &str) {
+    c.send(b'd', data.as_bytes()).await;
+    c.send(b'c', &[]).await;
+}
+
+/// The tenant the server sees, as the last DataRow's text.
+fn last_value(msgs: &[Msg]) -> String {
+    let row = msgs.iter().rev().find(|m| m.tag == 'D').expect("a row");
+    String::from_utf8_lossy(&row.body[6..]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unit_after_a_copy_runs_with_the_context() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    for _ in 0..3 {
+        // everything pipelined: the COPY, its data, and the next Query right behind
+        c.query("COPY scratch FROM STDIN").await;
+        copy_data(&mut c, "1\n2\n").await;
+        c.query("SELECT current_setting('app.current_store_id')")
+            .await;
+        let copy = c.until_ready().await;
+        assert_eq!(tags(&copy), "G C Z", "{copy:?}");
+        assert_eq!(copy[2].body, b"I", "{copy:?}");
+        let next = c.until_ready().await;
+        assert_eq!(tags(&next), "T D C Z", "{next:?}");
+        assert_eq!(last_value(&next), "north");
+    }
+    // and the rows are there, committed
+    c.query("SELECT count(*) FROM scratch").await;
+    assert_eq!(last_value(&c.until_ready().await), "6");
+    proxy.stop().await;
+}
+
+/// Two COPYs in one Query and a Query pipelined behind the first CopyDone: as in Postgres, the
+/// second COPY starts, the Query interrupts it (an error), and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_behind_the_first_of_two_copies_interrupts_the_second() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.query("COPY scratch FROM STDIN; COPY scratch FROM STDIN")
+        .await;
+    copy_data(&mut c, "1\n").await;
+    c.query("SELECT 1").await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "G C G E Z", "{msgs:?}");
+    assert_eq!(msgs[3].code(), "57014", "{msgs:?}");
+    assert_eq!(msgs[4].body, b"I");
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(last_value(&msgs), "north", "{msgs:?}");
+    // The whole Query failed: nothing was copied.
+    c.query("SELECT count(*) FROM scratch").await;
+    assert_eq!(last_value(&c.until_ready().await), "0");
+    proxy.stop().await;
+}
+
+/// A split Query (transaction control in the middle) whose last piece is a COPY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_query_ending_in_a_copy_completes() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.query("BEGIN; SELECT 1; COMMIT; SELECT 2; COPY scratch FROM STDIN")
+        .await;
+    let mut msgs = Vec::new();
+    loop {
+        let m = c.recv().await;
+        let copy_in = m.tag == 'G';
+        msgs.push(m);
+        if copy_in {
+            break;
+        }
+    }
+    copy_data(&mut c, "7\n").await;
+    msgs.extend(c.until_ready().await);
+    assert_eq!(tags(&msgs), "C T D C C T D C G C Z", "{msgs:?}");
+    c.query("SELECT count(*) FROM scratch").await;
+    assert_eq!(last_value(&c.until_ready().await), "1");
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    assert_eq!(last_value(&c.until_ready().await), "north");
+    proxy.stop().await;
+}
+
+/// A refused Query inside an unfinished extended unit (no Sync yet): one error, and the unit
+/// and the session go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_query_inside_an_open_extended_unit() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.send(b'C', b"Sno_such\0").await; // Close of a statement: opens a unit
+    c.query("SELECT set_config('app.current_store_id', 'south', false)")
+        .await;
+    c.sync().await;
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    let first = c.until_ready().await;
+    assert!(tags(&first).ends_with("E Z"), "{first:?}");
+    let err = first.iter().find(|m| m.tag == 'E').unwrap();
+    assert_eq!(err.code(), "42501", "{err:?}");
+    let sync = c.until_ready().await;
+    assert_eq!(tags(&sync), "Z", "{sync:?}");
+    let last = c.until_ready().await;
+    assert_eq!(last_value(&last), "north", "{last:?}");
+    proxy.stop().await;
+}
