@@ -294,11 +294,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         continue;
                     };
                     let span = tracing::info_span!("conn", conn_id, %peer, user = tracing::field::Empty, tenant = tracing::field::Empty);
-                    let session = handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone());
-                    tracker.spawn(async move {
-                        let _slot = slot;
-                        session.await
-                    }.instrument(span));
+                    // (no wrapping async block: it would store the session future twice)
+                    let session = handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone(), slot);
+                    tracker.spawn(session.instrument(span));
                 }
                 Err(e) if crate::fd_limit::is_exhaustion(&e) && fd_reserve.release() => {
                     // Out of descriptors: use the reserved one to tell the waiting client.
@@ -410,13 +408,36 @@ fn refuse_at_fd_limit(tcp: TcpStream) {
     }
 }
 
+/// One client connection, from accept to close. The task's future is what an idle client costs:
+/// the login runs in a boxed future freed once the session starts, so only the session's own
+/// state stays with the task.
 async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     conn_id: u64,
     shutdown: CancellationToken,
+    _client_slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let Some((session, _tenant_slot)) =
+        Box::pin(start(tcp, peer, Arc::clone(&shared), conn_id, shutdown)).await
+    else {
+        return;
+    };
+    session.run().await;
+    tracing::debug!("client disconnected");
+}
+
+/// Handshake, login and greeting: the session that then serves the client, and the client's
+/// slot under its tenant's connection limit. `None` = the connection is done (a cancel request,
+/// the admin console, a refused login).
+async fn start(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    shutdown: CancellationToken,
+) -> Option<(Session, crate::limits::ClientSlot)> {
     tcp.set_nodelay(true).ok();
     if let Err(e) = crate::stream::apply_keepalive(&tcp, &shared.config().server.keepalive()) {
         tracing::warn!(error = %e, "cannot set TCP keepalive on the client socket");
@@ -425,14 +446,14 @@ async fn handle(
     let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
         Err(_) => {
             tracing::info!("handshake timed out");
-            return;
+            return None;
         }
         Ok(Err((stream, e))) => {
             tracing::info!(error = %e, "login refused");
             if let Some(mut stream) = stream {
                 client::report(&mut stream, &e.to_client_error()).await;
             }
-            return;
+            return None;
         }
         Ok(Ok(Handshake::Cancel {
             pid,
@@ -442,12 +463,12 @@ async fn handle(
             shared.metrics.cancel();
             shared.cancels.cancel(pid, &key).await;
             client::close(&mut stream).await;
-            return;
+            return None;
         }
         Ok(Ok(Handshake::Admin { stream, read_buf })) => {
             tracing::info!("admin console login");
             crate::admin::run(stream, read_buf, Arc::clone(&shared)).await;
-            return;
+            return None;
         }
         Ok(Ok(Handshake::Login(login))) => login,
     };
@@ -455,12 +476,12 @@ async fn handle(
     span.record("user", login.user.as_str());
     span.record("tenant", login.identity.tenant.as_str());
     let mut login = *login;
-    let _tenant_slot = match shared.limits.join(&login.identity.tenant) {
+    let tenant_slot = match shared.limits.join(&login.identity.tenant) {
         Ok(slot) => slot,
         Err(e) => {
             tracing::info!(error = %e, "tenant connection limit");
             client::report(&mut login.stream, &e).await;
-            return;
+            return None;
         }
     };
     let params = match shared.pool.server_params().await {
@@ -468,7 +489,7 @@ async fn handle(
         Err(e) => {
             tracing::warn!(error = %e, "upstream unavailable at login");
             client::report(&mut login.stream, &e.to_client_error()).await;
-            return;
+            return None;
         }
     };
     tracing::info!(
@@ -480,13 +501,12 @@ async fn handle(
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "could not start session");
-            return;
+            return None;
         }
     };
     if let Err(e) = session.greet(&params).await {
         tracing::debug!(error = %e, "client left during login");
-        return;
+        return None;
     }
-    session.run().await;
-    tracing::debug!("client disconnected");
+    Some((session, tenant_slot))
 }

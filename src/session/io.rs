@@ -6,13 +6,18 @@
 //! Backpressure instead of unbounded buffers: output towards a side is produced only while less
 //! than [`OUT_CAP`] is waiting for it, and client bytes that cannot be handled yet are read ahead
 //! only up to [`READ_AHEAD`].
+//!
+//! An idle client holds no buffer: a read into an empty input buffer goes through the stack and
+//! allocates only what arrived, and the session drops emptied buffers between transactions
+//! ([`release_idle`]).
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::{Session, SessionError};
@@ -24,6 +29,15 @@ pub(super) const OUT_CAP: usize = 256 * 1024;
 const READ_AHEAD: usize = 256 * 1024;
 /// Free space kept in the server read buffer before each read.
 const SERVER_READ_SPACE: usize = 8 * 1024;
+/// Stack space a read into an empty input buffer goes through.
+const STACK_READ: usize = 8 * 1024;
+
+/// Drop a buffer's memory if it holds nothing (an idle client keeps no buffers).
+pub(super) fn release_idle(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+}
 
 /// What one wake-up of the sockets did.
 #[derive(Debug, Default)]
@@ -81,7 +95,21 @@ impl Side<'_> {
         if !self.read {
             return Poll::Pending;
         }
-        poll_read_buf(Pin::new(&mut *self.stream), cx, self.input)
+        if !self.input.is_empty() || self.input.capacity() > 0 {
+            return poll_read_buf(Pin::new(&mut *self.stream), cx, self.input);
+        }
+        // Nothing buffered and no memory held: wait for the bytes on the stack, then keep
+        // only what came (polling must not allocate a buffer for a client that says nothing).
+        let mut space = [MaybeUninit::<u8>::uninit(); STACK_READ];
+        let mut buf = ReadBuf::uninit(&mut space);
+        match Pin::new(&mut *self.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                self.input.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod settings;
 mod statements;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -182,7 +183,8 @@ pub struct Session {
     /// Bytes written to the client that TLS may still hold back (see [`io`]).
     client_unflushed: bool,
     max_message: usize,
-    server: Option<Checkout>,
+    /// Boxed: most clients hold no connection most of the time.
+    server: Option<Box<Checkout>>,
     server_out: BytesMut,
     server_unflushed: bool,
     identity: Identity,
@@ -274,6 +276,14 @@ pub struct Session {
     shutdown: CancellationToken,
 }
 
+/// Which deadline of the session loop fires first.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    TokenExpiry,
+    IdleInTransaction,
+    Query,
+}
+
 enum Flow {
     Continue,
     /// Hold this frame until nothing is in flight.
@@ -300,8 +310,9 @@ impl Session {
             &login.peer.to_string(),
         );
         let tracker = shared.metrics.track_client(&login.identity.tenant);
-        let startup_requested =
+        let mut startup_requested =
             crate::client::startup_params::requested_settings(&login.startup.params);
+        startup_requested.shrink_to_fit();
         let settings = Settings::from_startup(&startup_requested, shared.live().guard.protected());
         Ok(Session {
             id,
@@ -387,8 +398,19 @@ impl Session {
     }
 
     /// Run until the client leaves. Errors are reported to the client here.
-    pub async fn run(mut self) {
-        let result = self.serve().await;
+    pub fn run(self) -> impl Future<Output = ()> + Send {
+        // Not `async fn run(mut self)`: that stores the session twice in the future (the argument
+        // and its `mut` binding); the block below uses its capture in place.
+        let mut session = self;
+        async move {
+            let result = session.serve().await;
+            // Boxed: the goodbye's futures would otherwise size the future while it serves.
+            Box::pin(session.end(result)).await;
+        }
+    }
+
+    /// The client is leaving (or must): report the error, if any, and give the connection back.
+    async fn end(&mut self, result: Result<(), SessionError>) {
         if let Err(SessionError::LexerChanged(what)) = &result {
             tracing::error!(%what, "upstream connection reads SQL text differently from the guard; closing it");
             drop(self.server.take());
@@ -464,37 +486,52 @@ impl Session {
             // Holding a connection inside a transaction and waiting for the client.
             let idle_in_tx =
                 self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
-            let idle_tx_timeout = self.idle_tx_timeout;
+            if idle && self.pending.is_none() {
+                // Between transactions: buffers go until the next message needs them.
+                io::release_idle(&mut self.client_buf);
+                io::release_idle(&mut self.client_out);
+                io::release_idle(&mut self.server_out);
+            }
+            // One timer for the deadlines below (the earliest one), not one each: it stays in
+            // every idle session's future.
+            let now = tokio::time::Instant::now();
+            let mut deadline: Option<(tokio::time::Instant, Deadline)> = None;
+            let mut earliest = |at: tokio::time::Instant, which: Deadline| {
+                if deadline.is_none_or(|(d, _)| at < d) {
+                    deadline = Some((at, which));
+                }
+            };
             // A token that expires while the client is between transactions ends the session then.
-            let expiry = idle.then(|| self.until_expiry());
-            let expiry_deadline = async {
-                match expiry {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let idle_tx_deadline = async {
-                if idle_in_tx && !idle_tx_timeout.is_zero() {
-                    tokio::time::sleep(idle_tx_timeout).await
-                } else {
-                    std::future::pending().await
-                }
-            };
+            if idle && let Some(at) = now.checked_add(self.until_expiry()) {
+                earliest(at, Deadline::TokenExpiry);
+            }
+            // Holding a connection inside a transaction and waiting for the client.
+            if idle_in_tx
+                && !self.idle_tx_timeout.is_zero()
+                && let Some(at) = now.checked_add(self.idle_tx_timeout)
+            {
+                earliest(at, Deadline::IdleInTransaction);
+            }
             // A request waits for the upstream (query_timeout bounds the wait).
             // Measured from the request or the last bytes from the upstream, whichever is later:
             // long results and COPY TO keep it alive; COPY FROM STDIN waits for the client.
-            let query_deadline = match (self.query_started, self.query_timeout.is_zero()) {
-                (Some(started), false)
-                    if self.server.is_some() && !self.expect.is_empty() && !self.copy_in =>
-                {
-                    let since = self.server_heard.map_or(started, |h| h.max(started));
-                    Some(tokio::time::Instant::from_std(since + self.query_timeout))
-                }
-                _ => None,
-            };
-            let query_deadline = async {
-                match query_deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
+            if let (Some(started), false) = (self.query_started, self.query_timeout.is_zero())
+                && self.server.is_some()
+                && !self.expect.is_empty()
+                && !self.copy_in
+            {
+                let since = self.server_heard.map_or(started, |h| h.max(started));
+                earliest(
+                    tokio::time::Instant::from_std(since + self.query_timeout),
+                    Deadline::Query,
+                );
+            }
+            let deadline = async {
+                match deadline {
+                    Some((at, which)) => {
+                        tokio::time::sleep_until(at).await;
+                        which
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -504,10 +541,12 @@ impl Session {
             let event = tokio::select! {
                 r = io => r?,
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
-                _ = idle_tx_deadline => return Err(SessionError::IdleInTransaction),
-                _ = query_deadline => return Err(SessionError::QueryTimeout),
+                which = deadline => return Err(match which {
+                    Deadline::IdleInTransaction => SessionError::IdleInTransaction,
+                    Deadline::Query => SessionError::QueryTimeout,
+                    Deadline::TokenExpiry => SessionError::TokenExpired,
+                }),
                 _ = killed.cancelled() => return Err(SessionError::Killed),
-                _ = expiry_deadline => return Err(SessionError::TokenExpired),
             };
             if event.client_read > 0 {
                 self.shared.metrics.bytes(event.client_read as u64, 0);
@@ -637,6 +676,12 @@ impl Session {
         if self.server.is_some() {
             return Ok(());
         }
+        // Boxed: the checkout's future is large and only lives while a connection is fetched;
+        // inline it would size every session's future, also while the client is idle.
+        Box::pin(self.check_out()).await
+    }
+
+    async fn check_out(&mut self) -> Result<(), PoolError> {
         crate::registry::Registry::set_state(
             &self.client_entry.entry,
             crate::registry::STATE_WAITING,
@@ -701,7 +746,7 @@ impl Session {
             server_id = checkout.conn_ref().id,
             "checked out upstream connection"
         );
-        self.server = Some(checkout);
+        self.server = Some(Box::new(checkout));
         self.predicted = Predicted::Idle;
         Ok(())
     }
@@ -870,6 +915,11 @@ impl Session {
     /// `SELECT rlsgate.reauth('<jwt>')`: a fresh token for the same tenant replaces the identity
     /// (and its context) from the next transaction on.
     async fn reauth(&mut self, token: &str) -> Result<(), ClientError> {
+        // Boxed, as check_out: a rare, large future.
+        Box::pin(self.reauth_with(token)).await
+    }
+
+    async fn reauth_with(&mut self, token: &str) -> Result<(), ClientError> {
         let outcome = self
             .shared
             .live()

@@ -53,6 +53,7 @@ impl Settings {
             let sql = crate::guard::set_sql::set_statement(&lower, value);
             upsert(&mut s.startup, lower, sql);
         }
+        s.startup.shrink_to_fit(); // kept for the whole session
         s.rebuild();
         s
     }
