@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use futures_util::{StreamExt, TryStreamExt, future};
+use futures_util::{TryStreamExt, future};
 use rlsgate::config::Config;
 use rlsgate::doctor::{self, Report, Severity};
 use rlsgate::embedded_pg::{EmbeddedOptions, EmbeddedPg};
@@ -37,15 +37,6 @@ impl Cluster {
         self.coordinator
             .psql(DB, sql)
             .unwrap_or_else(|e| panic!("coordinator SQL failed: {e}\n{sql}"))
-            .trim()
-            .to_string()
-    }
-
-    /// Superuser SQL on one worker (to see what reached it).
-    fn worker_sql(&self, i: usize, sql: &str) -> String {
-        self.workers[i]
-            .psql(DB, sql)
-            .expect("worker SQL")
             .trim()
             .to_string()
     }
@@ -205,8 +196,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON stores, customers, orders, events, notes
     TO rlsgate_app;
 "#;
 
-/// The doctor test applies fixes to the schema: it holds this for writing, the proxy tests for
-/// reading (they use only what the fixes leave as it was: stores, customers, orders).
+/// One test at a time: they share the cluster's rows (and the doctor test applies fixes and
+/// changes a database setting for a moment). The proxy tests use only what the fixes leave as
+/// it was: stores, customers, orders.
 static SCHEMA_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn load_schema(coordinator: &EmbeddedPg) {
@@ -268,7 +260,7 @@ fn ids(r: &Report, severity: Severity) -> Vec<&'static str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn check_fails_broken_setups_and_its_fixes_are_accepted_by_citus() {
     let Some(c) = cluster() else { return };
-    let _schema = SCHEMA_LOCK.write().await;
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
 
     // Wrap off: the context never reaches a worker, whatever else is set.
     let report = check(c, false, true).await;
@@ -368,4 +360,303 @@ async fn check_fails_broken_setups_and_its_fixes_are_accepted_by_citus() {
         ),
         "store_id"
     );
+}
+
+/// rlsgate in wrap mode with `citus_propagate_set`, in front of the coordinator.
+async fn proxy(c: &Cluster, pool: usize) -> Proxy {
+    start_proxy_with(DB, &config(c, true, true, pool)).await
+}
+
+async fn counts(client: &tokio_postgres::Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM orders)",
+            &[],
+        )
+        .await
+        .expect("counts");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrap_mode_isolates_tenants_on_the_workers() {
+    let Some(c) = cluster() else { return };
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
+    assert_eq!(c.sql("SHOW citus.propagate_set_commands"), "none");
+    let p = proxy(c, 2).await;
+    let north = client(&p, "north").await;
+    let south = client(&p, "south").await;
+
+    // Multi-shard reads (both tenants live on different shards) and a router read.
+    assert_eq!(counts(&north).await, (3, 2));
+    assert_eq!(counts(&south).await, (2, 1));
+    let names: Vec<String> = north
+        .query(
+            "SELECT name FROM customers WHERE store_id = 'north' ORDER BY customer_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["Ada", "Ben", "Cy"]);
+    let foreign = south
+        .query("SELECT name FROM customers WHERE store_id = 'north'", &[])
+        .await
+        .unwrap();
+    assert!(foreign.is_empty(), "south read north's rows");
+
+    // Writes: own insert, foreign insert refused by RLS on the worker, UPDATE/DELETE.
+    north
+        .execute("INSERT INTO customers VALUES ('north', 100, 'New')", &[])
+        .await
+        .expect("own insert");
+    let err = north
+        .execute("INSERT INTO customers VALUES ('south', 101, 'Sneaky')", &[])
+        .await
+        .expect_err("foreign insert");
+    assert_eq!(code(&err), "42501", "{err}");
+    let updated = north
+        .execute("UPDATE customers SET name = name || '!'", &[])
+        .await
+        .unwrap();
+    assert_eq!(updated, 4, "north updates its own 4 rows only");
+    assert_eq!(
+        c.sql("SELECT string_agg(name, ',' ORDER BY customer_id) FROM customers WHERE store_id = 'south'"),
+        "Dot,Eve",
+        "south's rows untouched"
+    );
+    assert_eq!(
+        south
+            .execute("DELETE FROM customers WHERE customer_id = 100", &[])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        north
+            .execute("DELETE FROM customers WHERE customer_id = 100", &[])
+            .await
+            .unwrap(),
+        1
+    );
+    north
+        .execute("UPDATE customers SET name = rtrim(name, '!')", &[])
+        .await
+        .unwrap();
+
+    // A join with the reference table (read locally on the coordinator's replica).
+    let rows = south
+        .query(
+            "SELECT s.name, count(*) FROM customers c JOIN stores s USING (store_id) GROUP BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), "South");
+    assert_eq!(rows[0].get::<_, i64>(1), 2);
+
+    // A multi-statement simple Query.
+    let msgs = north
+        .simple_query("SELECT count(*) FROM customers; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    let values: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, ["3", "2"]);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explicit_blocks_prepared_statements_and_pipelines_reach_the_workers() {
+    let Some(c) = cluster() else { return };
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
+    let p = proxy(c, 2).await;
+    let mut north = client(&p, "north").await;
+    let south = client(&p, "south").await;
+
+    // The client's own block: SET LOCAL is injected right after its BEGIN.
+    let tx = north.transaction().await.unwrap();
+    tx.execute("INSERT INTO orders VALUES ('north', 200, 3, 5)", &[])
+        .await
+        .unwrap();
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    tx.rollback().await.unwrap();
+    assert_eq!(counts(&north).await, (3, 2));
+
+    // Extended protocol with parameters, and a prepared statement run for both tenants.
+    let stmt = north
+        .prepare("SELECT count(*) FROM customers WHERE store_id = $1")
+        .await
+        .unwrap();
+    for (store, expected) in [("north", 3i64), ("south", 0)] {
+        let n: i64 = north.query_one(&stmt, &[&store]).await.unwrap().get(0);
+        assert_eq!(n, expected, "north counting {store}");
+    }
+    let stmt = south
+        .prepare("SELECT total FROM orders WHERE store_id = $1 AND order_id = $2")
+        .await
+        .unwrap();
+    assert_eq!(
+        south.query(&stmt, &[&"south", &3i64]).await.unwrap().len(),
+        1
+    );
+    assert!(
+        south
+            .query(&stmt, &[&"north", &1i64])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A pipeline: several extended-protocol queries in flight on one connection.
+    let sqls: Vec<&str> = (0..8)
+        .map(|i| {
+            if i % 2 == 0 {
+                "SELECT count(*) FROM customers"
+            } else {
+                "SELECT count(*) FROM orders"
+            }
+        })
+        .collect();
+    let queries: Vec<_> = sqls.iter().map(|sql| north.query_one(*sql, &[])).collect();
+    let results = future::join_all(queries).await;
+    for (i, r) in results.into_iter().enumerate() {
+        let n: i64 = r.unwrap().get(0);
+        assert_eq!(n, if i % 2 == 0 { 3 } else { 2 }, "pipelined query {i}");
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_select_to_works_and_copy_table_to_fails_closed() {
+    let Some(c) = cluster() else { return };
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
+    let p = proxy(c, 2).await;
+    let north = client(&p, "north").await;
+    let copy = |sql: &'static str| {
+        let north = &north;
+        async move {
+            let stream = north.copy_out(sql).await.expect("COPY TO");
+            let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("COPY data");
+            String::from_utf8(chunks.concat()).unwrap()
+        }
+    };
+    let out =
+        copy("COPY (SELECT store_id, name FROM customers ORDER BY customer_id) TO STDOUT").await;
+    assert_eq!(out, "north\tAda\nnorth\tBen\nnorth\tCy\n");
+    // What the README and `rlsgate check` warn about: Citus copies the shards outside the
+    // transaction, where no tenant is set: nothing (and nobody else's rows) comes back.
+    assert_eq!(copy("COPY customers TO STDOUT").await, "");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_stops_a_query_running_on_a_worker() {
+    let Some(c) = cluster() else { return };
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
+    let p = proxy(c, 2).await;
+    let north = client(&p, "north").await;
+    let token = north.cancel_token();
+    let started = Instant::now();
+    let (slow, _) = tokio::join!(
+        north.query(
+            "SELECT pg_sleep(30) FROM customers WHERE store_id = 'north' AND customer_id = 1",
+            &[]
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token
+                .cancel_query(tokio_postgres::NoTls)
+                .await
+                .expect("cancel request");
+        }
+    );
+    let err = slow.expect_err("cancelled");
+    assert_eq!(code(&err), "57014", "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(counts(&north).await, (3, 2), "the connection still works");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_tenants_interleaved_on_a_small_pool_never_see_each_other() {
+    let Some(c) = cluster() else { return };
+    let _one_at_a_time = SCHEMA_LOCK.write().await;
+    let p = proxy(c, 2).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let store = if i % 2 == 0 { "north" } else { "south" };
+        let client = client(&p, store).await;
+        tasks.push(tokio::spawn(async move {
+            let expected: (i64, i64) = if store == "north" { (3, 2) } else { (2, 1) };
+            for j in 0..40 {
+                match j % 3 {
+                    0 => {
+                        // Other clients of the same tenant may have a tmp row in flight.
+                        let row = client
+                            .query_one(
+                                "SELECT (SELECT count(*) FROM customers WHERE name NOT LIKE 'tmp%'), \
+                                        (SELECT count(*) FROM orders)",
+                                &[],
+                            )
+                            .await
+                            .unwrap();
+                        assert_eq!((row.get(0), row.get(1)), expected, "{store}");
+                    }
+                    1 => {
+                        let rows = client
+                            .query("SELECT DISTINCT store_id FROM customers", &[])
+                            .await
+                            .unwrap();
+                        let seen: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                        assert_eq!(seen, [store]);
+                    }
+                    _ => {
+                        let id = 1000 + i * 100 + j;
+                        client
+                            .execute(
+                                "INSERT INTO customers VALUES ($1, $2, $3)",
+                                &[&store, &(id as i64), &format!("tmp{id}")],
+                            )
+                            .await
+                            .unwrap();
+                        let n = client
+                            .execute(
+                                "DELETE FROM customers WHERE name = $1",
+                                &[&format!("tmp{id}")],
+                            )
+                            .await
+                            .unwrap();
+                        assert_eq!(n, 1, "{store} deleted only its own row");
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(c.sql("SELECT count(*) FROM customers"), "5");
+    // The tenants' rows live on the workers (both of them), not on the coordinator.
+    let ports = c.sql(
+        "SELECT string_agg(DISTINCT nodeport::text, ',' ORDER BY nodeport::text) \
+           FROM citus_shards WHERE table_name = 'customers'::regclass",
+    );
+    let mut workers: Vec<String> = c.workers.iter().map(|w| w.port().to_string()).collect();
+    workers.sort();
+    assert_eq!(ports, workers.join(","));
+    p.stop().await;
 }

@@ -199,14 +199,14 @@ async fn probe(client: &Client, ctx: &Ctx, propagate: bool) -> Result<Probe, Doc
             .await?;
         let here = client
             .query_one(
-                "SELECT inet_server_addr()::text, inet_server_port(), pg_backend_pid()",
+                "SELECT host(inet_server_addr()), inet_server_port(), pg_backend_pid()",
                 &[],
             )
             .await?;
         let there = client
             .query_one(
                 &format!(
-                    "SELECT current_setting({}, true), inet_server_addr()::text, \
+                    "SELECT current_setting({}, true), host(inet_server_addr()), \
                             inet_server_port(), pg_backend_pid(), count(*) \
                        FROM {table} WHERE {column} = {value}",
                     escape_literal(&ctx.tenant_setting)
