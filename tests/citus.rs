@@ -353,6 +353,7 @@ async fn check_fails_broken_setups_and_its_fixes_are_accepted_by_citus() {
             .fix
             .contains("COPY (SELECT * FROM public.customers) TO STDOUT;")
     );
+    c.sql(&copy[0].fix);
     assert_eq!(
         c.sql(
             "SELECT column_to_column_name(logicalrelid, partkey) FROM pg_dist_partition \
