@@ -18,3 +18,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# Citus for tests/citus.rs, when the build beside the project (../shared/citus) is present: it
+# loads only into the PostgreSQL 15 minor it was built for or a later one (15.18 lacks symbols
+# that 15.20 headers use), then install.sh copies it in (idempotent).
+CITUS_TARBALL="$(dirname "$0")/../../shared/citus/citus-pg15.tar.gz"
+if [ -f "$CITUS_TARBALL" ]; then
+    built=$(tar -xzOf "$CITUS_TARBALL" citus-pg15/MANIFEST.txt | sed -n 's/.*built for PostgreSQL 15\.\([0-9]*\).*/\1/p' | head -1)
+    have=$("$PG_BIN/postgres" --version | sed -n 's/.* 15\.\([0-9]*\).*/\1/p')
+    if [ -n "$built" ] && [ -n "$have" ] && [ "$have" -lt "$built" ]; then
+        echo "setup: upgrading postgresql-15 (15.$have) for Citus (built for 15.$built)" >&2
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --only-upgrade \
+            postgresql-15 postgresql-client-15 >/dev/null
+    fi
+    as_root bash "$(dirname "$CITUS_TARBALL")/install.sh" "$CITUS_TARBALL" >/dev/null
+fi
