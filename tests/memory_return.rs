@@ -39,8 +39,10 @@ async fn memory_of_idle_clients_is_returned_when_they_leave() {
     }
     let peak = rss_kb();
     let grown = peak.saturating_sub(before);
+    // (about 2 MB of it is the proxy's since idle sessions hold no buffers; the rest is the
+    // clients' side in this same process)
     assert!(
-        grown > 10_000,
+        grown > 4_000,
         "2000 clients should cost some memory: {before} → {peak} kB"
     );
     drop(clients);
