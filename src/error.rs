@@ -25,6 +25,7 @@ pub mod sqlstate {
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const SYNTAX_ERROR: &str = "42601";
     pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
 }

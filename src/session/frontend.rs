@@ -413,6 +413,11 @@ impl Session {
             unit
         };
         self.copy_awaited |= analysis.copy_from_stdin;
+        if analysis.copy_from_stdin && self.wrapping && self.unit_open {
+            // A COPY inside rlsgate's block around an open extended unit: the block's COMMIT
+            // waits for the end of the COPY (see on_sync).
+            self.wrapping_copy = true;
+        }
         self.stage_settings(unit, &analysis);
         Ok(Flow::Continue)
     }
@@ -505,6 +510,10 @@ impl Session {
         if self.server.is_some()
             && fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok()
         {
+            if self.predicted == Predicted::InBlock {
+                // the error aborts the block: what follows waits to see it
+                self.predicted = Predicted::Unknown;
+            }
             self.expect_ready(Expect::Query {
                 after: After::Forward,
                 copy: false,

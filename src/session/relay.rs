@@ -358,8 +358,21 @@ impl Session {
         let detail = be::notice_fields(frame.body())
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
-        tracing::error!(error = %detail, "injecting the tenant context failed");
         self.expect.pop_front();
+        let aborted_block = be::notice_fields(frame.body())
+            .is_ok_and(|n| n.code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION);
+        if aborted_block && self.expect.is_empty() {
+            // Sent behind a statement that ended in an aborted block (the client has that
+            // statement's error): no disagreement. The server now skips to a Sync: one of
+            // rlsgate's own, answered unseen.
+            tracing::debug!("tenant context not applied in an aborted transaction block");
+            fe::write_sync(&mut self.server_out);
+            self.expect_ready(Expect::Sync {
+                after: After::Swallow,
+            });
+            return Ok(());
+        }
+        tracing::error!(error = %detail, "injecting the tenant context failed");
         match self.expect.front() {
             Some(Expect::Query { .. }) if self.expect.len() == 1 => {
                 // The server ignores the Query until a Sync: send one, its ReadyForQuery ends the Query.
@@ -524,8 +537,9 @@ impl Session {
         match piece.kind {
             PieceKind::Begin => {
                 self.write_client_query(&piece.text, after)?;
-                if self.wrap {
-                    // the context goes right after the client's own BEGIN, inside its block
+                // the context goes right after the client's own BEGIN, inside its block — not
+                // in an aborted block, where the BEGIN fails (25P02) and so would the context
+                if self.wrap && self.last_status != TxStatus::Failed {
                     self.inject_context();
                 }
             }
