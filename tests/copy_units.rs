@@ -125,3 +125,36 @@ async fn a_refused_query_inside_an_open_extended_unit() {
     assert_eq!(last_value(&last), "north", "{last:?}");
     proxy.stop().await;
 }
+
+/// Inside a block, a refused statement (aborting the block) with more pipelined behind it,
+/// among them a BEGIN that fails in the aborted block: every statement gets Postgres' answer,
+/// and after ROLLBACK the session has its context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_pipelined_behind_a_refusal_in_a_block() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.query("BEGIN").await;
+    c.query("SELECT set_config('app.current_store_id', 'south', false)")
+        .await;
+    c.query("BEGIN; SELECT 1").await;
+    c.query("SELECT 2").await;
+    c.query("ROLLBACK").await;
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    assert_eq!(tags(&c.until_ready().await), "C Z");
+    let refused = c.until_ready().await;
+    assert_eq!(tags(&refused), "E Z", "{refused:?}");
+    assert_eq!(refused[0].code(), "42501");
+    let begin = c.until_ready().await;
+    assert_eq!(tags(&begin), "E Z", "{begin:?}");
+    assert_eq!(begin[0].code(), "25P02");
+    let select = c.until_ready().await;
+    assert_eq!(tags(&select), "E Z", "{select:?}");
+    assert_eq!(select[0].code(), "25P02");
+    let rollback = c.until_ready().await;
+    assert_eq!(tags(&rollback), "C Z", "{rollback:?}");
+    assert_eq!(rollback[1].body, b"I");
+    let last = c.until_ready().await;
+    assert_eq!(last_value(&last), "north", "{last:?}");
+    proxy.stop().await;
+}
