@@ -158,3 +158,32 @@ async fn work_pipelined_behind_a_refusal_in_a_block() {
     assert_eq!(last_value(&last), "north", "{last:?}");
     proxy.stop().await;
 }
+
+/// A Query that fails inside an unfinished extended unit (no Sync yet), then another Query:
+/// as in Postgres, the failed Query ends the unit's implicit transaction, the next one runs with
+/// the context, and the unit's Sync is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_query_inside_an_open_extended_unit() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.parse("", "SELECT 1").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.query("SELECT 1/0").await;
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    c.sync().await;
+    let first = c.until_ready().await;
+    assert_eq!(tags(&first), "1 2 D C E Z", "{first:?}");
+    assert_eq!(first[4].code(), "22012");
+    assert_eq!(first[5].body, b"I");
+    let second = c.until_ready().await;
+    assert_eq!(tags(&second), "T D C Z", "{second:?}");
+    assert_eq!(last_value(&second), "north");
+    let sync = c.until_ready().await;
+    assert_eq!(tags(&sync), "Z", "{sync:?}");
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    assert_eq!(last_value(&c.until_ready().await), "north");
+    proxy.stop().await;
+}

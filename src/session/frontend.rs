@@ -186,6 +186,14 @@ impl Session {
     /// implicit transaction with it (an explicit block goes on), so the unit's next statement
     /// needs the context again (see on_bind).
     async fn inside_unit(&mut self, frame: Frame) -> Result<Flow, SessionError> {
+        if self.wrapping && !self.wrapping_copy && !self.must_wait() {
+            // transaction_wrap: the unit so far runs in rlsgate's block. Postgres commits the
+            // unit's implicit transaction when this Query ends; rlsgate's block ends here
+            // instead, and the Query becomes a unit of its own (wrapped itself if it needs it),
+            // so that its errors cannot abort rlsgate's block under the unit.
+            self.wrapping = false;
+            self.wrap_commit(After::Swallow);
+        }
         let flow = if frame.tag == fe::QUERY {
             self.on_query(frame).await?
         } else {
