@@ -260,34 +260,6 @@ async fn libpq_18_with_max_protocol_version_3_2_connects_at_3_0() {
     proxy.stop().await;
 }
 
-/// The venv of tests/compat/install.sh (psycopg 3 bundling libpq 18), or `None` after saying why
-/// the test is skipped.
-fn libpq18_python() -> Option<std::path::PathBuf> {
-    let env = std::env::var_os("COMPAT_ENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/compat-env")
-        });
-    let python = env.join("venv/bin/python");
-    let version = std::process::Command::new(&python)
-        .args(["-c", "import psycopg; print(psycopg.pq.version())"])
-        .output();
-    match version {
-        Ok(out) if out.status.success() => {
-            let v: u32 = stdout(&out).parse().unwrap_or(0);
-            if v >= 180_000 {
-                return Some(python);
-            }
-            eprintln!("SKIPPED: {} has libpq {v}, not 18+", python.display());
-        }
-        _ => eprintln!(
-            "SKIPPED: no psycopg venv at {} (create it with tests/compat/install.sh)",
-            python.display()
-        ),
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_after_an_error_read_with_flush_are_skipped_until_sync() {
     let proxy = start_proxy(1).await;

@@ -508,8 +508,9 @@ impl Session {
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
         if self.wrapping && self.unit_open {
-            // Inside rlsgate's own block around an unfinished extended unit: a server-side error
-            // would abort that block under the client's unit. Answered here, in order.
+            // Still inside rlsgate's block around an unfinished extended unit (inside_unit ends
+            // that block before a Query, except while a COPY in it is unfinished): a server-side
+            // error would abort the block under the client's unit. Answered here, in order.
             let mut reply = BytesMut::from(&refusal.error_response()[..]);
             be::write_ready(TxStatus::Idle, &mut reply);
             self.push_reply(reply.freeze());
