@@ -93,7 +93,6 @@ pub(super) async fn connect(
         settings_owner: None,
         // set by the pool (Inner::open)
         generation: 0,
-        plans_epoch: 0,
     })
 }
 

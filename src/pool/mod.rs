@@ -94,8 +94,6 @@ pub struct ServerConn {
     pub settings_owner: Option<(u64, u64)>,
     /// The pool's generation when it was opened: an admin RECONNECT closes older ones.
     pub generation: u64,
-    /// The pool's plans epoch its statements were prepared in (see [`Pool::invalidate_plans`]).
-    pub plans_epoch: u64,
 }
 
 impl ServerConn {
@@ -164,9 +162,11 @@ struct Inner {
     /// Bumped by an admin RECONNECT: connections of an older generation are closed instead of
     /// being handed out or returned.
     generation: AtomicU64,
-    /// Bumped when the server reports a cached plan whose result type changed.
-    plans_epoch: AtomicU64,
-    /// Those statements, with the epoch they went stale at.
+    /// Orders prepares (of clients and of rlsgate's server copies) and stale-plan reports.
+    plan_clock: AtomicU64,
+    /// The clock at the last stale-plan report (0: none yet).
+    last_stale: AtomicU64,
+    /// Statements whose cached plan the server refused, with the clock at the report.
     stale_plans: Mutex<HashMap<Arc<str>, u64>>,
 }
 
@@ -189,8 +189,6 @@ impl Inner {
         self.failing.store(result.is_err(), Ordering::Relaxed);
         let mut conn = result?;
         conn.generation = self.generation.load(Ordering::Relaxed);
-        conn.plans_epoch = self.plans_epoch.load(Ordering::Relaxed);
-        conn.prepared.epoch = conn.plans_epoch;
         self.connected_once.store(true, Ordering::Relaxed);
         tracing::debug!(
             server_id = id,
@@ -276,7 +274,8 @@ impl Pool {
                 failing: std::sync::atomic::AtomicBool::new(false),
                 connected_once: std::sync::atomic::AtomicBool::new(false),
                 generation: AtomicU64::new(0),
-                plans_epoch: AtomicU64::new(0),
+                plan_clock: AtomicU64::new(0),
+                last_stale: AtomicU64::new(0),
                 stale_plans: Mutex::new(HashMap::new()),
             }),
         }
@@ -305,54 +304,54 @@ impl Pool {
         closed.len()
     }
 
-    /// The server refused rlsgate's statement `name` with `cached plan must not change result
-    /// type` (a column was added to or dropped from a table it reads): every connection's copy
-    /// is closed and prepared again before it is used next, and clients whose own statement was
-    /// prepared before now get that error too (as they would from Postgres, where each session's
-    /// copy fails until it is prepared again). Returns the new plans epoch.
-    pub fn plan_went_stale(&self, name: &Arc<str>) -> u64 {
-        let epoch = self.inner.plans_epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Ok(mut stale) = self.inner.stale_plans.lock() {
-            if stale.len() >= MAX_STALE_PLANS {
-                // Forgetting is safe: a stale copy then fails on the server and is seen again.
-                stale.clear();
-            }
-            stale.insert(Arc::clone(name), epoch);
+    /// The next tick of the plan clock: stamps a client's prepare and each server copy of a
+    /// statement, so that a copy older than the client's prepare is never used for it (it may
+    /// predate a migration the client has already seen).
+    pub fn plan_tick(&self) -> u64 {
+        self.inner.plan_clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The server refused rlsgate's statement `name`, a copy stamped `copy`, with `cached plan
+    /// must not change result type` (a column was added to or dropped from a table it reads).
+    /// Clients that prepared it before now get that error too, as they would from Postgres,
+    /// where each session's copy fails until it is prepared again; clients that prepare it
+    /// again get fresh copies.
+    ///
+    /// A change already reported after `copy` was made is not news: several connections report
+    /// the same migration, and counting it again would fail the clients that prepared again in
+    /// between. Returns the report's tick, or `None` when it was not news.
+    pub fn plan_went_stale(&self, name: &Arc<str>, copy: u64) -> Option<u64> {
+        let Ok(mut stale) = self.inner.stale_plans.lock() else {
+            return None;
+        };
+        if stale.get(name).is_some_and(|t| *t > copy) {
+            return None;
         }
+        if stale.len() >= MAX_STALE_PLANS {
+            // Forgetting is safe: a stale copy then fails on the server and is seen again.
+            stale.clear();
+        }
+        let tick = self.plan_tick();
+        stale.insert(Arc::clone(name), tick);
+        self.inner.last_stale.fetch_max(tick, Ordering::Relaxed);
+        drop(stale);
         tracing::info!(
             statement = %name,
-            epoch,
+            tick,
             "the server refused a cached plan whose result type changed; preparing the statement again"
         );
-        epoch
+        Some(tick)
     }
 
-    /// Increases with every [`Pool::plan_went_stale`]; nothing went stale while it is unchanged.
-    pub fn plans_epoch(&self) -> u64 {
-        self.inner.plans_epoch.load(Ordering::Relaxed)
-    }
-
-    /// Statements that went stale after epoch `since`.
-    pub fn stale_since(&self, since: u64) -> Vec<Arc<str>> {
-        self.inner
-            .stale_plans
-            .lock()
-            .map(|stale| {
-                stale
-                    .iter()
-                    .filter(|(_, e)| **e > since)
-                    .map(|(n, _)| Arc::clone(n))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Whether statement `name`, prepared at epoch `since`, went stale afterwards.
-    pub fn is_stale(&self, name: &str, since: u64) -> bool {
-        self.inner
-            .stale_plans
-            .lock()
-            .is_ok_and(|stale| stale.get(name).is_some_and(|e| *e > since))
+    /// Whether statement `name`, prepared by a client at `stamp`, was reported stale since.
+    /// One atomic load unless some plan went stale after `stamp`.
+    pub fn stale_after(&self, name: &str, stamp: u64) -> bool {
+        self.inner.last_stale.load(Ordering::Relaxed) > stamp
+            && self
+                .inner
+                .stale_plans
+                .lock()
+                .is_ok_and(|stale| stale.get(name).is_some_and(|t| *t > stamp))
     }
 
     /// The upstream's ParameterStatus set (connecting once if none is known yet).

@@ -17,15 +17,14 @@ pub const MAX_STATEMENTS: usize = 1_000;
 pub const MAX_TEXT_BYTES: usize = 16 << 20;
 
 pub struct ServerStatements {
-    /// Name → (text size, plans epoch when prepared).
+    /// Name → (text size, stamp: the pool's plan clock when it was prepared, see
+    /// `Pool::plan_tick`).
     live: LruCache<Arc<str>, (usize, u64)>,
-    /// The plans epoch statements prepared now are stamped with (the connection's, set when a
-    /// unit starts: see `Pool::plan_went_stale`).
-    pub epoch: u64,
     bytes: usize,
-    to_close: Vec<(Arc<str>, usize)>,
-    /// Statements whose plan the server no longer accepts: closed at the next unit, and never
-    /// revived (unlike `to_close`).
+    to_close: Vec<(Arc<str>, usize, u64)>,
+    /// Statements that may still exist on the server but must not be used (their plan went
+    /// stale, or a Parse replacing them was skipped): closed at the next unit or right before
+    /// they are prepared again, and never revived (unlike `to_close`).
     retired: Vec<Arc<str>>,
 }
 
@@ -33,7 +32,6 @@ impl Default for ServerStatements {
     fn default() -> Self {
         ServerStatements {
             live: LruCache::unbounded(),
-            epoch: 0,
             bytes: 0,
             to_close: Vec::new(),
             retired: Vec::new(),
@@ -42,42 +40,37 @@ impl Default for ServerStatements {
 }
 
 impl ServerStatements {
-    /// Whether the statement exists on the server (and mark it used).
-    pub fn contains(&mut self, name: &str) -> bool {
-        if self.live.get(name).is_some() {
-            return true;
+    /// The stamp of the statement if it exists on the server (and mark it used).
+    pub fn stamp_of(&mut self, name: &str) -> Option<u64> {
+        if let Some((_, stamp)) = self.live.get(name) {
+            return Some(*stamp);
         }
-        match self.to_close.iter().position(|(n, _)| &**n == name) {
-            Some(i) => {
-                let (n, size) = self.to_close.swap_remove(i);
-                self.insert(n, size);
-                true
-            }
-            None => false,
-        }
+        let i = self.to_close.iter().position(|(n, _, _)| &**n == name)?;
+        let (n, size, stamp) = self.to_close.swap_remove(i);
+        self.insert(n, size, stamp);
+        Some(stamp)
     }
 
-    /// A statement of `size` bytes of text was prepared; older ones may be queued for Close.
-    pub fn insert(&mut self, name: Arc<str>, size: usize) {
-        if let Some((old, _)) = self.live.put(name, (size, self.epoch)) {
+    /// Whether the statement exists on the server (and mark it used).
+    pub fn contains(&mut self, name: &str) -> bool {
+        self.stamp_of(name).is_some()
+    }
+
+    /// A statement of `size` bytes of text was prepared at `stamp`; older ones may be queued
+    /// for Close.
+    pub fn insert(&mut self, name: Arc<str>, size: usize, stamp: u64) {
+        if let Some((old, _)) = self.live.put(name, (size, stamp)) {
             self.bytes = self.bytes.saturating_sub(old);
         }
         self.bytes += size;
         while self.live.len() > MAX_STATEMENTS
             || (self.bytes > MAX_TEXT_BYTES && self.live.len() > 1)
         {
-            let Some((n, (s, _))) = self.live.pop_lru() else {
+            let Some((n, (s, stamp))) = self.live.pop_lru() else {
                 break;
             };
             self.bytes = self.bytes.saturating_sub(s);
-            self.to_close.push((n, s));
-        }
-    }
-
-    /// The Parse did not happen: the server does not have it.
-    pub fn remove(&mut self, name: &str) {
-        if let Some((s, _)) = self.live.pop(name) {
-            self.bytes = self.bytes.saturating_sub(s);
+            self.to_close.push((n, s, stamp));
         }
     }
 
@@ -89,26 +82,39 @@ impl ServerStatements {
         self.retired.clear();
     }
 
-    /// The server no longer accepts the statement's plan: close it at the next unit (or right
-    /// before it is prepared again) and never revive it.
-    pub fn retire(&mut self, name: &Arc<str>) {
+    /// The statement must not be used again (its plan went stale, or a Parse of it was skipped
+    /// and an older copy may remain): close it at the next unit (or right before it is prepared
+    /// again) and never revive it.
+    pub fn retire(&mut self, name: &str) {
+        let name = if let Some((n, (size, _))) = self.live.pop_entry(name) {
+            self.bytes = self.bytes.saturating_sub(size);
+            n
+        } else if let Some(i) = self.to_close.iter().position(|(n, _, _)| &**n == name) {
+            self.to_close.swap_remove(i).0
+        } else if self.retired.iter().any(|n| &**n == name) {
+            return;
+        } else {
+            Arc::from(name)
+        };
+        self.retired.push(name);
+    }
+
+    /// The stamp of the live statement `name` (without marking it used).
+    pub fn peek_stamp(&self, name: &str) -> Option<u64> {
+        self.live.peek(name).map(|(_, stamp)| *stamp)
+    }
+
+    /// Forget `name` before it is prepared again: whether the server may still have a copy
+    /// (live, waiting to be closed, or retired), which the caller closes first.
+    pub fn take_copy(&mut self, name: &str) -> bool {
         if let Some((size, _)) = self.live.pop(name) {
             self.bytes = self.bytes.saturating_sub(size);
-        } else if let Some(i) = self.to_close.iter().position(|(n, _)| n == name) {
-            self.to_close.swap_remove(i);
-        } else {
-            return;
+            return true;
         }
-        self.retired.push(Arc::clone(name));
-    }
-
-    /// The plans epoch the live statement `name` was prepared in.
-    pub fn epoch_of(&self, name: &str) -> Option<u64> {
-        self.live.peek(name).map(|(_, e)| *e)
-    }
-
-    /// Whether `name` was retired and not closed yet (forgetting it: the caller closes it now).
-    pub fn take_retired(&mut self, name: &str) -> bool {
+        if let Some(i) = self.to_close.iter().position(|(n, _, _)| &**n == name) {
+            self.to_close.swap_remove(i);
+            return true;
+        }
         match self.retired.iter().position(|n| &**n == name) {
             Some(i) => {
                 self.retired.swap_remove(i);
@@ -120,7 +126,7 @@ impl ServerStatements {
 
     /// Statements to Close at the start of the next unit.
     pub fn take_to_close(&mut self) -> Vec<Arc<str>> {
-        let mut names: Vec<Arc<str>> = self.to_close.drain(..).map(|(n, _)| n).collect();
+        let mut names: Vec<Arc<str>> = self.to_close.drain(..).map(|(n, _, _)| n).collect();
         names.append(&mut self.retired);
         names
     }
@@ -142,7 +148,7 @@ mod tests {
     fn evicts_least_recently_used_and_revives_until_closed() {
         let mut s = ServerStatements::default();
         for i in 0..MAX_STATEMENTS + 2 {
-            s.insert(Arc::from(format!("rg_{i}")), 10);
+            s.insert(Arc::from(format!("rg_{i}")), 10, 1);
             if i == 0 {
                 continue;
             }
@@ -164,25 +170,38 @@ mod tests {
     #[test]
     fn retired_statements_are_closed_and_not_revived() {
         let mut s = ServerStatements::default();
-        s.insert(Arc::from("rg_a"), 10);
-        s.insert(Arc::from("rg_b"), 10);
-        s.retire(&Arc::from("rg_a"));
-        s.retire(&Arc::from("rg_unknown"));
+        s.insert(Arc::from("rg_a"), 10, 1);
+        s.insert(Arc::from("rg_b"), 10, 2);
+        assert_eq!(s.peek_stamp("rg_b"), Some(2));
+        s.retire("rg_a");
         assert!(!s.contains("rg_a"));
         assert!(s.contains("rg_b"));
         assert_eq!(s.take_to_close(), [Arc::from("rg_a")]);
         assert!(s.take_to_close().is_empty());
-        s.retire(&Arc::from("rg_b"));
-        assert!(s.take_retired("rg_b"));
-        assert!(!s.take_retired("rg_b"));
+        // a Parse that may have left an older copy behind: closed before the next one
+        s.retire("rg_unknown");
+        assert!(s.take_copy("rg_unknown"));
+        assert!(!s.take_copy("rg_unknown"));
+        s.retire("rg_b");
+        assert!(s.take_copy("rg_b"));
         assert!(s.take_to_close().is_empty());
+    }
+
+    #[test]
+    fn a_copy_prepared_again_is_closed_first() {
+        let mut s = ServerStatements::default();
+        assert!(!s.take_copy("rg_a"), "never prepared: nothing to close");
+        s.insert(Arc::from("rg_a"), 10, 1);
+        assert!(s.take_copy("rg_a"));
+        s.insert(Arc::from("rg_a"), 10, 5);
+        assert_eq!(s.stamp_of("rg_a"), Some(5));
     }
 
     #[test]
     fn bounded_in_bytes() {
         let mut s = ServerStatements::default();
         for i in 0..40 {
-            s.insert(Arc::from(format!("rg_{i}")), 1 << 20);
+            s.insert(Arc::from(format!("rg_{i}")), 1 << 20, 1);
         }
         assert!(s.len() <= MAX_TEXT_BYTES >> 20);
         assert_eq!(s.take_to_close().len(), 40 - s.len());

@@ -37,9 +37,11 @@ pub enum Expect {
         unit: u64,
     },
     /// Describe of a statement: ParameterDescription, then RowDescription or NoData.
-    DescribeStatement,
-    /// Describe of a portal: RowDescription or NoData.
-    DescribePortal,
+    /// `prepared`: the server name of rlsgate's statement described (`None`: the unnamed one).
+    DescribeStatement { prepared: Option<Arc<str>> },
+    /// Describe of a portal: RowDescription or NoData. Also the rest of a statement's Describe,
+    /// `prepared` naming rlsgate's statement described (`None`: a portal, the unnamed one).
+    DescribePortal { prepared: Option<Arc<str>> },
     /// Execute: rows (and COPY traffic) until CommandComplete, EmptyQuery or PortalSuspended.
     /// `copy`: it runs COPY FROM STDIN and the server has not answered yet.
     Execute { copy: bool },

@@ -713,7 +713,7 @@ impl Session {
             sql: Arc::from(p.sql),
             param_types: Bytes::copy_from_slice(p.param_types),
             analysis,
-            plans_epoch: self.shared.pool.plans_epoch(),
+            stamp: self.shared.pool.plan_tick(),
         });
         self.stmts.insert(p.name, prepared);
         let _sync = self.client_buf.split_to(5);
@@ -815,7 +815,7 @@ impl Session {
             sql: Arc::from(p.sql),
             param_types: Bytes::copy_from_slice(p.param_types),
             analysis,
-            plans_epoch: self.shared.pool.plans_epoch(),
+            stamp: self.shared.pool.plan_tick(),
         });
         let seq = self.stmts.insert(p.name, prepared);
         let id = self.id;
@@ -831,13 +831,19 @@ impl Session {
                 prepared: None,
                 client_name: Some("".into()),
             });
-        } else if conn.prepared.contains(&server_name) {
-            self.push_synthetic(be::PARSE_COMPLETE);
         } else {
-            close_if_retired(conn, &server_name, &mut self.server_out, &mut self.expect)?;
-            fe::write_parse(&server_name, p.sql, p.param_types, &mut self.server_out)
-                .map_err(protocol)?;
-            conn.prepared.insert(Arc::clone(&server_name), p.sql.len());
+            // Always a Parse of its own, even when the connection has a copy: that copy may
+            // predate a migration (one nobody reported yet) that this client has seen.
+            let stamp = self.shared.pool.plan_tick();
+            prepare_copy(
+                conn,
+                &server_name,
+                p.sql,
+                p.param_types,
+                stamp,
+                &mut self.server_out,
+                &mut self.expect,
+            )?;
             self.expect.push_back(Expect::One {
                 tag: be::PARSE_COMPLETE,
                 prepared: Some(server_name),
@@ -881,22 +887,23 @@ impl Session {
                     prepared: None,
                 });
             }
-        } else if !conn.prepared.contains(&prepared.server_name) {
-            close_if_retired(
+        } else if conn
+            .prepared
+            .stamp_of(&prepared.server_name)
+            .is_none_or(|copy| copy < prepared.stamp)
+        {
+            // Missing, or older than the client's prepare (it may predate a migration the
+            // client has seen): prepared again, hidden.
+            let stamp = self.shared.pool.plan_tick();
+            prepare_copy(
                 conn,
-                &prepared.server_name,
-                &mut self.server_out,
-                &mut self.expect,
-            )?;
-            fe::write_parse(
                 &prepared.server_name,
                 &prepared.sql,
                 &prepared.param_types,
+                stamp,
                 &mut self.server_out,
-            )
-            .map_err(protocol)?;
-            conn.prepared
-                .insert(Arc::clone(&prepared.server_name), prepared.sql.len());
+                &mut self.expect,
+            )?;
             self.expect.push_back(Expect::Hidden {
                 tag: be::PARSE_COMPLETE,
                 prepared: Some(Arc::clone(&prepared.server_name)),
@@ -922,8 +929,8 @@ impl Session {
             self.reapply_context(why, &analysis, b.portal);
         }
         if let Some(p) = self.stmts.get(b.statement)
-            && p.plans_epoch != self.shared.pool.plans_epoch()
-            && self.shared.pool.is_stale(&p.server_name, p.plans_epoch)
+            && !b.statement.is_empty()
+            && self.shared.pool.stale_after(&p.server_name, p.stamp)
         {
             // Postgres fails this client's copy of the statement after the migration as well.
             return self.refuse_extended(Refusal {
@@ -1025,19 +1032,23 @@ impl Session {
         let (kind, name) = fe::target(frame.body(), "Describe").map_err(protocol)?;
         if kind == b'P' {
             self.server_out.extend_from_slice(&frame.bytes);
-            self.expect.push_back(Expect::DescribePortal);
+            self.expect
+                .push_back(Expect::DescribePortal { prepared: None });
             return Ok(());
         }
         let Some(prepared) = self.ensure_prepared(name)? else {
             return self.unknown_statement(name);
         };
-        let server_name = if name.is_empty() {
-            ""
-        } else {
-            &prepared.server_name
-        };
-        fe::write_describe(b'S', server_name, &mut self.server_out).map_err(protocol)?;
-        self.expect.push_back(Expect::DescribeStatement);
+        let server_name = (!name.is_empty()).then(|| Arc::clone(&prepared.server_name));
+        fe::write_describe(
+            b'S',
+            server_name.as_deref().unwrap_or(""),
+            &mut self.server_out,
+        )
+        .map_err(protocol)?;
+        self.expect.push_back(Expect::DescribeStatement {
+            prepared: server_name,
+        });
         Ok(())
     }
 
@@ -1229,20 +1240,26 @@ fn combine(a: TxEffect, b: TxEffect) -> TxEffect {
     }
 }
 
-/// A statement retired after a migration may still exist on the server: Close it right before
-/// it is prepared again (a Close of a missing statement is no error).
-fn close_if_retired(
+/// Parse rlsgate's statement `name` on the connection, stamped `stamp`; a copy the server may
+/// still have (an older one, or one retired after a migration) is closed first (a Close of a
+/// missing statement is no error). The caller pushes the ParseComplete expectation.
+fn prepare_copy(
     conn: &mut crate::pool::ServerConn,
-    name: &str,
-    server_out: &mut bytes::BytesMut,
+    name: &Arc<str>,
+    sql: &str,
+    param_types: &[u8],
+    stamp: u64,
+    server_out: &mut BytesMut,
     expect: &mut std::collections::VecDeque<Expect>,
 ) -> Result<(), SessionError> {
-    if conn.prepared.take_retired(name) {
+    if conn.prepared.take_copy(name) {
         fe::write_close(b'S', name, server_out).map_err(protocol)?;
         expect.push_back(Expect::Hidden {
             tag: be::CLOSE_COMPLETE,
             prepared: None,
         });
     }
+    fe::write_parse(name, sql, param_types, server_out).map_err(protocol)?;
+    conn.prepared.insert(Arc::clone(name), sql.len(), stamp);
     Ok(())
 }

@@ -840,8 +840,8 @@ impl Session {
         (!self.settings.is_empty()).then_some((self.id, self.settings.version))
     }
 
-    /// Before a transaction: close statements the connection evicted (or whose plans went stale
-    /// in a migration), discard another tenant's
+    /// Before a transaction: close statements the connection evicted (or retired after a
+    /// migration), discard another tenant's
     /// sequence state (`lastval()`/`currval()` would show its new ids), and if the connection
     /// holds other settings than this client's, replay the client's — all hidden, pipelined
     /// ahead of the client's messages.
@@ -851,15 +851,6 @@ impl Session {
             return Ok(());
         };
         let conn = server.conn();
-        let plans_epoch = self.shared.pool.plans_epoch();
-        if conn.plans_epoch != plans_epoch {
-            // A migration changed a result type: those statements are prepared again.
-            for name in self.shared.pool.stale_since(conn.plans_epoch) {
-                conn.prepared.retire(&name);
-            }
-            conn.plans_epoch = plans_epoch;
-            conn.prepared.epoch = plans_epoch;
-        }
         for name in conn.prepared.take_to_close() {
             crate::protocol::frontend::write_close(b'S', &name, &mut self.server_out)
                 .map_err(SessionError::ClientProtocol)?;

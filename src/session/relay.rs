@@ -1,6 +1,8 @@
 //! Server messages: forwarded untouched unless the front of the expect queue says they answer
 //! something rlsgate injected. ReadyForQuery updates the transaction state.
 
+use std::sync::Arc;
+
 use super::expect::{After, Expect};
 use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
@@ -102,14 +104,16 @@ impl Session {
                 be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
                 _ => return Err(unexpected(tag, front)),
             },
-            Expect::DescribeStatement => match tag {
+            Expect::DescribeStatement { prepared } => match tag {
                 be::PARAMETER_DESCRIPTION => {
-                    *front = Expect::DescribePortal;
+                    *front = Expect::DescribePortal {
+                        prepared: prepared.take(),
+                    };
                     (true, false)
                 }
                 _ => return Err(unexpected(tag, front)),
             },
-            Expect::DescribePortal => match tag {
+            Expect::DescribePortal { .. } => match tag {
                 be::ROW_DESCRIPTION | be::NO_DATA => (true, true),
                 _ => return Err(unexpected(tag, front)),
             },
@@ -220,22 +224,31 @@ impl Session {
         }
         // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
         self.copy_in = false;
-        if let Some(Expect::One {
-            tag: be::BIND_COMPLETE,
-            prepared: Some(name),
-            ..
-        }) = self.expect.front()
+        // A Bind or Describe of rlsgate's statement refused because a migration changed its
+        // result type: this connection's copy is retired, and the change may be news for the
+        // other connections and clients.
+        let stale_copy = match self.expect.front() {
+            Some(Expect::One {
+                tag: be::BIND_COMPLETE,
+                prepared: Some(name),
+                ..
+            })
+            | Some(Expect::DescribeStatement {
+                prepared: Some(name),
+            })
+            | Some(Expect::DescribePortal {
+                prepared: Some(name),
+            }) => Some(Arc::clone(name)),
+            _ => None,
+        };
+        if let Some(name) = stale_copy
             && stale_plan(frame.body())
             && let Some(server) = self.server.as_mut()
         {
             let prepared = &mut server.conn().prepared;
-            // A copy older than a known change only needs replacing here; anything else is news
-            // for every connection and client.
-            let copy = prepared.epoch_of(name).unwrap_or(0);
-            if !self.shared.pool.is_stale(name, copy) {
-                self.shared.pool.plan_went_stale(name);
-            }
-            prepared.retire(name);
+            let copy = prepared.peek_stamp(&name).unwrap_or(0);
+            self.shared.pool.plan_went_stale(&name, copy);
+            prepared.retire(&name);
         }
         let Some(front) = self.expect.front() else {
             // An error outside any request (e.g. the server terminating the session): pass it on.
@@ -342,9 +355,9 @@ impl Session {
         };
         let conn = server.conn();
         match server_name {
-            Some(name) => {
-                conn.prepared.remove(name);
-            }
+            // An older copy may remain (a Close before the Parse was skipped too): closed
+            // before the statement is prepared again.
+            Some(name) => conn.prepared.retire(name),
             None => conn.unnamed_owner = None,
         }
         if let Some(c) = client_name.filter(|c| !c.is_empty()) {

@@ -19,8 +19,8 @@ pub struct Prepared {
     pub sql: Arc<str>,
     pub param_types: Bytes,
     pub analysis: Arc<Analysis>,
-    /// The pool's plans epoch when the client prepared it (see `Pool::plan_went_stale`).
-    pub plans_epoch: u64,
+    /// The pool's plan clock when the client prepared it (see `Pool::plan_tick`).
+    pub stamp: u64,
 }
 
 /// Most named statements one client may hold (Postgres has no limit; this bounds memory).
