@@ -185,7 +185,8 @@ impl EmbeddedPg {
         self.dir.join("data")
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// The server log (its stderr).
+    pub fn log_path(&self) -> PathBuf {
         self.dir.join("postgres.log")
     }
 

@@ -506,7 +506,9 @@ impl RoleMode {
             && role
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && !role.starts_with(|c: char| c.is_ascii_digit());
+            && !role.starts_with(|c: char| c.is_ascii_digit())
+            // reserved: `set_config('role', 'none', …)` would switch back to the pool's own role
+            && !matches!(role.as_str(), "none" | "public");
         if !well_formed || (!self.allow.is_empty() && !self.allow.contains(&role)) {
             return Err(AuthError::RoleNotAllowed(role));
         }
@@ -627,6 +629,28 @@ mod tests {
                 ("app.user_id".into(), "u1".into())
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn reserved_role_names_are_refused() {
+        let v = validator_with(
+            "role_claim = \"db_role\"\nrole_allow = [\"tenant_north\", \"none\", \"public\"]",
+        )
+        .await;
+        for (role, ok) in [("tenant_north", true), ("none", false), ("public", false)] {
+            let t = mint_hs256(
+                SECRET.as_bytes(),
+                &json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1", "db_role": role}),
+            )
+            .unwrap();
+            match v.validate(&t, "u").await {
+                Ok(id) => assert!(ok, "{role} accepted as {:?}", id.role),
+                Err(e) => assert!(
+                    !ok && matches!(e, AuthError::RoleNotAllowed(_)),
+                    "{role}: {e}"
+                ),
+            }
+        }
     }
 
     #[tokio::test]

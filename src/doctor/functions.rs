@@ -229,8 +229,10 @@ async fn hardening(client: &Client, ctx: &Ctx, out: &mut Vec<Finding>) -> Result
                 format!("function {sig}"),
                 "The upstream role can call set_config(). The proxy's guard blocks direct calls, \
                  but SQL hidden in strings (query_to_xml('select set_config(…)') and similar) \
-                 is only closed for good by revoking it; rlsgate injects SET LOCAL, which needs \
-                 no privilege."
+                 is only closed for good by revoking it. rlsgate then sets the context with \
+                 SET LOCAL, which needs no privilege; outside a transaction block Postgres logs \
+                 a WARNING for it, so also run ALTER ROLE <role> SET log_min_messages = 'error' \
+                 (as a superuser)."
                     .into(),
                 revoke(grantees),
             );

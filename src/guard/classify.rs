@@ -37,6 +37,10 @@ pub struct Statement {
     /// Behaves differently inside a transaction block (SAVEPOINT & co., SET LOCAL, SET
     /// TRANSACTION): transaction_wrap sends it unwrapped so the client sees what Postgres says.
     pub block_sensitive: bool,
+    /// Transaction control or SET/RESET: may have to run before the transaction takes its first
+    /// snapshot (`BEGIN ISOLATION LEVEL …`, `SET TRANSACTION …` after a bare BEGIN), so nothing
+    /// rlsgate sends ahead of it may take one.
+    pub before_snapshot: bool,
     /// A session-level setting change the proxy can replay on other connections.
     pub setting: Option<SettingChange>,
     /// `DEALLOCATE name` / `DEALLOCATE ALL` (`Some(None)`).
@@ -188,12 +192,17 @@ pub(super) fn analyze_depth(sql: &str, opts: &GuardOptions, depth: u32) -> Analy
             .map(|n| effects(n, text, pinned.as_deref()))
             .unwrap_or((None, None));
         pins.push(pinned);
+        let before_snapshot = matches!(
+            node,
+            Some(NodeEnum::TransactionStmt(_) | NodeEnum::VariableSetStmt(_)) | None
+        );
         analysis.statements.push(Statement {
             start,
             end,
             tx,
             no_tx_block,
             block_sensitive,
+            before_snapshot,
             setting,
             deallocate,
         });

@@ -76,6 +76,7 @@ pub(super) async fn connect(
             }
         }
     }
+    let may_set_config = probe_set_config(&mut stream, &mut buf).await?;
     let now = Instant::now();
     Ok(ServerConn {
         stream,
@@ -91,9 +92,32 @@ pub(super) async fn connect(
         dirty_session: false,
         unnamed_owner: None,
         settings_owner: None,
+        may_set_config,
         // set by the pool (Inner::open)
         generation: 0,
     })
+}
+
+/// Whether the role may call `pg_catalog.set_config` (the cheaper, silent form of the tenant
+/// context; see `session::inject`). Databases hardened as `rlsgate check` suggests revoke it.
+async fn probe_set_config(stream: &mut Stream, buf: &mut BytesMut) -> Result<bool, PoolError> {
+    let mut out = BytesMut::new();
+    fe::query(
+        "SELECT pg_catalog.has_function_privilege('pg_catalog.set_config(text,text,boolean)', 'EXECUTE')",
+        &mut out,
+    )
+    .map_err(|e| PoolError::Protocol(e.to_string()))?;
+    stream.write_all(&out).await.map_err(io_err)?;
+    let mut allowed = false;
+    loop {
+        let frame = read_frame(stream, buf).await?;
+        match frame.tag {
+            be::DATA_ROW => allowed = frame.body().ends_with(b"t"),
+            be::READY_FOR_QUERY => return Ok(allowed),
+            be::ERROR_RESPONSE => return Err(server_error(&frame)),
+            _ => {}
+        }
+    }
 }
 
 async fn negotiate_tls(

@@ -94,6 +94,9 @@ pub struct ServerConn {
     pub settings_owner: Option<(u64, u64)>,
     /// The pool's generation when it was opened: an admin RECONNECT closes older ones.
     pub generation: u64,
+    /// The role may call `pg_catalog.set_config` (probed at connect): the tenant context takes
+    /// its `set_config` form.
+    pub may_set_config: bool,
 }
 
 impl ServerConn {

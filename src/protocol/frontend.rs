@@ -231,6 +231,11 @@ pub fn write_close(kind: u8, name: &str, out: &mut BytesMut) -> Result<(), Proto
     fe::close(kind, name, out).map_err(write_err)
 }
 
+/// `Execute` of a portal, all rows.
+pub fn write_execute(portal: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    fe::execute(portal, 0, out).map_err(write_err)
+}
+
 /// Parse + Bind + Execute of a parameterless statement on the unnamed statement/portal, no Sync.
 pub fn write_simple_extended(sql: &str, out: &mut BytesMut) -> Result<(), ProtocolError> {
     write_parse("", sql, &[0, 0], out)?;

@@ -11,9 +11,13 @@ use crate::guard::TxEffect;
 
 #[derive(Debug)]
 pub enum Expect {
-    /// Injected `SET LOCAL`s: swallow their ParseComplete, BindComplete, notices and
-    /// CommandComplete; `remaining` CommandCompletes to go.
-    Inject { remaining: usize },
+    /// The injected tenant context: swallow its ParseCompletes, BindCompletes, rows, notices
+    /// and CommandCompletes; `remaining` CommandCompletes to go. `parsed`: the context statements
+    /// Parsed with it (forgotten if the injection fails or is skipped).
+    Inject {
+        remaining: usize,
+        parsed: Option<Box<[Arc<str>]>>,
+    },
     /// A message rlsgate added (a re-Parse on this connection): swallow one reply with this tag.
     Hidden { tag: u8, prepared: Option<Arc<str>> },
     /// A reply rlsgate produces itself (ParseComplete/CloseComplete for statements it tracks).

@@ -132,6 +132,7 @@ impl Session {
     async fn start_unit(
         &mut self,
         outside_tx: bool,
+        ahead: Ahead,
     ) -> Result<Result<bool, PoolError>, SessionError> {
         let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
         if new_tx && self.token_expired() {
@@ -148,27 +149,68 @@ impl Session {
             self.sync_settings()?;
         }
         let due = self.predicted == Predicted::Idle && !outside_tx;
-        if due && !self.wrap {
-            self.inject_context();
+        if due && !self.wrap && matches!(ahead, Ahead::Snapshot | Ahead::Unknown) {
+            self.inject_context(ahead);
         }
         if chained && self.predicted == Predicted::InBlock && self.last_status == TxStatus::InBlock
         {
             // COMMIT/ROLLBACK AND CHAIN opened this block: it has none of rlsgate's settings.
-            self.inject_context();
+            self.inject_context(Ahead::Unknown);
         }
         Ok(Ok(due))
     }
 
-    pub(super) fn inject_context(&mut self) {
+    /// Pipeline the tenant context: Bind + Execute of the context statements (Parsed first on a
+    /// connection that lacks them). `ahead`: the client statement right after it is known to
+    /// take a snapshot itself and runs outside a block, so the `set_config` form (a SELECT) may
+    /// go first; otherwise the `SET LOCAL` form, which takes none (a client's `BEGIN ISOLATION
+    /// LEVEL …` or `SET TRANSACTION …` must come before the transaction's first snapshot) and
+    /// inside a block logs nothing either.
+    pub(super) fn inject_context(&mut self, ahead: Ahead) {
         self.shared.metrics.injection();
-        self.server_out.extend_from_slice(&self.context);
-        let n = self.context_count;
-        if n > 0 {
-            self.expect.push_back(Expect::Inject { remaining: n });
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let conn = server.conn();
+        let form = if conn.may_set_config && ahead == Ahead::Snapshot {
+            inject::ContextForm::SetConfig
+        } else {
+            inject::ContextForm::SetLocal
+        };
+        let statements =
+            match self
+                .context
+                .statements(form, &self.identity, &self.shared.stmt_hasher)
+            {
+                Ok(statements) => statements,
+                Err(e) => {
+                    // Not expected (values are checked at login): fail the unit, not open it bare.
+                    tracing::error!(error = %e, "cannot encode the tenant context");
+                    let _ = fe::write_query(inject::REFUSED_SQL, &mut self.server_out);
+                    return;
+                }
+            };
+        let mut parsed: Vec<Arc<str>> = Vec::new();
+        for statement in statements {
+            if !conn.prepared.contains(&statement.name) {
+                if conn.prepared.take_copy(&statement.name) {
+                    // retired after a failed injection: it may exist
+                    let _ = fe::write_close(b'S', &statement.name, &mut self.server_out);
+                }
+                self.server_out.extend_from_slice(&statement.parse);
+                conn.prepared
+                    .insert(Arc::clone(&statement.name), statement.text_len, 0);
+                parsed.push(Arc::clone(&statement.name));
+            }
         }
-        if let Some(server) = self.server.as_mut() {
-            // The injection used the unnamed statement.
-            server.conn().unnamed_owner = None;
+        for statement in statements {
+            self.server_out.extend_from_slice(&statement.run);
+        }
+        if !statements.is_empty() {
+            self.expect.push_back(Expect::Inject {
+                remaining: statements.len(),
+                parsed: (!parsed.is_empty()).then(|| parsed.into_boxed_slice()),
+            });
         }
     }
 
@@ -352,7 +394,11 @@ impl Session {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
         }
-        let due = match self.start_unit(analysis.runs_outside_transaction()).await? {
+        let ahead = Ahead::of(Some(&analysis));
+        let due = match self
+            .start_unit(analysis.runs_outside_transaction(), ahead)
+            .await?
+        {
             Ok(due) => due,
             Err(e) => {
                 if self.pinned.is_none() {
@@ -367,7 +413,7 @@ impl Session {
             // an aborted block the context cannot be set (and is not needed: only the end of
             // the block can run, and what follows starts a transaction that gets it).
             if self.last_status != TxStatus::Failed {
-                self.inject_context();
+                self.inject_context(ahead);
             }
         }
         if let Some(kind) = analysis.reset {
@@ -414,8 +460,13 @@ impl Session {
         } else {
             self.server_out.extend_from_slice(&frame.bytes);
             let unit = self.expect_ready(Expect::query(After::Forward, analysis.copy_from_stdin));
-            if self.wrap && due && pieces.first().is_some_and(|p| p.kind == PieceKind::Begin) {
-                self.inject_context();
+            let begins = match self.wrap {
+                true => pieces.first().is_some_and(|p| p.kind == PieceKind::Begin),
+                false => ahead == Ahead::Begin,
+            };
+            if due && begins {
+                // right after the client's BEGIN, inside its block: no WARNING, no snapshot
+                self.inject_context(Ahead::Unknown);
             }
             self.after_unit(analysis.tx_effect());
             unit
@@ -548,7 +599,7 @@ impl Session {
         let oid = fe::function_call_oid(frame.body()).map_err(protocol)?;
         let large_objects = self.shared.config().guard.allow_large_objects;
         if LARGE_OBJECT_FUNCTIONS.contains(&oid) && large_objects {
-            let due = match self.start_unit(false).await? {
+            let due = match self.start_unit(false, Ahead::Unknown).await? {
                 Ok(due) => due,
                 Err(e) => {
                     self.local_query_error(&e.to_client_error());
@@ -619,7 +670,13 @@ impl Session {
             let begins = first
                 .as_ref()
                 .is_some_and(|a| a.tx_effect() == TxEffect::Begin);
-            let due = match self.start_unit(outside_tx).await? {
+            let ahead = match frame.tag {
+                fe::PARSE | fe::BIND => Ahead::of(first.as_deref()),
+                // (runs nothing itself: in plain mode the context waits for the first Bind)
+                _ if !self.wrap => Ahead::FirstBind,
+                _ => Ahead::Unknown,
+            };
+            let due = match self.start_unit(outside_tx, ahead).await? {
                 Ok(due) => due,
                 Err(e) => {
                     self.fail_unit_locally(&e.to_client_error());
@@ -634,12 +691,17 @@ impl Session {
                     self.wrap_begin();
                     self.wrapping = true;
                 }
+            } else if due && ahead == Ahead::Begin {
+                // plain mode too: inside the client's block the context logs no WARNING
+                self.begin_portal = Some(None);
             }
             // A new transaction that has no context yet: the first statement runs outside any
             // (VACUUM …), or transaction_wrap places the context later (after the client's BEGIN;
             // a block-sensitive statement goes unwrapped). Whatever else the unit binds gets it.
             let bare = self.predicted == Predicted::Idle
-                && (outside_tx || (self.wrap && (begins || block_sensitive)));
+                && (outside_tx
+                    || matches!(ahead, Ahead::Begin | Ahead::FirstBind)
+                    || (self.wrap && (begins || block_sensitive)));
             self.reapply = bare.then_some(Reapply::Outside);
             self.unit_open = true;
             self.unit_effect = TxEffect::None;
@@ -662,7 +724,7 @@ impl Session {
                 if after_begin {
                     self.begin_portal = None;
                     self.reapply = None;
-                    self.inject_context();
+                    self.inject_context(Ahead::Unknown);
                 }
                 if let Some(effect) = ends {
                     // Once this ran, the transaction the context was applied in is over (also
@@ -1011,8 +1073,8 @@ impl Session {
         if ends || first.is_some_and(|s| s.no_tx_block) {
             return;
         }
-        if self.wrap && effect == TxEffect::Begin {
-            // transaction_wrap: inside the client's block, after its BEGIN (see Execute)
+        if effect == TxEffect::Begin {
+            // inside the client's block, after its BEGIN (see Execute): no WARNING there
             self.begin_portal = Some(Some(portal.to_string()));
             return;
         }
@@ -1022,10 +1084,21 @@ impl Session {
             // of the unit (closed by rlsgate's COMMIT after the Sync), so that the context is set
             // inside a block, as transaction_wrap needs it.
             let _ = fe::write_simple_extended("BEGIN", &mut self.server_out);
-            self.expect.push_back(Expect::Inject { remaining: 1 });
+            self.expect.push_back(Expect::Inject {
+                remaining: 1,
+                parsed: None,
+            });
+            if let Some(server) = self.server.as_mut() {
+                // (that BEGIN used the unnamed statement)
+                server.conn().unnamed_owner = None;
+            }
         }
         // Otherwise pipelined as at a unit's start (in a chained block: inside it).
-        self.inject_context();
+        let ahead = match why {
+            Reapply::Outside => Ahead::of(Some(analysis)),
+            Reapply::Unknown => Ahead::Unknown,
+        };
+        self.inject_context(ahead);
     }
 
     fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
@@ -1262,4 +1335,33 @@ fn prepare_copy(
     fe::write_parse(name, sql, param_types, server_out).map_err(protocol)?;
     conn.prepared.insert(Arc::clone(name), sql.len(), stamp);
     Ok(())
+}
+
+/// What follows an injected tenant context (see `inject_context`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ahead {
+    /// A client statement that takes a snapshot itself, outside a transaction block.
+    Snapshot,
+    /// The client's own BEGIN, alone: the context goes right after it, inside the block.
+    Begin,
+    /// A unit that starts with a message that runs nothing (Describe, Close, Flush): the
+    /// context goes right before its first Bind (or Query), where that statement is known.
+    FirstBind,
+    /// Anything else, or not known.
+    Unknown,
+}
+
+impl Ahead {
+    /// Before the statement(s) `analysis`: `Snapshot` unless the first is transaction control
+    /// or SET/RESET, or was not understood; `Begin` for a lone BEGIN/START TRANSACTION.
+    pub(super) fn of(analysis: Option<&Analysis>) -> Ahead {
+        let Some(a) = analysis.filter(|a| a.parsed) else {
+            return Ahead::Unknown;
+        };
+        match a.statements.as_slice() {
+            [only] if only.tx == TxEffect::Begin => Ahead::Begin,
+            [first, ..] if !first.before_snapshot => Ahead::Snapshot,
+            _ => Ahead::Unknown,
+        }
+    }
 }

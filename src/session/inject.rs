@@ -1,5 +1,20 @@
-//! The bytes rlsgate sends upstream on its own: the tenant context (`SET LOCAL …` as
-//! Parse/Bind/Execute without Sync, DESIGN §3) and what stands in for a refused statement.
+//! The bytes rlsgate sends upstream on its own: the tenant context (DESIGN §3) and what stands
+//! in for a refused statement.
+//!
+//! The context is a statement prepared once per server connection and from then on only bound
+//! and executed, pipelined ahead of the client's messages (no Sync): no per-transaction Parse
+//! or plan. Two forms:
+//! - `SELECT pg_catalog.set_config('<guc>', $1, true), …` with the values as bind parameters,
+//!   one statement for every tenant, when the connection's role may call `set_config`. Postgres
+//!   logs nothing for it.
+//! - `SET LOCAL <guc> = '<value>'` (one statement per setting and tenant) otherwise, and always
+//!   with `citus_propagate_set` (Citus forwards `SET` commands to its workers, not function
+//!   calls). Outside a transaction block Postgres answers each with a WARNING ("SET LOCAL can
+//!   only be used in transaction blocks"), which rlsgate swallows but the server log keeps
+//!   unless `log_min_messages` is raised for the role.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
@@ -15,40 +30,178 @@ use crate::protocol::frontend as fe;
 /// is too late, the workers get nothing).
 pub const CITUS_PROPAGATE_SET: &str = "SET LOCAL citus.propagate_set_commands = 'local'";
 
-/// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), encoded
-/// once per identity, preceded by [`CITUS_PROPAGATE_SET`] when `citus_propagate_set`. Returns
-/// the bytes and the number of statements (the relay swallows that many replies).
-pub fn context_messages(
-    identity: &Identity,
-    citus_propagate_set: bool,
-) -> Result<(Bytes, usize), ProtocolError> {
-    let mut out = BytesMut::new();
-    let mut n = 0;
-    if citus_propagate_set {
-        fe::write_simple_extended(CITUS_PROPAGATE_SET, &mut out)?;
-        n += 1;
-    }
-    let (settings, count) = settings_messages(&identity.settings)?;
-    out.extend_from_slice(&settings);
-    n += count;
-    if let Some(role) = &identity.role {
-        fe::write_simple_extended(
-            &format!("SET LOCAL ROLE {}", escape_identifier(role)),
-            &mut out,
-        )?;
-        n += 1;
-    }
-    Ok((out.freeze(), n))
+/// One of rlsgate's own statements: its server-side name, the Parse that creates it on a
+/// connection that lacks it, and the Bind + Execute (unnamed portal) that runs it.
+#[derive(Debug)]
+pub struct OwnStatement {
+    pub name: Arc<str>,
+    pub parse: Bytes,
+    pub run: Bytes,
+    /// Length of its text (the connection's statement budget counts it).
+    pub text_len: usize,
 }
 
-fn settings_messages(settings: &[(String, String)]) -> Result<(Bytes, usize), ProtocolError> {
-    let mut out = BytesMut::new();
-    for (guc, value) in settings {
-        // guc names are validated at config load (`prefix.name`, lower-case identifier chars).
-        let sql = format!("SET LOCAL {guc} = {}", escape_literal(value));
-        fe::write_simple_extended(&sql, &mut out)?;
+impl OwnStatement {
+    fn new(
+        hasher: &impl BuildHasher,
+        sql: &str,
+        param_types: &[u8],
+        params: &[u8],
+    ) -> Result<Self, ProtocolError> {
+        // 128 bits, keyed per process: a collision would run another tenant's statement.
+        let name = format!(
+            "rg_ctx_{:016x}{:016x}",
+            hasher.hash_one((1u8, sql)),
+            hasher.hash_one((2u8, sql))
+        );
+        let mut parse = BytesMut::new();
+        fe::write_parse(&name, sql, param_types, &mut parse)?;
+        let mut run = BytesMut::new();
+        fe::write_bind("", &name, params, &mut run)?;
+        fe::write_execute("", &mut run)?;
+        Ok(OwnStatement {
+            name: Arc::from(name),
+            parse: parse.freeze(),
+            run: run.freeze(),
+            text_len: sql.len(),
+        })
     }
-    Ok((out.freeze(), settings.len()))
+}
+
+/// Which form of the context a connection gets (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextForm {
+    SetConfig,
+    SetLocal,
+}
+
+/// One session's tenant context in both forms.
+#[derive(Debug)]
+pub struct Context {
+    /// The `set_config` form (`None` with `citus_propagate_set`).
+    set_config: Option<OwnStatement>,
+    /// The `SET LOCAL` form, built when a connection first needs it.
+    set_local: Option<Box<[OwnStatement]>>,
+    citus_propagate_set: bool,
+}
+
+impl Context {
+    pub fn new(
+        identity: &Identity,
+        citus_propagate_set: bool,
+        hasher: &impl BuildHasher,
+    ) -> Result<Self, ProtocolError> {
+        let set_config = if citus_propagate_set {
+            None
+        } else {
+            Some(set_config_statement(identity, hasher)?)
+        };
+        Ok(Context {
+            set_config,
+            set_local: None,
+            citus_propagate_set,
+        })
+    }
+
+    /// The statements of the form a connection gets: `set_config` unless the connection may
+    /// not call it (or Citus needs `SET`).
+    pub fn statements(
+        &mut self,
+        form: ContextForm,
+        identity: &Identity,
+        hasher: &impl BuildHasher,
+    ) -> Result<&[OwnStatement], ProtocolError> {
+        if form == ContextForm::SetConfig
+            && let Some(statement) = &self.set_config
+        {
+            return Ok(std::slice::from_ref(statement));
+        }
+        if self.set_local.is_none() {
+            self.set_local = Some(set_local_statements(
+                identity,
+                self.citus_propagate_set,
+                hasher,
+            )?);
+        }
+        Ok(self.set_local.as_deref().unwrap_or_default())
+    }
+}
+
+/// `SELECT pg_catalog.set_config('<guc>', $1, true), …, pg_catalog.set_config('role', $n,
+/// true)`: the text depends only on the configured setting names (validated at config load:
+/// `prefix.name`, lower-case identifier characters), the values are bind parameters (never in
+/// query text, which other backends of the role can read in `pg_stat_activity`).
+fn set_config_statement(
+    identity: &Identity,
+    hasher: &impl BuildHasher,
+) -> Result<OwnStatement, ProtocolError> {
+    let names = identity
+        .settings
+        .iter()
+        .map(|(guc, _)| guc.as_str())
+        .chain(identity.role.as_ref().map(|_| "role"));
+    let values = identity
+        .settings
+        .iter()
+        .map(|(_, value)| value.as_str())
+        .chain(identity.role.as_deref());
+    let mut sql = String::from("SELECT ");
+    for (i, name) in names.enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "pg_catalog.set_config({}, ${}, true)",
+            escape_literal(name),
+            i + 1
+        ));
+    }
+    let values: Vec<&str> = values.collect();
+    Ok(OwnStatement::new(
+        hasher,
+        &sql,
+        &[0, 0],
+        &text_params(&values)?,
+    )?)
+}
+
+/// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), preceded
+/// by [`CITUS_PROPAGATE_SET`] when `citus_propagate_set`.
+fn set_local_statements(
+    identity: &Identity,
+    citus_propagate_set: bool,
+    hasher: &impl BuildHasher,
+) -> Result<Box<[OwnStatement]>, ProtocolError> {
+    let mut texts = Vec::with_capacity(identity.settings.len() + 2);
+    if citus_propagate_set {
+        texts.push(CITUS_PROPAGATE_SET.to_string());
+    }
+    for (guc, value) in &identity.settings {
+        texts.push(format!("SET LOCAL {guc} = {}", escape_literal(value)));
+    }
+    if let Some(role) = &identity.role {
+        texts.push(format!("SET LOCAL ROLE {}", escape_identifier(role)));
+    }
+    texts
+        .iter()
+        .map(|sql| OwnStatement::new(hasher, sql, &[0, 0], &text_params(&[])?))
+        .collect()
+}
+
+/// The tail of a Bind after the statement name: no parameter formats (all text), the values,
+/// no result formats (all text).
+fn text_params(values: &[&str]) -> Result<Vec<u8>, ProtocolError> {
+    let count = i16::try_from(values.len()).map_err(|_| ProtocolError::Malformed("Bind"))?;
+    let mut out = Vec::new();
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&count.to_be_bytes());
+    for value in values {
+        let len = i32::try_from(value.len()).map_err(|_| ProtocolError::Malformed("Bind"))?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(&0i16.to_be_bytes());
+    Ok(out)
 }
 
 /// What rlsgate sends in place of a refused statement: text the server cannot parse, so that it
@@ -78,28 +231,82 @@ mod tests {
         }
     }
 
+    fn texts(statements: &[OwnStatement]) -> Vec<String> {
+        statements
+            .iter()
+            .map(|s| {
+                let p = fe::parse(&s.parse[5..]).expect("a Parse");
+                assert_eq!(p.name, &*s.name);
+                p.sql.to_string()
+            })
+            .collect()
+    }
+
     #[test]
-    fn citus_propagate_set_comes_first_and_is_counted() {
-        let (plain, n) = context_messages(&identity(), false).unwrap();
-        assert_eq!(n, 1);
-        let (citus, m) = context_messages(&identity(), true).unwrap();
-        assert_eq!(m, 2);
-        let text = String::from_utf8_lossy(&citus);
-        let propagate = text.find(CITUS_PROPAGATE_SET).expect("propagate statement");
-        let tenant = text
-            .find("SET LOCAL app.current_store_id")
-            .expect("tenant setting");
-        assert!(propagate < tenant, "{text}");
-        assert!(!String::from_utf8_lossy(&plain).contains("citus"));
+    fn the_set_config_form_binds_the_values() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut id = identity();
+        id.settings[0].1 = "a'b".into();
+        id.role = Some("tenant_north".into());
+        let mut ctx = Context::new(&id, false, &hasher).unwrap();
+        let stmts = ctx
+            .statements(ContextForm::SetConfig, &id, &hasher)
+            .unwrap();
+        assert_eq!(
+            texts(stmts),
+            [
+                "SELECT pg_catalog.set_config('app.current_store_id', $1, true), pg_catalog.set_config('role', $2, true)"
+            ]
+        );
+        let run = &stmts[0].run;
+        let bind_len = u32::from_be_bytes([run[1], run[2], run[3], run[4]]) as usize;
+        let b = fe::bind(&run[5..1 + bind_len]).expect("a Bind");
+        assert_eq!(b.statement, &*stmts[0].name);
+        let run = String::from_utf8_lossy(&stmts[0].run);
+        assert!(run.contains("a'b") && run.contains("tenant_north"), "{run}");
+        // the text is the same for every tenant: one statement per connection
+        let other = Context::new(&identity(), false, &hasher).unwrap();
+        assert_ne!(
+            other.set_config.as_ref().map(|s| &s.name),
+            None,
+            "a set_config form"
+        );
+    }
+
+    #[test]
+    fn citus_propagate_set_comes_first() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let id = identity();
+        let mut ctx = Context::new(&id, true, &hasher).unwrap();
+        // Citus forwards SET commands only: never the set_config form
+        let stmts = ctx
+            .statements(ContextForm::SetConfig, &id, &hasher)
+            .unwrap();
+        assert_eq!(
+            texts(stmts),
+            [
+                CITUS_PROPAGATE_SET,
+                "SET LOCAL app.current_store_id = 'north'"
+            ]
+        );
         // `rlsgate check` probes the workers with the same statement.
         assert_eq!(CITUS_PROPAGATE_SET, crate::doctor::CITUS_PROPAGATE_SET);
     }
 
     #[test]
-    fn context_values_are_quoted() {
-        let (b, n) = settings_messages(&[("app.current_store_id".into(), "a'b".into())]).unwrap();
-        assert_eq!(n, 1);
-        let text = String::from_utf8_lossy(&b);
-        assert!(text.contains("SET LOCAL app.current_store_id = 'a''b'"));
+    fn set_local_values_are_quoted_and_names_differ_per_value() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut id = identity();
+        id.settings[0].1 = "a'b".into();
+        let mut ctx = Context::new(&id, false, &hasher).unwrap();
+        let quoted = ctx.statements(ContextForm::SetLocal, &id, &hasher).unwrap();
+        assert_eq!(texts(quoted), ["SET LOCAL app.current_store_id = 'a''b'"]);
+        let quoted_name = Arc::clone(&quoted[0].name);
+        let north = identity();
+        let mut ctx = Context::new(&north, false, &hasher).unwrap();
+        let plain = ctx
+            .statements(ContextForm::SetLocal, &north, &hasher)
+            .unwrap();
+        assert_ne!(plain[0].name, quoted_name);
     }
 }

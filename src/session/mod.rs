@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -191,9 +191,8 @@ pub struct Session {
     /// Client address and login user name (audit lines).
     peer: String,
     user: String,
-    context: Bytes,
-    /// Statements in `context` (CommandCompletes to swallow).
-    context_count: usize,
+    /// The tenant context, as statements prepared once per connection.
+    context: inject::Context,
     expect: VecDeque<Expect>,
     /// `rlsgate.reauth($1)` statements and portal (extended protocol).
     reauth: reauth::ReauthState,
@@ -299,9 +298,12 @@ impl Session {
         shutdown: CancellationToken,
     ) -> Result<Self, SessionError> {
         let config = shared.config();
-        let (context, context_count) =
-            inject::context_messages(&login.identity, config.upstream.citus_propagate_set)
-                .map_err(|e| SessionError::Injection(e.to_string()))?;
+        let context = inject::Context::new(
+            &login.identity,
+            config.upstream.citus_propagate_set,
+            &shared.stmt_hasher,
+        )
+        .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
         let client_entry = shared.registry.register(
             id,
@@ -330,7 +332,6 @@ impl Session {
             peer: login.peer.to_string(),
             user: login.user.clone(),
             context,
-            context_count,
             expect: VecDeque::new(),
             reauth: Default::default(),
             in_flight: 0,
@@ -926,13 +927,13 @@ impl Session {
                 sqlstate::INVALID_AUTHORIZATION,
                 "rlsgate: reauth refused: the token is for another tenant",
             )),
-            Ok(id) => match inject::context_messages(
+            Ok(id) => match inject::Context::new(
                 &id,
                 self.shared.config().upstream.citus_propagate_set,
+                &self.shared.stmt_hasher,
             ) {
-                Ok((context, count)) => {
+                Ok(context) => {
                     self.context = context;
-                    self.context_count = count;
                     self.identity = id;
                     Ok(())
                 }

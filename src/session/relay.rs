@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::expect::{After, Expect};
+use super::frontend::Ahead;
 use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
 use crate::protocol::backend::{self as be, TxStatus};
@@ -89,8 +90,10 @@ impl Session {
             )));
         };
         let (forward, done) = match front {
-            Expect::Inject { remaining } => match tag {
-                be::PARSE_COMPLETE | be::BIND_COMPLETE => (false, false),
+            Expect::Inject { remaining, .. } => match tag {
+                be::PARSE_COMPLETE | be::BIND_COMPLETE | be::DATA_ROW | be::CLOSE_COMPLETE => {
+                    (false, false)
+                }
                 be::COMMAND_COMPLETE => {
                     *remaining -= 1;
                     (false, *remaining == 0)
@@ -328,6 +331,11 @@ impl Session {
                 Some(Expect::Hidden { prepared, .. }) => {
                     self.parse_skipped(prepared.as_deref(), None)
                 }
+                // The context statements Parsed with a skipped injection do not exist.
+                Some(Expect::Inject {
+                    parsed: Some(names),
+                    ..
+                }) => self.context_statements_lost(&names),
                 // A Bind that did not happen: the portal it would have replaced is still there.
                 Some(Expect::Rebind {
                     portal,
@@ -337,6 +345,16 @@ impl Session {
                     self.ending_portals.entry(portal).or_insert((effect, unit));
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Context statements whose Parse may not have happened: prepared again when next needed
+    /// (closing whatever may be there first).
+    fn context_statements_lost(&mut self, names: &[Arc<str>]) {
+        if let Some(server) = self.server.as_mut() {
+            for name in names {
+                server.conn().prepared.retire(name);
             }
         }
     }
@@ -371,7 +389,13 @@ impl Session {
         let detail = be::notice_fields(frame.body())
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
-        self.expect.pop_front();
+        if let Some(Expect::Inject {
+            parsed: Some(names),
+            ..
+        }) = self.expect.pop_front()
+        {
+            self.context_statements_lost(&names);
+        }
         let aborted_block = be::notice_fields(frame.body())
             .is_ok_and(|n| n.code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION);
         if aborted_block && self.expect.is_empty() {
@@ -533,7 +557,7 @@ impl Session {
             && (!self.wrap || split.last == PieceKind::Control);
         split.last = piece.kind;
         if chained {
-            self.inject_context();
+            self.inject_context(Ahead::Unknown);
         }
         self.send_piece(piece, status == TxStatus::Idle, more)?;
         Ok(true)
@@ -553,7 +577,7 @@ impl Session {
                 // the context goes right after the client's own BEGIN, inside its block — not
                 // in an aborted block, where the BEGIN fails (25P02) and so would the context
                 if self.wrap && self.last_status != TxStatus::Failed {
-                    self.inject_context();
+                    self.inject_context(Ahead::Unknown);
                 }
             }
             PieceKind::Control => self.write_client_query(&piece.text, after)?,
@@ -566,7 +590,7 @@ impl Session {
             }
             PieceKind::Statements => {
                 if idle {
-                    self.inject_context();
+                    self.inject_context(Ahead::Unknown);
                 }
                 fe::write_query(&piece.text, &mut self.server_out)
                     .map_err(SessionError::ClientProtocol)?;
@@ -591,7 +615,7 @@ impl Session {
         self.expect_ready(Expect::HiddenQuery {
             what: "transaction_wrap BEGIN",
         });
-        self.inject_context();
+        self.inject_context(Ahead::Unknown);
     }
 
     /// transaction_wrap: close rlsgate's block after the client's unit.
