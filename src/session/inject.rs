@@ -157,12 +157,7 @@ fn set_config_statement(
         ));
     }
     let values: Vec<&str> = values.collect();
-    Ok(OwnStatement::new(
-        hasher,
-        &sql,
-        &[0, 0],
-        &text_params(&values)?,
-    )?)
+    OwnStatement::new(hasher, &sql, &[0, 0], &text_params(&values)?)
 }
 
 /// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), preceded
