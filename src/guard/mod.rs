@@ -1,24 +1,31 @@
 //! The guard: classifies each statement with the real Postgres grammar (`pg_query`) into a
 //! [`Verdict`] plus what the session needs to know (transaction control, statements that cannot
-//! run in a transaction block, session state). Pure: no I/O. Verdicts are cached by exact text.
+//! run in a transaction block, session state). Pure: no I/O.
+//!
+//! Verdicts are cached by exact text. Texts that differ only in inline values (`… WHERE id =
+//! 42`, as many applications send them) also share a verdict through their shape, the text
+//! with each literal replaced by a parameter ([`normalize`], [`shape`]): a shape whose own
+//! verdict is a plain allow answers for all its texts without parsing them.
 
+mod cache;
 mod classify;
+mod normalize;
 mod pinned;
 pub mod policy;
 pub mod protected;
 mod search;
 mod session_effects;
 pub mod set_sql;
+mod shape;
 pub(crate) mod tree;
 
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-use lru::LruCache;
-
+use cache::{Cost, TextCache};
 pub use classify::{Analysis, Denial, SessionReset, Statement, TxEffect, Verdict};
 use protected::ProtectedSet;
 pub use session_effects::{Deallocate, ReauthArg, SettingChange, reauth_call, reauth_token};
+use shape::Shape;
 
 use crate::config::GuardConfig;
 
@@ -31,14 +38,14 @@ pub struct GuardOptions {
     pub allow_large_objects: bool,
 }
 
-/// Texts longer than this are classified every time instead of cached: they rarely repeat,
-/// and a few of them would otherwise hold the cache's whole byte budget.
-const MAX_CACHED_TEXT: usize = 64 * 1024;
-
 /// Texts longer than this are classified one at a time, process-wide, on a thread that serves
 /// no other client (peak memory is several hundred bytes per byte of text).
 const LARGE_TEXT: usize = 64 * 1024;
 static LARGE_CLASSIFICATION: Mutex<()> = Mutex::new(());
+
+/// The share of `[guard] verdict_cache_size` / `verdict_cache_bytes` the shape cache gets (one
+/// part in this many); the verdict cache gets the rest. Shapes are far fewer than texts.
+const SHAPE_SHARE: usize = 4;
 
 /// Run a large classification: one at a time; in a multi-threaded runtime the worker hands its
 /// other clients to another thread first (`block_in_place`), so they are not held up.
@@ -57,47 +64,32 @@ fn classify_large<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Verdicts by exact text, bounded in entries and in bytes.
-struct Cache {
-    entries: LruCache<Box<str>, Arc<Analysis>>,
-    bytes: usize,
-    max_bytes: usize,
+impl Cost for Arc<Analysis> {
+    fn cost(&self) -> usize {
+        std::mem::size_of::<Analysis>() + self.statements.len() * std::mem::size_of::<Statement>()
+    }
 }
 
-impl Cache {
-    fn cost(sql: &str, analysis: &Analysis) -> usize {
-        // text + the analysis and its statements (an estimate; exactness is not needed)
-        sql.len()
-            + std::mem::size_of::<Analysis>()
-            + analysis.statements.len() * std::mem::size_of::<classify::Statement>()
-            + 64
-    }
-
-    fn put(&mut self, sql: &str, analysis: Arc<Analysis>) {
-        let cost = Cache::cost(sql, &analysis);
-        if sql.len() > MAX_CACHED_TEXT || cost > self.max_bytes {
-            return;
-        }
-        if let Some((old_sql, old)) = self.entries.push(sql.into(), analysis) {
-            self.bytes = self.bytes.saturating_sub(Cache::cost(&old_sql, &old));
-        }
-        self.bytes += cost;
-        while self.bytes > self.max_bytes {
-            match self.entries.pop_lru() {
-                Some((old_sql, old)) => {
-                    self.bytes = self.bytes.saturating_sub(Cache::cost(&old_sql, &old))
-                }
-                None => break,
-            }
-        }
-    }
+/// How [`Guard::analyze`] came to its answer (for tests and benchmarks).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The verdict cache held the exact text.
+    ExactText,
+    /// The text's shape vouched for it; the text itself was not parsed.
+    Shape,
+    /// The text was classified in full.
+    Classified,
 }
 
 pub struct Guard {
     options: GuardOptions,
     /// `[guard] max_statement_bytes`: longer texts are refused unread.
     max_statement_bytes: usize,
-    cache: Mutex<Cache>,
+    /// Analyses by exact text.
+    verdicts: TextCache<Arc<Analysis>>,
+    /// Shapes by key (see [`shape`]).
+    shapes: TextCache<Shape>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -116,24 +108,39 @@ impl Guard {
             allow_create_function: config.allow_create_function,
             allow_large_objects: config.allow_large_objects,
         };
-        let size = NonZeroUsize::new(config.verdict_cache_size.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let shape_entries = (config.verdict_cache_size / SHAPE_SHARE).max(1);
+        let shape_bytes = config.verdict_cache_bytes / SHAPE_SHARE;
         Guard {
             options,
             max_statement_bytes: config.max_statement_bytes,
-            cache: Mutex::new(Cache {
-                entries: LruCache::new(size),
-                bytes: 0,
-                max_bytes: config.verdict_cache_bytes,
-            }),
+            verdicts: TextCache::new(
+                config
+                    .verdict_cache_size
+                    .saturating_sub(shape_entries)
+                    .max(1),
+                config.verdict_cache_bytes - shape_bytes,
+            ),
+            shapes: TextCache::new(shape_entries, shape_bytes),
         }
     }
 
-    /// Classify `sql` (one or more statements), from the cache when seen before.
+    /// Classify `sql` (one or more statements), from the caches when seen before.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        if let Ok(mut cache) = self.cache.lock()
-            && let Some(hit) = cache.entries.get(sql)
+        self.analyze_routed(sql).0
+    }
+
+    /// [`Guard::analyze`], and which way it answered.
+    #[doc(hidden)]
+    pub fn analyze_routed(&self, sql: &str) -> (Arc<Analysis>, Route) {
+        if let Some(hit) = self.verdicts.get(sql) {
+            return (hit, Route::ExactText);
+        }
+        if sql.len() <= self.max_statement_bytes
+            && let Some(analysis) = self.by_shape(sql)
         {
-            return Arc::clone(hit);
+            // Not kept by exact text: texts with inline values rarely repeat, and would push out
+            // the ones that do (parameterized statements of the extended protocol).
+            return (analysis, Route::Shape);
         }
         let analysis = Arc::new(if sql.len() > self.max_statement_bytes {
             classify::too_long(sql.len(), self.max_statement_bytes)
@@ -142,18 +149,34 @@ impl Guard {
         } else {
             classify::analyze(sql, &self.options)
         });
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.put(sql, Arc::clone(&analysis));
+        self.verdicts.put(sql, Arc::clone(&analysis));
+        (analysis, Route::Classified)
+    }
+
+    /// The analysis of `sql` from its shape, when it has one that vouches for its texts.
+    fn by_shape(&self, sql: &str) -> Option<Arc<Analysis>> {
+        let normalized = normalize::normalize(sql)?;
+        let shape = match self.shapes.get(&normalized.key) {
+            Some(shape) => shape,
+            None => {
+                let analysis = classify::analyze(&normalized.key, &self.options);
+                let shape = Shape::new(&normalized, analysis);
+                self.shapes.put(&normalized.key, shape.clone());
+                shape
+            }
+        };
+        match shape {
+            Shape::Template(template) => Some(Arc::new(shape::answer(&template, sql))),
+            Shape::FullParse => None,
         }
-        analysis
     }
 
-    /// Bytes the verdict cache holds now (estimate).
+    /// Bytes the verdict and shape caches hold now (estimate).
     pub fn cache_bytes(&self) -> usize {
-        self.cache.lock().map(|c| c.bytes).unwrap_or(0)
+        self.verdicts.bytes() + self.shapes.bytes()
     }
 
-    /// Classify without the cache (benchmarks).
+    /// Classify without the caches (benchmarks, and tests comparing against the caches).
     pub fn analyze_uncached(&self, sql: &str) -> Analysis {
         classify::analyze(sql, &self.options)
     }
@@ -217,5 +240,64 @@ mod tests {
         let a = g.analyze(&last);
         let b = g.analyze(&last);
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn texts_of_an_allowed_shape_are_answered_without_parsing() {
+        let g = guard(32 << 20);
+        let (first, route) =
+            g.analyze_routed("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
+        assert_eq!(route, Route::Shape);
+        assert!(!first.is_denied());
+        for aid in [2, 12345, 999_999_999] {
+            let sql = format!("  SELECT abalance FROM pgbench_accounts WHERE aid = {aid} -- x");
+            let (a, route) = g.analyze_routed(&sql);
+            // (a new shape: the leading spaces and comment are part of it)
+            assert_eq!(route, Route::Shape, "{sql}");
+            assert_eq!(*a, g.analyze_uncached(&sql), "{sql}");
+            assert_eq!((a.statements[0].start, a.statements[0].end), (2, sql.len()));
+        }
+        // not kept by exact text
+        assert_eq!(
+            g.analyze_routed("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+                .1,
+            Route::Shape
+        );
+    }
+
+    #[test]
+    fn shapes_that_are_not_a_plain_allow_classify_each_text() {
+        let g = guard(32 << 20);
+        for sql in [
+            // denied with a parameter: each text is judged by its own literal
+            "SELECT set_config('statement_timeout', '1000', false)",
+            "SELECT set_config('app.current_store_id', 'south', true)",
+            "SELECT query_to_xml('select 1', true, true, '')",
+            // session state, transaction control, settings: not a plain allow
+            "SELECT pg_advisory_lock(42)",
+            "CREATE TEMP TABLE t AS SELECT 1",
+            // no parameter allowed there: the shape does not parse
+            "NOTIFY c, 'payload'",
+            "COMMENT ON TABLE t IS 'x'",
+            // libpg_query's grammar takes `$n` in SET (Postgres' does not): judged by the
+            // value, so never a template (SET LOCAL is transaction-block sensitive; the
+            // session form a setting change)
+            "SET LOCAL search_path = 'pg_temp'",
+            "SET LOCAL statement_timeout = 1000",
+            "SET statement_timeout = 1000",
+            "SET TIME ZONE 'UTC'",
+        ] {
+            let (a, route) = g.analyze_routed(sql);
+            assert_eq!(route, Route::Classified, "{sql}");
+            assert_eq!(*a, g.analyze_uncached(sql), "{sql}");
+            // kept by exact text, as before shapes
+            assert_eq!(g.analyze_routed(sql).1, Route::ExactText, "{sql}");
+            // another text of the shape is classified too
+            assert_eq!(
+                g.analyze_routed(&format!("{sql} ")).1,
+                Route::Classified,
+                "{sql}"
+            );
+        }
     }
 }

@@ -1,0 +1,397 @@
+//! The shape of a statement: its text with every plain literal replaced by a parameter (`$1`,
+//! `$2`, … in order), so that statements differing only in inline values share one verdict.
+//!
+//! Why a shape may stand for its texts: the guard never sees extended-protocol bind values, so
+//! whatever it allows for a text with `$n` it already allows for every value bound there. A
+//! text that differs from its shape only by a literal where the shape has `$n` is one such
+//! binding. Where the grammar wants a literal and not an expression (SET values, COPY options,
+//! function bodies, `DO`, typed literals such as `interval '1 day'`, …) `$n` does not parse, so
+//! those shapes never vouch for anything (see [`super::shape`]).
+//!
+//! The lexer is deliberately small and conservative: it only replaces plain `'…'` strings and
+//! plain decimal numbers, and gives up (`None`, "take the full parse") on anything it does not
+//! fully understand. Giving up is always safe; replacing a token that is not a plain literal,
+//! or missing one that is, is not.
+
+use std::fmt::Write;
+
+/// Longer texts are not normalized: they rarely share a shape, and the fast path is for the
+/// short statements applications send by the thousand.
+pub const MAX_TEXT: usize = 8 * 1024;
+
+/// A statement's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Normalized {
+    /// The text with each literal replaced by `$1`, `$2`, … in order.
+    pub key: String,
+    /// How many literals were replaced (at least one).
+    pub literals: usize,
+    /// Byte offset of the first literal: the same in the text and in the key, since everything
+    /// before it is copied unchanged.
+    pub first_literal: usize,
+}
+
+/// The shape of `sql`, or `None` when the text has no literal or anything the lexer does not
+/// fully understand.
+pub fn normalize(sql: &str) -> Option<Normalized> {
+    let b = sql.as_bytes();
+    if b.len() > MAX_TEXT || b.iter().any(|&c| refused_anywhere(c)) {
+        return None;
+    }
+    let mut key = String::with_capacity(b.len() + 8);
+    let mut copied = 0; // `sql[..copied]` is in the key already (or replaced)
+    let mut literals = 0;
+    let mut first_literal = None;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let literal_end = match c {
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => {
+                i += 1;
+                continue;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = line_comment_end(b, i);
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = block_comment_end(b, i)?;
+                continue;
+            }
+            b'"' => {
+                i = quoted_identifier_end(b, i)?;
+                continue;
+            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'_' => {
+                i = word_end(b, i);
+                continue;
+            }
+            b'\'' => string_end(b, i)?,
+            b'0'..=b'9' => number_end(b, i)?,
+            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => number_end(b, i)?,
+            // non-ASCII outside quotes and comments (identifiers in other scripts, or
+            // whitespace Postgres does not count as such)
+            0x80.. => return None,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if !literal_may_start_after(i.checked_sub(1).map(|p| b[p]))
+            || !literal_may_end_before(b, literal_end)
+        {
+            return None;
+        }
+        key.push_str(sql.get(copied..i)?);
+        literals += 1;
+        first_literal.get_or_insert(i);
+        // writing to a String cannot fail
+        let _ = write!(key, "${literals}");
+        copied = literal_end;
+        i = literal_end;
+    }
+    let first_literal = first_literal?;
+    key.push_str(sql.get(copied..)?);
+    Some(Normalized {
+        key,
+        literals,
+        first_literal,
+    })
+}
+
+/// Bytes the lexer never reads past: `$` (dollar quotes, parameters, identifiers with `$`),
+/// backslashes, `;` (more than one statement), control characters other than the whitespace
+/// both the guard's parser and older servers agree on.
+fn refused_anywhere(c: u8) -> bool {
+    matches!(c, b'$' | b'\\' | b';' | 0x7f)
+        || (c < 0x20 && !matches!(c, b'\t' | b'\n' | b'\r' | 0x0c))
+}
+
+/// A byte of an unquoted ASCII word. (Non-ASCII bytes outside quotes and comments end the
+/// normalization wherever they are.)
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// What may stand right before a literal. Not a word character: `E'…'`, `B'…'`, `X'…'`,
+/// `N'…'`, `date'…'` are other tokens, and `$n` after one would be part of a word. Not `&`
+/// (`U&'…'`), `'` or `"` (adjacent quotes), `.` (`t.5`). Whitespace, brackets, commas and
+/// operator characters are fine.
+fn literal_may_start_after(previous: Option<u8>) -> bool {
+    match previous {
+        None => true,
+        Some(c) => matches!(
+            c,
+            b' ' | b'\t'
+                | b'\n'
+                | b'\r'
+                | 0x0c
+                | b'('
+                | b'['
+                | b','
+                | b'='
+                | b'<'
+                | b'>'
+                | b'+'
+                | b'-'
+                | b'*'
+                | b'/'
+                | b'%'
+                | b'^'
+                | b'|'
+                | b':'
+                | b'~'
+                | b'!'
+                | b'@'
+                | b'#'
+                | b'?'
+        ),
+    }
+}
+
+/// What may follow a literal. Right after it: no word character (`'a'x`, `1e`, `0x1f`,
+/// `1_000` would become or join another token) and no `.`. Next after whitespace and
+/// comments: not `'` (`'a'` newline `'b'` is one literal to Postgres), `[` or `.` (a parameter
+/// takes subscripts and field selection, a literal does not: the shape would parse where the
+/// text does not).
+fn literal_may_end_before(b: &[u8], end: usize) -> bool {
+    if b.get(end)
+        .is_some_and(|&c| is_word_byte(c) || c == b'.' || c >= 0x80)
+    {
+        return false;
+    }
+    let mut i = end;
+    loop {
+        match b.get(i) {
+            Some(b' ' | b'\t' | b'\n' | b'\r' | 0x0c) => i += 1,
+            Some(b'-') if b.get(i + 1) == Some(&b'-') => i = line_comment_end(b, i),
+            Some(b'/') if b.get(i + 1) == Some(&b'*') => match block_comment_end(b, i) {
+                Some(e) => i = e,
+                None => return false,
+            },
+            Some(b'\'' | b'[' | b'.') => return false,
+            _ => return true,
+        }
+    }
+}
+
+/// `-- …` up to (not including) the end of the line.
+fn line_comment_end(b: &[u8], start: usize) -> usize {
+    b[start..]
+        .iter()
+        .position(|&c| c == b'\n' || c == b'\r')
+        .map_or(b.len(), |p| start + p)
+}
+
+/// `/* … */`; `None` when unterminated or nested (Postgres nests block comments).
+fn block_comment_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 2;
+    while i + 1 < b.len() {
+        match (b[i], b[i + 1]) {
+            (b'*', b'/') => return Some(i + 2),
+            (b'/', b'*') => return None,
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// `"…"` with `""` for a quote; `None` when unterminated.
+fn quoted_identifier_end(b: &[u8], start: usize) -> Option<usize> {
+    quoted_end(b, start, b'"')
+}
+
+/// `'…'` with `''` for a quote (standard_conforming_strings: no backslash escapes; backslashes
+/// are refused anyway); `None` when unterminated.
+fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    quoted_end(b, start, b'\'')
+}
+
+fn quoted_end(b: &[u8], start: usize, quote: u8) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        let p = b.get(i..)?.iter().position(|&c| c == quote)?;
+        i += p + 1;
+        if b.get(i) == Some(&quote) {
+            i += 1; // doubled: part of the content
+        } else {
+            return Some(i);
+        }
+    }
+}
+
+/// An unquoted word (keyword or identifier); digits in it are not numbers.
+fn word_end(b: &[u8], start: usize) -> usize {
+    b[start..]
+        .iter()
+        .position(|&c| !is_word_byte(c))
+        .map_or(b.len(), |p| start + p)
+}
+
+/// A plain decimal number: `123`, `1.5`, `.5`, `1e10`, `1.5E-3`. `None` for `1.` (and `1..`),
+/// an exponent without digits, and anything else the lexer would have to guess about.
+fn number_end(b: &[u8], start: usize) -> Option<usize> {
+    let digits = |from: usize| {
+        b[from..]
+            .iter()
+            .position(|c| !c.is_ascii_digit())
+            .map_or(b.len(), |p| from + p)
+    };
+    let mut i = digits(start);
+    if b.get(i) == Some(&b'.') {
+        let fraction = digits(i + 1);
+        if fraction == i + 1 {
+            return None;
+        }
+        i = fraction;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let mut j = i + 1;
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        let exponent = digits(j);
+        if exponent == j {
+            return None;
+        }
+        i = exponent;
+    }
+    Some(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sql: &str) -> String {
+        match normalize(sql) {
+            Some(n) => n.key,
+            None => panic!("not normalized: {sql:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_literals_become_parameters_in_order() {
+        for (sql, want) in [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 12345",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            ),
+            (
+                "UPDATE pgbench_accounts SET abalance = abalance + -17 WHERE aid = 3",
+                "UPDATE pgbench_accounts SET abalance = abalance + -$1 WHERE aid = $2",
+            ),
+            (
+                "INSERT INTO t (a, b, c) VALUES ('x', 1.5, 'it''s')",
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3)",
+            ),
+            ("SELECT .5, 1e10, 1.5E-3, 2e+3", "SELECT $1, $2, $3, $4"),
+            ("SELECT ''", "SELECT $1"),
+            ("SELECT x FROM t WHERE y=''''", "SELECT x FROM t WHERE y=$1"),
+            ("SELECT a[1:2] FROM t", "SELECT a[$1:$2] FROM t"),
+            (
+                "SELECT 'a'::regclass, x::regclass FROM t1 LIMIT 10 OFFSET 20",
+                "SELECT $1::regclass, x::regclass FROM t1 LIMIT $2 OFFSET $3",
+            ),
+            (
+                "SELECT \"it's\", \"a\"\"b\" FROM t WHERE c = 'v'",
+                "SELECT \"it's\", \"a\"\"b\" FROM t WHERE c = $1",
+            ),
+            (
+                "/* don't */ SELECT 1 -- it's\n, 'x' /* 'y' */",
+                "/* don't */ SELECT $1 -- it's\n, $2 /* 'y' */",
+            ),
+            ("SELECT 'é', \"ü\" -- ñ", "SELECT $1, \"ü\" -- ñ"),
+            ("\t SELECT\r\n  7 \x0c", "\t SELECT\r\n  $1 \x0c"),
+            (
+                "SELECT col1, t2.c3 FROM t2 WHERE 0<1",
+                "SELECT col1, t2.c3 FROM t2 WHERE $1<$2",
+            ),
+        ] {
+            assert_eq!(key(sql), want, "{sql:?}");
+        }
+        let n = normalize("SELECT x FROM t WHERE a = 'p' AND b = 2").unwrap();
+        assert_eq!(n.literals, 2);
+        assert_eq!(n.first_literal, 26);
+    }
+
+    #[test]
+    fn texts_without_literals_have_no_shape() {
+        for sql in [
+            "SELECT x FROM t",
+            "SHOW search_path",
+            "",
+            "-- '1'",
+            "SELECT t1.c2",
+        ] {
+            assert_eq!(normalize(sql), None, "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn anything_not_fully_understood_has_no_shape() {
+        for sql in [
+            // dollar anywhere: dollar quotes, parameters, identifiers, even in a literal
+            "SELECT $$x$$",
+            "SELECT $1, 2",
+            "SELECT a$b, 2",
+            "SELECT '$5'",
+            "SELECT \"$user\", 1",
+            // backslash anywhere
+            "SELECT 'a\\', 1",
+            // more than one statement (even in a literal)
+            "SELECT 1; SELECT 2",
+            "SELECT 'a;b'",
+            // string prefixes and typed literals written against the quote
+            "SELECT E'x'",
+            "SELECT e'x'",
+            "SELECT B'101'",
+            "SELECT X'1f'",
+            "SELECT N'x'",
+            "SELECT U&'x'",
+            "SELECT u&'x'",
+            "SELECT date'2024-01-01'",
+            "SELECT regclass'pg_authid'",
+            "SELECT\"c\"'x'",
+            // string continuation and adjacent strings
+            "SELECT 'a'\n'b'",
+            "SELECT 'a' -- c\n'b'",
+            "SELECT 'a' 'b'",
+            // a literal followed by something a parameter would take differently
+            "SELECT 'a'x",
+            "SELECT 'a'[1]",
+            "SELECT 'a' [1]",
+            "SELECT 'a'.b",
+            "SELECT 1.",
+            "SELECT 1..2",
+            "SELECT 1.e5",
+            "SELECT 1e",
+            "SELECT 1e+",
+            "SELECT 1x",
+            "SELECT 0x1f",
+            "SELECT 0o17",
+            "SELECT 0b101",
+            "SELECT 1_000",
+            "SELECT 1'a'",
+            "SELECT 1.5.2",
+            "SELECT t.5",
+            // non-ASCII outside quotes and comments
+            "SELECT é, 1",
+            "SELECté, 1",
+            "SELECT 1\u{a0}",
+            // control characters
+            "SELECT 1\x0b",
+            "SELECT '\0'",
+            "SELECT '\x01'",
+            // unterminated or nested
+            "SELECT 'x",
+            "SELECT \"x, 1",
+            "SELECT 1 /* x",
+            "SELECT 1 /* a /* b */ */",
+        ] {
+            assert_eq!(normalize(sql), None, "{sql:?}");
+        }
+        assert!(normalize(&format!("SELECT '{}'", "x".repeat(MAX_TEXT))).is_none());
+        assert!(normalize(&format!("SELECT '{}'", "x".repeat(MAX_TEXT - 20))).is_some());
+    }
+}
