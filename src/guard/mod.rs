@@ -70,6 +70,13 @@ impl Cost for Arc<Analysis> {
     }
 }
 
+/// The shape key of `sql` (the text with each plain literal replaced by `$1`, `$2`, …), when the
+/// lexer reads it (for tests that write other values in).
+#[doc(hidden)]
+pub fn shape_key(sql: &str) -> Option<String> {
+    normalize::normalize(sql).map(|n| n.key().to_string())
+}
+
 /// How [`Guard::analyze`] came to its answer (for tests and benchmarks).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,11 +143,11 @@ impl Guard {
             return (hit, Route::ExactText);
         }
         if sql.len() <= self.max_statement_bytes
-            && let Some(analysis) = self.by_shape(sql)
+            && let Some(answer) = self.by_shape(sql)
         {
             // Not kept by exact text: texts with inline values rarely repeat, and would push out
             // the ones that do (parameterized statements of the extended protocol).
-            return (analysis, Route::Shape);
+            return answer;
         }
         let analysis = Arc::new(if sql.len() > self.max_statement_bytes {
             classify::too_long(sql.len(), self.max_statement_bytes)
@@ -153,21 +160,25 @@ impl Guard {
         (analysis, Route::Classified)
     }
 
-    /// The analysis of `sql` from its shape, when it has one that vouches for its texts.
-    fn by_shape(&self, sql: &str) -> Option<Arc<Analysis>> {
+    /// The analysis of `sql` through its shape: from the shape's template, or classified in full
+    /// when it is the first text of its shape. `None` when the text has no shape the lexer
+    /// reads, or its shape vouches for nothing.
+    fn by_shape(&self, sql: &str) -> Option<(Arc<Analysis>, Route)> {
         let normalized = normalize::normalize(sql)?;
-        let shape = match self.shapes.get(&normalized.key) {
-            Some(shape) => shape,
-            None => {
-                let analysis = classify::analyze(&normalized.key, &self.options);
-                let shape = Shape::new(&normalized, analysis);
-                self.shapes.put(&normalized.key, shape.clone());
-                shape
+        match self.shapes.get(normalized.shape()) {
+            Some(Shape::Template(template)) => {
+                Some((Arc::new(shape::answer(&template, sql)), Route::Shape))
             }
-        };
-        match shape {
-            Shape::Template(template) => Some(Arc::new(shape::answer(&template, sql))),
-            Shape::FullParse => None,
+            Some(Shape::FullParse) => None,
+            None => {
+                let (shape, analysis) = Shape::learn(&normalized, sql, &self.options);
+                let analysis = analysis.map(Arc::new);
+                if let (Shape::FullParse, Some(a)) = (&shape, &analysis) {
+                    self.verdicts.put(sql, Arc::clone(a));
+                }
+                self.shapes.put(normalized.shape(), shape);
+                analysis.map(|a| (a, Route::Classified))
+            }
         }
     }
 
@@ -245,18 +256,29 @@ mod tests {
     #[test]
     fn texts_of_an_allowed_shape_are_answered_without_parsing() {
         let g = guard(32 << 20);
+        // the first text of a shape is classified in full, the others are answered by it
         let (first, route) =
             g.analyze_routed("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
-        assert_eq!(route, Route::Shape);
+        assert_eq!(route, Route::Classified);
         assert!(!first.is_denied());
         for aid in [2, 12345, 999_999_999] {
+            // (the leading spaces and comment are part of the shape)
+            let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid}");
+            assert_eq!(g.analyze_routed(&sql).1, Route::Shape, "{sql}");
             let sql = format!("  SELECT abalance FROM pgbench_accounts WHERE aid = {aid} -- x");
             let (a, route) = g.analyze_routed(&sql);
-            // (a new shape: the leading spaces and comment are part of it)
-            assert_eq!(route, Route::Shape, "{sql}");
+            let want = if aid == 2 {
+                Route::Classified
+            } else {
+                Route::Shape
+            };
+            assert_eq!(route, want, "{sql}");
             assert_eq!(*a, g.analyze_uncached(&sql), "{sql}");
             assert_eq!((a.statements[0].start, a.statements[0].end), (2, sql.len()));
         }
+        // a number too large for an integer is another token: another shape
+        let sql = "  SELECT abalance FROM pgbench_accounts WHERE aid = 9999999999 -- x";
+        assert_eq!(g.analyze_routed(sql).1, Route::Classified);
         // not kept by exact text
         assert_eq!(
             g.analyze_routed("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
@@ -297,6 +319,43 @@ mod tests {
                 g.analyze_routed(&format!("{sql} ")).1,
                 Route::Classified,
                 "{sql}"
+            );
+        }
+    }
+
+    /// libpg_query reads `SET LOCAL name = $1` (Postgres does not), and the guard allows that
+    /// key with nothing to track; but the value decides whether the session gets a temporary
+    /// schema on its search path. Transaction-block sensitive statements never make a template.
+    #[test]
+    fn a_set_local_value_is_judged_on_every_text() {
+        let g = guard(32 << 20);
+        let first = g.analyze("SET LOCAL search_path = 'public'");
+        assert_eq!(first.session_state, None);
+        let a = g.analyze("SET LOCAL search_path = 'pg_temp'");
+        assert_eq!(a.session_state, Some("temporary object"));
+    }
+
+    /// A number where libpg_query reads a parameter but Postgres only a string (a typed literal,
+    /// EXTRACT's field) is a syntax error, also after a string there made a template.
+    #[test]
+    fn a_number_where_only_a_string_parses_is_denied() {
+        let g = guard(32 << 20);
+        for (ok, bad) in [
+            ("SELECT date '2024-01-01'", "SELECT date 20240101"),
+            ("SELECT interval '2' day", "SELECT interval 2 day"),
+            (
+                "SELECT extract('year' FROM now())",
+                "SELECT extract(2024 FROM now())",
+            ),
+        ] {
+            for _ in 0..3 {
+                assert!(!g.analyze(ok).is_denied(), "{ok}");
+            }
+            let a = g.analyze(bad);
+            assert!(
+                matches!(&a.verdict, Verdict::Deny(d) if d.sqlstate == "42601"),
+                "{bad}: {:?}",
+                a.verdict
             );
         }
     }

@@ -4,9 +4,16 @@
 //! Why a shape may stand for its texts: the guard never sees extended-protocol bind values, so
 //! whatever it allows for a text with `$n` it already allows for every value bound there. A
 //! text that differs from its shape only by a literal where the shape has `$n` is one such
-//! binding. Where the grammar wants a literal and not an expression (SET values, COPY options,
-//! function bodies, `DO`, typed literals such as `interval '1 day'`, …) `$n` does not parse, so
-//! those shapes never vouch for anything (see [`super::shape`]).
+//! binding. Where Postgres' grammar wants a literal and not an expression (SET values, COPY
+//! options, function bodies, `DO`, …) `$n` does not parse, so those shapes never vouch for
+//! anything (see [`super::shape`]).
+//!
+//! libpg_query's grammar is wider than Postgres' here: it reads `$n` in a few places that take
+//! only a string (typed literals such as `date $1` or `interval $1 day`, `EXTRACT($1 FROM …)`,
+//! SET values, passwords). A number there is a syntax error while the shape parses. The shape
+//! therefore also records each literal's token kind (string, integer, other number): texts
+//! whose literals are of the same kinds in the same places are the same token sequence to the
+//! parser, so one of them parsing as the shape's template says every other one does.
 //!
 //! The lexer is deliberately small and conservative: it only replaces plain `'…'` strings and
 //! plain decimal numbers, and gives up (`None`, "take the full parse") on anything it does not
@@ -22,13 +29,53 @@ pub const MAX_TEXT: usize = 8 * 1024;
 /// A statement's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Normalized {
-    /// The text with each literal replaced by `$1`, `$2`, … in order.
-    pub key: String,
+    /// The key, then a NUL (which no normalized text contains) and one [`LiteralKind`] letter
+    /// per literal: what shapes are cached by.
+    shape: String,
+    /// Where the key ends in `shape`.
+    key_len: usize,
     /// How many literals were replaced (at least one).
     pub literals: usize,
     /// Byte offset of the first literal: the same in the text and in the key, since everything
     /// before it is copied unchanged.
     pub first_literal: usize,
+}
+
+impl Normalized {
+    /// The text with each literal replaced by `$1`, `$2`, … in order.
+    pub fn key(&self) -> &str {
+        &self.shape[..self.key_len]
+    }
+
+    /// The key and the kinds of its literals.
+    pub fn shape(&self) -> &str {
+        &self.shape
+    }
+
+    /// The kinds of the literals, one letter each, in order.
+    #[cfg(test)]
+    fn kinds(&self) -> &str {
+        &self.shape[self.key_len + 1..]
+    }
+}
+
+/// The token a literal is to the parser (Postgres' lexer: a string, an integer that fits in
+/// 32 bits, or any other number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiteralKind {
+    String,
+    Integer,
+    OtherNumber,
+}
+
+impl LiteralKind {
+    fn letter(self) -> char {
+        match self {
+            LiteralKind::String => 's',
+            LiteralKind::Integer => 'i',
+            LiteralKind::OtherNumber => 'f',
+        }
+    }
 }
 
 /// The shape of `sql`, or `None` when the text has no literal or anything the lexer does not
@@ -38,14 +85,15 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     if b.len() > MAX_TEXT || b.iter().any(|&c| refused_anywhere(c)) {
         return None;
     }
-    let mut key = String::with_capacity(b.len() + 8);
+    let mut key = String::with_capacity(b.len() + 16);
+    let mut kinds = String::new();
     let mut copied = 0; // `sql[..copied]` is in the key already (or replaced)
     let mut literals = 0;
     let mut first_literal = None;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        let literal_end = match c {
+        let (literal_end, kind) = match c {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0c => {
                 i += 1;
                 continue;
@@ -66,7 +114,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                 i = word_end(b, i);
                 continue;
             }
-            b'\'' => string_end(b, i)?,
+            b'\'' => (string_end(b, i)?, LiteralKind::String),
             b'0'..=b'9' => number_end(b, i)?,
             b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => number_end(b, i)?,
             // non-ASCII outside quotes and comments (identifiers in other scripts, or
@@ -84,6 +132,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
         }
         key.push_str(sql.get(copied..i)?);
         literals += 1;
+        kinds.push(kind.letter());
         first_literal.get_or_insert(i);
         // writing to a String cannot fail
         let _ = write!(key, "${literals}");
@@ -92,8 +141,12 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     }
     let first_literal = first_literal?;
     key.push_str(sql.get(copied..)?);
+    let key_len = key.len();
+    key.push('\0');
+    key.push_str(&kinds);
     Some(Normalized {
-        key,
+        shape: key,
+        key_len,
         literals,
         first_literal,
     })
@@ -228,9 +281,10 @@ fn word_end(b: &[u8], start: usize) -> usize {
         .map_or(b.len(), |p| start + p)
 }
 
-/// A plain decimal number: `123`, `1.5`, `.5`, `1e10`, `1.5E-3`. `None` for `1.` (and `1..`),
-/// an exponent without digits, and anything else the lexer would have to guess about.
-fn number_end(b: &[u8], start: usize) -> Option<usize> {
+/// A plain decimal number: `123`, `1.5`, `.5`, `1e10`, `1.5E-3`, where it ends and its kind.
+/// `None` for `1.` (and `1..`), an exponent without digits, and anything else the lexer would
+/// have to guess about.
+fn number_end(b: &[u8], start: usize) -> Option<(usize, LiteralKind)> {
     let digits = |from: usize| {
         b[from..]
             .iter()
@@ -256,7 +310,20 @@ fn number_end(b: &[u8], start: usize) -> Option<usize> {
         }
         i = exponent;
     }
-    Some(i)
+    // Postgres' lexer: digits alone are an integer when the value fits in 32 bits
+    let integer = b[start..i].iter().all(u8::is_ascii_digit)
+        && b[start..i]
+            .iter()
+            .try_fold(0i32, |v, d| {
+                v.checked_mul(10)?.checked_add(i32::from(d - b'0'))
+            })
+            .is_some();
+    let kind = if integer {
+        LiteralKind::Integer
+    } else {
+        LiteralKind::OtherNumber
+    };
+    Some((i, kind))
 }
 
 #[cfg(test)]
@@ -265,7 +332,14 @@ mod tests {
 
     fn key(sql: &str) -> String {
         match normalize(sql) {
-            Some(n) => n.key,
+            Some(n) => n.key().to_string(),
+            None => panic!("not normalized: {sql:?}"),
+        }
+    }
+
+    fn kinds(sql: &str) -> String {
+        match normalize(sql) {
+            Some(n) => n.kinds().to_string(),
             None => panic!("not normalized: {sql:?}"),
         }
     }
@@ -313,6 +387,24 @@ mod tests {
         let n = normalize("SELECT x FROM t WHERE a = 'p' AND b = 2").unwrap();
         assert_eq!(n.literals, 2);
         assert_eq!(n.first_literal, 26);
+        assert_eq!(n.shape(), "SELECT x FROM t WHERE a = $1 AND b = $2\0si");
+    }
+
+    #[test]
+    fn literal_kinds_are_the_parser_tokens() {
+        assert_eq!(
+            kinds("SELECT 'x', '', 0, 2147483647, 0000000000005"),
+            "ssiii"
+        );
+        assert_eq!(
+            kinds("SELECT 2147483648, 99999999999999999999, 1.5, .5, 1e3, 10E-2"),
+            "ffffff"
+        );
+        // same key, other kinds: another shape
+        let a = normalize("SELECT date '2024-01-01'").unwrap();
+        let b = normalize("SELECT date 20240101").unwrap();
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.shape(), b.shape());
     }
 
     #[test]

@@ -3,16 +3,25 @@
 //!
 //! A shape vouches for its texts only when its own classification (the `$n` text, through the
 //! ordinary classifier) is a *plain allow*: one statement, allowed, and nothing the session has
-//! to act on (transaction control, session state or settings, resets, COPY data, DEALLOCATE).
-//! That verdict already holds for every value a client could bind to the parameters, and a text
-//! of the shape is the shape with values written in. Everything else, denials included, is left
-//! to the full classification of each text: a denial's message names what was refused, and
-//! the session effects carry values from the text.
+//! to act on (transaction control, session state or settings, resets, COPY data, DEALLOCATE,
+//! behaviour that depends on the transaction block). That verdict already holds for every value
+//! a client could bind to the parameters, and a text of the shape is the shape with values
+//! written in. Everything else, denials included, is left to the full classification of each
+//! text: a denial's message names what was refused, and session effects carry values from the
+//! text.
+//!
+//! The first text of a shape is classified in full as well, and the shape vouches for the
+//! others only if the template gives that text exactly its own analysis. Since the shape
+//! records the kinds of its literals, the others are the same token sequence; the check makes
+//! sure that sequence parses (libpg_query reads `$n` in places Postgres takes only a string,
+//! see [`super::normalize`]) and stands as one more guard against a template that does not
+//! fit its texts.
 
 use std::sync::Arc;
 
+use super::GuardOptions;
 use super::cache::Cost;
-use super::classify::{Analysis, Statement, TxEffect, Verdict};
+use super::classify::{self, Analysis, Statement, TxEffect, Verdict};
 use super::normalize::Normalized;
 
 #[derive(Debug, Clone)]
@@ -24,12 +33,22 @@ pub(super) enum Shape {
 }
 
 impl Shape {
-    /// The shape of `normalized`, given the classification of its key.
-    pub fn new(normalized: &Normalized, analysis: Analysis) -> Shape {
-        if is_plain_allow(&analysis, normalized) {
-            Shape::Template(Arc::new(analysis))
+    /// What the shape of `sql` (`normalized`) is, learnt from its key and from `sql` itself;
+    /// with the full analysis of `sql` when it was classified on the way.
+    pub fn learn(
+        normalized: &Normalized,
+        sql: &str,
+        opts: &GuardOptions,
+    ) -> (Shape, Option<Analysis>) {
+        let template = classify::analyze(normalized.key(), opts);
+        if !is_plain_allow(&template, normalized) {
+            return (Shape::FullParse, None);
+        }
+        let full = classify::analyze(sql, opts);
+        if answer(&template, sql) == full {
+            (Shape::Template(Arc::new(template)), Some(full))
         } else {
-            Shape::FullParse
+            (Shape::FullParse, Some(full))
         }
     }
 }
@@ -87,5 +106,5 @@ fn is_plain_allow(a: &Analysis, normalized: &Normalized) -> bool {
         // the range carries over to the texts of the shape only when it starts no later than the
         // first literal and runs to the end (one statement, nothing after it)
         && s.start <= normalized.first_literal
-        && s.end == normalized.key.len()
+        && s.end == normalized.key().len()
 }
