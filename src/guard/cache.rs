@@ -4,10 +4,9 @@
 //! Every statement of every client looks here first, so the map is split into shards, each
 //! behind its own lock and picked by a hash of the text: clients on different threads rarely
 //! wait for each other. Eviction is least-recently-used per shard (close enough to global LRU
-//! for a cache this size). The hash is keyed per process, so no client can aim its texts at one
-//! shard.
+//! for a cache this size). The hash is the cache maps' own (seeded per process, so no client
+//! can aim its texts at one shard).
 
-use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -35,7 +34,7 @@ pub(super) trait Cost {
 
 pub(super) struct TextCache<V> {
     shards: Box<[Mutex<Shard<V>>]>,
-    hasher: RandomState,
+    hasher: lru::DefaultHasher,
 }
 
 struct Shard<V> {
@@ -62,7 +61,7 @@ impl<V: Clone + Cost> TextCache<V> {
             .collect();
         TextCache {
             shards,
-            hasher: RandomState::new(),
+            hasher: lru::DefaultHasher::default(),
         }
     }
 

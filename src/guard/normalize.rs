@@ -20,8 +20,6 @@
 //! fully understand. Giving up is always safe; replacing a token that is not a plain literal,
 //! or missing one that is, is not.
 
-use std::fmt::Write;
-
 /// Longer texts are not normalized: they rarely share a shape, and the fast path is for the
 /// short statements applications send by the thousand.
 pub const MAX_TEXT: usize = 8 * 1024;
@@ -82,7 +80,7 @@ impl LiteralKind {
 /// fully understand.
 pub fn normalize(sql: &str) -> Option<Normalized> {
     let b = sql.as_bytes();
-    if b.len() > MAX_TEXT || b.iter().any(|&c| refused_anywhere(c)) {
+    if b.len() > MAX_TEXT {
         return None;
     }
     let mut key = String::with_capacity(b.len() + 16);
@@ -92,38 +90,41 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     let mut first_literal = None;
     let mut i = 0;
     while i < b.len() {
-        let c = b[i];
-        let (literal_end, kind) = match c {
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => {
+        let (literal_end, kind) = match class(b[i]) {
+            Class::Space | Class::Operator | Class::Other => {
                 i += 1;
                 continue;
             }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = line_comment_end(b, i);
+            Class::Dash if b.get(i + 1) == Some(&b'-') => {
+                i = line_comment_end(b, i)?;
                 continue;
             }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
+            Class::Slash if b.get(i + 1) == Some(&b'*') => {
                 i = block_comment_end(b, i)?;
                 continue;
             }
-            b'"' => {
-                i = quoted_identifier_end(b, i)?;
-                continue;
-            }
-            b'A'..=b'Z' | b'a'..=b'z' | b'_' => {
-                i = word_end(b, i);
-                continue;
-            }
-            b'\'' => (string_end(b, i)?, LiteralKind::String),
-            b'0'..=b'9' => number_end(b, i)?,
-            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => number_end(b, i)?,
-            // non-ASCII outside quotes and comments (identifiers in other scripts, or
-            // whitespace Postgres does not count as such)
-            0x80.. => return None,
-            _ => {
+            Class::Dash | Class::Slash => {
                 i += 1;
                 continue;
             }
+            Class::DoubleQuote => {
+                i = quoted_end(b, i, b'"')?;
+                continue;
+            }
+            Class::Letter => {
+                i = word_end(b, i);
+                continue;
+            }
+            Class::Quote => (quoted_end(b, i, b'\'')?, LiteralKind::String),
+            Class::Digit => number_end(b, i)?,
+            Class::Dot if b.get(i + 1).is_some_and(u8::is_ascii_digit) => number_end(b, i)?,
+            Class::Dot => {
+                i += 1;
+                continue;
+            }
+            // Non-ASCII outside quotes and comments: identifiers in other scripts, or
+            // whitespace Postgres does not count as such.
+            Class::NonAscii | Class::Refused => return None,
         };
         if !literal_may_start_after(i.checked_sub(1).map(|p| b[p]))
             || !literal_may_end_before(b, literal_end)
@@ -134,8 +135,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
         literals += 1;
         kinds.push(kind.letter());
         first_literal.get_or_insert(i);
-        // writing to a String cannot fail
-        let _ = write!(key, "${literals}");
+        push_parameter(&mut key, literals);
         copied = literal_end;
         i = literal_end;
     }
@@ -152,119 +152,160 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     })
 }
 
-/// Bytes the lexer never reads past: `$` (dollar quotes, parameters, identifiers with `$`),
-/// backslashes, `;` (more than one statement), control characters other than the whitespace
-/// both the guard's parser and older servers agree on.
-fn refused_anywhere(c: u8) -> bool {
-    matches!(c, b'$' | b'\\' | b';' | 0x7f)
-        || (c < 0x20 && !matches!(c, b'\t' | b'\n' | b'\r' | 0x0c))
-}
-
-/// A byte of an unquoted ASCII word. (Non-ASCII bytes outside quotes and comments end the
-/// normalization wherever they are.)
-fn is_word_byte(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_'
-}
-
-/// What may stand right before a literal. Not a word character: `E'…'`, `B'…'`, `X'…'`,
-/// `N'…'`, `date'…'` are other tokens, and `$n` after one would be part of a word. Not `&`
-/// (`U&'…'`), `'` or `"` (adjacent quotes), `.` (`t.5`). Whitespace, brackets, commas and
-/// operator characters are fine.
-fn literal_may_start_after(previous: Option<u8>) -> bool {
-    match previous {
-        None => true,
-        Some(c) => matches!(
-            c,
-            b' ' | b'\t'
-                | b'\n'
-                | b'\r'
-                | 0x0c
-                | b'('
-                | b'['
-                | b','
-                | b'='
-                | b'<'
-                | b'>'
-                | b'+'
-                | b'-'
-                | b'*'
-                | b'/'
-                | b'%'
-                | b'^'
-                | b'|'
-                | b':'
-                | b'~'
-                | b'!'
-                | b'@'
-                | b'#'
-                | b'?'
-        ),
+/// `$n`, written without the formatting machinery (this runs for every statement).
+fn push_parameter(key: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
     }
+    key.push('$');
+    key.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
-/// What may follow a literal. Right after it: no word character (`'a'x`, `1e`, `0x1f`,
-/// `1_000` would become or join another token) and no `.`. Next after whitespace and
-/// comments: not `'` (`'a'` newline `'b'` is one literal to Postgres), `[` or `.` (a parameter
-/// takes subscripts and field selection, a literal does not: the shape would parse where the
-/// text does not).
+/// What a byte is to the lexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// The whitespace both the guard's parser and older servers agree on (not `\v`).
+    Space,
+    /// `A`–`Z`, `a`–`z`, `_`: starts a word.
+    Letter,
+    Digit,
+    Quote,
+    DoubleQuote,
+    /// `-` and `/`: operators, or the start of a comment.
+    Dash,
+    Slash,
+    Dot,
+    /// Operators, brackets and commas a literal may follow.
+    Operator,
+    /// Any other ASCII punctuation (`)`, `]`, `&`, `{`, …).
+    Other,
+    NonAscii,
+    /// Bytes the lexer never reads past, even in quotes and comments: `$` (dollar quotes,
+    /// parameters, identifiers with `$`), backslashes, `;` (more than one statement), control
+    /// characters other than [`Class::Space`].
+    Refused,
+}
+
+const CLASSES: [Class; 256] = {
+    let mut table = [Class::Other; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = match c as u8 {
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => Class::Space,
+            b'A'..=b'Z' | b'a'..=b'z' | b'_' => Class::Letter,
+            b'0'..=b'9' => Class::Digit,
+            b'\'' => Class::Quote,
+            b'"' => Class::DoubleQuote,
+            b'-' => Class::Dash,
+            b'/' => Class::Slash,
+            b'.' => Class::Dot,
+            b'(' | b'[' | b',' | b'=' | b'<' | b'>' | b'+' | b'*' | b'%' | b'^' | b'|' | b':'
+            | b'~' | b'!' | b'@' | b'#' | b'?' => Class::Operator,
+            b'$' | b'\\' | b';' | 0x00..=0x1f | 0x7f => Class::Refused,
+            0x80.. => Class::NonAscii,
+            _ => Class::Other,
+        };
+        c += 1;
+    }
+    table
+};
+
+fn class(c: u8) -> Class {
+    CLASSES[usize::from(c)]
+}
+
+/// What may stand right before a literal: nothing, whitespace, an operator, a bracket or a
+/// comma. Not a word character: `E'…'`, `B'…'`, `X'…'`, `N'…'`, `date'…'` are other tokens,
+/// and `$n` after one would be part of a word. Not `&` (`U&'…'`), `'` or `"` (adjacent
+/// quotes), `.` (`t.5`), `)` or `]`.
+fn literal_may_start_after(previous: Option<u8>) -> bool {
+    previous.is_none_or(|c| {
+        matches!(
+            class(c),
+            Class::Space | Class::Operator | Class::Dash | Class::Slash
+        )
+    })
+}
+
+/// What may follow a literal. Right after it: no word character, digit, `.` or non-ASCII
+/// byte (`'a'x`, `1e`, `0x1f`, `1_000`, `1.` would become or join another token). Next after
+/// whitespace and comments: not `'` (`'a'` newline `'b'` is one literal to Postgres), `[` or
+/// `.` (a parameter takes subscripts and field selection, a literal does not: the shape would
+/// parse where the text does not).
 fn literal_may_end_before(b: &[u8], end: usize) -> bool {
-    if b.get(end)
-        .is_some_and(|&c| is_word_byte(c) || c == b'.' || c >= 0x80)
-    {
+    if b.get(end).is_some_and(|&c| {
+        matches!(
+            class(c),
+            Class::Letter | Class::Digit | Class::Dot | Class::NonAscii
+        )
+    }) {
         return false;
     }
     let mut i = end;
     loop {
-        match b.get(i) {
-            Some(b' ' | b'\t' | b'\n' | b'\r' | 0x0c) => i += 1,
-            Some(b'-') if b.get(i + 1) == Some(&b'-') => i = line_comment_end(b, i),
-            Some(b'/') if b.get(i + 1) == Some(&b'*') => match block_comment_end(b, i) {
-                Some(e) => i = e,
-                None => return false,
-            },
-            Some(b'\'' | b'[' | b'.') => return false,
+        let next = match b.get(i) {
+            Some(b'-') if b.get(i + 1) == Some(&b'-') => line_comment_end(b, i),
+            Some(b'/') if b.get(i + 1) == Some(&b'*') => block_comment_end(b, i),
+            Some(&c) if class(c) == Class::Space => Some(i + 1),
+            Some(b'\'' | b'[' | b'.') => None,
             _ => return true,
+        };
+        match next {
+            Some(n) => i = n,
+            None => return false,
         }
     }
 }
 
-/// `-- …` up to (not including) the end of the line.
-fn line_comment_end(b: &[u8], start: usize) -> usize {
-    b[start..]
+/// `-- …` up to (not including) the end of the line; `None` at a refused byte.
+fn line_comment_end(b: &[u8], start: usize) -> Option<usize> {
+    let end = b[start..]
         .iter()
-        .position(|&c| c == b'\n' || c == b'\r')
-        .map_or(b.len(), |p| start + p)
+        .position(|&c| c == b'\n' || c == b'\r' || class(c) == Class::Refused)
+        .map_or(b.len(), |p| start + p);
+    b.get(end)
+        .is_none_or(|&c| class(c) != Class::Refused)
+        .then_some(end)
 }
 
-/// `/* … */`; `None` when unterminated or nested (Postgres nests block comments).
+/// `/* … */`; `None` when unterminated, nested (Postgres nests block comments) or at a
+/// refused byte.
 fn block_comment_end(b: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 2;
     while i + 1 < b.len() {
         match (b[i], b[i + 1]) {
             (b'*', b'/') => return Some(i + 2),
             (b'/', b'*') => return None,
+            (c, _) if class(c) == Class::Refused => return None,
             _ => i += 1,
         }
     }
     None
 }
 
-/// `"…"` with `""` for a quote; `None` when unterminated.
-fn quoted_identifier_end(b: &[u8], start: usize) -> Option<usize> {
-    quoted_end(b, start, b'"')
-}
-
-/// `'…'` with `''` for a quote (standard_conforming_strings: no backslash escapes; backslashes
-/// are refused anyway); `None` when unterminated.
-fn string_end(b: &[u8], start: usize) -> Option<usize> {
-    quoted_end(b, start, b'\'')
-}
-
+/// A `'…'` string or `"…"` identifier: `quote` doubled stands for itself (no backslash
+/// escapes: standard_conforming_strings, and backslashes are refused anyway). `None` when
+/// unterminated or at a refused byte.
 fn quoted_end(b: &[u8], start: usize, quote: u8) -> Option<usize> {
     let mut i = start + 1;
     loop {
-        let p = b.get(i..)?.iter().position(|&c| c == quote)?;
-        i += p + 1;
+        let p = b
+            .get(i..)?
+            .iter()
+            .position(|&c| c == quote || class(c) == Class::Refused)?;
+        i += p;
+        if b[i] != quote {
+            return None;
+        }
+        i += 1;
         if b.get(i) == Some(&quote) {
             i += 1; // doubled: part of the content
         } else {
@@ -277,7 +318,7 @@ fn quoted_end(b: &[u8], start: usize, quote: u8) -> Option<usize> {
 fn word_end(b: &[u8], start: usize) -> usize {
     b[start..]
         .iter()
-        .position(|&c| !is_word_byte(c))
+        .position(|&c| !matches!(class(c), Class::Letter | Class::Digit))
         .map_or(b.len(), |p| start + p)
 }
 
@@ -384,6 +425,8 @@ mod tests {
         ] {
             assert_eq!(key(sql), want, "{sql:?}");
         }
+        let many = format!("SELECT {}", vec!["1"; 12].join(", "));
+        assert!(key(&many).ends_with("$9, $10, $11, $12"));
         let n = normalize("SELECT x FROM t WHERE a = 'p' AND b = 2").unwrap();
         assert_eq!(n.literals, 2);
         assert_eq!(n.first_literal, 26);
