@@ -154,19 +154,22 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
 
 /// `$n`, written without the formatting machinery (this runs for every statement).
 fn push_parameter(key: &mut String, n: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    let mut text = [0u8; 21];
+    let mut at = text.len();
     let mut rest = n;
     loop {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+        text[at] = b'0' + (rest % 10) as u8;
         rest /= 10;
         if rest == 0 {
             break;
         }
     }
-    key.push('$');
-    key.extend(digits[at..].iter().map(|&d| char::from(d)));
+    at -= 1;
+    text[at] = b'$';
+    for &c in &text[at..] {
+        key.push(char::from(c));
+    }
 }
 
 /// What a byte is to the lexer.
@@ -332,7 +335,14 @@ fn number_end(b: &[u8], start: usize) -> Option<(usize, LiteralKind)> {
             .position(|c| !c.is_ascii_digit())
             .map_or(b.len(), |p| from + p)
     };
-    let mut i = digits(start);
+    // the integer part, and its value (for the kind)
+    let mut value = 0u64;
+    let mut integer_end = start;
+    while let Some(d) = b.get(integer_end).filter(|d| d.is_ascii_digit()) {
+        value = value.saturating_mul(10).saturating_add(u64::from(d - b'0'));
+        integer_end += 1;
+    }
+    let mut i = integer_end;
     if b.get(i) == Some(&b'.') {
         let fraction = digits(i + 1);
         if fraction == i + 1 {
@@ -352,14 +362,7 @@ fn number_end(b: &[u8], start: usize) -> Option<(usize, LiteralKind)> {
         i = exponent;
     }
     // Postgres' lexer: digits alone are an integer when the value fits in 32 bits
-    let integer = b[start..i].iter().all(u8::is_ascii_digit)
-        && b[start..i]
-            .iter()
-            .try_fold(0i32, |v, d| {
-                v.checked_mul(10)?.checked_add(i32::from(d - b'0'))
-            })
-            .is_some();
-    let kind = if integer {
+    let kind = if i == integer_end && value <= i32::MAX as u64 {
         LiteralKind::Integer
     } else {
         LiteralKind::OtherNumber
