@@ -522,11 +522,8 @@ const TEMPLATES: &[(&str, &[&str])] = &[
 
 /// Values written into the literals of a text (over its shape key).
 fn any_literal(rng: &mut Rng) -> &'static str {
-    if rng.chance(60) {
-        *rng.pick(STRINGS)
-    } else {
-        *rng.pick(NUMBERS)
-    }
+    let pool = if rng.chance(60) { STRINGS } else { NUMBERS };
+    pool[rng.below(pool.len())]
 }
 
 /// `template` with its holes filled.

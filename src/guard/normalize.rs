@@ -428,7 +428,7 @@ mod tests {
         ] {
             assert_eq!(key(sql), want, "{sql:?}");
         }
-        let many = format!("SELECT {}", vec!["1"; 12].join(", "));
+        let many = format!("SELECT {}", ["1"; 12].join(", "));
         assert!(key(&many).ends_with("$9, $10, $11, $12"));
         let n = normalize("SELECT x FROM t WHERE a = 'p' AND b = 2").unwrap();
         assert_eq!(n.literals, 2);
