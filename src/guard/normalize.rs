@@ -4,16 +4,20 @@
 //! Why a shape may stand for its texts: the guard never sees extended-protocol bind values, so
 //! whatever it allows for a text with `$n` it already allows for every value bound there. A
 //! text that differs from its shape only by a literal where the shape has `$n` is one such
-//! binding. Where Postgres' grammar wants a literal and not an expression (SET values, COPY
-//! options, function bodies, `DO`, …) `$n` does not parse, so those shapes never vouch for
+//! binding. Where Postgres' grammar wants a literal and not an expression (COPY options,
+//! function bodies, `DO`, `LOAD`, …) `$n` does not parse, so those shapes never vouch for
 //! anything (see [`super::shape`]).
 //!
-//! libpg_query's grammar is wider than Postgres' here: it reads `$n` in a few places that take
-//! only a string (typed literals such as `date $1` or `interval $1 day`, `EXTRACT($1 FROM …)`,
-//! SET values, passwords). A number there is a syntax error while the shape parses. The shape
-//! therefore also records each literal's token kind (string, integer, other number): texts
-//! whose literals are of the same kinds in the same places are the same token sequence to the
-//! parser, so one of them parsing as the shape's template says every other one does.
+//! libpg_query's grammar is wider than Postgres' here (it parses its own normalized output):
+//! it reads `$n` in a few places that take only a literal. SET values, `SET ROLE`/`SCHEMA`/
+//! `SESSION AUTHORIZATION`, `SET TIME ZONE` and passwords are statements no shape vouches for
+//! (they are denied, change settings or depend on the transaction block). Typed literals
+//! (`date $1`, `interval $1 day`, `numeric(10,2) $1`) and `EXTRACT($1 FROM …)` give the tree a
+//! client gets from `$1::date` or `pg_catalog.extract($1, …)`, but there a *number* is a syntax
+//! error while the shape parses. The shape therefore also records each literal's token kind
+//! (string, integer, other number): texts whose literals are of the same kinds in the same
+//! places are the same token sequence to the parser, so one of them parsing as the shape's
+//! template says every other one does.
 //!
 //! The lexer is deliberately small and conservative: it only replaces plain `'…'` strings and
 //! plain decimal numbers, and gives up (`None`, "take the full parse") on anything it does not

@@ -100,6 +100,8 @@ fn is_plain_allow(a: &Analysis, normalized: &Normalized) -> bool {
         && !a.copy_from_stdin
         && s.tx == TxEffect::None
         && !s.no_tx_block
+        // (SET LOCAL: libpg_query reads `SET LOCAL search_path = $1`, and the guard judges
+        // the value, e.g. a temporary schema put on the path)
         && !s.block_sensitive
         && s.setting.is_none()
         && s.deallocate.is_none()
