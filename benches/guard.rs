@@ -1,4 +1,5 @@
-//! Classifier cost: cached verdicts (the steady state) and uncached parses.
+//! Classifier cost: cached verdicts (the steady state), uncached parses, and statements whose
+//! inline values change every time (`varying/…`).
 //! Run: `cargo bench --bench guard`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -8,7 +9,7 @@ use std::hint::black_box;
 
 #[path = "common/cases.rs"]
 mod cases;
-use cases::CASES;
+use cases::{CASES, LITERAL_CASES, with_literal};
 
 fn classify(c: &mut Criterion) {
     let guard = Guard::new(&GuardConfig::default());
@@ -20,6 +21,28 @@ fn classify(c: &mut Criterion) {
         });
         g.bench_function(format!("uncached/{name}"), |b| {
             b.iter(|| guard.analyze_uncached(black_box(sql)))
+        });
+    }
+    // Inline values: a new text every time, the same statement but for one number.
+    for &(name, template) in LITERAL_CASES {
+        let mut i = 0usize;
+        g.bench_function(format!("varying/{name}"), |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    with_literal(template, i)
+                },
+                |sql| guard.analyze(black_box(&sql)),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        let sql = with_literal(template, 12345);
+        guard.analyze(&sql);
+        g.bench_function(format!("cached/{name}"), |b| {
+            b.iter(|| guard.analyze(black_box(&sql)))
+        });
+        g.bench_function(format!("uncached/{name}"), |b| {
+            b.iter(|| guard.analyze_uncached(black_box(&sql)))
         });
     }
     g.finish();

@@ -383,7 +383,8 @@ pub struct GuardConfig {
     pub allow_create_function: bool,
     #[serde(default = "default_cache_size")]
     pub verdict_cache_size: usize,
-    /// Byte budget of the verdict cache (texts over 64 KiB are never cached).
+    /// Byte budget of the verdict cache, statement shapes included (texts over 64 KiB are never
+    /// cached). `verdict_cache_size` bounds the entries of both the same way.
     #[serde(default = "default_cache_bytes", deserialize_with = "de_bytes")]
     pub verdict_cache_bytes: usize,
     /// Longest statement text the guard classifies; longer ones are refused (54000) unread.

@@ -30,3 +30,23 @@ pub const CASES: &[(&str, &str)] = &[
          ON CONFLICT DO NOTHING RETURNING id, store_id, name, email, note, created_at",
     ),
 ];
+
+/// Statements an application sends with its values inline: `{}` stands for a number that changes
+/// from one statement to the next (so every text is new to a cache keyed by exact text).
+pub const LITERAL_CASES: &[(&str, &str)] = &[
+    (
+        "select_literal",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+    ),
+    (
+        "orm_literal",
+        "SELECT \"users\".\"id\", \"users\".\"email\" FROM \"users\" \
+         WHERE \"users\".\"account_id\" = {} AND \"users\".\"state\" = 'active' \
+         ORDER BY \"users\".\"id\" DESC LIMIT 20",
+    ),
+];
+
+/// `template` with its `{}` replaced by `n`.
+pub fn with_literal(template: &str, n: usize) -> String {
+    template.replacen("{}", &n.to_string(), 1)
+}
