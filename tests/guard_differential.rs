@@ -844,12 +844,17 @@ fn the_shape_path_agrees_with_full_classification() {
             for _ in 0..30 {
                 let text = decorate(spelling, &realistic_fill(&mut rng, template));
                 c.check(family, &text);
+                // with the final `;` psql and pgbench send, and with a second statement
+                c.check("semicolon", &format!("{text};"));
+                c.check("semicolon", &format!("{text} ;\n "));
+                c.check("semicolon", &format!("{text}; {text}"));
             }
             // values the guard cares about, any spelling, and other values again
             for _ in 0..12 {
                 let filled = fill(&mut rng, template);
                 let text = decorate(rng.below(8), &filled);
                 c.check("adversarial", &text);
+                c.check("adversarial", &format!("{text};"));
                 for v in variants(&mut rng, &text, 3) {
                     c.check("adversarial-mutated", &v);
                 }

@@ -94,6 +94,14 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     let mut first_literal = None;
     let mut i = 0;
     while i < b.len() {
+        if b[i] == b';' {
+            // one `;` at the very end (psql, pgbench and many drivers send one): still one
+            // statement; anything after it but whitespace is another statement
+            if b[i + 1..].iter().all(|&c| class(c) == Class::Space) {
+                break;
+            }
+            return None;
+        }
         let (literal_end, kind) = match class(b[i]) {
             Class::Space | Class::Operator | Class::Other => {
                 i += 1;
@@ -154,6 +162,20 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
         literals,
         first_literal,
     })
+}
+
+/// Where the one statement of a text the lexer accepted ends, as the parser reports it: at a
+/// final `;` (only whitespace after it), or at the end of the text.
+pub(super) fn statement_end(text: &str) -> usize {
+    let b = text.as_bytes();
+    let mut end = b.len();
+    while end > 0 && class(b[end - 1]) == Class::Space {
+        end -= 1;
+    }
+    match end.checked_sub(1) {
+        Some(semicolon) if b[semicolon] == b';' => semicolon,
+        _ => b.len(),
+    }
 }
 
 /// `$n`, written without the formatting machinery (this runs for every statement).
@@ -390,6 +412,26 @@ mod tests {
             Some(n) => n.kinds().to_string(),
             None => panic!("not normalized: {sql:?}"),
         }
+    }
+
+    #[test]
+    fn one_final_semicolon_is_one_statement() {
+        assert_eq!(
+            key("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+        );
+        assert_eq!(key("SELECT 1 ; \n"), "SELECT $1 ; \n");
+        for two in [
+            "SELECT 1; SELECT 2",
+            "SELECT 1;;",
+            "SELECT 1; -- c",
+            "SELECT ';'",
+        ] {
+            assert!(normalize(two).is_none(), "{two:?}");
+        }
+        assert_eq!(statement_end("SELECT $1"), 9);
+        assert_eq!(statement_end("SELECT $1 ;  \n"), 10);
+        assert_eq!(statement_end("SELECT $1;"), 9);
     }
 
     #[test]

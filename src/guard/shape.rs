@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::GuardOptions;
 use super::cache::Cost;
 use super::classify::{self, Analysis, Statement, TxEffect, Verdict};
-use super::normalize::Normalized;
+use super::normalize::{Normalized, statement_end};
 
 #[derive(Debug, Clone)]
 pub(super) enum Shape {
@@ -73,7 +73,7 @@ pub(super) fn answer(template: &Analysis, sql: &str) -> Analysis {
             .statements
             .iter()
             .map(|s| Statement {
-                end: sql.len(),
+                end: statement_end(sql),
                 ..s.clone()
             })
             .collect(),
@@ -106,7 +106,7 @@ fn is_plain_allow(a: &Analysis, normalized: &Normalized) -> bool {
         && s.setting.is_none()
         && s.deallocate.is_none()
         // the range carries over to the texts of the shape only when it starts no later than the
-        // first literal and runs to the end (one statement, nothing after it)
+        // first literal and runs to the end or to a final `;` (one statement, nothing after it)
         && s.start <= normalized.first_literal
-        && s.end == normalized.key().len()
+        && s.end == statement_end(normalized.key())
 }

@@ -52,6 +52,11 @@ impl Backend {
 
     /// The oracle: a data statement runs with the client's tenant context.
     pub(crate) fn check_context(&self, st: &Stmt) {
+        if st.text.contains("pg_catalog.has_function_privilege('pg_catalog.set_config") {
+            // rlsgate's probe at connect (answered "false" here: the text is the row, see
+            // `data_row`, so the context takes its SET LOCAL form, which this fake models)
+            return;
+        }
         let tenant = self.fake.tenant.lock().unwrap().clone();
         if self.locals.as_deref() != Some(tenant.as_str()) {
             let log: Vec<&str> = self.log.iter().map(String::as_str).collect();
