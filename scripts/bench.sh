@@ -31,7 +31,9 @@
 # Output: progress on stderr; on stdout exactly one line per case:
 #   case=<name> direct_tps=<n> rlsgate_tps=<n> pgbouncer_tps=<n> rlsgate/direct=<r> rlsgate/pgbouncer=<r>
 # followed on the same line by <target>_failed=<n> when pgbench counted failed
-# transactions for that target. A target whose pgbench run errored or aborted
+# transactions for that target, then CPU microseconds per transaction (user +
+# system, from /proc): <target>_pg_us (all of Postgres' processes) for each
+# target and <target>_proxy_us (the proxy's process) for rlsgate and pgbouncer. A target whose pgbench run errored or aborted
 # (any round) prints tps "error" and its ratios "n/a"; the pgbench output is
 # copied to stderr.
 #
@@ -471,7 +473,48 @@ case_args() {
 }
 
 TARGETS="direct rlsgate pgbouncer"
-declare -A TPS_SUM=() RUNS=() ERRORS=() FAILED=()
+declare -A TPS_SUM=() RUNS=() ERRORS=() FAILED=() TX_SUM=() PROXY_TICKS=() PG_TICKS=()
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
+# CPU ticks (user + system) of processes, from /proc/<pid>/stat (fields 14 and 15; with "all",
+# also 16 and 17: children that exited and were reaped).
+proc_ticks() { # all|own pid...
+    local which=$1; shift
+    local p total=0 t
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        # the command name (field 2) may hold spaces: count fields after its ")"
+        t=$(sed 's/^.*) //' "/proc/$p/stat" | awk -v all="$which" \
+            '{ t = $12 + $13; if (all == "all") t += $14 + $15; print t }')
+        total=$(( total + ${t:-0} ))
+    done
+    echo "$total"
+}
+
+# Postgres' CPU: the postmaster with its reaped children, plus its live children (backends
+# pooled by a proxy live across runs; pgbench's own direct backends exit and are reaped).
+pg_ticks() {
+    local pm
+    pm=$(head -n 1 "$TMP/data/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+    echo $(( $(proc_ticks all "$pm") + $(proc_ticks own $(pgrep -P "$pm" 2>/dev/null)) ))
+}
+
+proxy_ticks() { # target
+    case "$1" in
+        rlsgate)   proc_ticks own "$RLSGATE_PID" ;;
+        pgbouncer) proc_ticks own "$(cat "$TMP/pgbouncer.pid" 2>/dev/null)" ;;
+        *)         echo 0 ;;
+    esac
+}
+
+# Average CPU microseconds per transaction over a case's runs.
+us_per_tx() { # ticks-sum tx-sum
+    if [ "${2:-0}" -gt 0 ]; then
+        awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }'
+    else
+        echo n/a
+    fi
+}
 
 run_one() { # case target round
     local cname=$1 target=$2 round=$3 port password out rc tps failed
@@ -483,9 +526,13 @@ run_one() { # case target round
     out="$TMP/run-$cname-$target-$round.log"
     log "case=$cname target=$target round=$round/$ROUNDS"
     rc=0
+    local proxy0 pg0 proxy1 pg1 tx
+    proxy0=$(proxy_ticks "$target"); pg0=$(pg_ticks)
     # shellcheck disable=SC2046 # word splitting of the case arguments is intended
     PGPASSWORD=$password "$PG_BIN/pgbench" -n -T "$DURATION" -c "$CLIENTS" -j "$THREADS" \
         $(case_args "$cname") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$out" 2>&1 || rc=$?
+    sleep 0.2 # (let the postmaster reap the backends of the run)
+    proxy1=$(proxy_ticks "$target"); pg1=$(pg_ticks)
     # pgbench 15: "tps = N (without initial connection time)", with -C
     # "tps = N (including reconnection times)".
     tps=$(sed -n 's/^tps = \([0-9][0-9.]*\) .*/\1/p' "$out" | tail -n 1)
@@ -502,6 +549,10 @@ run_one() { # case target round
     fi
     TPS_SUM[$key]=$(awk -v a="${TPS_SUM[$key]:-0}" -v b="$tps" 'BEGIN { printf "%.6f", a + b }')
     RUNS[$key]=$(( ${RUNS[$key]:-0} + 1 ))
+    tx=$(sed -n 's/^number of transactions actually processed: \([0-9][0-9]*\).*/\1/p' "$out" | tail -n 1)
+    TX_SUM[$key]=$(( ${TX_SUM[$key]:-0} + ${tx:-0} ))
+    PROXY_TICKS[$key]=$(( ${PROXY_TICKS[$key]:-0} + proxy1 - proxy0 ))
+    PG_TICKS[$key]=$(( ${PG_TICKS[$key]:-0} + pg1 - pg0 ))
 }
 
 avg_tps() { # key -> number | error | skipped
@@ -648,6 +699,15 @@ for cname in $CASES; do
     for target in $TARGETS; do
         f=${FAILED[$cname/$target]:-0}
         if [ "$f" -gt 0 ]; then line="$line ${target}_failed=$f"; fi
+    done
+    # CPU per transaction: Postgres for every target, the proxy's own process for the proxies
+    for target in $TARGETS; do
+        k="$cname/$target"
+        [ "${RUNS[$k]:-0}" -gt 0 ] || continue
+        line="$line ${target}_pg_us=$(us_per_tx "${PG_TICKS[$k]}" "${TX_SUM[$k]}")"
+        if [ "$target" != direct ]; then
+            line="$line ${target}_proxy_us=$(us_per_tx "${PROXY_TICKS[$k]}" "${TX_SUM[$k]}")"
+        fi
     done
     echo "$line"
 done

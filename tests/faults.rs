@@ -974,6 +974,18 @@ async fn hung_upstream_then_resumed() {
         a.ok("COMMIT").await;
         b.ok("COMMIT").await;
     }
+    // Their sessions hand the connections back as they end, after the client has its reply:
+    // wait for that, or the next two clients could open a third connection before the freeze.
+    let pool = &proxy.shared.pool;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.idle_count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        pool.idle_count(),
+        2,
+        "two upstream connections idle before the freeze"
+    );
     let mut hung = Wire::must_connect(proxy.addr, &db, "north").await;
     hung.ok("BEGIN").await;
     let pid: i32 = hung
