@@ -204,6 +204,40 @@ fn execute_msg(out: &mut Vec<u8>, portal: &str, max_rows: i32) {
 }
 
 impl Program {
+    /// The client's frames and cuts, readable (for `RLSGATE_FUZZ_TRACE`).
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "{} eager={} tenant={}:",
+            if self.wrap { "wrap" } else { "plain" },
+            self.eager,
+            self.tenant
+        );
+        let mut cuts = self.cuts.iter().peekable();
+        let mut at = 0;
+        while at + 5 <= self.bytes.len() {
+            while let Some((_, kind)) = cuts.next_if(|c| c.0 <= at) {
+                out.push_str(&format!(" [{kind:?}]"));
+            }
+            let len = i32::from_be_bytes([
+                self.bytes[at + 1],
+                self.bytes[at + 2],
+                self.bytes[at + 3],
+                self.bytes[at + 4],
+            ]);
+            let end = (at + 1 + len.max(4) as usize).min(self.bytes.len());
+            let body: String = String::from_utf8_lossy(&self.bytes[at + 5..end])
+                .chars()
+                .map(|c| if c == '\0' { '|' } else { c })
+                .collect();
+            out.push_str(&format!(" {}({body})", self.bytes[at] as char));
+            at = end;
+        }
+        for (_, kind) in cuts {
+            out.push_str(&format!(" [{kind:?}]"));
+        }
+        out
+    }
+
     fn decode(data: &[u8]) -> Program {
         let mut input = Input(data);
         let head = input.byte();
@@ -597,6 +631,9 @@ fn show(msgs: &[Msg]) -> String {
 
 async fn run(h: &Harness, p: Program) {
     let proxy = &h.proxies[usize::from(p.wrap)];
+    if std::env::var_os("RLSGATE_FUZZ_TRACE").is_some() {
+        eprintln!("program: {}", p.describe());
+    }
     settle(h, proxy, "the previous input").await;
     h.fake.prepare(TENANTS[p.tenant], p.eager);
     let stream = login(proxy.addr, &h.tokens[p.tenant]).await;

@@ -235,6 +235,9 @@ impl Session {
             // so that its errors cannot abort rlsgate's block under the unit.
             self.wrapping = false;
             self.wrap_commit(After::Swallow);
+            // An error before this COMMIT makes the server skip it (up to the Sync), leaving
+            // rlsgate's block open: the state after the unit is known only from the replies.
+            self.predicted = Predicted::Unknown;
         }
         let flow = if frame.tag == fe::QUERY {
             self.on_query(frame).await?

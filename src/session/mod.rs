@@ -757,12 +757,7 @@ impl Session {
         if self.mode != PoolMode::Transaction
             || self.pinned.is_some()
             || self.server.is_none()
-            || self.in_flight > 0
-            || self.unit_open
-            || !self.expect.is_empty()
-            || self.predicted != Predicted::Idle
-            || self.split.is_some()
-            || !self.server_out.is_empty()
+            || !self.server_at_rest()
         {
             return;
         }
@@ -810,11 +805,7 @@ impl Session {
                 "unpinned server connection (client left)"
             );
         }
-        let clean = self.in_flight == 0
-            && self.server_out.is_empty()
-            && !self.unit_open
-            && self.expect.is_empty()
-            && self.predicted == Predicted::Idle;
+        let clean = self.server_at_rest();
         if let Some(server) = self.server.take() {
             if clean && server.conn_ref().read_buf.is_empty() {
                 server.release();
@@ -826,6 +817,19 @@ impl Session {
                 drop(server);
             }
         }
+    }
+
+    /// Nothing is owed on the server connection and no transaction is open there: it can go
+    /// back to the pool. Not while the server skips messages up to a Sync it has not had (a
+    /// failed extended COPY consumed the client's Sync): the client's next Sync is for it.
+    fn server_at_rest(&self) -> bool {
+        self.in_flight == 0
+            && self.expect.is_empty()
+            && self.server_out.is_empty()
+            && !self.unit_open
+            && !self.skip_until_sync
+            && self.split.is_none()
+            && self.predicted == Predicted::Idle
     }
 
     /// Expect a ReadyForQuery for this entry; returns the unit's number.

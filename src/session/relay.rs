@@ -294,6 +294,10 @@ impl Session {
             // sends before the Sync is ignored by the server, so drop it here, unanswered.
             self.skip_until_sync = true;
         }
+        // transaction_wrap: skipped COMMITs of rlsgate's blocks minus skipped BEGINs. More
+        // COMMITs than BEGINs: a block rlsgate opened before the error is still open (and now
+        // failed) after the Sync.
+        let mut left_open = 0isize;
         while self
             .expect
             .front()
@@ -303,7 +307,15 @@ impl Session {
                 // A Query inside an unsynced extended unit is skipped as well (also rlsgate's own
                 // BEGIN/COMMIT around it): no ReadyForQuery will come for it. The unit counts as
                 // done; a split Query ends, none of its pieces having run.
-                Some(Expect::Query { after, .. } | Expect::WrapCommit { after }) => {
+                Some(entry @ (Expect::Query { .. } | Expect::WrapCommit { .. })) => {
+                    let after = match entry {
+                        Expect::WrapCommit { after } => {
+                            left_open += 1;
+                            after
+                        }
+                        Expect::Query { after, .. } => after,
+                        _ => After::Forward,
+                    };
                     self.query_skipped();
                     if matches!(after, After::ContinueSplit | After::FinishSplit) {
                         self.split = None;
@@ -313,9 +325,9 @@ impl Session {
                 }
                 Some(Expect::HiddenQuery { what }) => {
                     self.query_skipped();
-                    if what != "transaction_wrap BEGIN"
-                        && let Some(server) = self.server.as_mut()
-                    {
+                    if what == WRAP_BEGIN {
+                        left_open -= 1;
+                    } else if let Some(server) = self.server.as_mut() {
                         // a settings statement that did not run: as if it had failed
                         let conn = server.conn();
                         conn.settings_owner = Some((self.id, u64::MAX));
@@ -345,6 +357,17 @@ impl Session {
                     self.ending_portals.entry(portal).or_insert((effect, unit));
                 }
                 _ => {}
+            }
+        }
+        if left_open > 0 {
+            // The block must end after the Sync, with rlsgate's COMMIT (a ROLLBACK by then),
+            // unless a COMMIT of rlsgate's already follows that Sync.
+            match self.expect.front_mut() {
+                Some(Expect::Sync { after }) if *after == After::Forward => {
+                    *after = After::SwallowThenCommit;
+                }
+                Some(_) => {}
+                None => self.wrapping = true,
             }
         }
     }
@@ -612,9 +635,7 @@ impl Session {
     pub(super) fn wrap_begin(&mut self) {
         // Static text; cannot fail to encode.
         let _ = fe::write_query("BEGIN", &mut self.server_out);
-        self.expect_ready(Expect::HiddenQuery {
-            what: "transaction_wrap BEGIN",
-        });
+        self.expect_ready(Expect::HiddenQuery { what: WRAP_BEGIN });
         self.inject_context(Ahead::Unknown);
     }
 
@@ -624,6 +645,9 @@ impl Session {
         self.expect_ready(Expect::WrapCommit { after });
     }
 }
+
+/// What `Expect::HiddenQuery` names transaction_wrap's own `BEGIN`.
+const WRAP_BEGIN: &str = "transaction_wrap BEGIN";
 
 /// `0A000 cached plan must not change result type`: a prepared statement's table changed shape
 /// (ALTER TABLE … ADD/DROP COLUMN). Postgres keeps refusing the statement until it is prepared
