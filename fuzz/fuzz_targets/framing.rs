@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // cap from the first 3 bytes: 0 ..= 16 MiB, small values often
-    let cap = (usize::from(data[0]) << 16 | usize::from(data[1]) << 8 | usize::from(data[2])) >> (data[0] & 15);
+    let cap = (usize::from(data[0]) << 16 | usize::from(data[1]) << 8 | usize::from(data[2]))
+        >> (data[0] & 15);
     let input = &data[3..];
     let mut buf = BytesMut::from(input);
     let mut offset = 0usize;

@@ -62,7 +62,9 @@ fuzz_target!(|data: &[u8]| {
             // three frames: Parse, Bind, Execute
             let mut buf = out;
             let mut tags = Vec::new();
-            while let Some(f) = rlsgate::protocol::frame::try_read_frame(&mut buf, usize::MAX).unwrap() {
+            while let Some(f) =
+                rlsgate::protocol::frame::try_read_frame(&mut buf, usize::MAX).unwrap()
+            {
                 tags.push(f.tag);
                 match f.tag {
                     fe::PARSE => assert_eq!(fe::parse(f.body()).unwrap().sql, sql),

@@ -25,7 +25,12 @@ fuzz_target!(|data: &[u8]| {
     // statement ranges slice the text (the session splits multi-statement texts at them)
     let mut prev = 0;
     for st in &a.statements {
-        assert!(st.start <= st.end && st.end <= sql.len(), "range {}..{} in {sql:?}", st.start, st.end);
+        assert!(
+            st.start <= st.end && st.end <= sql.len(),
+            "range {}..{} in {sql:?}",
+            st.start,
+            st.end
+        );
         assert!(st.start >= prev, "statements out of order in {sql:?}");
         assert!(
             sql.is_char_boundary(st.start) && sql.is_char_boundary(st.end),
@@ -36,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
         prev = st.end;
     }
     for at in a.split_points() {
-        assert!(at <= sql.len() && sql.is_char_boundary(at), "split point {at} in {sql:?}");
+        assert!(
+            at <= sql.len() && sql.is_char_boundary(at),
+            "split point {at} in {sql:?}"
+        );
     }
     // the cached verdict equals a fresh one
     let b = guard.analyze_uncached(sql);

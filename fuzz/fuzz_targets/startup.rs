@@ -18,14 +18,17 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Ok(Some(packet)) => {
-            let declared = i32::from_be_bytes([before[0], before[1], before[2], before[3]]) as usize;
+            let declared =
+                i32::from_be_bytes([before[0], before[1], before[2], before[3]]) as usize;
             assert!((8..=MAX_STARTUP_LEN).contains(&declared));
             assert_eq!(&buf[..], &before[declared..]);
             if let StartupPacket::Startup(m) = packet {
                 assert_eq!(m.major, 3);
                 // re-encode and parse again: same message
                 let mut body = Vec::new();
-                body.extend_from_slice(&((i32::from(m.major) << 16) | i32::from(m.minor)).to_be_bytes());
+                body.extend_from_slice(
+                    &((i32::from(m.major) << 16) | i32::from(m.minor)).to_be_bytes(),
+                );
                 for (k, v) in &m.params {
                     body.extend_from_slice(k.as_bytes());
                     body.push(0);

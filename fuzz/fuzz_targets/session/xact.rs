@@ -52,7 +52,10 @@ impl Backend {
 
     /// The oracle: a data statement runs with the client's tenant context.
     pub(crate) fn check_context(&self, st: &Stmt) {
-        if st.text.contains("pg_catalog.has_function_privilege('pg_catalog.set_config") {
+        if st
+            .text
+            .contains("pg_catalog.has_function_privilege('pg_catalog.set_config")
+        {
             // rlsgate's probe at connect (answered "false" here: the text is the row, see
             // `data_row`, so the context takes its SET LOCAL form, which this fake models)
             return;
