@@ -261,3 +261,24 @@ async fn an_extended_copy_interrupted_by_a_query_waits_for_the_next_sync() {
     assert_eq!(last_value(&c.until_ready().await), "0");
     proxy.stop().await;
 }
+
+/// A Query inside an open extended unit that has run nothing yet (a Close opened it): the
+/// Query runs with the context. (With transaction_wrap, rlsgate's block around the unit ends
+/// before the Query; an earlier fix made the Query start without the context, found by the
+/// session fuzz target.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_right_after_a_close_has_the_context() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("south")).await;
+    c.send(b'C', b"Sno_such\0").await;
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    c.sync().await;
+    let first = c.until_ready().await;
+    assert_eq!(tags(&first), "3 T D C Z", "{first:?}");
+    assert_eq!(last_value(&first), "south");
+    let sync = c.until_ready().await;
+    assert_eq!(tags(&sync), "Z", "{sync:?}");
+    assert_eq!(sync[0].body, b"I");
+    proxy.stop().await;
+}

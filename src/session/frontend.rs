@@ -235,9 +235,10 @@ impl Session {
             // so that its errors cannot abort rlsgate's block under the unit.
             self.wrapping = false;
             self.wrap_commit(After::Swallow);
-            // An error before this COMMIT makes the server skip it (up to the Sync), leaving
-            // rlsgate's block open: the state after the unit is known only from the replies.
-            self.predicted = Predicted::Unknown;
+            // A transaction ends inside this unit. An error before this COMMIT makes the server
+            // skip it (up to the Sync), leaving rlsgate's block open: the state after the unit
+            // is known only from the replies (see `after_unit`).
+            self.unit_effect = combine(self.unit_effect, TxEffect::End);
         }
         let flow = if frame.tag == fe::QUERY {
             self.on_query(frame).await?
