@@ -136,7 +136,17 @@ async fn session_state_pins_the_connection_and_is_cleaned_after_the_client() {
         .unwrap()
         .get(0);
     drop(north);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(south);
+    // the pinned connection is reset (asynchronously) and goes back to the pool
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while proxy.shared.pool.idle_count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        proxy.shared.pool.idle_count(),
+        2,
+        "both connections idle again"
+    );
     // whoever gets that connection next finds no temp table and no prepared statement
     let clients = futures_util::future::join_all((0..4).map(|_| client(&proxy, "east"))).await;
     let futs = clients.iter().map(|c| async move {

@@ -199,3 +199,68 @@ async fn list_valued_search_path_is_replayed_as_a_list() {
     }
     proxy.stop().await;
 }
+
+/// Settings are compared by content: clients with the same startup parameters (every client of
+/// one app, as a rule) share a connection without a reset and replay per transaction; a client
+/// with other settings gets its own, and the first clients theirs again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_the_same_settings_share_a_connection_without_a_replay() {
+    let db = demo_db();
+    // every statement the pool's connection runs goes to the server log
+    admin_sql(
+        &db,
+        &format!("ALTER ROLE rlsgate_app IN DATABASE {db} SET log_statement = 'all'"),
+    );
+    let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
+    let log_len = || {
+        std::fs::metadata(pg().log_path())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let log_since = |from: u64| {
+        let bytes = std::fs::read(pg().log_path()).expect("server log");
+        String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
+    };
+    let from = log_len();
+    let same = [("application_name", "handoff-same-app")];
+    let mut a = RawClient::connect_with(&proxy, &token("north"), &same).await;
+    let mut b = RawClient::connect_with(&proxy, &token("south"), &same).await;
+    let show = "SELECT current_setting('application_name') || ' ' || \
+        current_setting('app.current_store_id')";
+    let value = |msgs: &[Msg]| {
+        let row = msgs.iter().find(|m| m.tag == 'D').expect("a row");
+        String::from_utf8_lossy(&row.body[6..]).into_owned()
+    };
+    for _ in 0..4 {
+        for (c, store) in [(&mut a, "north"), (&mut b, "south")] {
+            c.query(show).await;
+            assert_eq!(
+                value(&c.until_ready().await),
+                format!("handoff-same-app {store}")
+            );
+        }
+    }
+    let mut other = RawClient::connect_with(
+        &proxy,
+        &token("north"),
+        &[("application_name", "handoff-other")],
+    )
+    .await;
+    other.query(show).await;
+    assert_eq!(value(&other.until_ready().await), "handoff-other north");
+    a.query(show).await;
+    assert_eq!(value(&a.until_ready().await), "handoff-same-app north");
+    let log = log_since(from);
+    let replays = log
+        .matches("SET \"application_name\" TO 'handoff-same-app'")
+        .count();
+    // once onto the fresh connection, once after the other client: not per transaction
+    assert_eq!(replays, 2, "replays of the shared settings:\n{log}");
+    assert_eq!(
+        log.matches("SET \"application_name\" TO 'handoff-other'")
+            .count(),
+        1,
+        "{log}"
+    );
+    proxy.stop().await;
+}

@@ -91,7 +91,7 @@ pub(super) async fn connect(
         last_tenant: None,
         dirty_session: false,
         unnamed_owner: None,
-        settings_owner: None,
+        settings: super::HeldSettings::Defaults,
         may_set_config,
         // set by the pool (Inner::open)
         generation: 0,

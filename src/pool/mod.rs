@@ -70,6 +70,39 @@ impl UserFacing for PoolError {
     }
 }
 
+/// The session settings a server connection holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldSettings {
+    /// The upstream defaults (a fresh or fully reset connection).
+    Defaults,
+    /// What this replay text (`SET …; SET …`) run on defaults gives.
+    Replayed(Arc<str>),
+    /// Unknown (a settings statement failed or was skipped, or the client ran RESET ALL):
+    /// reset before the next transaction.
+    Unknown,
+}
+
+impl HeldSettings {
+    /// The state a client with this replay text (`None`: no settings) needs.
+    pub fn wanted(replay: Option<&Arc<str>>) -> HeldSettings {
+        match replay {
+            None => HeldSettings::Defaults,
+            Some(text) => HeldSettings::Replayed(Arc::clone(text)),
+        }
+    }
+
+    /// Holds exactly what `replay` describes (`None`: the defaults).
+    pub fn matches(&self, replay: Option<&Arc<str>>) -> bool {
+        match (self, replay) {
+            (HeldSettings::Defaults, None) => true,
+            (HeldSettings::Replayed(held), Some(want)) => {
+                Arc::ptr_eq(held, want) || **held == **want
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One upstream connection.
 pub struct ServerConn {
     pub stream: Stream,
@@ -89,9 +122,9 @@ pub struct ServerConn {
     pub dirty_session: bool,
     /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.
     pub unnamed_owner: Option<(u64, u64)>,
-    /// Whose session settings the connection holds: `(session id, settings version)`; `None` =
-    /// the upstream defaults.
-    pub settings_owner: Option<(u64, u64)>,
+    /// Which session settings the connection holds (compared by content: clients with the same
+    /// startup parameters and SETs share connections without a replay).
+    pub settings: HeldSettings,
     /// The pool's generation when it was opened: an admin RECONNECT closes older ones.
     pub generation: u64,
     /// The role may call `pg_catalog.set_config` (probed at connect): the tenant context takes
@@ -599,7 +632,7 @@ impl Checkout {
                         conn.dirty_session = false;
                         conn.prepared.clear();
                         conn.unnamed_owner = None;
-                        conn.settings_owner = None;
+                        conn.settings = HeldSettings::Defaults;
                         if let Ok(mut idle) = pool.idle.lock() {
                             idle.push(conn);
                         }

@@ -30,7 +30,7 @@ use crate::client::LoggedIn;
 use crate::config::PoolMode;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::guard::TxEffect;
-use crate::pool::{Checkout, PoolError};
+use crate::pool::{Checkout, HeldSettings, PoolError};
 use crate::protocol::ProtocolError;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::{Frame, try_read_frame};
@@ -841,9 +841,6 @@ impl Session {
     }
 
     /// The settings state this client needs on a connection (`None` = server defaults).
-    fn desired_settings(&self) -> Option<(u64, u64)> {
-        (!self.settings.is_empty()).then_some((self.id, self.settings.version))
-    }
 
     /// Before a transaction: close statements the connection evicted (or retired after a
     /// migration), discard another tenant's
@@ -851,7 +848,6 @@ impl Session {
     /// holds other settings than this client's, replay the client's — all hidden, pipelined
     /// ahead of the client's messages.
     fn sync_settings(&mut self) -> Result<(), SessionError> {
-        let desired = self.desired_settings();
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
@@ -869,18 +865,16 @@ impl Session {
         if conn.last_tenant.as_deref() != Some(tenant) {
             conn.last_tenant = Some(Arc::from(tenant));
         }
-        if conn.settings_owner == desired && !other_tenant {
+        let wanted = self.settings.wanted();
+        let held = conn.settings.matches(wanted);
+        if held && !other_tenant {
             return Ok(());
         }
         // Statements of their own (each its own implicit transaction), so that a replay that
         // fails cannot roll back the reset and leave the previous client's settings.
-        let reset = conn.settings_owner.is_some() && conn.settings_owner != desired;
-        let replay = if conn.settings_owner != desired {
-            self.settings.replay_sql()
-        } else {
-            ""
-        };
-        conn.settings_owner = desired;
+        let reset = !held && conn.settings != HeldSettings::Defaults;
+        let replay = if held { "" } else { self.settings.replay_sql() };
+        conn.settings = HeldSettings::wanted(wanted);
         let hidden: [(bool, &str, &'static str); 3] = [
             (other_tenant, "DISCARD SEQUENCES", "sequence discard"),
             (reset, "RESET ALL", "settings reset"),

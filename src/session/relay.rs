@@ -7,6 +7,7 @@ use super::expect::{After, Expect};
 use super::frontend::Ahead;
 use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
+use crate::pool::HeldSettings;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::Frame;
 use crate::protocol::frontend as fe;
@@ -32,7 +33,7 @@ impl Session {
                         let conn = server.conn();
                         // What the connection holds is unknown: reset before the next
                         // transaction, and clean it completely before another client.
-                        conn.settings_owner = Some((self.id, u64::MAX));
+                        conn.settings = HeldSettings::Unknown;
                         if what != "settings replay" {
                             conn.dirty_session = true;
                         }
@@ -330,7 +331,7 @@ impl Session {
                     } else if let Some(server) = self.server.as_mut() {
                         // a settings statement that did not run: as if it had failed
                         let conn = server.conn();
-                        conn.settings_owner = Some((self.id, u64::MAX));
+                        conn.settings = HeldSettings::Unknown;
                         conn.dirty_session = true;
                     }
                 }
@@ -540,17 +541,16 @@ impl Session {
                         // ROLLBACK TO SAVEPOINT, a piece of a split Query that committed before
                         // a later one failed): what the connection holds is unknown now, so it
                         // gets RESET ALL (and the client's replay) before the next transaction.
-                        server.conn().settings_owner = Some((self.id, u64::MAX));
+                        server.conn().settings = HeldSettings::Unknown;
                     }
                 } else if let Some(reset) = self.settings.commit_through(self.units_done) {
-                    let desired = self.desired_settings();
                     if let Some(server) = self.server.as_mut() {
                         // After RESET/DISCARD ALL the connection holds upstream defaults, not the
                         // client's startup settings: force a replay before the next transaction.
-                        server.conn().settings_owner = if reset {
-                            Some((self.id, u64::MAX))
+                        server.conn().settings = if reset {
+                            HeldSettings::Unknown
                         } else {
-                            desired
+                            HeldSettings::wanted(self.settings.wanted())
                         };
                     }
                 }

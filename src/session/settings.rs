@@ -3,6 +3,8 @@
 //! that connection holds someone else's settings; the replay is pipelined ahead of the client's
 //! messages, so it costs no round trip.
 
+use std::sync::Arc;
+
 use crate::guard::SettingChange;
 use crate::guard::protected::ProtectedSet;
 
@@ -23,9 +25,9 @@ pub struct Settings {
     runtime: Vec<(String, String)>,
     /// Changes made by units still in flight: (unit number, change).
     pending: Vec<(u64, Change)>,
-    /// Bumped on every committed change; `(session id, version)` names a state.
-    pub version: u64,
-    replay: String,
+    /// The SQL that puts a connection holding defaults into this client's state (shared with
+    /// the connections that hold it, see `pool::HeldSettings`).
+    replay: Arc<str>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +82,11 @@ impl Settings {
         &self.replay
     }
 
+    /// What a connection must hold for this client (`None`: the upstream defaults).
+    pub fn wanted(&self) -> Option<&Arc<str>> {
+        (!self.is_empty()).then_some(&self.replay)
+    }
+
     /// A change made by unit `unit`; it counts once that unit's transaction commits.
     pub fn stage(&mut self, unit: u64, change: &SettingChange) {
         self.pending.push((unit, Change::Set(change.clone())));
@@ -117,7 +124,6 @@ impl Settings {
         if !changed {
             return None;
         }
-        self.version += 1;
         self.rebuild();
         Some(reset)
     }
@@ -150,7 +156,8 @@ impl Settings {
             .collect::<Vec<_>>()
             // a newline before each `;`: a `-- comment` at the end of a client's SET text ends
             // there instead of swallowing the SETs after it
-            .join("\n; ");
+            .join("\n; ")
+            .into();
     }
 }
 
@@ -201,7 +208,7 @@ mod tests {
         );
         assert_eq!(s.commit_through(4), Some(false));
         assert!(s.is_empty());
-        assert_eq!(s.version, 2);
+        assert_eq!(s.wanted(), None);
     }
 
     #[test]
