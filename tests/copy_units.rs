@@ -282,3 +282,88 @@ async fn a_query_right_after_a_close_has_the_context() {
     assert_eq!(sync[0].body, b"I");
     proxy.stop().await;
 }
+
+/// An error at the very start of a fresh connection's first unit makes the server skip the
+/// context statement's Parse; a second unit pipelined behind it (all in one write) must not
+/// count on that statement (found by the session fuzz target: its Bind failed with 26000 and
+/// rlsgate ended the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_pipelined_behind_a_skipped_context_parse() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    c.start_batch();
+    c.send(b'D', b"Pno_such_portal\0").await;
+    c.parse("", "SELECT 1").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.sync().await;
+    c.parse("", "SELECT current_setting('app.current_store_id')")
+        .await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.sync().await;
+    c.write_batch().await;
+    let first = c.until_ready().await;
+    assert_eq!(tags(&first), "E Z", "{first:?}");
+    assert_eq!(first[0].code(), "34000", "{first:?}");
+    let second = c.until_ready().await;
+    assert_eq!(tags(&second), "1 2 D C Z", "{second:?}");
+    assert_eq!(last_value(&second), "north");
+    proxy.stop().await;
+}
+
+/// DISCARD ALL in an extended unit that an earlier error makes the server skip: rlsgate's
+/// statements are still there, and the next units run with the context (found by the session
+/// fuzz target: rlsgate took them for gone, its Parse then failed with 42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_discard_all_leaves_the_context_working() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("south")).await;
+    // a first unit: the connection now has the context statement
+    c.query("SELECT 1").await;
+    c.until_ready().await;
+    c.start_batch();
+    c.send(b'D', b"Pno_such_portal\0").await;
+    c.parse("", "DISCARD ALL").await;
+    c.bind("", "").await;
+    c.execute("").await;
+    c.sync().await;
+    c.write_batch().await;
+    let skipped = c.until_ready().await;
+    assert_eq!(tags(&skipped), "E Z", "{skipped:?}");
+    for _ in 0..2 {
+        c.query("SELECT current_setting('app.current_store_id')")
+            .await;
+        let next = c.until_ready().await;
+        assert_eq!(last_value(&next), "south", "{next:?}");
+    }
+    // and one that runs: the context is prepared again afterwards
+    c.query("DISCARD ALL").await;
+    assert_eq!(tags(&c.until_ready().await), "C Z");
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    assert_eq!(last_value(&c.until_ready().await), "south");
+    proxy.stop().await;
+}
+
+/// DEALLOCATE ALL on a pinned connection reaches the server and drops rlsgate's statements too,
+/// also the context statement rlsgate queued ahead of it (after COMMIT AND CHAIN): the next
+/// units prepare it again (found by the session fuzz target).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_on_a_pinned_connection_after_and_chain() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    for sql in ["BEGIN", "LISTEN chan", "COMMIT AND CHAIN", "DEALLOCATE ALL"] {
+        c.query(sql).await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "C Z", "{sql}: {msgs:?}");
+    }
+    c.query("COMMIT; SELECT current_setting('app.current_store_id')")
+        .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(last_value(&msgs), "north", "{msgs:?}");
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    assert_eq!(last_value(&c.until_ready().await), "north");
+    proxy.stop().await;
+}

@@ -99,6 +99,18 @@ impl ServerStatements {
         self.retired.push(name);
     }
 
+    /// A statement that drops them all (DISCARD ALL, DEALLOCATE ALL) was sent; the server may
+    /// still skip it (after an error in the same extended unit) or fail it: every statement
+    /// may or may not exist now, so all are retired (closed before they are prepared again).
+    pub fn retire_all(&mut self) {
+        let live: Vec<Arc<str>> = self.live.iter().map(|(n, _)| Arc::clone(n)).collect();
+        self.live.clear();
+        self.bytes = 0;
+        self.retired.extend(live);
+        self.retired
+            .extend(self.to_close.drain(..).map(|(n, _, _)| n));
+    }
+
     /// The stamp of the live statement `name` (without marking it used).
     pub fn peek_stamp(&self, name: &str) -> Option<u64> {
         self.live.peek(name).map(|(_, stamp)| *stamp)
@@ -184,6 +196,11 @@ mod tests {
         assert!(!s.take_copy("rg_unknown"));
         s.retire("rg_b");
         assert!(s.take_copy("rg_b"));
+        // after DISCARD ALL (which may have been skipped): none live, all closed first
+        s.insert(Arc::from("rg_c"), 10, 3);
+        s.retire_all();
+        assert!(!s.contains("rg_c"));
+        assert!(s.take_copy("rg_c"));
         assert!(s.take_to_close().is_empty());
     }
 

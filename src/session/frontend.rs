@@ -192,9 +192,16 @@ impl Session {
             };
         let mut parsed: Vec<Arc<str>> = Vec::new();
         for statement in statements {
-            if !conn.prepared.contains(&statement.name) {
-                if conn.prepared.take_copy(&statement.name) {
-                    // retired after a failed injection: it may exist
+            // Parsed by an injection still in flight: an error before it (in the same unsynced
+            // unit) would make the server skip that Parse, and this Bind would find nothing.
+            let unconfirmed = self.expect.iter().any(|e| {
+                matches!(e, Expect::Inject { parsed: Some(names), .. }
+                    if names.iter().any(|n| *n == statement.name))
+            });
+            if unconfirmed || !conn.prepared.contains(&statement.name) {
+                // (take_copy first: the name must leave every list of copies to close)
+                if conn.prepared.take_copy(&statement.name) || unconfirmed {
+                    // (retired after a failed injection, or maybe parsed already: it may exist)
                     let _ = fe::write_close(b'S', &statement.name, &mut self.server_out);
                 }
                 self.server_out.extend_from_slice(&statement.parse);
@@ -423,6 +430,14 @@ impl Session {
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
+        if drops_all_statements(&analysis)
+            && let Some(server) = self.server.as_mut()
+        {
+            // DEALLOCATE ALL on a pinned connection (see deallocate_locally): it drops rlsgate's
+            // statements too, after whatever start_unit queued ahead of it.
+            server.conn().prepared.retire_all();
+            server.conn().unnamed_owner = None;
+        }
         if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
@@ -518,11 +533,7 @@ impl Session {
                 self.stmts.forget_all();
                 if self.pinned.is_some() {
                     // SQL-PREPAREd statements live on the pinned connection: let the server drop
-                    // them (and its copies of ours).
-                    if let Some(server) = self.server.as_mut() {
-                        server.conn().prepared.clear();
-                        server.conn().unnamed_owner = None;
-                    }
+                    // them (and its copies of ours: see on_query).
                     return false;
                 }
             }
@@ -554,7 +565,7 @@ impl Session {
         self.stmts.forget_all();
         if let Some(server) = self.server.as_mut() {
             let conn = server.conn();
-            conn.prepared.clear();
+            conn.prepared.retire_all();
             conn.unnamed_owner = None;
         }
     }
@@ -1300,8 +1311,9 @@ const LARGE_OBJECT_FUNCTIONS: &[u32] = &[
     715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172,
 ];
 
-/// SQL `DEALLOCATE ALL`: in the extended protocol it would drop rlsgate's statements on the
-/// server too (as a simple Query of its own it is answered by the proxy).
+/// SQL `DEALLOCATE ALL`: it drops rlsgate's statements on the server too (refused in the extended
+/// protocol; as a simple Query of its own it is answered by the proxy unless the connection is
+/// pinned).
 fn drops_all_statements(analysis: &Analysis) -> bool {
     analysis
         .statements

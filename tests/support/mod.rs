@@ -241,6 +241,8 @@ pub async fn count(c: &impl tokio_postgres::GenericClient, table: &str) -> i64 {
 pub struct RawClient {
     pub stream: tokio::net::TcpStream,
     buf: bytes::BytesMut,
+    /// Messages held by `start_batch`.
+    batch: Option<Vec<u8>>,
 }
 
 /// One server message: tag and body.
@@ -279,6 +281,7 @@ impl RawClient {
         let mut c = RawClient {
             stream,
             buf: bytes::BytesMut::new(),
+            batch: None,
         };
         let mut params = vec![("user", "app"), ("database", proxy.db.as_str())];
         params.extend_from_slice(extra);
@@ -296,7 +299,22 @@ impl RawClient {
         let mut m = vec![tag];
         m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         m.extend_from_slice(body);
-        self.stream.write_all(&m).await.unwrap();
+        match self.batch.as_mut() {
+            Some(batch) => batch.extend_from_slice(&m),
+            None => self.stream.write_all(&m).await.unwrap(),
+        }
+    }
+
+    /// Hold the messages sent from now on until `write_batch` writes them all at once (the
+    /// proxy then reads them before any reply can come back).
+    pub fn start_batch(&mut self) {
+        self.batch = Some(Vec::new());
+    }
+
+    pub async fn write_batch(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let batch = self.batch.take().expect("start_batch first");
+        self.stream.write_all(&batch).await.unwrap();
     }
 
     pub async fn query(&mut self, sql: &str) {
