@@ -196,7 +196,7 @@ impl Session {
             // unit) would make the server skip that Parse, and this Bind would find nothing.
             let unconfirmed = self.expect.iter().any(|e| {
                 matches!(e, Expect::Inject { parsed: Some(names), .. }
-                    if names.iter().any(|n| *n == statement.name))
+                    if names.contains(&statement.name))
             });
             if unconfirmed || !conn.prepared.contains(&statement.name) {
                 // (take_copy first: the name must leave every list of copies to close)

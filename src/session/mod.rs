@@ -840,8 +840,6 @@ impl Session {
         self.units_sent
     }
 
-    /// The settings state this client needs on a connection (`None` = server defaults).
-
     /// Before a transaction: close statements the connection evicted (or retired after a
     /// migration), discard another tenant's
     /// sequence state (`lastval()`/`currval()` would show its new ids), and if the connection

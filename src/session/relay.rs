@@ -305,24 +305,10 @@ impl Session {
             .is_some_and(|e| !matches!(e, Expect::Sync { .. }))
         {
             match self.expect.pop_front() {
-                // A Query inside an unsynced extended unit is skipped as well (also rlsgate's own
-                // BEGIN/COMMIT around it): no ReadyForQuery will come for it. The unit counts as
-                // done; a split Query ends, none of its pieces having run.
-                Some(entry @ (Expect::Query { .. } | Expect::WrapCommit { .. })) => {
-                    let after = match entry {
-                        Expect::WrapCommit { after } => {
-                            left_open += 1;
-                            after
-                        }
-                        Expect::Query { after, .. } => after,
-                        _ => After::Forward,
-                    };
-                    self.query_skipped();
-                    if matches!(after, After::ContinueSplit | After::FinishSplit) {
-                        self.split = None;
-                        self.settings
-                            .retag(super::frontend::SPLIT_UNIT, self.units_done);
-                    }
+                Some(Expect::Query { after, .. }) => self.unit_skipped(after),
+                Some(Expect::WrapCommit { after }) => {
+                    left_open += 1;
+                    self.unit_skipped(after);
                 }
                 Some(Expect::HiddenQuery { what }) => {
                     self.query_skipped();
@@ -380,6 +366,18 @@ impl Session {
             for name in names {
                 server.conn().prepared.retire(name);
             }
+        }
+    }
+
+    /// A Query inside an unsynced extended unit is skipped as well (also rlsgate's own
+    /// BEGIN/COMMIT around it): no ReadyForQuery will come for it. The unit counts as done; a
+    /// split Query ends, none of its pieces having run.
+    fn unit_skipped(&mut self, after: After) {
+        self.query_skipped();
+        if matches!(after, After::ContinueSplit | After::FinishSplit) {
+            self.split = None;
+            self.settings
+                .retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
     }
 
@@ -543,16 +541,16 @@ impl Session {
                         // gets RESET ALL (and the client's replay) before the next transaction.
                         server.conn().settings = HeldSettings::Unknown;
                     }
-                } else if let Some(reset) = self.settings.commit_through(self.units_done) {
-                    if let Some(server) = self.server.as_mut() {
-                        // After RESET/DISCARD ALL the connection holds upstream defaults, not the
-                        // client's startup settings: force a replay before the next transaction.
-                        server.conn().settings = if reset {
-                            HeldSettings::Unknown
-                        } else {
-                            HeldSettings::wanted(self.settings.wanted())
-                        };
-                    }
+                } else if let Some(reset) = self.settings.commit_through(self.units_done)
+                    && let Some(server) = self.server.as_mut()
+                {
+                    // After RESET/DISCARD ALL the connection holds upstream defaults, not the
+                    // client's startup settings: force a replay before the next transaction.
+                    server.conn().settings = if reset {
+                        HeldSettings::Unknown
+                    } else {
+                        HeldSettings::wanted(self.settings.wanted())
+                    };
                 }
             }
         }
