@@ -184,9 +184,17 @@ impl Session {
             {
                 Ok(statements) => statements,
                 Err(e) => {
-                    // Not expected (values are checked at login): fail the unit, not open it bare.
+                    // Not expected (values are checked at login): fail the unit, not open it
+                    // bare. A Parse the server cannot parse stands in for the context: its error
+                    // is an injection error (the session ends), and the server skips the rest of
+                    // the unit.
                     tracing::error!(error = %e, "cannot encode the tenant context");
-                    let _ = fe::write_query(inject::REFUSED_SQL, &mut self.server_out);
+                    let _ = fe::write_parse("", inject::REFUSED_SQL, &[], &mut self.server_out);
+                    conn.unnamed_owner = None;
+                    self.expect.push_back(Expect::Inject {
+                        remaining: 1,
+                        parsed: None,
+                    });
                     return;
                 }
             };
