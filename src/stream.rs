@@ -109,16 +109,22 @@ impl Stream {
         }
     }
 
-    /// Peek (MSG_PEEK | MSG_DONTWAIT: nothing consumed, one recv syscall) at the raw TCP
-    /// socket. On a connection that is idle between exchanges anything but
-    /// [`IdleProbe::Quiet`] means the peer spoke unprompted or hung up. Under TLS the bytes are
-    /// still encrypted, but any record arriving on an idle connection (an alert, close_notify,
-    /// data) means the same.
+    /// Peek (MSG_PEEK | MSG_DONTWAIT: nothing consumed) at the raw TCP socket. On a connection
+    /// that is idle between exchanges anything but [`IdleProbe::Quiet`] means the peer spoke
+    /// unprompted or hung up. Under TLS the bytes are still encrypted, but any record arriving
+    /// on an idle connection (an alert, close_notify, data) means the same.
+    ///
+    /// No syscall unless the runtime has seen the socket become readable since it was last
+    /// drained (an epoll event: bytes, FIN or RST arrived): a connection taken from the pool for
+    /// every transaction costs nothing here while its server says nothing. A peek that finds
+    /// nothing clears that readiness.
     pub fn probe_idle(&self) -> IdleProbe {
-        let sock = SockRef::from(self.tcp());
+        let tcp = self.tcp();
+        let sock = SockRef::from(tcp);
         let mut byte = [MaybeUninit::<u8>::uninit(); 1];
         loop {
-            return match sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            let peek = || sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+            return match tcp.try_io(tokio::io::Interest::READABLE, peek) {
                 Ok(0) => IdleProbe::Closed,
                 Ok(_) => IdleProbe::Readable,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleProbe::Quiet,
