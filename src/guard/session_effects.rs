@@ -85,8 +85,10 @@ pub enum ReauthArg {
 /// `SELECT rlsgate.reauth('<jwt>')` or `SELECT rlsgate.reauth($1)`, alone.
 pub fn reauth_call(sql: &str) -> Option<ReauthArg> {
     let head = sql.trim_start();
-    if head.len() < 6
-        || !head[..6].eq_ignore_ascii_case("select")
+    if !head
+        .as_bytes()
+        .get(..6)
+        .is_some_and(|h| h.eq_ignore_ascii_case(b"select"))
         || !sql.to_ascii_lowercase().contains("reauth")
     {
         return None;
@@ -192,5 +194,31 @@ fn const_str(n: &Node) -> Option<String> {
         },
         NodeEnum::TypeCast(t) => const_str(t.arg.as_ref()?),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A multi-byte character across the first six bytes is no `select` (found by the session
+    /// fuzz target: the check sliced the text inside the character and panicked).
+    #[test]
+    fn reauth_check_takes_any_text() {
+        for sql in [
+            "SELE\u{ed4e} 1",
+            "\u{e9}\u{e9}\u{e9}xx",
+            "sel\u{1f600}",
+            "  s\u{e9}",
+            "x",
+            "",
+        ] {
+            assert_eq!(reauth_call(sql), None, "{sql:?}");
+            assert_eq!(reauth_token(sql), None, "{sql:?}");
+        }
+        assert_eq!(
+            reauth_call("select rlsgate.reauth($1)"),
+            Some(ReauthArg::Param)
+        );
     }
 }
