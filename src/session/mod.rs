@@ -276,7 +276,7 @@ pub struct Session {
 }
 
 /// Which deadline of the session loop fires first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Deadline {
     TokenExpiry,
     IdleInTransaction,
@@ -468,14 +468,6 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<(), SessionError> {
-        // One timer for the deadlines below (the earliest one), kept across turns of the loop
-        // and moved only when the deadline changes: the token's expiry, armed between
-        // transactions, stays put, so a transaction does not register and cancel a timer.
-        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
-        tokio::pin!(timer);
-        let mut armed: Option<(tokio::time::Instant, Deadline)> = None;
-        // The token's expiry as an instant, for the `expires_at` it was computed from.
-        let mut token_deadline: Option<(u64, Option<tokio::time::Instant>)> = None;
         loop {
             if self.process_client().await? {
                 return Ok(());
@@ -501,6 +493,9 @@ impl Session {
                 io::release_idle(&mut self.client_out);
                 io::release_idle(&mut self.server_out);
             }
+            // One timer for the deadlines below (the earliest one), not one each: it stays in
+            // every idle session's future.
+            let now = tokio::time::Instant::now();
             let mut deadline: Option<(tokio::time::Instant, Deadline)> = None;
             let mut earliest = |at: tokio::time::Instant, which: Deadline| {
                 if deadline.is_none_or(|(d, _)| at < d) {
@@ -508,24 +503,13 @@ impl Session {
                 }
             };
             // A token that expires while the client is between transactions ends the session then.
-            if idle {
-                let expires_at = self.identity.expires_at;
-                let at = match token_deadline {
-                    Some((computed_for, at)) if computed_for == expires_at => at,
-                    _ => {
-                        let at = tokio::time::Instant::now().checked_add(self.until_expiry());
-                        token_deadline = Some((expires_at, at));
-                        at
-                    }
-                };
-                if let Some(at) = at {
-                    earliest(at, Deadline::TokenExpiry);
-                }
+            if idle && let Some(at) = now.checked_add(self.until_expiry()) {
+                earliest(at, Deadline::TokenExpiry);
             }
             // Holding a connection inside a transaction and waiting for the client.
             if idle_in_tx
                 && !self.idle_tx_timeout.is_zero()
-                && let Some(at) = tokio::time::Instant::now().checked_add(self.idle_tx_timeout)
+                && let Some(at) = now.checked_add(self.idle_tx_timeout)
             {
                 earliest(at, Deadline::IdleInTransaction);
             }
@@ -543,25 +527,26 @@ impl Session {
                     Deadline::Query,
                 );
             }
-            if let Some((at, which)) = deadline
-                && armed != Some((at, which))
-            {
-                timer.as_mut().reset(at);
-                armed = Some((at, which));
-            }
+            let deadline = async {
+                match deadline {
+                    Some((at, which)) => {
+                        tokio::time::sleep_until(at).await;
+                        which
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let killed = self.client_entry.entry.kill.clone();
             let shutdown = self.shutdown.clone();
             let io = io::Sockets::new(self);
             let event = tokio::select! {
                 r = io => r?,
                 _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
-                () = &mut timer, if deadline.is_some() => {
-                    return Err(match armed.map(|(_, which)| which) {
-                        Some(Deadline::IdleInTransaction) => SessionError::IdleInTransaction,
-                        Some(Deadline::Query) => SessionError::QueryTimeout,
-                        Some(Deadline::TokenExpiry) | None => SessionError::TokenExpired,
-                    })
-                }
+                which = deadline => return Err(match which {
+                    Deadline::IdleInTransaction => SessionError::IdleInTransaction,
+                    Deadline::Query => SessionError::QueryTimeout,
+                    Deadline::TokenExpiry => SessionError::TokenExpired,
+                }),
                 _ = killed.cancelled() => return Err(SessionError::Killed),
             };
             if event.client_read > 0 {
