@@ -69,6 +69,8 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// Keys the server-side names of prepared statements (unpredictable per process).
     pub stmt_hasher: RandomState,
+    /// The tenant context's `set_config` statement text and Parse, shared by the sessions.
+    pub context_parse: crate::session::SharedParse,
     /// Clients whose server connection is pinned to them (transaction mode, session state).
     pub pinned: std::sync::atomic::AtomicUsize,
     pub throttle: LoginThrottle,
@@ -125,6 +127,7 @@ impl Shared {
             pool: Pool::with_options(config.upstream.clone(), upstream_tls, pool_options),
             cancels: Arc::new(CancelRegistry::default()),
             stmt_hasher: RandomState::new(),
+            context_parse: Default::default(),
             pinned: std::sync::atomic::AtomicUsize::new(0),
             throttle,
             audit,

@@ -56,15 +56,51 @@ impl OwnStatement {
         );
         let mut parse = BytesMut::new();
         fe::write_parse(&name, sql, param_types, &mut parse)?;
+        OwnStatement::with_parse(Arc::from(name), parse.freeze(), params, sql.len())
+    }
+
+    /// The statement `name` whose Parse message is `parse`, bound with `params`.
+    fn with_parse(
+        name: Arc<str>,
+        parse: Bytes,
+        params: &[u8],
+        text_len: usize,
+    ) -> Result<Self, ProtocolError> {
         let mut run = BytesMut::new();
         fe::write_bind("", &name, params, &mut run)?;
         fe::write_execute("", &mut run)?;
         Ok(OwnStatement {
-            name: Arc::from(name),
-            parse: parse.freeze(),
+            name,
+            parse,
             run: run.freeze(),
-            text_len: sql.len(),
+            text_len,
         })
+    }
+}
+
+/// The `set_config` form's text depends only on the configured setting names, so sessions share
+/// its name and Parse message (one copy per process instead of one per client): the last text
+/// built, kept here.
+#[derive(Default)]
+pub struct SharedParse(std::sync::Mutex<Option<(Box<str>, Arc<str>, Bytes)>>);
+
+impl SharedParse {
+    fn get(&self, sql: &str) -> Option<(Arc<str>, Bytes)> {
+        let slot = self.0.lock().ok()?;
+        match slot.as_ref() {
+            Some((text, name, parse)) if **text == *sql => Some((Arc::clone(name), parse.clone())),
+            _ => None,
+        }
+    }
+
+    fn put(&self, sql: &str, statement: &OwnStatement) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some((
+                Box::from(sql),
+                Arc::clone(&statement.name),
+                statement.parse.clone(),
+            ));
+        }
     }
 }
 
@@ -90,11 +126,12 @@ impl Context {
         identity: &Identity,
         citus_propagate_set: bool,
         hasher: &impl BuildHasher,
+        shared: &SharedParse,
     ) -> Result<Self, ProtocolError> {
         let set_config = if citus_propagate_set {
             None
         } else {
-            Some(set_config_statement(identity, hasher)?)
+            Some(set_config_statement(identity, hasher, shared)?)
         };
         Ok(Context {
             set_config,
@@ -134,6 +171,7 @@ impl Context {
 fn set_config_statement(
     identity: &Identity,
     hasher: &impl BuildHasher,
+    shared: &SharedParse,
 ) -> Result<OwnStatement, ProtocolError> {
     let names = identity
         .settings
@@ -157,7 +195,13 @@ fn set_config_statement(
         ));
     }
     let values: Vec<&str> = values.collect();
-    OwnStatement::new(hasher, &sql, &[0, 0], &text_params(&values)?)
+    let params = text_params(&values)?;
+    if let Some((name, parse)) = shared.get(&sql) {
+        return OwnStatement::with_parse(name, parse, &params, sql.len());
+    }
+    let statement = OwnStatement::new(hasher, &sql, &[0, 0], &params)?;
+    shared.put(&sql, &statement);
+    Ok(statement)
 }
 
 /// `SET LOCAL <guc> = '<value>'` for each setting (and `SET LOCAL ROLE` in role mode), preceded
@@ -243,7 +287,7 @@ mod tests {
         let mut id = identity();
         id.settings[0].1 = "a'b".into();
         id.role = Some("tenant_north".into());
-        let mut ctx = Context::new(&id, false, &hasher).unwrap();
+        let mut ctx = Context::new(&id, false, &hasher, &SharedParse::default()).unwrap();
         let stmts = ctx
             .statements(ContextForm::SetConfig, &id, &hasher)
             .unwrap();
@@ -260,7 +304,7 @@ mod tests {
         let run = String::from_utf8_lossy(&stmts[0].run);
         assert!(run.contains("a'b") && run.contains("tenant_north"), "{run}");
         // the text is the same for every tenant: one statement per connection
-        let other = Context::new(&identity(), false, &hasher).unwrap();
+        let other = Context::new(&identity(), false, &hasher, &SharedParse::default()).unwrap();
         assert_ne!(
             other.set_config.as_ref().map(|s| &s.name),
             None,
@@ -268,11 +312,45 @@ mod tests {
         );
     }
 
+    /// Sessions share the `set_config` form's name and Parse bytes (one copy per process); each
+    /// binds its own values; another text (another set of names) gets its own.
+    #[test]
+    fn sessions_share_the_set_config_parse() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let shared = SharedParse::default();
+        let north = identity();
+        let mut south = identity();
+        south.tenant = "south".into();
+        south.settings[0].1 = "south".into();
+        let mut a = Context::new(&north, false, &hasher, &shared).unwrap();
+        let mut b = Context::new(&south, false, &hasher, &shared).unwrap();
+        let a = &a
+            .statements(ContextForm::SetConfig, &north, &hasher)
+            .unwrap()[0];
+        let b = &b
+            .statements(ContextForm::SetConfig, &south, &hasher)
+            .unwrap()[0];
+        assert!(Arc::ptr_eq(&a.name, &b.name));
+        assert_eq!(
+            a.parse.as_ptr(),
+            b.parse.as_ptr(),
+            "one Parse message in memory"
+        );
+        assert_ne!(a.run, b.run);
+        let fresh = Context::new(&south, false, &hasher, &SharedParse::default()).unwrap();
+        assert_eq!(fresh.set_config.as_ref().unwrap().parse, b.parse);
+        assert_eq!(fresh.set_config.as_ref().unwrap().run, b.run);
+        let mut role = identity();
+        role.role = Some("tenant_north".into());
+        let c = Context::new(&role, false, &hasher, &shared).unwrap();
+        assert_ne!(c.set_config.as_ref().unwrap().name, b.name);
+    }
+
     #[test]
     fn citus_propagate_set_comes_first() {
         let hasher = std::collections::hash_map::RandomState::new();
         let id = identity();
-        let mut ctx = Context::new(&id, true, &hasher).unwrap();
+        let mut ctx = Context::new(&id, true, &hasher, &SharedParse::default()).unwrap();
         // Citus forwards SET commands only: never the set_config form
         let stmts = ctx
             .statements(ContextForm::SetConfig, &id, &hasher)
@@ -293,12 +371,12 @@ mod tests {
         let hasher = std::collections::hash_map::RandomState::new();
         let mut id = identity();
         id.settings[0].1 = "a'b".into();
-        let mut ctx = Context::new(&id, false, &hasher).unwrap();
+        let mut ctx = Context::new(&id, false, &hasher, &SharedParse::default()).unwrap();
         let quoted = ctx.statements(ContextForm::SetLocal, &id, &hasher).unwrap();
         assert_eq!(texts(quoted), ["SET LOCAL app.current_store_id = 'a''b'"]);
         let quoted_name = Arc::clone(&quoted[0].name);
         let north = identity();
-        let mut ctx = Context::new(&north, false, &hasher).unwrap();
+        let mut ctx = Context::new(&north, false, &hasher, &SharedParse::default()).unwrap();
         let plain = ctx
             .statements(ContextForm::SetLocal, &north, &hasher)
             .unwrap();

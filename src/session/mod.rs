@@ -9,6 +9,7 @@
 mod expect;
 mod frontend;
 mod inject;
+pub use inject::SharedParse;
 mod io;
 mod reauth;
 mod relay;
@@ -302,6 +303,7 @@ impl Session {
             &login.identity,
             config.upstream.citus_propagate_set,
             &shared.stmt_hasher,
+            &shared.context_parse,
         )
         .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
@@ -927,6 +929,7 @@ impl Session {
                 &id,
                 self.shared.config().upstream.citus_propagate_set,
                 &self.shared.stmt_hasher,
+                &self.shared.context_parse,
             ) {
                 Ok(context) => {
                     self.context = context;
