@@ -82,7 +82,10 @@ impl OwnStatement {
 /// its name and Parse message (one copy per process instead of one per client): the last text
 /// built, kept here.
 #[derive(Default)]
-pub struct SharedParse(std::sync::Mutex<Option<(Box<str>, Arc<str>, Bytes)>>);
+pub struct SharedParse(std::sync::Mutex<Option<SharedEntry>>);
+
+/// The statement text, its name and its Parse message.
+type SharedEntry = (Box<str>, Arc<str>, Bytes);
 
 impl SharedParse {
     fn get(&self, sql: &str) -> Option<(Arc<str>, Bytes)> {
