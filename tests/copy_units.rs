@@ -367,3 +367,25 @@ async fn deallocate_all_on_a_pinned_connection_after_and_chain() {
     assert_eq!(last_value(&c.until_ready().await), "north");
     proxy.stop().await;
 }
+
+/// DEALLOCATE ALL in autocommit on a connection pinned by SQL PREPARE: with transaction_wrap the
+/// context goes inside rlsgate's block, queued after rlsgate decided what the statement drops;
+/// that context statement is dropped too and must be prepared again (found by the session fuzz
+/// target: the next unit bound the dropped statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_twice_on_a_connection_pinned_by_prepare() {
+    let proxy = copy_proxy().await;
+    let mut c = RawClient::connect(&proxy, &token("south")).await;
+    for sql in ["PREPARE q AS SELECT 1", "DEALLOCATE ALL", "DEALLOCATE ALL"] {
+        c.query(sql).await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "C Z", "{sql}: {msgs:?}");
+    }
+    for _ in 0..2 {
+        c.query("SELECT current_setting('app.current_store_id')")
+            .await;
+        let msgs = c.until_ready().await;
+        assert_eq!(last_value(&msgs), "south", "{msgs:?}");
+    }
+    proxy.stop().await;
+}

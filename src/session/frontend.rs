@@ -438,14 +438,6 @@ impl Session {
         if let Some(kind) = analysis.reset {
             self.apply_reset(kind);
         }
-        if drops_all_statements(&analysis)
-            && let Some(server) = self.server.as_mut()
-        {
-            // DEALLOCATE ALL on a pinned connection (see deallocate_locally): it drops rlsgate's
-            // statements too, after whatever start_unit queued ahead of it.
-            server.conn().prepared.retire_all();
-            server.conn().unnamed_owner = None;
-        }
         if analysis.untracked_set || analysis.session_state.is_some() {
             self.mark_dirty();
         }
@@ -498,6 +490,15 @@ impl Session {
             self.after_unit(analysis.tx_effect());
             unit
         };
+        if drops_all_statements(&analysis)
+            && let Some(server) = self.server.as_mut()
+        {
+            // DEALLOCATE ALL on a pinned connection (see deallocate_locally): it drops rlsgate's
+            // statements too, after whatever was queued ahead of it (the context of start_unit
+            // or of transaction_wrap's block).
+            server.conn().prepared.retire_all();
+            server.conn().unnamed_owner = None;
+        }
         self.copy_awaited |= analysis.copy_from_stdin;
         if analysis.copy_from_stdin && self.wrapping && self.unit_open {
             // A COPY inside rlsgate's block around an open extended unit: the block's COMMIT
