@@ -23,6 +23,13 @@ async fn copy_data(c: &mut RawClient, data: &str) {
     c.send(b'c', &[]).await;
 }
 
+/// The tenant context a Query sees now.
+async fn tenant_now(c: &mut RawClient) -> String {
+    c.query("SELECT current_setting('app.current_store_id')")
+        .await;
+    last_value(&c.until_ready().await)
+}
+
 /// The tenant the server sees, as the last DataRow's text.
 fn last_value(msgs: &[Msg]) -> String {
     let row = msgs.iter().rev().find(|m| m.tag == 'D').expect("a row");
@@ -97,9 +104,7 @@ async fn a_split_query_ending_in_a_copy_completes() {
     assert_eq!(tags(&msgs), "C T D C C T D C G C Z", "{msgs:?}");
     c.query("SELECT count(*) FROM scratch").await;
     assert_eq!(last_value(&c.until_ready().await), "1");
-    c.query("SELECT current_setting('app.current_store_id')")
-        .await;
-    assert_eq!(last_value(&c.until_ready().await), "north");
+    assert_eq!(tenant_now(&mut c).await, "north");
     proxy.stop().await;
 }
 
@@ -182,9 +187,7 @@ async fn a_failing_query_inside_an_open_extended_unit() {
     assert_eq!(last_value(&second), "north");
     let sync = c.until_ready().await;
     assert_eq!(tags(&sync), "Z", "{sync:?}");
-    c.query("SELECT current_setting('app.current_store_id')")
-        .await;
-    assert_eq!(last_value(&c.until_ready().await), "north");
+    assert_eq!(tenant_now(&mut c).await, "north");
     proxy.stop().await;
 }
 
@@ -340,9 +343,7 @@ async fn a_skipped_discard_all_leaves_the_context_working() {
     // and one that runs: the context is prepared again afterwards
     c.query("DISCARD ALL").await;
     assert_eq!(tags(&c.until_ready().await), "C Z");
-    c.query("SELECT current_setting('app.current_store_id')")
-        .await;
-    assert_eq!(last_value(&c.until_ready().await), "south");
+    assert_eq!(tenant_now(&mut c).await, "south");
     proxy.stop().await;
 }
 
@@ -362,9 +363,7 @@ async fn deallocate_all_on_a_pinned_connection_after_and_chain() {
         .await;
     let msgs = c.until_ready().await;
     assert_eq!(last_value(&msgs), "north", "{msgs:?}");
-    c.query("SELECT current_setting('app.current_store_id')")
-        .await;
-    assert_eq!(last_value(&c.until_ready().await), "north");
+    assert_eq!(tenant_now(&mut c).await, "north");
     proxy.stop().await;
 }
 
