@@ -965,6 +965,13 @@ async fn hung_upstream_then_resumed() {
     let db = cluster.db.clone();
     let proxy = start_proxy_with(&db, &config(&db, cluster.pg.port(), POOL)).await;
     let mut findings = Findings::default();
+    let pool = &proxy.shared.pool;
+    // At start the pool probes the upstream with one connection of its own. Let it land first:
+    // opened while the clients below log in, it would be a third idle connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.idle_count() < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // two upstream connections open and idle
     {
         let mut a = Wire::must_connect(proxy.addr, &db, "north").await;
@@ -976,7 +983,6 @@ async fn hung_upstream_then_resumed() {
     }
     // Their sessions hand the connections back as they end, after the client has its reply:
     // wait for that, or the next two clients could open a third connection before the freeze.
-    let pool = &proxy.shared.pool;
     let deadline = Instant::now() + Duration::from_secs(5);
     while pool.idle_count() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
