@@ -32,6 +32,9 @@ pub enum StartError {
     Key(#[from] KeyError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
+    /// Building rlsgate's own protocol messages failed (static text: not expected).
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 /// The parts a reload replaces (SIGHUP or the admin console's RELOAD): sessions that already
@@ -71,6 +74,8 @@ pub struct Shared {
     pub stmt_hasher: RandomState,
     /// The tenant context's `set_config` statement text and Parse, shared by the sessions.
     pub context_parse: crate::session::SharedParse,
+    /// transaction_wrap's prepared `BEGIN` and `COMMIT`.
+    pub wrap_statements: crate::session::WrapStatements,
     /// Clients whose server connection is pinned to them (transaction mode, session state).
     pub pinned: std::sync::atomic::AtomicUsize,
     pub throttle: LoginThrottle,
@@ -123,11 +128,15 @@ impl Shared {
             keepalive: config.server.keepalive(),
             metrics: Some(Arc::clone(&metrics)),
         };
+        let stmt_hasher = RandomState::new();
+        let wrap_statements = crate::session::WrapStatements::new(&stmt_hasher)
+            .map_err(|e| StartError::Internal(e.to_string()))?;
         Ok(Arc::new(Shared {
             pool: Pool::with_options(config.upstream.clone(), upstream_tls, pool_options),
             cancels: Arc::new(CancelRegistry::default()),
-            stmt_hasher: RandomState::new(),
+            stmt_hasher,
             context_parse: Default::default(),
+            wrap_statements,
             pinned: std::sync::atomic::AtomicUsize::new(0),
             throttle,
             audit,

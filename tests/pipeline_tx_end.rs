@@ -898,3 +898,134 @@ async fn wrap_unit_opening_with_a_block_sensitive_statement_gets_the_context() {
         proxy.stop().await;
     }
 }
+
+// ------------------------------------------------------------------ the end of a wrapped unit
+
+/// transaction_wrap closes its block with a COMMIT ahead of the client's Sync (one
+/// ReadyForQuery per unit). An error in the unit makes the server skip that COMMIT: the block is
+/// closed after the Sync, before anything else runs, whether the client waits for the reply or
+/// pipelines its next unit right behind (before or after the proxy has handled the Sync). A
+/// COMMIT that fails itself (a deferred constraint) is the client's error. Plain mode gives the
+/// same answers.
+async fn block_ends(wrap: bool) {
+    let db = demo_db();
+    admin_sql(
+        &db,
+        "CREATE TABLE deferred_ref (id int PRIMARY KEY, \
+           parent int REFERENCES deferred_ref (id) DEFERRABLE INITIALLY DEFERRED); \
+         GRANT SELECT, INSERT ON deferred_ref TO rlsgate_app",
+    );
+    let proxy = proxy_used_by_south(&db, wrap).await;
+    let mut c = north_client(&proxy).await;
+    for round in 0..3 {
+        let what = format!("wrap {wrap}, round {round}");
+        // an error, the reply read before the next unit
+        pbe(&mut c, "SELECT 1/(SELECT 0)").await;
+        c.sync().await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "1 2 E Z", "{what}: {msgs:?}");
+        assert_eq!(status(&msgs), 'I', "{what}");
+        assert_healthy(&mut c, &what).await;
+
+        // an error, the next unit sent a moment later, before the error comes
+        // (each unit in one write: the proxy has handled the first one's Sync, and sent it
+        // on, when the second comes)
+        c.start_batch();
+        pbe(&mut c, "SELECT 1/(SELECT 0 FROM pg_sleep(0.2))").await;
+        c.sync().await;
+        c.write_batch().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        c.start_batch();
+        pbe(&mut c, PROBE).await;
+        c.sync().await;
+        c.write_batch().await;
+        let first = c.until_ready().await;
+        assert_eq!(tags(&first), "1 2 E Z", "{what}: {first:?}");
+        assert_eq!(status(&first), 'I', "{what}");
+        let second = c.until_ready().await;
+        assert_eq!(probes(&second), vec![north()], "{what}: {second:?}");
+        assert_eq!(status(&second), 'I', "{what}");
+
+        // the same, both units in one write
+        c.start_batch();
+        pbe(&mut c, "SELECT 1/(SELECT 0)").await;
+        c.sync().await;
+        pbe(&mut c, PROBE).await;
+        c.sync().await;
+        c.write_batch().await;
+        let first = c.until_ready().await;
+        assert_eq!(tags(&first), "1 2 E Z", "{what}: {first:?}");
+        let second = c.until_ready().await;
+        assert_eq!(probes(&second), vec![north()], "{what}: {second:?}");
+        assert_eq!(status(&second), 'I', "{what}");
+
+        // a COMMIT that fails: the insert is gone, the error is the client's; in a Query of two
+        // statements the first one's completion comes first, as in Postgres
+        let id = 10 + round;
+        pbe(
+            &mut c,
+            &format!("INSERT INTO deferred_ref VALUES ({id}, 999)"),
+        )
+        .await;
+        c.sync().await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "1 2 C E Z", "{what}: {msgs:?}");
+        assert_eq!(msgs[3].code(), "23503", "{what}: {msgs:?}");
+        assert_eq!(status(&msgs), 'I', "{what}");
+        c.query(&format!("INSERT INTO deferred_ref VALUES ({id}, 999)"))
+            .await;
+        let msgs = c.until_ready().await;
+        // (Postgres commits before it completes the Query's last statement: no C)
+        assert_eq!(tags(&msgs), "E Z", "{what}: {msgs:?}");
+        assert_eq!(msgs[0].code(), "23503", "{what}: {msgs:?}");
+        assert_eq!(status(&msgs), 'I', "{what}");
+        c.query(&format!(
+            "SELECT 1; INSERT INTO deferred_ref VALUES ({id}, 999)"
+        ))
+        .await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "T D C E Z", "{what}: {msgs:?}");
+        assert_eq!(msgs[3].code(), "23503", "{what}: {msgs:?}");
+        assert_healthy(&mut c, &what).await;
+
+        // a unit that commits: its row is there for the next one
+        pbe(
+            &mut c,
+            &format!("INSERT INTO deferred_ref VALUES ({id}, {id})"),
+        )
+        .await;
+        c.sync().await;
+        pbe(
+            &mut c,
+            &format!("SELECT count(*) FROM deferred_ref WHERE id = {id}"),
+        )
+        .await;
+        c.sync().await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "1 2 C Z", "{what}: {msgs:?}");
+        let msgs = c.until_ready().await;
+        assert_eq!(rows(&msgs), vec![vec![Some("1".to_string())]], "{what}");
+        assert_eq!(status(&msgs), 'I', "{what}");
+    }
+    // nothing was left open on the server: the next client of the connection starts clean
+    drop(c);
+    let south = client(&proxy, "south").await;
+    assert_eq!(count(&south, "customers").await, 2);
+    let open = admin_sql(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    );
+    assert_eq!(open, "0");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unit_closes_the_block_before_the_next_one() {
+    block_ends(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unit_closes_the_block_before_the_next_one_wrap() {
+    block_ends(true).await;
+}

@@ -11,12 +11,14 @@ use crate::guard::TxEffect;
 
 #[derive(Debug)]
 pub enum Expect {
-    /// The injected tenant context: swallow its ParseCompletes, BindCompletes, rows, notices
+    /// The injected tenant context (with transaction_wrap, also the `BEGIN` or `COMMIT` of
+    /// rlsgate's block, see `block`): swallow its ParseCompletes, BindCompletes, rows, notices
     /// and CommandCompletes; `remaining` CommandCompletes to go. `parsed`: the context statements
     /// Parsed with it (forgotten if the injection fails or is skipped).
     Inject {
         remaining: usize,
         parsed: Option<Box<[Arc<str>]>>,
+        block: BlockEdge,
     },
     /// A message rlsgate added (a re-Parse on this connection): swallow one reply with this tag.
     Hidden { tag: u8, prepared: Option<Arc<str>> },
@@ -68,8 +70,10 @@ pub enum Expect {
     HiddenQuery { what: &'static str },
     /// transaction_wrap's own `COMMIT` closing a client's autocommit unit: swallow its
     /// CommandComplete and notices, forward an error (a commit-time failure is the client's),
-    /// then `after` for its ReadyForQuery.
-    WrapCommit { after: After },
+    /// then `after` for its ReadyForQuery. `held`: the wrapped Query's last CommandComplete,
+    /// forwarded once the COMMIT succeeds and dropped if it fails (Postgres commits a Query's
+    /// implicit transaction before it completes the last statement).
+    WrapCommit { after: After, held: Option<Bytes> },
 }
 
 impl Expect {
@@ -89,6 +93,19 @@ impl Expect {
             Expect::Execute { copy: true } | Expect::Query { copy: true, .. }
         )
     }
+}
+
+/// Whether an injection also opens or closes transaction_wrap's block (prepared `BEGIN` /
+/// `COMMIT`, bound like the context: no ReadyForQuery of their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockEdge {
+    /// The context alone, in whatever transaction is open.
+    Neither,
+    /// `BEGIN`, then the context.
+    Begin,
+    /// `COMMIT` (no context), ahead of the client's Sync. Its error is the client's (a
+    /// commit-time failure), not an injection failure.
+    Commit,
 }
 
 /// What happens with the ReadyForQuery that completes an entry.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::expect::{After, Expect};
+use super::expect::{After, BlockEdge, Expect};
 use super::inject;
 use super::statements::{MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Piece, PieceKind, Predicted, Reapply, Session, SessionError, Split};
@@ -167,7 +167,14 @@ impl Session {
     /// LEVEL …` or `SET TRANSACTION …` must come before the transaction's first snapshot) and
     /// inside a block logs nothing either.
     pub(super) fn inject_context(&mut self, ahead: Ahead) {
-        self.shared.metrics.injection();
+        self.inject(ahead, BlockEdge::Neither);
+    }
+
+    /// Pipeline rlsgate's own statements (no Sync): the context, after transaction_wrap's
+    /// `BEGIN` with `BlockEdge::Begin`; transaction_wrap's `COMMIT` alone with
+    /// `BlockEdge::Commit`. Each is Parsed first on a connection that lacks it.
+    pub(super) fn inject(&mut self, ahead: Ahead, block: BlockEdge) {
+        let shared = Arc::clone(&self.shared);
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -177,29 +184,38 @@ impl Session {
         } else {
             inject::ContextForm::SetLocal
         };
-        let statements =
-            match self
-                .context
-                .statements(form, &self.identity, &self.shared.stmt_hasher)
-            {
-                Ok(statements) => statements,
-                Err(e) => {
-                    // Not expected (values are checked at login): fail the unit, not open it
-                    // bare. A Parse the server cannot parse stands in for the context: its error
-                    // is an injection error (the session ends), and the server skips the rest of
-                    // the unit.
-                    tracing::error!(error = %e, "cannot encode the tenant context");
-                    let _ = fe::write_parse("", inject::REFUSED_SQL, &[], &mut self.server_out);
-                    conn.unnamed_owner = None;
-                    self.expect.push_back(Expect::Inject {
-                        remaining: 1,
-                        parsed: None,
-                    });
-                    return;
-                }
-            };
+        let context = if block == BlockEdge::Commit {
+            Ok(&[][..])
+        } else {
+            shared.metrics.injection();
+            self.context
+                .statements(form, &self.identity, &shared.stmt_hasher)
+        };
+        let context = match context {
+            Ok(statements) => statements,
+            Err(e) => {
+                // Not expected (values are checked at login): fail the unit, not open it
+                // bare. A Parse the server cannot parse stands in for the context: its error
+                // is an injection error (the session ends), and the server skips the rest of
+                // the unit.
+                tracing::error!(error = %e, "cannot encode the tenant context");
+                let _ = fe::write_parse("", inject::REFUSED_SQL, &[], &mut self.server_out);
+                conn.unnamed_owner = None;
+                self.expect.push_back(Expect::Inject {
+                    remaining: 1,
+                    parsed: None,
+                    block: BlockEdge::Neither,
+                });
+                return;
+            }
+        };
+        let edge = match block {
+            BlockEdge::Neither => None,
+            BlockEdge::Begin => Some(&shared.wrap_statements.begin),
+            BlockEdge::Commit => Some(&shared.wrap_statements.commit),
+        };
         let mut parsed: Vec<Arc<str>> = Vec::new();
-        for statement in statements {
+        for statement in edge.into_iter().chain(context) {
             // Parsed by an injection still in flight: an error before it (in the same unsynced
             // unit) would make the server skip that Parse, and this Bind would find nothing.
             let unconfirmed = self.expect.iter().any(|e| {
@@ -218,13 +234,16 @@ impl Session {
                 parsed.push(Arc::clone(&statement.name));
             }
         }
-        for statement in statements {
+        let mut remaining = 0;
+        for statement in edge.into_iter().chain(context) {
             self.server_out.extend_from_slice(&statement.run);
+            remaining += 1;
         }
-        if !statements.is_empty() {
+        if remaining > 0 {
             self.expect.push_back(Expect::Inject {
-                remaining: statements.len(),
+                remaining,
                 parsed: (!parsed.is_empty()).then(|| parsed.into_boxed_slice()),
+                block,
             });
         }
     }
@@ -1107,15 +1126,8 @@ impl Session {
             // The client's COMMIT/ROLLBACK closed rlsgate's block: open another one for the rest
             // of the unit (closed by rlsgate's COMMIT after the Sync), so that the context is set
             // inside a block, as transaction_wrap needs it.
-            let _ = fe::write_simple_extended("BEGIN", &mut self.server_out);
-            self.expect.push_back(Expect::Inject {
-                remaining: 1,
-                parsed: None,
-            });
-            if let Some(server) = self.server.as_mut() {
-                // (that BEGIN used the unnamed statement)
-                server.conn().unnamed_owner = None;
-            }
+            self.inject(Ahead::Unknown, BlockEdge::Begin);
+            return;
         }
         // Otherwise pipelined as at a unit's start (in a chained block: inside it).
         let ahead = match why {
@@ -1167,7 +1179,7 @@ impl Session {
     }
 
     fn on_sync(&mut self, frame: Frame) -> Flow {
-        self.skip_until_sync = false;
+        let skipping = std::mem::take(&mut self.skip_until_sync);
         self.reapply = None;
         if self.local_failed_unit && self.server.is_none() {
             self.local_failed_unit = false;
@@ -1181,22 +1193,40 @@ impl Session {
             be::write_ready(TxStatus::Idle, &mut self.client_out);
             return Flow::Continue;
         }
-        self.server_out.extend_from_slice(&frame.bytes);
         self.begin_portal = None;
-        let mut copy_wrapped = false;
+        let mut block_end_unknown = false;
         if std::mem::take(&mut self.wrapping) {
             if std::mem::take(&mut self.wrapping_copy) {
+                self.server_out.extend_from_slice(&frame.bytes);
                 self.expect_ready(Expect::Sync {
                     after: After::SwallowThenCommit,
                 });
-                copy_wrapped = true;
-            } else {
+                block_end_unknown = true;
+            } else if skipping || !self.client_buf.is_empty() {
+                // The server skips to this Sync after an error (it would skip a COMMIT ahead of
+                // it too), or the client pipelines (its next message is here already): rlsgate's
+                // COMMIT follows the Sync as a Query of its own, so the next unit can follow at
+                // once.
+                self.server_out.extend_from_slice(&frame.bytes);
                 self.expect_ready(Expect::Sync {
                     after: After::Swallow,
                 });
                 self.wrap_commit(After::Forward);
+            } else {
+                // rlsgate's COMMIT goes ahead of the client's Sync, whose ReadyForQuery is then
+                // the client's: one ReadyForQuery (one flush of the server's output) for the
+                // unit. An error in the unit makes the server skip that COMMIT and leaves the
+                // block open, to be closed after the Sync (see discard_until_sync): a unit the
+                // client pipelines behind this one waits for the reply (see below).
+                self.inject(Ahead::Unknown, BlockEdge::Commit);
+                self.server_out.extend_from_slice(&frame.bytes);
+                self.expect_ready(Expect::Sync {
+                    after: After::Forward,
+                });
+                block_end_unknown = true;
             }
         } else {
+            self.server_out.extend_from_slice(&frame.bytes);
             self.expect_ready(Expect::Sync {
                 after: After::Forward,
             });
@@ -1204,8 +1234,9 @@ impl Session {
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);
-        if copy_wrapped {
-            // (see the wrapped COPY Query in on_query)
+        if block_end_unknown {
+            // Whether rlsgate's block is closed when the server reaches the Sync depends on the
+            // replies (see the wrapped COPY Query in on_query).
             self.predicted = Predicted::Unknown;
         }
         Flow::Continue

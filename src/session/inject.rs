@@ -78,6 +78,25 @@ impl OwnStatement {
     }
 }
 
+/// transaction_wrap's `BEGIN` and `COMMIT`, prepared once per server connection like the
+/// context and bound per transaction: no ReadyForQuery (and so no flush of the server's output)
+/// of their own. The same for every session.
+#[derive(Debug)]
+pub struct WrapStatements {
+    pub begin: OwnStatement,
+    pub commit: OwnStatement,
+}
+
+impl WrapStatements {
+    pub fn new(hasher: &impl BuildHasher) -> Result<Self, ProtocolError> {
+        let none = text_params(&[])?;
+        Ok(WrapStatements {
+            begin: OwnStatement::new(hasher, "BEGIN", &[0, 0], &none)?,
+            commit: OwnStatement::new(hasher, "COMMIT", &[0, 0], &none)?,
+        })
+    }
+}
+
 /// The `set_config` form's text depends only on the configured setting names, so sessions share
 /// its name and Parse message (one copy per process instead of one per client): the last text
 /// built, kept here.

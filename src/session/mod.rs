@@ -9,7 +9,7 @@
 mod expect;
 mod frontend;
 mod inject;
-pub use inject::SharedParse;
+pub use inject::{SharedParse, WrapStatements};
 mod io;
 mod reauth;
 mod relay;

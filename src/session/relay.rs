@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::expect::{After, Expect};
+use super::expect::{After, BlockEdge, Expect};
 use super::frontend::Ahead;
 use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
@@ -45,17 +45,45 @@ impl Session {
         }
         if let Some(Expect::WrapCommit { .. }) = self.expect.front() {
             return match tag {
-                be::READY_FOR_QUERY => self.on_ready(frame),
-                be::ERROR_RESPONSE => self.on_error(frame),
+                be::READY_FOR_QUERY => {
+                    self.release_held(true);
+                    self.on_ready(frame)
+                }
+                be::ERROR_RESPONSE => {
+                    self.release_held(false);
+                    self.on_error(frame)
+                }
                 be::COMMAND_COMPLETE => {
                     if frame.body() == b"ROLLBACK\0" {
                         self.tx_failed = true;
                     }
+                    self.release_held(true);
                     Ok(())
                 }
                 // notices (e.g. "there is no transaction in progress") and the like are ours
                 _ => Ok(()),
             };
+        }
+        if tag != be::READY_FOR_QUERY {
+            // Whatever comes now follows the held completion (if any) at the client.
+            self.release_held(true);
+            if tag == be::COMMAND_COMPLETE
+                && matches!(
+                    self.expect.front(),
+                    Some(Expect::Query {
+                        after: After::Swallow,
+                        ..
+                    })
+                )
+                && let Some(Expect::WrapCommit { held, .. }) = self.expect.get_mut(1)
+            {
+                // transaction_wrap: the Query's completion waits for rlsgate's COMMIT.
+                if frame.body() == b"ROLLBACK\0" {
+                    self.tx_failed = true;
+                }
+                *held = Some(frame.bytes.freeze());
+                return Ok(());
+            }
         }
         tracing::trace!(tag = %(tag as char), front = ?self.expect.front(), "server message");
         match tag {
@@ -277,6 +305,19 @@ impl Session {
                 self.client_out.extend_from_slice(error);
                 Ok(())
             }
+            Expect::Inject {
+                block: BlockEdge::Commit,
+                ..
+            } => {
+                // transaction_wrap's COMMIT failed (a deferred constraint, a serialization
+                // failure): the transaction is over and the error is the client's. The server
+                // skips to the client's Sync.
+                self.tx_failed = true;
+                self.client_out.extend_from_slice(&frame.bytes);
+                self.expect.pop_front();
+                self.discard_until_sync();
+                Ok(())
+            }
             Expect::Inject { .. } => self.on_injection_error(frame),
             _ => {
                 // Extended protocol: the server now skips everything up to Sync.
@@ -306,15 +347,13 @@ impl Session {
         {
             match self.expect.pop_front() {
                 Some(Expect::Query { after, .. }) => self.unit_skipped(after),
-                Some(Expect::WrapCommit { after }) => {
+                Some(Expect::WrapCommit { after, .. }) => {
                     left_open += 1;
                     self.unit_skipped(after);
                 }
-                Some(Expect::HiddenQuery { what }) => {
+                Some(Expect::HiddenQuery { .. }) => {
                     self.query_skipped();
-                    if what == WRAP_BEGIN {
-                        left_open -= 1;
-                    } else if let Some(server) = self.server.as_mut() {
+                    if let Some(server) = self.server.as_mut() {
                         // a settings statement that did not run: as if it had failed
                         let conn = server.conn();
                         conn.settings = HeldSettings::Unknown;
@@ -330,11 +369,17 @@ impl Session {
                 Some(Expect::Hidden { prepared, .. }) => {
                     self.parse_skipped(prepared.as_deref(), None)
                 }
-                // The context statements Parsed with a skipped injection do not exist.
-                Some(Expect::Inject {
-                    parsed: Some(names),
-                    ..
-                }) => self.context_statements_lost(&names),
+                // The statements Parsed with a skipped injection do not exist.
+                Some(Expect::Inject { parsed, block, .. }) => {
+                    match block {
+                        BlockEdge::Begin => left_open -= 1,
+                        BlockEdge::Commit => left_open += 1,
+                        BlockEdge::Neither => {}
+                    }
+                    if let Some(names) = parsed {
+                        self.context_statements_lost(&names);
+                    }
+                }
                 // A Bind that did not happen: the portal it would have replaced is still there.
                 Some(Expect::Rebind {
                     portal,
@@ -460,9 +505,9 @@ impl Session {
             ));
         };
         let after = match front {
-            Expect::Sync { after } | Expect::Query { after, .. } | Expect::WrapCommit { after } => {
-                after
-            }
+            Expect::Sync { after }
+            | Expect::Query { after, .. }
+            | Expect::WrapCommit { after, .. } => after,
             Expect::HiddenQuery { .. } => After::Swallow,
             other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
         };
@@ -623,6 +668,19 @@ impl Session {
         Ok(())
     }
 
+    /// transaction_wrap: pass on (`forward`) or drop the wrapped Query's held completion.
+    fn release_held(&mut self, forward: bool) {
+        let slot = self.expect.iter_mut().take(2).find_map(|e| match e {
+            Expect::WrapCommit { held, .. } => held.take(),
+            _ => None,
+        });
+        if let Some(bytes) = slot
+            && forward
+        {
+            self.client_out.extend_from_slice(&bytes);
+        }
+    }
+
     fn write_client_query(&mut self, sql: &str, after: After) -> Result<(), SessionError> {
         fe::write_query(sql, &mut self.server_out).map_err(SessionError::ClientProtocol)?;
         self.expect_ready(Expect::query(after, false));
@@ -631,21 +689,15 @@ impl Session {
 
     /// transaction_wrap: open rlsgate's block and apply the context inside it.
     pub(super) fn wrap_begin(&mut self) {
-        // Static text; cannot fail to encode.
-        let _ = fe::write_query("BEGIN", &mut self.server_out);
-        self.expect_ready(Expect::HiddenQuery { what: WRAP_BEGIN });
-        self.inject_context(Ahead::Unknown);
+        self.inject(Ahead::Unknown, BlockEdge::Begin);
     }
 
     /// transaction_wrap: close rlsgate's block after the client's unit.
     pub(super) fn wrap_commit(&mut self, after: After) {
         let _ = fe::write_query("COMMIT", &mut self.server_out);
-        self.expect_ready(Expect::WrapCommit { after });
+        self.expect_ready(Expect::WrapCommit { after, held: None });
     }
 }
-
-/// What `Expect::HiddenQuery` names transaction_wrap's own `BEGIN`.
-const WRAP_BEGIN: &str = "transaction_wrap BEGIN";
 
 /// `0A000 cached plan must not change result type`: a prepared statement's table changed shape
 /// (ALTER TABLE … ADD/DROP COLUMN). Postgres keeps refusing the statement until it is prepared
