@@ -58,8 +58,8 @@ impl Rng {
     fn chance(&mut self, percent: u64) -> bool {
         self.next() % 100 < percent
     }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
@@ -343,7 +343,7 @@ fn sql_piece(rng: &mut Rng) -> String {
         return rng.pick(QUERIES).to_string();
     }
     let n = 1 + rng.below(3);
-    let mut parts: Vec<&str> = (0..n).map(|_| *rng.pick(PIECES)).collect();
+    let mut parts: Vec<&str> = (0..n).map(|_| rng.pick(PIECES)).collect();
     if rng.chance(10) {
         parts.push("");
     }
@@ -370,7 +370,7 @@ fn random_item(rng: &mut Rng) -> Item {
                 2 => &[4_294_967_295],
                 _ => &[],
             };
-            parse(*rng.pick(NAMES), &sql, types)
+            parse(rng.pick(NAMES), &sql, types)
         }
         36..=47 => {
             let params: &[Option<&str>] = match rng.below(6) {
@@ -384,30 +384,30 @@ fn random_item(rng: &mut Rng) -> Item {
                 1 => &[7],
                 _ => &[],
             };
-            bind(*rng.pick(PORTALS), *rng.pick(NAMES), params, formats)
+            bind(rng.pick(PORTALS), rng.pick(NAMES), params, formats)
         }
         48..=52 => {
             if rng.chance(50) {
-                describe(b'S', *rng.pick(NAMES))
+                describe(b'S', rng.pick(NAMES))
             } else {
-                describe(b'P', *rng.pick(PORTALS))
+                describe(b'P', rng.pick(PORTALS))
             }
         }
-        53..=64 => execute(*rng.pick(PORTALS), *rng.pick(&[0, 0, 1, 2, -1])),
+        53..=64 => execute(rng.pick(PORTALS), rng.pick(&[0, 0, 1, 2, -1])),
         65..=68 => {
             if rng.chance(50) {
-                close(b'S', *rng.pick(NAMES))
+                close(b'S', rng.pick(NAMES))
             } else {
-                close(b'P', *rng.pick(PORTALS))
+                close(b'P', rng.pick(PORTALS))
             }
         }
         69..=78 => sync(),
         79..=82 => flush(),
-        83..=88 => copy_data(*rng.pick(COPY_ROWS)),
+        83..=88 => copy_data(rng.pick(COPY_ROWS)),
         89..=91 => copy_done(),
         92..=93 => copy_fail("fuzz"),
         94..=96 => {
-            let oid = *rng.pick(FN_OIDS);
+            let oid = rng.pick(FN_OIDS);
             let args: Vec<&[u8]> = match rng.below(3) {
                 0 => vec![],
                 1 => vec![b"app.current_store_id", b"south", b"false"],
@@ -418,7 +418,7 @@ fn random_item(rng: &mut Rng) -> Item {
         97 => terminate(),
         _ => {
             // unknown or out-of-place tags with random bodies
-            let tag = *rng.pick(&[b'z', b'?', b'p', b'\0', b'R', b'Z', b'T', 0xff, b'v']);
+            let tag = rng.pick(&[b'z', b'?', b'p', b'\0', b'R', b'Z', b'T', 0xff, b'v']);
             let n = rng.below(12);
             let body = rng.bytes(n);
             let mut it = Item::new(frame(tag, &body), "");
@@ -431,7 +431,7 @@ fn random_item(rng: &mut Rng) -> Item {
 /// A message that fails in the extended protocol, so the server skips everything up to Sync.
 fn error_opener(rng: &mut Rng) -> Item {
     match rng.below(5) {
-        0 | 1 => execute(*rng.pick(PORTALS), 0),
+        0 | 1 => execute(rng.pick(PORTALS), 0),
         2 => bind("", "nope", &[], &[]),
         3 => parse("", "SELEC 1", &[]),
         _ => describe(b'S', "nope"),
@@ -550,7 +550,7 @@ fn random_case(rng: &mut Rng) -> Case {
         }
     }
     let end = if !framed {
-        *rng.pick(&[End::Abrupt, End::Abrupt, End::HalfClose])
+        rng.pick(&[End::Abrupt, End::Abrupt, End::HalfClose])
     } else {
         match rng.below(10) {
             0..=5 => End::Resync,
