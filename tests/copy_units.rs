@@ -386,5 +386,24 @@ async fn deallocate_all_twice_on_a_connection_pinned_by_prepare() {
         let msgs = c.until_ready().await;
         assert_eq!(last_value(&msgs), "south", "{msgs:?}");
     }
+    // in a Query with other statements it is refused (and the session goes on with its context)
+    for (i, sql) in [
+        "DEALLOCATE ALL; SELECT 1; COMMIT; SELECT 2",
+        "SELECT 1; COMMIT; DEALLOCATE ALL; SELECT 2",
+        "SELECT 1; DEALLOCATE ALL; SELECT 2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.query(&format!("PREPARE q{i} AS SELECT 1")).await;
+        assert_eq!(tags(&c.until_ready().await), "C Z");
+        c.query(sql).await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "E Z", "{sql}: {msgs:?}");
+        assert_eq!(msgs[0].code(), "42501", "{sql}: {msgs:?}");
+        for _ in 0..2 {
+            assert_eq!(tenant_now(&mut c).await, "south", "after {sql}");
+        }
+    }
     proxy.stop().await;
 }

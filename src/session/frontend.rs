@@ -216,21 +216,7 @@ impl Session {
         };
         let mut parsed: Vec<Arc<str>> = Vec::new();
         for statement in edge.into_iter().chain(context) {
-            // Parsed by an injection still in flight: an error before it (in the same unsynced
-            // unit) would make the server skip that Parse, and this Bind would find nothing.
-            let unconfirmed = self.expect.iter().any(|e| {
-                matches!(e, Expect::Inject { parsed: Some(names), .. }
-                    if names.contains(&statement.name))
-            });
-            if unconfirmed || !conn.prepared.contains(&statement.name) {
-                // (take_copy first: the name must leave every list of copies to close)
-                if conn.prepared.take_copy(&statement.name) || unconfirmed {
-                    // (retired after a failed injection, or maybe parsed already: it may exist)
-                    let _ = fe::write_close(b'S', &statement.name, &mut self.server_out);
-                }
-                self.server_out.extend_from_slice(&statement.parse);
-                conn.prepared
-                    .insert(Arc::clone(&statement.name), statement.text_len, 0);
+            if prepare_own(statement, conn, &self.expect, &mut self.server_out) {
                 parsed.push(Arc::clone(&statement.name));
             }
         }
@@ -246,6 +232,36 @@ impl Session {
                 block,
             });
         }
+    }
+
+    /// transaction_wrap's `COMMIT` after a client's Query (or behind a Sync): bound, then a
+    /// Sync of rlsgate's own for its ReadyForQuery. Inside an open extended unit (see
+    /// inside_unit) it stays a Query: a Sync there would end the server's skipping after an
+    /// error early, while a Query is skipped like the unit's other messages.
+    /// `drops_statements`: what runs in the block may drop rlsgate's statements (DEALLOCATE ALL),
+    /// so the COMMIT cannot be bound either.
+    pub(super) fn wrap_commit(&mut self, after: After) {
+        self.wrap_commit_after(after, false);
+    }
+
+    pub(super) fn wrap_commit_after(&mut self, after: After, drops_statements: bool) {
+        let shared = Arc::clone(&self.shared);
+        let may_sync = !self.unit_open
+            && !self.skip_until_sync
+            && after != After::Swallow
+            && !drops_statements;
+        match self.server.as_mut() {
+            Some(server) if may_sync => {
+                let commit = &shared.wrap_statements.commit;
+                prepare_own(commit, server.conn(), &self.expect, &mut self.server_out);
+                self.server_out.extend_from_slice(&commit.run);
+                fe::write_sync(&mut self.server_out);
+            }
+            _ => {
+                let _ = fe::write_query("COMMIT", &mut self.server_out);
+            }
+        }
+        self.expect_ready(Expect::WrapCommit { after, held: None });
     }
 
     fn after_unit(&mut self, effect: TxEffect) {
@@ -492,7 +508,7 @@ impl Session {
                 self.units_sent + 1
             } else {
                 self.expect_ready(Expect::query(After::Swallow, false));
-                self.wrap_commit(After::Forward);
+                self.wrap_commit_after(After::Forward, drops_all_statements(&analysis));
                 self.units_sent
             }
         } else {
@@ -1275,6 +1291,34 @@ impl Session {
 pub(super) const SPLIT_UNIT: u64 = u64::MAX;
 
 /// How a Query is sent: one piece, or pieces split so that every statement runs with the context.
+/// Queue the Parse of one of rlsgate's own statements if the connection lacks it (closing an
+/// older copy first); returns whether it did. Also when an injection still in flight Parsed it:
+/// an error before that one (in the same unsynced unit) would make the server skip that Parse,
+/// and a Bind would find nothing.
+fn prepare_own(
+    statement: &inject::OwnStatement,
+    conn: &mut crate::pool::ServerConn,
+    expect: &std::collections::VecDeque<Expect>,
+    out: &mut BytesMut,
+) -> bool {
+    let unconfirmed = expect.iter().any(|e| {
+        matches!(e, Expect::Inject { parsed: Some(names), .. }
+            if names.contains(&statement.name))
+    });
+    if !unconfirmed && conn.prepared.contains(&statement.name) {
+        return false;
+    }
+    // (take_copy first: the name must leave every list of copies to close)
+    if conn.prepared.take_copy(&statement.name) || unconfirmed {
+        // (retired after a failed injection, or maybe parsed already: it may exist)
+        let _ = fe::write_close(b'S', &statement.name, out);
+    }
+    out.extend_from_slice(&statement.parse);
+    conn.prepared
+        .insert(Arc::clone(&statement.name), statement.text_len, 0);
+    true
+}
+
 /// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
 /// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
 fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {

@@ -350,6 +350,10 @@ impl Session {
                 Some(Expect::WrapCommit { after, .. }) => {
                     left_open += 1;
                     self.unit_skipped(after);
+                    // (only the Query form can be skipped; should a bound one be, the Parse
+                    // that may have gone with it did not happen)
+                    let commit = Arc::clone(&self.shared.wrap_statements.commit.name);
+                    self.context_statements_lost(&[commit]);
                 }
                 Some(Expect::HiddenQuery { .. }) => {
                     self.query_skipped();
@@ -652,6 +656,7 @@ impl Session {
             PieceKind::Statements if idle && self.wrap && !piece.copy => {
                 self.wrap_begin();
                 self.write_client_query(&piece.text, After::Swallow)?;
+                // (DEALLOCATE ALL is refused in a Query of several statements)
                 self.wrap_commit(after);
             }
             PieceKind::Statements => {
@@ -690,12 +695,6 @@ impl Session {
     /// transaction_wrap: open rlsgate's block and apply the context inside it.
     pub(super) fn wrap_begin(&mut self) {
         self.inject(Ahead::Unknown, BlockEdge::Begin);
-    }
-
-    /// transaction_wrap: close rlsgate's block after the client's unit.
-    pub(super) fn wrap_commit(&mut self, after: After) {
-        let _ = fe::write_query("COMMIT", &mut self.server_out);
-        self.expect_ready(Expect::WrapCommit { after, held: None });
     }
 }
 
