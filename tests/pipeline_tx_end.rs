@@ -986,6 +986,14 @@ async fn block_ends(wrap: bool) {
         let msgs = c.until_ready().await;
         assert_eq!(tags(&msgs), "T D C E Z", "{what}: {msgs:?}");
         assert_eq!(msgs[3].code(), "23503", "{what}: {msgs:?}");
+        // the client's own COMMIT fails: the INSERT before it completed
+        c.query(&format!(
+            "INSERT INTO deferred_ref VALUES ({id}, 999); COMMIT; SELECT 1"
+        ))
+        .await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags_no_notice(&msgs), "C E Z", "{what}: {msgs:?}");
+        assert_eq!(status(&msgs), 'I', "{what}");
         assert_healthy(&mut c, &what).await;
 
         // a unit that commits: its row is there for the next one

@@ -75,9 +75,12 @@ impl Session {
                         ..
                     })
                 )
-                && let Some(Expect::WrapCommit { held, .. }) = self.expect.get_mut(1)
+                && let Some(Expect::WrapCommit { held, after }) = self.expect.get_mut(1)
+                && matches!(after, After::Forward | After::FinishSplit)
             {
-                // transaction_wrap: the Query's completion waits for rlsgate's COMMIT.
+                // transaction_wrap: the Query's completion waits for rlsgate's COMMIT. (Not for
+                // a piece of a split Query that more pieces follow: Postgres completes it before
+                // the client's own COMMIT after it runs.)
                 if frame.body() == b"ROLLBACK\0" {
                     self.tx_failed = true;
                 }
