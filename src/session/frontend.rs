@@ -184,12 +184,13 @@ impl Session {
         } else {
             inject::ContextForm::SetLocal
         };
-        let context = if block == BlockEdge::Commit {
-            Ok(&[][..])
-        } else {
-            shared.metrics.injection();
-            self.context
-                .statements(form, &self.identity, &shared.stmt_hasher)
+        let context = match block {
+            BlockEdge::Commit => Ok(&[][..]),
+            BlockEdge::Neither | BlockEdge::Begin => {
+                shared.metrics.injection();
+                self.context
+                    .statements(form, &self.identity, &shared.stmt_hasher)
+            }
         };
         let context = match context {
             Ok(statements) => statements,
@@ -220,11 +221,10 @@ impl Session {
                 parsed.push(Arc::clone(&statement.name));
             }
         }
-        let mut remaining = 0;
         for statement in edge.into_iter().chain(context) {
             self.server_out.extend_from_slice(&statement.run);
-            remaining += 1;
         }
+        let remaining = usize::from(edge.is_some()) + context.len();
         if remaining > 0 {
             self.expect.push_back(Expect::Inject {
                 remaining,
@@ -238,18 +238,9 @@ impl Session {
     /// Sync of rlsgate's own for its ReadyForQuery. Inside an open extended unit (see
     /// inside_unit) it stays a Query: a Sync there would end the server's skipping after an
     /// error early, while a Query is skipped like the unit's other messages.
-    /// `drops_statements`: what runs in the block may drop rlsgate's statements (DEALLOCATE ALL),
-    /// so the COMMIT cannot be bound either.
     pub(super) fn wrap_commit(&mut self, after: After) {
-        self.wrap_commit_after(after, false);
-    }
-
-    pub(super) fn wrap_commit_after(&mut self, after: After, drops_statements: bool) {
         let shared = Arc::clone(&self.shared);
-        let may_sync = !self.unit_open
-            && !self.skip_until_sync
-            && after != After::Swallow
-            && !drops_statements;
+        let may_sync = !self.unit_open && !self.skip_until_sync && after != After::Swallow;
         match self.server.as_mut() {
             Some(server) if may_sync => {
                 let commit = &shared.wrap_statements.commit;
@@ -500,6 +491,7 @@ impl Session {
         {
             self.wrap_begin();
             self.server_out.extend_from_slice(&frame.bytes);
+            self.forget_dropped_statements(&analysis);
             if analysis.copy_from_stdin {
                 self.expect_ready(Expect::query(After::SwallowThenCommit, true));
                 // rlsgate's COMMIT goes only once the COPY is over: until its answer the
@@ -508,11 +500,12 @@ impl Session {
                 self.units_sent + 1
             } else {
                 self.expect_ready(Expect::query(After::Swallow, false));
-                self.wrap_commit_after(After::Forward, drops_all_statements(&analysis));
+                self.wrap_commit(After::Forward);
                 self.units_sent
             }
         } else {
             self.server_out.extend_from_slice(&frame.bytes);
+            self.forget_dropped_statements(&analysis);
             let unit = self.expect_ready(Expect::query(After::Forward, analysis.copy_from_stdin));
             let begins = match self.wrap {
                 true => pieces.first().is_some_and(|p| p.kind == PieceKind::Begin),
@@ -525,15 +518,6 @@ impl Session {
             self.after_unit(analysis.tx_effect());
             unit
         };
-        if drops_all_statements(&analysis)
-            && let Some(server) = self.server.as_mut()
-        {
-            // DEALLOCATE ALL on a pinned connection (see deallocate_locally): it drops rlsgate's
-            // statements too, after whatever was queued ahead of it (the context of start_unit
-            // or of transaction_wrap's block).
-            server.conn().prepared.retire_all();
-            server.conn().unnamed_owner = None;
-        }
         self.copy_awaited |= analysis.copy_from_stdin;
         if analysis.copy_from_stdin && self.wrapping && self.unit_open {
             // A COPY inside rlsgate's block around an open extended unit: the block's COMMIT
@@ -597,6 +581,20 @@ impl Session {
                 .into(),
             hint: Some("run RESET ALL outside a transaction"),
         })
+    }
+
+    /// DEALLOCATE ALL on a pinned connection (see deallocate_locally) drops rlsgate's
+    /// statements too: called right after the client's text is queued, so that what went ahead
+    /// of it (the context) ran first and what follows (transaction_wrap's COMMIT) is prepared
+    /// again. (A Query of several statements with DEALLOCATE ALL is refused, so split Queries
+    /// never carry it.)
+    fn forget_dropped_statements(&mut self, analysis: &Analysis) {
+        if drops_all_statements(analysis)
+            && let Some(server) = self.server.as_mut()
+        {
+            server.conn().prepared.retire_all();
+            server.conn().unnamed_owner = None;
+        }
     }
 
     /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
@@ -1210,49 +1208,35 @@ impl Session {
             return Flow::Continue;
         }
         self.begin_portal = None;
-        let mut block_end_unknown = false;
-        if std::mem::take(&mut self.wrapping) {
-            if std::mem::take(&mut self.wrapping_copy) {
-                self.server_out.extend_from_slice(&frame.bytes);
-                self.expect_ready(Expect::Sync {
-                    after: After::SwallowThenCommit,
-                });
-                block_end_unknown = true;
-            } else if skipping || !self.client_buf.is_empty() {
-                // The server skips to this Sync after an error (it would skip a COMMIT ahead of
-                // it too), or the client pipelines (its next message is here already): rlsgate's
-                // COMMIT follows the Sync as a Query of its own, so the next unit can follow at
-                // once.
-                self.server_out.extend_from_slice(&frame.bytes);
-                self.expect_ready(Expect::Sync {
-                    after: After::Swallow,
-                });
-                self.wrap_commit(After::Forward);
-            } else {
-                // rlsgate's COMMIT goes ahead of the client's Sync, whose ReadyForQuery is then
-                // the client's: one ReadyForQuery (one flush of the server's output) for the
-                // unit. An error in the unit makes the server skip that COMMIT and leaves the
-                // block open, to be closed after the Sync (see discard_until_sync): a unit the
-                // client pipelines behind this one waits for the reply (see below).
-                self.inject(Ahead::Unknown, BlockEdge::Commit);
-                self.server_out.extend_from_slice(&frame.bytes);
-                self.expect_ready(Expect::Sync {
-                    after: After::Forward,
-                });
-                block_end_unknown = true;
-            }
+        // Where transaction_wrap's COMMIT goes, if the unit ran in rlsgate's block; and whether
+        // the block's end is known only from the replies (the next unit then waits for them).
+        let (after, commit_behind, block_end_unknown) = if !std::mem::take(&mut self.wrapping) {
+            (After::Forward, false, false)
+        } else if std::mem::take(&mut self.wrapping_copy) {
+            // (see the wrapped COPY Query in on_query)
+            (After::SwallowThenCommit, false, true)
+        } else if skipping || !self.client_buf.is_empty() {
+            // The server skips to this Sync after an error (it would skip a COMMIT ahead of it
+            // too), or the client pipelines (its next message is here already): the COMMIT
+            // follows the Sync, so the next unit can follow at once.
+            (After::Swallow, true, false)
         } else {
-            self.server_out.extend_from_slice(&frame.bytes);
-            self.expect_ready(Expect::Sync {
-                after: After::Forward,
-            });
+            // The COMMIT goes ahead of the client's Sync, whose ReadyForQuery is then the
+            // client's: one ReadyForQuery (one flush of the server's output) for the unit. An
+            // error in the unit makes the server skip that COMMIT and leaves the block open, to
+            // be closed after the Sync (see discard_until_sync).
+            self.inject(Ahead::Unknown, BlockEdge::Commit);
+            (After::Forward, false, true)
+        };
+        self.server_out.extend_from_slice(&frame.bytes);
+        self.expect_ready(Expect::Sync { after });
+        if commit_behind {
+            self.wrap_commit(After::Forward);
         }
         self.unit_open = false;
         let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
         self.after_unit(effect);
         if block_end_unknown {
-            // Whether rlsgate's block is closed when the server reaches the Sync depends on the
-            // replies (see the wrapped COPY Query in on_query).
             self.predicted = Predicted::Unknown;
         }
         Flow::Continue
@@ -1287,10 +1271,6 @@ impl Session {
     }
 }
 
-/// Stand-in unit number for setting changes of a split Query, settled when the split ends.
-pub(super) const SPLIT_UNIT: u64 = u64::MAX;
-
-/// How a Query is sent: one piece, or pieces split so that every statement runs with the context.
 /// Queue the Parse of one of rlsgate's own statements if the connection lacks it (closing an
 /// older copy first); returns whether it did. Also when an injection still in flight Parsed it:
 /// an error before that one (in the same unsynced unit) would make the server skip that Parse,
@@ -1319,6 +1299,10 @@ fn prepare_own(
     true
 }
 
+/// Stand-in unit number for setting changes of a split Query, settled when the split ends.
+pub(super) const SPLIT_UNIT: u64 = u64::MAX;
+
+/// How a Query is sent: one piece, or pieces split so that every statement runs with the context.
 /// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
 /// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
 fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {

@@ -64,7 +64,7 @@ impl Session {
                 _ => Ok(()),
             };
         }
-        if tag != be::READY_FOR_QUERY {
+        if self.wrap && tag != be::READY_FOR_QUERY {
             // Whatever comes now follows the held completion (if any) at the client.
             self.release_held(true);
             if tag == be::COMMAND_COMPLETE
