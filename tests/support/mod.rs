@@ -13,6 +13,7 @@ use rlsgate::config::Config;
 use rlsgate::embedded_pg::{EmbeddedOptions, EmbeddedPg};
 use tokio_util::sync::CancellationToken;
 
+pub mod escape_cases;
 pub mod relay;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
