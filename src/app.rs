@@ -48,7 +48,7 @@ pub struct Live {
 
 impl Live {
     async fn build(config: Config) -> Result<Live, StartError> {
-        let validator = Validator::new(&config.auth, &config.context).await?;
+        let validator = Validator::new(&config.auth, &config.context.settings).await?;
         let tls_acceptor = match (&config.tls, config.client_tls_enabled()) {
             (Some(t), true) => match (&t.cert, &t.key) {
                 (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -76,6 +76,10 @@ pub struct Shared {
     pub context_parse: crate::session::SharedParse,
     /// transaction_wrap's prepared `BEGIN` and `COMMIT`.
     pub wrap_statements: crate::session::WrapStatements,
+    /// `[context] mode = "signed"`: the signing keys and the prepared `rlsgate.enter`.
+    pub sealer: Option<Arc<crate::seal::Sealer>>,
+    /// Tests only ([`Shared::disable_guard_for_tests`]): the guard's denials are not enforced.
+    guard_off: std::sync::atomic::AtomicBool,
     /// Clients whose server connection is pinned to them (transaction mode, session state).
     pub pinned: std::sync::atomic::AtomicUsize,
     pub throttle: LoginThrottle,
@@ -124,11 +128,23 @@ impl Shared {
             config.metrics.per_tenant,
             config.metrics.tenant_cap,
         ));
+        let stmt_hasher = RandomState::new();
+        let sealer = match (config.context.mode, &config.context.signing_key) {
+            (crate::config::ContextMode::Signed, Some(key)) => Some(Arc::new(
+                crate::seal::Sealer::new(
+                    key,
+                    config.context.previous_signing_key.as_deref(),
+                    &stmt_hasher,
+                )
+                .map_err(|e| StartError::Internal(e.to_string()))?,
+            )),
+            _ => None,
+        };
         let pool_options = crate::pool::PoolOptions {
             keepalive: config.server.keepalive(),
             metrics: Some(Arc::clone(&metrics)),
+            sealer: sealer.clone(),
         };
-        let stmt_hasher = RandomState::new();
         let wrap_statements = crate::session::WrapStatements::new(&stmt_hasher)
             .map_err(|e| StartError::Internal(e.to_string()))?;
         Ok(Arc::new(Shared {
@@ -137,6 +153,8 @@ impl Shared {
             stmt_hasher,
             context_parse: Default::default(),
             wrap_statements,
+            sealer,
+            guard_off: std::sync::atomic::AtomicBool::new(false),
             pinned: std::sync::atomic::AtomicUsize::new(0),
             throttle,
             audit,
@@ -151,6 +169,20 @@ impl Shared {
             next_conn_id: AtomicU64::new(1),
             live: arc_swap::ArcSwap::from_pointee(live),
         }))
+    }
+
+    /// Turn the statement guard's denials off, for tests that show what the database-side
+    /// hardening (`[context] mode = "signed"`) stops on its own. Deliberately not reachable
+    /// from a configuration file, the command line or the environment.
+    #[doc(hidden)]
+    pub fn disable_guard_for_tests(&self) {
+        tracing::warn!("the statement guard is OFF (test switch)");
+        self.guard_off.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the guard's denials are enforced (always, outside tests).
+    pub fn guard_enforced(&self) -> bool {
+        !self.guard_off.load(Ordering::Relaxed)
     }
 
     /// The current configuration (a reload may replace it between calls).

@@ -41,7 +41,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     #[serde(default)]
-    pub context: BTreeMap<String, String>,
+    pub context: ContextConfig,
     #[serde(default)]
     pub guard: GuardConfig,
     #[serde(default)]
@@ -51,6 +51,36 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
 }
+
+/// `[context]`: the settings applied to every transaction (`"<setting>" = "<claim path>"`),
+/// and how the database can tell that rlsgate set them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContextConfig {
+    /// `"plain"` (default): the settings alone. `"signed"`: rlsgate also seals each server
+    /// connection for its tenant with `rlsgate.enter` (sql/hardened.sql), so that policies
+    /// written with `rlsgate.tenant()` refuse a tenant setting rlsgate did not make.
+    #[serde(default)]
+    pub mode: ContextMode,
+    /// Signed mode: the HMAC key shared with the database (at least 32 bytes; use `${VAR}`).
+    pub signing_key: Option<String>,
+    /// Signed mode, during a key rotation: the key used while the database does not know
+    /// `signing_key` yet.
+    pub previous_signing_key: Option<String>,
+    /// `"<setting name>" = "<claim path>"`.
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextMode {
+    #[default]
+    Plain,
+    Signed,
+}
+
+/// Shortest signing key accepted (bytes), as sql/hardened.sql's `install_key` requires.
+pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -678,8 +708,48 @@ impl Config {
         if self.auth.tenant_claim.is_empty() {
             return Err(invalid("auth.tenant_claim", "must not be empty"));
         }
+        match self.context.mode {
+            ContextMode::Plain => {
+                if self.context.signing_key.is_some() || self.context.previous_signing_key.is_some()
+                {
+                    return Err(invalid(
+                        "context.signing_key",
+                        "is only used with context.mode = \"signed\"",
+                    ));
+                }
+            }
+            ContextMode::Signed => {
+                let Some(key) = &self.context.signing_key else {
+                    return Err(invalid(
+                        "context.signing_key",
+                        "is required with context.mode = \"signed\"",
+                    ));
+                };
+                for (name, key) in [
+                    ("context.signing_key", Some(key)),
+                    (
+                        "context.previous_signing_key",
+                        self.context.previous_signing_key.as_ref(),
+                    ),
+                ] {
+                    if key.is_some_and(|k| k.len() < MIN_SIGNING_KEY_BYTES) {
+                        return Err(invalid(
+                            name,
+                            format!("must be at least {MIN_SIGNING_KEY_BYTES} bytes long"),
+                        ));
+                    }
+                }
+                if self.context.previous_signing_key.as_ref() == Some(key) {
+                    return Err(invalid(
+                        "context.previous_signing_key",
+                        "must differ from signing_key",
+                    ));
+                }
+            }
+        }
         if !self
             .context
+            .settings
             .values()
             .any(|claim| claim == &self.auth.tenant_claim)
         {
@@ -691,7 +761,7 @@ impl Config {
                 ),
             ));
         }
-        for guc in self.context.keys() {
+        for guc in self.context.settings.keys() {
             if !is_valid_guc_name(guc) {
                 return Err(invalid(
                     "context",

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod registry;
+pub mod seal;
 pub mod session;
 pub mod stream;
 pub mod tls;

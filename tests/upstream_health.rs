@@ -203,6 +203,7 @@ fn pool_on(port: u16, db: &str, pool_size: usize, upstream: &str) -> (Pool, Arc<
     let opts = PoolOptions {
         keepalive: cfg.server.keepalive(),
         metrics: Some(Arc::clone(&metrics)),
+        sealer: None,
     };
     (Pool::with_options(cfg.upstream, None, opts), metrics)
 }

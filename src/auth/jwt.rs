@@ -600,7 +600,7 @@ mod tests {
             "[upstream]\ndatabase = \"app\"\nuser = \"u\"\n[auth]\nhs_secret = \"{SECRET}\"\nissuer = \"iss-1\"\nleeway = \"0s\"\n{extra_auth}\n[context]\n\"app.current_store_id\" = \"store_id\"\n\"app.user_id\" = \"sub\"\n"
         );
         let config = crate::config::Config::from_toml(&text).expect("test config");
-        Validator::new(&config.auth, &config.context)
+        Validator::new(&config.auth, &config.context.settings)
             .await
             .expect("validator")
     }

@@ -173,6 +173,7 @@ impl Ctx {
 pub fn tenant_setting(config: &Config) -> String {
     config
         .context
+        .settings
         .iter()
         .find(|(_, claim)| **claim == config.auth.tenant_claim)
         .map(|(k, _)| k.to_ascii_lowercase())
@@ -291,7 +292,7 @@ async fn load_ctx(client: &Client, config: &Config) -> Result<Ctx, DoctorError> 
         .await?;
     let tenant_setting = tenant_setting(config);
     let mut patterns = config.guard.protected.clone();
-    patterns.extend(config.context.keys().cloned());
+    patterns.extend(config.context.settings.keys().cloned());
     let protected = ProtectedSet::new(&patterns);
     let role_mode = config.auth.role_claim.is_some() || config.auth.role_template.is_some();
     let catalog = Catalog::load(
@@ -313,6 +314,7 @@ async fn load_ctx(client: &Client, config: &Config) -> Result<Ctx, DoctorError> 
         protected,
         context_settings: config
             .context
+            .settings
             .keys()
             .map(|k| k.to_ascii_lowercase())
             .collect(),

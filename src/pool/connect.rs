@@ -25,6 +25,7 @@ pub(super) async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
     keepalive: &KeepaliveConfig,
+    sealer: Option<&crate::seal::Sealer>,
     id: u64,
 ) -> Result<ServerConn, PoolError> {
     let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
@@ -76,7 +77,7 @@ pub(super) async fn connect(
             }
         }
     }
-    let may_set_config = probe_set_config(&mut stream, &mut buf).await?;
+    let (may_set_config, seal_key) = probe(&mut stream, &mut buf, sealer).await?;
     let now = Instant::now();
     Ok(ServerConn {
         stream,
@@ -93,31 +94,79 @@ pub(super) async fn connect(
         unnamed_owner: None,
         settings: super::HeldSettings::Defaults,
         may_set_config,
+        sealed: None,
+        seal_key,
         // set by the pool (Inner::open)
         generation: 0,
     })
 }
 
-/// Whether the role may call `pg_catalog.set_config` (the cheaper, silent form of the tenant
-/// context; see `session::inject`). Databases hardened as `rlsgate check` suggests revoke it.
-async fn probe_set_config(stream: &mut Stream, buf: &mut BytesMut) -> Result<bool, PoolError> {
-    let mut out = BytesMut::new();
-    fe::query(
+/// One query at connect: whether the role may call `pg_catalog.set_config` (the cheaper,
+/// silent form of the tenant context; see `session::inject`; databases hardened as `rlsgate
+/// check` suggests revoke it) and, in signed mode, which signing key the database has.
+async fn probe(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    sealer: Option<&crate::seal::Sealer>,
+) -> Result<(bool, u8), PoolError> {
+    let mut sql = String::from(
         "SELECT pg_catalog.has_function_privilege('pg_catalog.set_config(text,text,boolean)', 'EXECUTE')",
-        &mut out,
-    )
-    .map_err(|e| PoolError::Protocol(e.to_string()))?;
+    );
+    if let Some(sealer) = sealer {
+        sql.push_str(", ");
+        sql.push_str(sealer.probe_sql().trim_start_matches("SELECT "));
+    }
+    let mut out = BytesMut::new();
+    fe::query(&sql, &mut out).map_err(|e| PoolError::Protocol(e.to_string()))?;
     stream.write_all(&out).await.map_err(io_err)?;
-    let mut allowed = false;
+    let mut answer = Vec::new();
     loop {
         let frame = read_frame(stream, buf).await?;
         match frame.tag {
-            be::DATA_ROW => allowed = frame.body().ends_with(b"t"),
-            be::READY_FOR_QUERY => return Ok(allowed),
-            be::ERROR_RESPONSE => return Err(server_error(&frame)),
+            be::DATA_ROW => answer = bool_columns(frame.body()).map_err(proto_err)?,
+            be::READY_FOR_QUERY => break,
+            be::ERROR_RESPONSE => {
+                let error = server_error(&frame);
+                return Err(match (sealer, error) {
+                    (Some(_), PoolError::Server { code, message }) => PoolError::Seal(format!(
+                        "{code} {message} (is sql/hardened.sql installed in this database, and EXECUTE on rlsgate.key_installed granted to the pool's role?)"
+                    )),
+                    (_, error) => error,
+                });
+            }
             _ => {}
         }
     }
+    let may_set_config = answer.first().copied().unwrap_or(false);
+    let seal_key = match sealer {
+        Some(sealer) => sealer
+            .pick_key(answer.get(1..).unwrap_or_default())
+            .map_err(PoolError::Seal)?,
+        None => 0,
+    };
+    Ok((may_set_config, seal_key))
+}
+
+/// The columns of a DataRow of booleans (text format), NULL as false.
+fn bool_columns(body: &[u8]) -> Result<Vec<bool>, crate::protocol::ProtocolError> {
+    let bad = || crate::protocol::ProtocolError::Malformed("DataRow");
+    let count = body.get(..2).ok_or_else(bad)?;
+    let count = u16::from_be_bytes([count[0], count[1]]);
+    let mut rest = &body[2..];
+    let mut columns = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = rest.get(..4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = &rest[4..];
+        let Ok(len) = usize::try_from(len) else {
+            columns.push(false);
+            continue;
+        };
+        let value = rest.get(..len).ok_or_else(bad)?;
+        columns.push(value == b"t");
+        rest = &rest[len..];
+    }
+    Ok(columns)
 }
 
 async fn negotiate_tls(

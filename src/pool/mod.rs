@@ -34,6 +34,8 @@ pub enum PoolError {
     Protocol(String),
     #[error("upstream refused the connection: {code} {message}")]
     Server { code: String, message: String },
+    #[error("signed tenant context: {0}")]
+    Seal(String),
     #[error("pool is closed")]
     Closed,
     #[error("{0}")]
@@ -65,6 +67,11 @@ impl UserFacing for PoolError {
             PoolError::Closed => {
                 ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "rlsgate is shutting down")
             }
+            PoolError::Seal(_) => ClientError::error(
+                sqlstate::CONNECTION_FAILURE,
+                "rlsgate: the upstream database is not set up for the signed tenant context",
+            )
+            .with_detail(self.to_string()),
             PoolError::Limited(e) => e.clone(),
         }
     }
@@ -130,6 +137,12 @@ pub struct ServerConn {
     /// The role may call `pg_catalog.set_config` (probed at connect): the tenant context takes
     /// its `set_config` form.
     pub may_set_config: bool,
+    /// Signed context: the tenant whose seal (`rlsgate.enter`) the backend holds, if any.
+    /// Cleared whenever its sequence state may be gone (DISCARD SEQUENCES / ALL).
+    pub sealed: Option<Arc<str>>,
+    /// Signed context: which of the configured signing keys the database has (probed at
+    /// connect; an index into [`crate::seal::Sealer::key_ids`]).
+    pub seal_key: u8,
 }
 
 impl ServerConn {
@@ -170,6 +183,8 @@ pub struct PoolOptions {
     pub keepalive: KeepaliveConfig,
     /// Dropped dead connections are counted as `rlsgate_upstream_errors_total{kind="lost"}`.
     pub metrics: Option<Arc<Metrics>>,
+    /// Signed context: every new connection asks which signing key the database has.
+    pub sealer: Option<Arc<crate::seal::Sealer>>,
 }
 
 /// Where to send a CancelRequest for the backend behind a connection.
@@ -186,6 +201,7 @@ struct Inner {
     tls: Option<Arc<rustls::ClientConfig>>,
     keepalive: KeepaliveConfig,
     metrics: Option<Arc<Metrics>>,
+    sealer: Option<Arc<crate::seal::Sealer>>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -214,7 +230,13 @@ impl Inner {
     /// the upstream can be reached.
     async fn open(&self) -> Result<ServerConn, PoolError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let connect = connect::connect(&self.cfg, self.tls.as_ref(), &self.keepalive, id);
+        let connect = connect::connect(
+            &self.cfg,
+            self.tls.as_ref(),
+            &self.keepalive,
+            self.sealer.as_deref(),
+            id,
+        );
         let result = match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(r) => r,
             Err(_) => Err(PoolError::Connect(format!(
@@ -303,6 +325,7 @@ impl Pool {
                 tls,
                 keepalive: opts.keepalive,
                 metrics: opts.metrics,
+                sealer: opts.sealer,
                 idle: Mutex::new(Vec::new()),
                 permits,
                 next_id: AtomicU64::new(1),
@@ -630,6 +653,7 @@ impl Checkout {
                 match reset_session(&mut conn).await {
                     Ok(()) => {
                         conn.dirty_session = false;
+                        conn.sealed = None;
                         conn.prepared.clear();
                         conn.unnamed_owner = None;
                         conn.settings = HeldSettings::Defaults;

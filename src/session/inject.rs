@@ -59,6 +59,18 @@ impl OwnStatement {
         OwnStatement::with_parse(Arc::from(name), parse.freeze(), params, sql.len())
     }
 
+    /// A statement of rlsgate's own whose parameters change with every run (see
+    /// [`OwnStatement::write_run`]); its `run` binds none.
+    pub fn prepared(hasher: &impl BuildHasher, sql: &str) -> Result<Self, ProtocolError> {
+        OwnStatement::new(hasher, sql, &[0, 0], &text_params(&[])?)
+    }
+
+    /// Bind (unnamed portal, text parameters `values`) + Execute of this statement.
+    pub fn write_run(&self, values: &[&str], out: &mut BytesMut) -> Result<(), ProtocolError> {
+        fe::write_bind("", &self.name, &text_params(values)?, out)?;
+        fe::write_execute("", out)
+    }
+
     /// The statement `name` whose Parse message is `parse`, bound with `params`.
     fn with_parse(
         name: Arc<str>,

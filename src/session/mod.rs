@@ -9,7 +9,7 @@
 mod expect;
 mod frontend;
 mod inject;
-pub use inject::{SharedParse, WrapStatements};
+pub use inject::{OwnStatement, SharedParse, WrapStatements};
 mod io;
 mod reauth;
 mod relay;
@@ -46,6 +46,9 @@ const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
 const STREAM_AT: usize = 1 << 20;
 /// How long the last words to a leaving client may take.
 const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The hidden statement that seals a connection for a tenant (signed context).
+const SEAL: &str = "tenant seal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -867,30 +870,80 @@ impl Session {
         }
         let wanted = self.settings.wanted();
         let held = conn.settings.matches(wanted);
+        if other_tenant {
+            // (DISCARD SEQUENCES, below, clears the seal)
+            conn.sealed = None;
+        }
         if held && !other_tenant {
-            return Ok(());
+            return self.seal();
         }
         // Statements of their own (each its own implicit transaction), so that a replay that
         // fails cannot roll back the reset and leave the previous client's settings.
         let reset = !held && conn.settings != HeldSettings::Defaults;
-        let replay = if held { "" } else { self.settings.replay_sql() };
         conn.settings = HeldSettings::wanted(wanted);
-        let hidden: [(bool, &str, &'static str); 3] = [
-            (other_tenant, "DISCARD SEQUENCES", "sequence discard"),
-            (reset, "RESET ALL", "settings reset"),
-            (!replay.is_empty(), replay, "settings replay"),
-        ];
-        for (due, sql, what) in hidden {
-            if !due {
-                continue;
-            }
-            crate::protocol::frontend::write_query(sql, &mut self.server_out)
-                .map_err(SessionError::ClientProtocol)?;
-            // (expect_ready, spelled out: `replay` borrows the settings)
-            self.expect.push_back(Expect::HiddenQuery { what });
-            self.in_flight += 1;
-            self.units_sent += 1;
+        if other_tenant {
+            self.hidden_query("DISCARD SEQUENCES", "sequence discard")?;
         }
+        if reset {
+            self.hidden_query("RESET ALL", "settings reset")?;
+        }
+        // (before the client's settings: a default_transaction_read_only of theirs must not
+        // apply to it)
+        self.seal()?;
+        if !held {
+            let replay = self.settings.replay_sql();
+            if !replay.is_empty() {
+                crate::protocol::frontend::write_query(replay, &mut self.server_out)
+                    .map_err(SessionError::ClientProtocol)?;
+                // (expect_ready, spelled out: `replay` borrows the settings)
+                self.expect.push_back(Expect::HiddenQuery {
+                    what: "settings replay",
+                });
+                self.in_flight += 1;
+                self.units_sent += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// One of rlsgate's own Queries before a transaction, answered unseen.
+    fn hidden_query(&mut self, sql: &str, what: &'static str) -> Result<(), SessionError> {
+        crate::protocol::frontend::write_query(sql, &mut self.server_out)
+            .map_err(SessionError::ClientProtocol)?;
+        self.expect_ready(Expect::HiddenQuery { what });
+        Ok(())
+    }
+
+    /// Signed context: seal the connection for this client's tenant unless it already is —
+    /// `BEGIN READ WRITE; SELECT rlsgate.enter(…); COMMIT`, prepared and bound, in a transaction
+    /// of its own (it takes a snapshot, which must not happen inside the client's transaction
+    /// before a `SET TRANSACTION`; and it writes, also for a client whose sessions default to
+    /// read-only), pipelined ahead of the unit. If it fails, the session ends (`SEAL`, see the
+    /// relay): nothing runs unsealed.
+    fn seal(&mut self) -> Result<(), SessionError> {
+        let (Some(sealer), Some(server)) = (self.shared.sealer.as_deref(), self.server.as_mut())
+        else {
+            return Ok(());
+        };
+        let conn = server.conn();
+        let tenant = self.identity.tenant.as_str();
+        if conn.sealed.as_deref() == Some(tenant) {
+            return Ok(());
+        }
+        for statement in sealer.statements() {
+            frontend::prepare_own(statement, conn, &self.expect, &mut self.server_out);
+        }
+        sealer
+            .write_seal(
+                tenant,
+                conn.backend_pid,
+                conn.seal_key,
+                &mut self.server_out,
+            )
+            .map_err(|e| SessionError::Injection(e.to_string()))?;
+        crate::protocol::frontend::write_sync(&mut self.server_out);
+        conn.sealed = Some(Arc::from(tenant));
+        self.expect_ready(Expect::HiddenQuery { what: SEAL });
         Ok(())
     }
 

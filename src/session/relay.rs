@@ -28,6 +28,17 @@ impl Session {
                 be::ERROR_RESPONSE => {
                     let what = *what;
                     let n = be::notice_fields(frame.body()).unwrap_or_default();
+                    if what == super::SEAL {
+                        // The connection may hold no seal or a broken one: the session ends
+                        // and the connection is closed (a reply is still in flight).
+                        if let Some(server) = self.server.as_mut() {
+                            server.conn().sealed = None;
+                        }
+                        return Err(SessionError::Injection(format!(
+                            "sealing the connection for the tenant failed: {} {}",
+                            n.code, n.message
+                        )));
+                    }
                     tracing::warn!(what, code = %n.code, message = %n.message, "a statement rlsgate runs itself failed");
                     if let Some(server) = self.server.as_mut() {
                         let conn = server.conn();
@@ -63,6 +74,15 @@ impl Session {
                 // notices (e.g. "there is no transaction in progress") and the like are ours
                 _ => Ok(()),
             };
+        }
+        if tag == be::COMMAND_COMPLETE
+            && self.shared.sealer.is_some()
+            && frame.body().starts_with(b"DISCARD")
+            && let Some(server) = self.server.as_mut()
+        {
+            // DISCARD SEQUENCES / ALL cleared the backend's seal: sealed again before the next
+            // unit that starts a transaction.
+            server.conn().sealed = None;
         }
         if self.wrap && tag != be::READY_FOR_QUERY {
             // Whatever comes now follows the held completion (if any) at the client.
@@ -233,6 +253,15 @@ impl Session {
     }
 
     fn on_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.shared.sealer.is_some()
+            && crate::seal::is_unsealed_error(frame.body())
+            && let Some(server) = self.server.as_mut()
+        {
+            // Something cleared or broke the seal behind rlsgate's back (a DISCARD inside a
+            // function, a stray rlsgate.enter): sealed again before the next transaction.
+            tracing::warn!("the server says the connection is not sealed: sealing it again");
+            server.conn().sealed = None;
+        }
         let fatal = be::notice_fields(frame.body())
             .ok()
             .filter(|n| n.severity == "FATAL" || n.severity == "PANIC");
