@@ -719,3 +719,84 @@ async fn search_path_shadowing_changes_nothing() {
         assert_eq!(own, 3, "own tenant under search_path {path}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// rlsgate check
+// ---------------------------------------------------------------------------------------------
+
+async fn signed_check(db: &str) -> rlsgate::doctor::Report {
+    let config =
+        rlsgate::config::Config::from_toml(&proxy_config(db, true, false, 1)).expect("config");
+    rlsgate::doctor::run(&config).await.expect("checks run")
+}
+
+fn signed_findings(report: &rlsgate::doctor::Report) -> Vec<String> {
+    report
+        .findings
+        .iter()
+        .filter(|f| f.check.starts_with("signed-"))
+        .map(|f| format!("{} {}", f.check, f.object))
+        .collect()
+}
+
+/// `rlsgate check` accepts sql/hardened.sql as installed, names each thing that breaks it, and
+/// says what to run when it is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_verifies_the_hardened_setup() {
+    let db = database(true);
+    let report = signed_check(&db).await;
+    assert!(
+        signed_findings(&report).is_empty() && report.criticals() == 0,
+        "{}",
+        report.render_text(false)
+    );
+
+    // the database side missing altogether
+    let plain = database(false);
+    let report = signed_check(&plain).await;
+    let missing = report.by_check("signed-setup-missing");
+    assert!(
+        !missing.is_empty() && missing[0].fix.contains("hardened.sql"),
+        "{}",
+        report.render_text(false)
+    );
+
+    // each way of breaking it
+    admin_sql(
+        &db,
+        "ALTER FUNCTION rlsgate.enter(text, bigint, bigint, text, bytea) SECURITY INVOKER;
+         GRANT SELECT ON rlsgate.keys TO rlsgate_app;
+         GRANT UPDATE ON SEQUENCE rlsgate.seal TO rlsgate_app;
+         GRANT EXECUTE ON FUNCTION rlsgate.install_key(text) TO rlsgate_app;
+         ALTER POLICY tenant_isolation ON customers
+             USING (store_id = current_setting('app.current_store_id', true));
+         CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text LANGUAGE sql VOLATILE
+             AS $$ SELECT current_setting('app.current_store_id', true) $$;
+         SELECT rlsgate.remove_key(rlsgate.key_id('hardened-test-signing-key-0123456789abcdef'));",
+    );
+    let report = signed_check(&db).await;
+    let found = signed_findings(&report);
+    for want in [
+        "signed-verifier-unsafe function rlsgate.enter",
+        "signed-key-reachable rlsgate.keys",
+        "signed-key-reachable rlsgate.seal",
+        "signed-key-reachable function rlsgate.install_key",
+        "signed-policy-unverified policy tenant_isolation on public.customers",
+        "signed-tenant-function function rlsgate.tenant",
+        "signed-key-missing signing keys",
+    ] {
+        assert!(
+            found.iter().any(|f| f.starts_with(want)),
+            "{want} not in {found:#?}"
+        );
+    }
+    // the owner within reach of the application role
+    admin_sql(&db, "GRANT rlsgate_owner TO rlsgate_app");
+    let report = signed_check(&db).await;
+    admin_sql(&db, "REVOKE rlsgate_owner FROM rlsgate_app");
+    assert!(
+        !report.by_check("signed-owner-reachable").is_empty(),
+        "{}",
+        report.render_text(false)
+    );
+}

@@ -13,6 +13,7 @@ mod citus;
 mod connect;
 mod expr;
 mod functions;
+mod hardened;
 mod policies;
 mod report;
 mod roles;
@@ -70,6 +71,8 @@ pub enum DoctorError {
     Tls(#[from] crate::tls::TlsError),
     #[error("the checks did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Report {
@@ -219,6 +222,17 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
         functions::check(&client, &ctx, &mut findings).await?;
     }
     citus::check(&client, config, &ctx, &mut findings).await?;
+    if let (crate::config::ContextMode::Signed, Some(key)) =
+        (config.context.mode, &config.context.signing_key)
+    {
+        let sealer = crate::seal::Sealer::new(
+            key,
+            config.context.previous_signing_key.as_deref(),
+            &std::collections::hash_map::RandomState::new(),
+        )
+        .map_err(|e| DoctorError::Internal(e.to_string()))?;
+        hardened::check(&client, config, &sealer, &ctx, &mut findings).await?;
+    }
     findings.sort_by(|a, b| {
         (a.severity, check_rank(a.check), &a.object).cmp(&(
             b.severity,
@@ -246,6 +260,13 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
 pub const CHECKS: &[&str] = &[
     "citus-without-wrap",
     "citus-propagate-set",
+    "signed-setup-missing",
+    "signed-key-missing",
+    "signed-key-reachable",
+    "signed-owner-reachable",
+    "signed-verifier-unsafe",
+    "signed-tenant-function",
+    "signed-policy-unverified",
     "role-superuser",
     "role-bypassrls",
     "role-owns-table",
