@@ -14,8 +14,8 @@
 #   SKIP_RLSGATE=1     do not build or start rlsgate; measure direct and
 #                      PgBouncer only (rlsgate columns print "skipped")
 #   BENCH_CASES="..."  subset of: select_simple select_extended
-#                      select_prepared tpcb churn idle (default: all, in that
-#                      order; BENCH_CASES=idle measures memory only)
+#                      select_prepared tpcb churn idle signed (default: all,
+#                      in that order; BENCH_CASES=idle measures memory only)
 #   BENCH_IDLE="n ..." idle-client counts of the idle case (default "1000 10000")
 #   PG_BIN=dir         PostgreSQL 15 server binaries
 #                      (default /usr/lib/postgresql/15/bin)
@@ -55,6 +55,18 @@
 #                    (PgBouncer lets the idle user in with a cleartext
 #                    password via auth_type = hba, as idle_clients speaks no
 #                    SCRAM; it connects upstream as rlsgate_app.)
+#   signed           [context] mode = "signed" against plain, rlsgate only, on
+#                    an RLS-bound read: a 100 000-row table of 10 tenants,
+#                    `SELECT v FROM t WHERE id = :id` (random id) under the
+#                    policy `store_id = (SELECT ...)`: plain
+#                    nullif(current_setting(...), ''), signed rlsgate.tenant()
+#                    (sql/hardened.sql). A second rlsgate serves the signed
+#                    runs; -M extended. Two lines:
+#   case=signed plain_tps=<n> signed_tps=<n> signed/plain=<r> plain_pg_us=... plain_proxy_us=... signed_pg_us=... signed_proxy_us=...
+#                    (one tenant: each server connection is sealed once), and
+#   case=signed_2tenants ...  two pgbench processes of two tenants at once
+#                    (-c C/2 each): pooled connections change tenant (and are
+#                    sealed again) all the time.
 #
 # rlsgate is started with an HS256 secret from RLSGATE_JWT_SECRET and a token
 # minted by `rlsgate token --secret-env RLSGATE_JWT_SECRET --claim
@@ -112,7 +124,7 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SKIP_RLSGATE=${SKIP_RLSGATE:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SCALE=${BENCH_SCALE:-10}
-ALL_CASES="select_simple select_extended select_prepared tpcb churn idle"
+ALL_CASES="select_simple select_extended select_prepared tpcb churn idle signed"
 CASES=${BENCH_CASES:-$ALL_CASES}
 IDLE_COUNTS=${BENCH_IDLE:-1000 10000}
 APP_USER=rlsgate_app
@@ -682,9 +694,125 @@ idle_case() {
     done
 }
 
+# ---------------------------------------------------------------------------
+# Signed against plain context (case signed).
+# ---------------------------------------------------------------------------
+SIGNED_PID=""
+signed_setup() {
+    psql_super -d "$DB" -v app_role="$APP_USER" -f "$ROOT/sql/hardened.sql" >"$TMP/hardened.out" 2>&1 \
+        || { cat "$TMP/hardened.out" >&2; die "sql/hardened.sql failed"; }
+    psql_super -d "$DB" >&2 <<EOF
+CREATE TABLE rls_plain (id int PRIMARY KEY, store_id text NOT NULL, v int NOT NULL);
+INSERT INTO rls_plain SELECT g, 'tenant' || (g % 10), g FROM generate_series(1, 100000) g;
+CREATE INDEX ON rls_plain (store_id);
+CREATE TABLE rls_signed (LIKE rls_plain INCLUDING ALL);
+INSERT INTO rls_signed SELECT * FROM rls_plain;
+ALTER TABLE rls_plain ENABLE ROW LEVEL SECURITY;
+ALTER TABLE rls_signed ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON rls_plain
+    USING (store_id = (SELECT nullif(current_setting('app.current_store_id', true), '')));
+CREATE POLICY tenant ON rls_signed USING (store_id = (SELECT rlsgate.tenant()));
+GRANT SELECT ON rls_plain, rls_signed TO $APP_USER;
+VACUUM ANALYZE rls_plain, rls_signed;
+EOF
+    RLSGATE_SIGNING_KEY="bench-signing-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    export RLSGATE_SIGNING_KEY
+    echo "SELECT rlsgate.install_key(:'key')" \
+        | psql_super -d "$DB" -v key="$RLSGATE_SIGNING_KEY" >/dev/null \
+        || die "installing the signing key failed"
+    pick_port; SIGNED_PORT=$FREE_PORT
+    # the same configuration on another port, with the signing keys in its [context] table
+    # (${RLSGATE_SIGNING_KEY} stays literal in the file: rlsgate expands it)
+    awk -v port="$SIGNED_PORT" '
+        /^listen = / { print "listen = \"127.0.0.1:" port "\""; next }
+        { print }
+        /^\[context\]/ { print "mode = \"signed\""; print "signing_key = \"${RLSGATE_SIGNING_KEY}\"" }
+    ' "$TMP/rlsgate.toml" >"$TMP/rlsgate-signed.toml"
+    # (--allow-unsafe: rls_plain's policy reads the setting itself, a critical finding in signed
+    # mode; it is there for the comparison)
+    "$RLSGATE_BIN" serve --allow-unsafe --config "$TMP/rlsgate-signed.toml" >"$TMP/rlsgate-signed.log" 2>&1 &
+    SIGNED_PID=$!
+    EXTRA_PIDS="$EXTRA_PIDS $SIGNED_PID"
+    wait_ready rlsgate "$SIGNED_PORT" "$SIGNED_PID" "$TMP/rlsgate-signed.log"
+    local t got
+    for t in 3 7; do
+        "$RLSGATE_BIN" token --secret-env RLSGATE_JWT_SECRET --claim "store_id=tenant$t" --ttl 12h \
+            2>"$TMP/token.err" | tr -d '[:space:]' >"$TMP/token-tenant$t"
+        [ -s "$TMP/token-tenant$t" ] || { cat "$TMP/token.err" >&2; die "minting a token failed"; }
+    done
+    printf '\\set id random(1, 100000)\nSELECT v FROM rls_plain WHERE id = :id;\n' >"$TMP/rls_plain.sql"
+    printf '\\set id random(1, 100000)\nSELECT v FROM rls_signed WHERE id = :id;\n' >"$TMP/rls_signed.sql"
+    # smoke: the signed proxy serves its tenant's rows only
+    got=$(PGPASSWORD=$(cat "$TMP/token-tenant3") "$PG_BIN/psql" -X -At -h 127.0.0.1 -p "$SIGNED_PORT" \
+        -U "$APP_USER" -d "$DB" -c "SELECT count(*) FROM rls_signed" 2>"$TMP/smoke.err") || true
+    if [ "$got" != 10000 ]; then
+        cat "$TMP/smoke.err" >&2; tail -n 20 "$TMP/rlsgate-signed.log" >&2
+        die "signed rlsgate: expected the 10000 rows of tenant3, got '$got'"
+    fi
+}
+
+# One run of the signed case: variant (plain|signed), tenants (1|2), round; adds to the sums.
+signed_run() {
+    local variant=$1 tenants=$2 round=$3 port pid key out rc=0 tps=0 tx=0 p0 g0 f t c one n
+    case "$variant" in
+        plain)  port=$RLSGATE_PORT; pid=$RLSGATE_PID ;;
+        signed) port=$SIGNED_PORT;  pid=$SIGNED_PID ;;
+    esac
+    key="signed_$tenants/$variant"
+    log "case=signed tenants=$tenants variant=$variant round=$round/$ROUNDS"
+    c=$(( CLIENTS / tenants )); [ "$c" -ge 1 ] || c=1
+    p0=$(proc_ticks own "$pid"); g0=$(pg_ticks)
+    local pids=""
+    for t in 3 7; do
+        if [ "$tenants" -eq 1 ] && [ "$t" = 7 ]; then continue; fi
+        out="$TMP/run-signed-$tenants-$variant-$round-$t.log"
+        PGPASSWORD=$(cat "$TMP/token-tenant$t") "$PG_BIN/pgbench" -n -T "$DURATION" -c "$c" \
+            -j "$(( THREADS < c ? THREADS : c ))" -M extended -f "$TMP/rls_$variant.sql" \
+            -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$out" 2>&1 &
+        pids="$pids $!"
+    done
+    for p in $pids; do wait "$p" || rc=$?; done
+    sleep 0.2 # (let the postmaster reap the backends of the run)
+    for f in "$TMP"/run-signed-"$tenants"-"$variant"-"$round"-*.log; do
+        one=$(sed -n 's/^tps = \([0-9][0-9.]*\) .*/\1/p' "$f" | tail -n 1)
+        n=$(sed -n 's/^number of transactions actually processed: \([0-9][0-9]*\).*/\1/p' "$f" | tail -n 1)
+        if [ -z "$one" ]; then rc=1; grep -v '^progress:' "$f" | tail -n 15 >&2; continue; fi
+        tps=$(awk -v a="$tps" -v b="$one" 'BEGIN { printf "%.6f", a + b }')
+        tx=$(( tx + ${n:-0} ))
+    done
+    if [ "$rc" -ne 0 ]; then ERRORS[$key]=1; return 0; fi
+    TPS_SUM[$key]=$(awk -v a="${TPS_SUM[$key]:-0}" -v b="$tps" 'BEGIN { printf "%.6f", a + b }')
+    RUNS[$key]=$(( ${RUNS[$key]:-0} + 1 ))
+    TX_SUM[$key]=$(( ${TX_SUM[$key]:-0} + tx ))
+    PROXY_TICKS[$key]=$(( ${PROXY_TICKS[$key]:-0} + $(proc_ticks own "$pid") - p0 ))
+    PG_TICKS[$key]=$(( ${PG_TICKS[$key]:-0} + $(pg_ticks) - g0 ))
+}
+
+signed_case() {
+    if [ "$SKIP_RLSGATE" = 1 ]; then echo "case=signed skipped"; return; fi
+    signed_setup
+    local tenants round v name pl sg line k
+    for tenants in 1 2; do
+        for round in $(seq "$ROUNDS"); do
+            for v in plain signed; do signed_run "$v" "$tenants" "$round"; done
+        done
+        name=signed; [ "$tenants" -eq 2 ] && name=signed_2tenants
+        pl=$(avg_tps "signed_$tenants/plain"); sg=$(avg_tps "signed_$tenants/signed")
+        line="case=$name plain_tps=$pl signed_tps=$sg signed/plain=$(ratio "$sg" "$pl")"
+        for v in plain signed; do
+            k="signed_$tenants/$v"
+            [ "${RUNS[$k]:-0}" -gt 0 ] || continue
+            line="$line ${v}_pg_us=$(us_per_tx "${PG_TICKS[$k]}" "${TX_SUM[$k]}")"
+            line="$line ${v}_proxy_us=$(us_per_tx "${PROXY_TICKS[$k]}" "${TX_SUM[$k]}")"
+        done
+        echo "$line"
+    done
+}
+
 log "cases: $CASES; $ROUNDS round(s) x ${DURATION}s, -c $CLIENTS -j $THREADS"
 for cname in $CASES; do
     if [ "$cname" = idle ]; then idle_case; continue; fi
+    if [ "$cname" = signed ]; then signed_case; continue; fi
     for round in $(seq "$ROUNDS"); do
         for target in $TARGETS; do
             if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi

@@ -6,8 +6,8 @@
 -- rlsgate's signing key as the owner role or a superuser (see install_key below), set
 -- `[context] mode = "signed"` and write policies as
 --     USING (store_id = (SELECT rlsgate.tenant()))
--- (`store_id = rlsgate.tenant()` works too, but is evaluated for every row and cannot use an
--- index: the sub-select is evaluated once per statement).
+-- (evaluated once per statement; `store_id = rlsgate.tenant()` works too and can use an index,
+-- but is called again for every row a filter looks at).
 --
 -- How it works:
 -- * The seal: a sequence whose session-local `currval` only rlsgate.enter (SECURITY DEFINER,
@@ -18,11 +18,12 @@
 --   parameters, in a transaction of its own) when a server connection starts serving another
 --   tenant. It first invalidates the seal, then verifies HMAC-SHA256(key, tenant, this
 --   backend's pid, expiry, nonce) with a key the application role cannot read, the expiry,
---   and that the nonce is above every nonce this backend accepted before; only then it seals
+--   and that the nonce is above every nonce this backend pid accepted before; only then it seals
 --   the connection for the tenant (56 bits of sha256(tenant)).
 -- * rlsgate.tenant() returns current_setting('app.current_store_id') when the seal matches
---   it, and raises 42501 otherwise. A client that forges the setting (should it ever get past
---   rlsgate's statement guard) gets an error, never another tenant's rows.
+--   it (56 bits of sha256 of the setting against the seal), and raises 42501 otherwise. A client
+--   that forges the setting (should it ever get past rlsgate's statement guard) gets an error,
+--   never another tenant's rows.
 --
 -- The tenant setting's name is fixed here as app.current_store_id; if your [context] maps the
 -- tenant to another setting, replace it in rlsgate.tenant() below.
@@ -66,11 +67,11 @@ CREATE TABLE IF NOT EXISTS rlsgate.keys (
 ALTER TABLE rlsgate.keys OWNER TO rlsgate_owner;
 REVOKE ALL ON rlsgate.keys FROM PUBLIC;
 
--- The highest nonce each backend accepted (a backend is its pid and start time).
+-- The highest nonce accepted per backend pid. rlsgate's nonces are microseconds of its clock
+-- (plus a counter): a backend that reuses a pid starts above what its predecessor accepted.
 CREATE UNLOGGED TABLE IF NOT EXISTS rlsgate.backend_nonce (
-    pid     integer PRIMARY KEY,
-    started timestamptz NOT NULL,
-    nonce   bigint NOT NULL
+    pid   integer PRIMARY KEY,
+    nonce bigint NOT NULL
 );
 ALTER TABLE rlsgate.backend_nonce OWNER TO rlsgate_owner;
 REVOKE ALL ON rlsgate.backend_nonce FROM PUBLIC;
@@ -183,10 +184,9 @@ BEGIN
     IF sha256(v_mac) <> sha256(p_mac) THEN
         RAISE EXCEPTION 'rlsgate: the tenant seal does not verify' USING ERRCODE = '42501';
     END IF;
-    INSERT INTO rlsgate.backend_nonce AS b (pid, started, nonce)
-        SELECT v_pid, s.backend_start, p_nonce FROM pg_stat_get_activity(v_pid) s
-        ON CONFLICT (pid) DO UPDATE SET started = excluded.started, nonce = excluded.nonce
-        WHERE b.started IS DISTINCT FROM excluded.started OR b.nonce < excluded.nonce;
+    INSERT INTO rlsgate.backend_nonce AS b (pid, nonce) VALUES (v_pid, p_nonce)
+        ON CONFLICT (pid) DO UPDATE SET nonce = excluded.nonce
+        WHERE b.nonce < excluded.nonce;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'rlsgate: the tenant seal was used before (replay)' USING ERRCODE = '42501';
     END IF;
@@ -199,42 +199,31 @@ ALTER FUNCTION rlsgate.enter(text, bigint, bigint, text, bytea) OWNER TO rlsgate
 REVOKE ALL ON FUNCTION rlsgate.enter(text, bigint, bigint, text, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rlsgate.enter(text, bigint, bigint, text, bytea) TO :"app_role";
 
--- Raised by rlsgate.tenant() when the setting does not match the seal.
-CREATE OR REPLACE FUNCTION rlsgate.unsealed() RETURNS text
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
+-- The tenant, for policies: the tenant setting when the seal matches it; 42501 otherwise.
+-- PL/pgSQL, not SQL: PostgreSQL would inline a SQL function, parsing its body again every time
+-- a query is planned (about 40 us per statement with unnamed statements); a PL/pgSQL body is
+-- compiled once per session. Not SECURITY DEFINER and no SET clause (both cost every call):
+-- every name and operator is schema-qualified instead, because the body is compiled with the
+-- search_path of the session's first call. STABLE: as `store_id = rlsgate.tenant()` it can
+-- drive an index scan, as `(SELECT rlsgate.tenant())` it runs once per statement.
+CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text
+LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
+    IF pg_catalog.int8send(pg_catalog.currval('rlsgate.seal'::pg_catalog.regclass))
+       OPERATOR(pg_catalog.=)
+       ('\x00'::pg_catalog.bytea OPERATOR(pg_catalog.||) pg_catalog.substr(pg_catalog.sha256(
+           pg_catalog.convert_to(pg_catalog.current_setting('app.current_store_id', true), 'UTF8')), 1, 7))
+    THEN
+        RETURN pg_catalog.current_setting('app.current_store_id', true);
+    END IF;
     RAISE EXCEPTION 'rlsgate: the tenant context of this connection is not sealed by rlsgate'
         USING ERRCODE = '42501';
-END
-$$;
-ALTER FUNCTION rlsgate.unsealed() OWNER TO rlsgate_owner;
-REVOKE ALL ON FUNCTION rlsgate.unsealed() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rlsgate.unsealed() TO :"app_role";
-
--- The tenant, for policies. A SQL function of one expression that PostgreSQL inlines (so no
--- SECURITY DEFINER, no SET clause): every name and operator is schema-qualified, because an
--- inlined body is read with the caller's search_path.
-CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text
-LANGUAGE sql VOLATILE
-AS $$
-SELECT CASE
-    WHEN pg_catalog.int8send(pg_catalog.currval('rlsgate.seal'::pg_catalog.regclass))
-         OPERATOR(pg_catalog.=)
-         ('\x00'::pg_catalog.bytea OPERATOR(pg_catalog.||) pg_catalog.substr(pg_catalog.sha256(
-             pg_catalog.convert_to(pg_catalog.current_setting('app.current_store_id', true), 'UTF8')), 1, 7))
-    THEN pg_catalog.current_setting('app.current_store_id', true)
-    ELSE rlsgate.unsealed()
 END
 $$;
 ALTER FUNCTION rlsgate.tenant() OWNER TO rlsgate_owner;
 REVOKE ALL ON FUNCTION rlsgate.tenant() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rlsgate.tenant() TO :"app_role";
 
--- enter reads its own backend's start time (to tell a reused pid from its earlier backend);
--- backends of the application role are visible to the owner only with this.
-GRANT EXECUTE ON FUNCTION pg_stat_get_activity(integer) TO rlsgate_owner;
-GRANT pg_read_all_stats TO rlsgate_owner;
 
 COMMIT;

@@ -634,7 +634,7 @@ async fn keys_and_verifier_are_out_of_reach() {
         "CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text LANGUAGE sql AS $$ SELECT 'south' $$",
         "ALTER FUNCTION rlsgate.tenant() RENAME TO old_tenant",
         "ALTER FUNCTION rlsgate.enter(text, bigint, bigint, text, bytea) SECURITY INVOKER",
-        "DROP FUNCTION rlsgate.unsealed()",
+        "DROP FUNCTION rlsgate.tenant()",
         "CREATE FUNCTION rlsgate.other() RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$",
         "ALTER POLICY tenant_isolation ON customers USING (true)",
         "ALTER TABLE customers DISABLE ROW LEVEL SECURITY",
@@ -663,9 +663,9 @@ async fn keys_and_verifier_are_out_of_reach() {
     assert!(count_customers(&a).await.is_err());
 }
 
-/// The verifier is inlined into the caller's query, so it is read with the caller's
-/// search_path: every name in it is schema-qualified. Shadows of each name and operator it
-/// uses, ahead of pg_catalog, change nothing.
+/// The verifier is compiled with the search_path of the session's first call (no SET clause:
+/// that would cost every call), so every name in it is schema-qualified. Shadows of each name
+/// and operator it uses, ahead of pg_catalog and made before its first call, change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_shadowing_changes_nothing() {
     let db = database(true);
@@ -770,7 +770,7 @@ async fn check_verifies_the_hardened_setup() {
          GRANT EXECUTE ON FUNCTION rlsgate.install_key(text) TO rlsgate_app;
          ALTER POLICY tenant_isolation ON customers
              USING (store_id = current_setting('app.current_store_id', true));
-         CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text LANGUAGE sql VOLATILE
+         CREATE OR REPLACE FUNCTION rlsgate.tenant() RETURNS text LANGUAGE sql STABLE
              AS $$ SELECT current_setting('app.current_store_id', true) $$;
          SELECT rlsgate.remove_key(rlsgate.key_id('hardened-test-signing-key-0123456789abcdef'));",
     );
@@ -799,4 +799,26 @@ async fn check_verifies_the_hardened_setup() {
         "{}",
         report.render_text(false)
     );
+}
+
+/// Signed mode: a client gets an idle connection already sealed for its tenant when there is
+/// one, rather than the most recently used one (which would have to be sealed again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_sealed_for_the_tenant_are_preferred() {
+    let db = database(true);
+    let proxy = start_proxy_with(&db, &proxy_config(&db, true, false, 2)).await;
+    let north = client(&proxy, "north").await;
+    let south = client(&proxy, "south").await;
+    // south's connection goes back first, north's last (the top of the idle stack)
+    north.simple_query("BEGIN").await.expect("begin");
+    assert_eq!(count_customers(&north).await.expect("north"), 3);
+    assert_eq!(count_customers(&south).await.expect("south"), 2);
+    north.simple_query("COMMIT").await.expect("commit");
+    let sealed = nonces(&db);
+    for _ in 0..5 {
+        assert_eq!(count_customers(&south).await.expect("south"), 2);
+        assert_eq!(count_customers(&north).await.expect("north"), 3);
+    }
+    assert_eq!(nonces(&db), sealed, "a connection was sealed again");
+    proxy.stop().await;
 }

@@ -4,7 +4,7 @@
 //! objects exist; `rlsgate.enter` and `rlsgate.key_installed` are SECURITY DEFINER with a
 //! `search_path` of `pg_catalog, pg_temp`; everything is owned by a role the upstream role cannot
 //! become; the key table, the nonce table and the seal's setval/nextval are out of its reach;
-//! `rlsgate.tenant()` is the inlinable, schema-qualified form reading the configured tenant
+//! `rlsgate.tenant()` is the schema-qualified PL/pgSQL verifier reading the configured tenant
 //! setting; a configured signing key is installed; and every policy takes the tenant from
 //! `rlsgate.tenant()` rather than from the setting itself.
 
@@ -18,7 +18,6 @@ use crate::seal::Sealer;
 const FUNCTIONS: &[(&str, &str)] = &[
     ("enter", "text, bigint, bigint, text, bytea"),
     ("tenant", ""),
-    ("unsealed", ""),
     ("key_installed", "text"),
     ("install_key", "text"),
     ("remove_key", "text"),
@@ -151,14 +150,14 @@ pub(crate) async fn check(
         }
         if name == "tenant" {
             let reads = format!("current_setting('{}', true)", ctx.tenant_setting);
-            let sound = language == "sql"
+            let sound = language == "plpgsql"
                 && !definer
                 && config_text.is_empty()
-                && volatility == "v"
+                && volatility == "s"
                 && source.contains(&reads)
                 && source.contains("pg_catalog.currval('rlsgate.seal'::pg_catalog.regclass)")
                 && source.contains("OPERATOR(pg_catalog.=)")
-                && source.contains("rlsgate.unsealed()");
+                && source.contains("RAISE EXCEPTION");
             if !sound {
                 ctx.push(
                     out,
@@ -167,9 +166,9 @@ pub(crate) async fn check(
                     object.clone(),
                     format!(
                         "not the verifier of sql/hardened.sql for the tenant setting {}: it must be \
-                         a VOLATILE LANGUAGE sql function without SECURITY DEFINER or SET (so it is \
-                         inlined), every name schema-qualified, comparing the seal with {reads} and \
-                         raising through rlsgate.unsealed()",
+                         a STABLE PL/pgSQL function without SECURITY DEFINER or SET, every name and \
+                         operator schema-qualified, comparing the seal with {reads} and raising \
+                         otherwise",
                         ctx.tenant_setting
                     ),
                     format!(
@@ -202,21 +201,12 @@ pub(crate) async fn check(
                     has_sequence_privilege('rlsgate.seal', 'SELECT'),
                     has_function_privilege('rlsgate.enter(text, bigint, bigint, text, bytea)', 'EXECUTE'),
                     has_function_privilege('rlsgate.key_installed(text)', 'EXECUTE'),
-                    has_function_privilege('rlsgate.tenant()', 'EXECUTE'),
-                    has_function_privilege('rlsgate.unsealed()', 'EXECUTE')",
+                    has_function_privilege('rlsgate.tenant()', 'EXECUTE')",
             &[],
         )
         .await?;
-    let [
-        keys,
-        nonces,
-        seal_write,
-        seal_read,
-        enter,
-        probe,
-        tenant,
-        unsealed,
-    ]: [bool; 8] = std::array::from_fn(|i| row.get(i));
+    let [keys, nonces, seal_write, seal_read, enter, probe, tenant]: [bool; 7] =
+        std::array::from_fn(|i| row.get(i));
     for (bad, object, why, fix) in [
         (
             keys,
@@ -256,7 +246,6 @@ pub(crate) async fn check(
         ),
         (probe, "EXECUTE ON FUNCTION rlsgate.key_installed(text)"),
         (tenant, "EXECUTE ON FUNCTION rlsgate.tenant()"),
-        (unsealed, "EXECUTE ON FUNCTION rlsgate.unsealed()"),
     ] {
         if !granted {
             ctx.push(

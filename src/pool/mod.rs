@@ -429,6 +429,12 @@ impl Pool {
     /// it nor closed it since it was released) and, when it has been idle `health_check_after`
     /// or longer, it answers an empty query.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
+        self.checkout_for(None).await
+    }
+
+    /// [`Pool::checkout`], preferring an idle connection sealed for `sealed_for` (signed
+    /// context: it saves sealing the connection again), else the most recently used one.
+    pub async fn checkout_for(&self, sealed_for: Option<&str>) -> Result<Checkout, PoolError> {
         let timeout = self.inner.cfg.checkout_timeout;
         // Fast path without a timer when a slot is free.
         let permit = match Arc::clone(&self.inner.permits).try_acquire_owned() {
@@ -445,7 +451,16 @@ impl Pool {
             }
         };
         loop {
-            let candidate = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let candidate = self.inner.idle.lock().ok().and_then(|mut idle| {
+                let sealed = sealed_for.and_then(|tenant| {
+                    idle.iter()
+                        .rposition(|c| c.sealed.as_deref() == Some(tenant))
+                });
+                match sealed {
+                    Some(i) => Some(idle.remove(i)),
+                    None => idle.pop(),
+                }
+            });
             let Some(mut conn) = candidate else { break };
             if self.inner.expired(&conn) {
                 tracing::debug!(

@@ -723,7 +723,12 @@ impl Session {
                 return Err(PoolError::Limited(e));
             }
         };
-        let checkout = match self.shared.pool.checkout().await {
+        let sealed_for = self
+            .shared
+            .sealer
+            .is_some()
+            .then_some(self.identity.tenant.as_str());
+        let checkout = match self.shared.pool.checkout_for(sealed_for).await {
             Ok(c) => c,
             Err(e) => {
                 self.shared.metrics.pool_error(&e);
