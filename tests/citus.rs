@@ -661,3 +661,19 @@ async fn two_tenants_interleaved_on_a_small_pool_never_see_each_other() {
     assert_eq!(ports, workers.join(","));
     p.stop().await;
 }
+
+/// Signed mode cannot seal the workers' connections: `rlsgate check` says so instead of letting
+/// every query on a distributed table fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_refuses_signed_mode_on_citus() {
+    let Some(c) = cluster() else { return };
+    let text = config(c, true, true, 2)
+        + "mode = \"signed\"\nsigning_key = \"citus-test-signing-key-0123456789abcdef\"\n";
+    let config = Config::from_toml(&text).expect("config");
+    let report = doctor::run(&config).await.expect("rlsgate check runs");
+    assert!(
+        ids(&report, Severity::Critical).contains(&"signed-citus"),
+        "{}",
+        report.render_text(false)
+    );
+}

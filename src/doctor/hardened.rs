@@ -33,6 +33,26 @@ pub(crate) async fn check(
     ctx: &Ctx,
     out: &mut Vec<Finding>,
 ) -> Result<(), DoctorError> {
+    let citus = client
+        .query_opt(
+            "SELECT extversion::text FROM pg_extension WHERE extname = 'citus'",
+            &[],
+        )
+        .await?;
+    if let Some(row) = citus {
+        let version: String = row.get(0);
+        ctx.push(
+            out,
+            Severity::Critical,
+            "signed-citus",
+            format!("extension citus {version}"),
+            "signed mode does not cover Citus: policies of distributed tables run on the worker \
+             nodes, whose connections rlsgate does not seal, so rlsgate.tenant() refuses every \
+             query there (and Citus refuses sub-selects in their policies)"
+                .into(),
+            "-- in the rlsgate config:\n[context]\nmode = \"plain\"".into(),
+        );
+    }
     let install = format!(
         "-- as a superuser, in this database:\n\\i sql/hardened.sql   -- psql -v app_role={} -f sql/hardened.sql",
         ctx.role_ident

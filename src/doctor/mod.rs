@@ -260,6 +260,7 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
 pub const CHECKS: &[&str] = &[
     "citus-without-wrap",
     "citus-propagate-set",
+    "signed-citus",
     "signed-setup-missing",
     "signed-key-missing",
     "signed-key-reachable",
