@@ -243,6 +243,10 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                 ),
                 ("auth.algorithms", config.auth.algorithms.join(",")),
                 ("auth.tenant_claim", config.auth.tenant_claim.clone()),
+                (
+                    "context.mode",
+                    format!("{:?}", config.context.mode).to_lowercase(),
+                ),
                 ("guard.protected", config.guard.protected.join(",")),
                 // in force (resolved from the pool size when unset; 0 = unlimited)
                 (

@@ -281,6 +281,20 @@ impl Shared {
                 "server.tcp_* keepalive changes apply to new client connections; upstream connections keep theirs until a restart".to_string(),
             );
         }
+        if (
+            old.context.mode,
+            &old.context.signing_key,
+            &old.context.previous_signing_key,
+        ) != (
+            config.context.mode,
+            &config.context.signing_key,
+            &config.context.previous_signing_key,
+        ) {
+            notes.push(
+                "[context] mode and signing key changes need a restart (the running ones stay in force)"
+                    .to_string(),
+            );
+        }
         if old.server.pool_mode != config.server.pool_mode {
             notes.push("server.pool_mode change applies to new clients only".to_string());
         }

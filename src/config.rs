@@ -54,7 +54,7 @@ pub struct Config {
 
 /// `[context]`: the settings applied to every transaction (`"<setting>" = "<claim path>"`),
 /// and how the database can tell that rlsgate set them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ContextConfig {
     /// `"plain"` (default): the settings alone. `"signed"`: rlsgate also seals each server
     /// connection for its tenant with `rlsgate.enter` (sql/hardened.sql), so that policies
@@ -69,6 +69,22 @@ pub struct ContextConfig {
     /// `"<setting name>" = "<claim path>"`.
     #[serde(flatten)]
     pub settings: BTreeMap<String, String>,
+}
+
+/// The signing keys never show in logs or debug output.
+impl std::fmt::Debug for ContextConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |k: &Option<String>| k.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ContextConfig")
+            .field("mode", &self.mode)
+            .field("signing_key", &redacted(&self.signing_key))
+            .field(
+                "previous_signing_key",
+                &redacted(&self.previous_signing_key),
+            )
+            .field("settings", &self.settings)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -955,6 +971,35 @@ hs_secret = "s"
         assert!(Config::from_toml(&text).is_err());
         let text = MINIMAL.replace("app.current_store_id", "other.current_store_id");
         assert!(Config::from_toml(&text).is_err());
+    }
+
+    #[test]
+    fn signed_context_keys() {
+        const KEY: &str = "0123456789abcdef0123456789abcdef";
+        let plain = Config::from_toml(MINIMAL).expect("plain");
+        assert_eq!(plain.context.mode, ContextMode::Plain);
+        let signed = format!("{MINIMAL}mode = \"signed\"\nsigning_key = \"{KEY}\"\n");
+        let c = Config::from_toml(&signed).expect("signed");
+        assert_eq!(c.context.mode, ContextMode::Signed);
+        assert_eq!(c.context.signing_key.as_deref(), Some(KEY));
+        // the settings beside the keys are still the settings
+        assert_eq!(
+            c.context.settings.keys().collect::<Vec<_>>(),
+            ["app.current_store_id"]
+        );
+        // never in debug output
+        assert!(!format!("{c:?}").contains(KEY));
+        for bad in [
+            format!("{MINIMAL}mode = \"signed\"\n"),
+            format!("{MINIMAL}mode = \"signed\"\nsigning_key = \"short\"\n"),
+            format!("{MINIMAL}signing_key = \"{KEY}\"\n"),
+            format!(
+                "{MINIMAL}mode = \"signed\"\nsigning_key = \"{KEY}\"\nprevious_signing_key = \"{KEY}\"\n"
+            ),
+            format!("{MINIMAL}mode = \"sealed\"\n"),
+        ] {
+            assert!(Config::from_toml(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
