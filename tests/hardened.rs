@@ -822,3 +822,35 @@ async fn idle_connections_sealed_for_the_tenant_are_preferred() {
     assert_eq!(nonces(&db), sealed, "a connection was sealed again");
     proxy.stop().await;
 }
+
+/// A seal the database refuses (here: its key removed after the connection was opened) ends the
+/// session with the reason, and the connection is closed rather than handed to anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_seal_ends_the_session_and_closes_the_connection() {
+    let db = database(true);
+    let proxy = start_proxy_with(&db, &proxy_config(&db, true, false, 1)).await;
+    let north = client(&proxy, "north").await;
+    assert_eq!(count_customers(&north).await.expect("north"), 3);
+    drop(north);
+    let id = rlsgate::seal::key_id(KEY);
+    admin_sql(&db, &format!("SELECT rlsgate.remove_key('{id}')"));
+    // south needs a seal of its own: refused by the database
+    let e = match connect(&proxy, &token("south")).await {
+        Ok(c) => count_customers(&c).await.expect_err("refused seal"),
+        Err(e) => e,
+    };
+    assert_eq!(code(&e), "XX000", "{e:?}");
+    let detail = format!("{e:?}");
+    assert!(detail.contains("is not installed"), "{detail}");
+    // the key back: the next client gets a working connection (a new one: the refused one was
+    // closed, its block never committed)
+    install_key(&db, KEY);
+    let south = client(&proxy, "south").await;
+    assert_eq!(count_customers(&south).await.expect("south"), 2);
+    let backends = admin_sql(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'rlsgate_app' AND state = 'idle in transaction (aborted)'",
+    );
+    assert_eq!(backends, "0");
+    proxy.stop().await;
+}
