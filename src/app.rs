@@ -129,17 +129,9 @@ impl Shared {
             config.metrics.tenant_cap,
         ));
         let stmt_hasher = RandomState::new();
-        let sealer = match (config.context.mode, &config.context.signing_key) {
-            (crate::config::ContextMode::Signed, Some(key)) => Some(Arc::new(
-                crate::seal::Sealer::new(
-                    key,
-                    config.context.previous_signing_key.as_deref(),
-                    &stmt_hasher,
-                )
-                .map_err(|e| StartError::Internal(e.to_string()))?,
-            )),
-            _ => None,
-        };
+        let sealer = crate::seal::Sealer::from_config(&config.context, &stmt_hasher)
+            .map_err(|e| StartError::Internal(e.to_string()))?
+            .map(Arc::new);
         let pool_options = crate::pool::PoolOptions {
             keepalive: config.server.keepalive(),
             metrics: Some(Arc::clone(&metrics)),

@@ -94,6 +94,21 @@ impl Sealer {
         })
     }
 
+    /// The sealer `[context]` asks for: `None` in plain mode.
+    pub fn from_config(
+        context: &crate::config::ContextConfig,
+        hasher: &impl BuildHasher,
+    ) -> Result<Option<Sealer>, ProtocolError> {
+        match (context.mode, &context.signing_key) {
+            (crate::config::ContextMode::Signed, Some(key)) => Ok(Some(Sealer::new(
+                key,
+                context.previous_signing_key.as_deref(),
+                hasher,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
     /// The key ids, current first.
     pub fn key_ids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.id.as_str()).collect()
@@ -150,19 +165,6 @@ impl Sealer {
         key: u8,
         out: &mut BytesMut,
     ) -> Result<(), ProtocolError> {
-        out.extend_from_slice(&self.begin.run);
-        self.write_enter(tenant, pid, key, out)?;
-        out.extend_from_slice(&self.commit.run);
-        Ok(())
-    }
-
-    fn write_enter(
-        &self,
-        tenant: &str,
-        pid: i32,
-        key: u8,
-        out: &mut BytesMut,
-    ) -> Result<(), ProtocolError> {
         let key = self
             .keys
             .get(usize::from(key))
@@ -172,8 +174,11 @@ impl Sealer {
         let mac = seal_mac(&key.key, tenant, pid, expires, nonce);
         let expires = expires.to_string();
         let nonce = nonce.to_string();
+        out.extend_from_slice(&self.begin.run);
         self.enter
-            .write_run(&[tenant, &expires, &nonce, &key.id, &mac], out)
+            .write_run(&[tenant, &expires, &nonce, &key.id, &mac], out)?;
+        out.extend_from_slice(&self.commit.run);
+        Ok(())
     }
 }
 
@@ -263,9 +268,9 @@ mod tests {
         let s = Sealer::new(KEY, None, &hasher).unwrap();
         let mut a = BytesMut::new();
         let mut b = BytesMut::new();
-        s.write_enter("north", 1, 0, &mut a).unwrap();
-        s.write_enter("north", 1, 0, &mut b).unwrap();
+        s.write_seal("north", 1, 0, &mut a).unwrap();
+        s.write_seal("north", 1, 0, &mut b).unwrap();
         assert_ne!(a, b);
-        assert!(s.write_enter("north", 1, 1, &mut a).is_err(), "no such key");
+        assert!(s.write_seal("north", 1, 1, &mut a).is_err(), "no such key");
     }
 }

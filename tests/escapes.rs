@@ -156,21 +156,6 @@ fn summary(rows: &[Vec<String>]) -> String {
 // Database, proxy, clients
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh demo database where only the guard stands in the way.
-fn escape_db() -> String {
-    let db = demo_db();
-    admin_sql(
-        &db,
-        &format!(
-            "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO PUBLIC;
-             GRANT TEMP ON DATABASE \"{db}\" TO PUBLIC;
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO PUBLIC;
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_backend_activity(integer) TO PUBLIC;"
-        ),
-    );
-    db
-}
-
 fn proxy_config(db: &str, pool: usize) -> String {
     // A victim waiting for a connection pinned to the attacker gives up after 1 s.
     config_text(db, pool, "").replace("checkout_timeout = \"5s\"", "checkout_timeout = \"1s\"")

@@ -37,14 +37,11 @@ const MARK: &str = "foreign-secret";
 /// The demo database, with what the escapes suite grants so that only the guard (or the
 /// hardening) stands in the way; `signed`: sql/hardened.sql, its demo policies and KEY.
 fn database(signed: bool) -> String {
-    let db = demo_db();
+    let db = escape_db();
     admin_sql(
         &db,
         &format!(
-            "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO PUBLIC;
-             GRANT TEMP ON DATABASE \"{db}\" TO PUBLIC;
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO PUBLIC;
-             UPDATE customers SET email = '{MARK}-' || customer_id WHERE store_id <> 'north';
+            "UPDATE customers SET email = '{MARK}-' || customer_id WHERE store_id <> 'north';
              UPDATE products SET name = '{MARK}-' || product_id WHERE store_id <> 'north';"
         ),
     );

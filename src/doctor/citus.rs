@@ -17,20 +17,26 @@ use crate::config::Config;
 /// test keeps the two equal): the probe sends the very same text.
 pub(crate) const CITUS_PROPAGATE_SET: &str = "SET LOCAL citus.propagate_set_commands = 'local'";
 
+/// The Citus extension's version, if it is installed in this database.
+pub(crate) async fn version(client: &Client) -> Result<Option<String>, DoctorError> {
+    let row = client
+        .query_opt(
+            "SELECT extversion::text FROM pg_extension WHERE extname = 'citus'",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 pub(crate) async fn check(
     client: &Client,
     config: &Config,
     ctx: &Ctx,
     findings: &mut Vec<Finding>,
 ) -> Result<(), DoctorError> {
-    let citus = client
-        .query_opt(
-            "SELECT extversion::text FROM pg_extension WHERE extname = 'citus'",
-            &[],
-        )
-        .await?;
-    let Some(row) = citus else { return Ok(()) };
-    let version: String = row.get(0);
+    let Some(version) = version(client).await? else {
+        return Ok(());
+    };
     let upstream = &config.upstream;
     if !upstream.transaction_wrap {
         findings.push(Finding {

@@ -11,7 +11,6 @@
 use tokio_postgres::Client;
 
 use super::{Ctx, DoctorError, Finding, Severity};
-use crate::config::Config;
 use crate::seal::Sealer;
 
 /// Functions sql/hardened.sql creates (name, argument types).
@@ -28,19 +27,11 @@ const RELATIONS: &[&str] = &["keys", "backend_nonce", "seal"];
 
 pub(crate) async fn check(
     client: &Client,
-    config: &Config,
     sealer: &Sealer,
     ctx: &Ctx,
     out: &mut Vec<Finding>,
 ) -> Result<(), DoctorError> {
-    let citus = client
-        .query_opt(
-            "SELECT extversion::text FROM pg_extension WHERE extname = 'citus'",
-            &[],
-        )
-        .await?;
-    if let Some(row) = citus {
-        let version: String = row.get(0);
+    if let Some(version) = super::citus::version(client).await? {
         ctx.push(
             out,
             Severity::Critical,
@@ -311,13 +302,13 @@ pub(crate) async fn check(
             ),
         }
     }
-    policies(config, ctx, out);
+    policies(ctx, out);
     Ok(())
 }
 
 /// Every policy that reads the tenant must take it from `rlsgate.tenant()`: one that reads the
 /// setting itself accepts a forged one.
-fn policies(_config: &Config, ctx: &Ctx, out: &mut Vec<Finding>) {
+fn policies(ctx: &Ctx, out: &mut Vec<Finding>) {
     let reads_setting = format!("current_setting('{}'", ctx.tenant_setting);
     let column = ctx
         .catalog

@@ -222,16 +222,11 @@ async fn run_inner(config: &Config) -> Result<Report, DoctorError> {
         functions::check(&client, &ctx, &mut findings).await?;
     }
     citus::check(&client, config, &ctx, &mut findings).await?;
-    if let (crate::config::ContextMode::Signed, Some(key)) =
-        (config.context.mode, &config.context.signing_key)
+    let hasher = std::collections::hash_map::RandomState::new();
+    if let Some(sealer) = crate::seal::Sealer::from_config(&config.context, &hasher)
+        .map_err(|e| DoctorError::Internal(e.to_string()))?
     {
-        let sealer = crate::seal::Sealer::new(
-            key,
-            config.context.previous_signing_key.as_deref(),
-            &std::collections::hash_map::RandomState::new(),
-        )
-        .map_err(|e| DoctorError::Internal(e.to_string()))?;
-        hardened::check(&client, config, &sealer, &ctx, &mut findings).await?;
+        hardened::check(&client, &sealer, &ctx, &mut findings).await?;
     }
     findings.sort_by(|a, b| {
         (a.severity, check_rank(a.check), &a.object).cmp(&(

@@ -2,6 +2,8 @@
 //! `tests/guard_corpus.rs`, shared with `tests/hardened.rs`, which replays them with the guard
 //! off against the database-side hardening.
 
+use super::{admin_sql, demo_db};
+
 /// Attacker.
 pub const A: &str = "north";
 
@@ -1091,3 +1093,18 @@ pub const GUARD_CORPUS_DENY: &[(&str, &str)] = &[
     ("0A000", "SELECT pg_advisory_lock(42)"),
     ("0A000", "SELECT pg_try_advisory_lock_shared(42)"),
 ];
+
+/// A fresh demo database where only the guard stands in the way.
+pub fn escape_db() -> String {
+    let db = demo_db();
+    admin_sql(
+        &db,
+        &format!(
+            "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO PUBLIC;
+             GRANT TEMP ON DATABASE \"{db}\" TO PUBLIC;
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO PUBLIC;
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_backend_activity(integer) TO PUBLIC;"
+        ),
+    );
+    db
+}
