@@ -317,6 +317,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         metrics.set_server_connections(pool.idle_count(), pool.in_use());
                         metrics.set_pinned(shared_for_gauges.pinned.load(Ordering::Relaxed));
                         memory.after_clients(shared_for_gauges.registry.count()).await;
+                        // idle sessions whose token expired end now (no timer per session)
+                        shared_for_gauges
+                            .registry
+                            .wake_expired(jsonwebtoken::get_current_timestamp());
                     }
                     _ = stop.cancelled() => return,
                 }
@@ -371,6 +375,8 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
     }
     drop(listener);
     shared.draining.store(true, Ordering::Relaxed);
+    // idle sessions end now; busy ones at the end of their transaction (see Session::serve)
+    shared.registry.wake_all();
     maintenance.abort();
     tracker.close();
     let timeout = shared.config().server.shutdown_timeout;
@@ -461,21 +467,25 @@ fn refuse_at_fd_limit(tcp: TcpStream) {
 /// One client connection, from accept to close. The task's future is what an idle client costs:
 /// the login runs in a boxed future freed once the session starts, so only the session's own
 /// state stays with the task.
-async fn handle(
+///
+/// Not an `async fn`: its arguments would stay in the task's future for the client's lifetime.
+fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     conn_id: u64,
     shutdown: CancellationToken,
-    _client_slot: tokio::sync::OwnedSemaphorePermit,
-) {
-    let Some((session, _tenant_slot)) =
-        Box::pin(start(tcp, peer, Arc::clone(&shared), conn_id, shutdown)).await
-    else {
-        return;
-    };
-    session.run().await;
-    tracing::debug!("client disconnected");
+    client_slot: tokio::sync::OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    let login = Box::pin(start(tcp, peer, shared, conn_id, shutdown));
+    async move {
+        let _client_slot = client_slot;
+        let Some((session, _tenant_slot)) = login.await else {
+            return;
+        };
+        session.run().await;
+        tracing::debug!("client disconnected");
+    }
 }
 
 /// Handshake, login and greeting: the session that then serves the client, and the client's
@@ -487,7 +497,7 @@ async fn start(
     shared: Arc<Shared>,
     conn_id: u64,
     shutdown: CancellationToken,
-) -> Option<(Session, crate::limits::ClientSlot)> {
+) -> Option<(Box<Session>, crate::limits::ClientSlot)> {
     tcp.set_nodelay(true).ok();
     if let Err(e) = crate::stream::apply_keepalive(&tcp, &shared.config().server.keepalive()) {
         tracing::warn!(error = %e, "cannot set TCP keepalive on the client socket");

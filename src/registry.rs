@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// Most tenants with their own counters; more are counted under "other".
 const MAX_TENANT_STATS: usize = 10_000;
@@ -25,8 +25,26 @@ pub struct ClientEntry {
     pub state: AtomicU8,
     /// Upstream connection currently held (0 = none).
     pub server_id: AtomicU64,
-    /// Cancelled by the admin console's KILL.
-    pub kill: CancellationToken,
+    /// Set by the admin console's KILL.
+    pub killed: AtomicBool,
+    /// When the client's token expires, leeway included (seconds since the Unix epoch).
+    pub expires_at: AtomicU64,
+    /// Wakes the session to look at `killed`, its token's expiry and rlsgate's shutdown. One
+    /// `Notify` per client instead of a timer and two cancellation futures: an idle session
+    /// waits on its socket and this alone.
+    pub wake: Notify,
+}
+
+impl ClientEntry {
+    /// Ask the session to end (admin console KILL).
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -62,6 +80,7 @@ impl Registry {
         tenant: &str,
         user: &str,
         peer: &str,
+        expires_at: u64,
     ) -> Registration {
         let entry = Arc::new(ClientEntry {
             conn_id,
@@ -71,7 +90,9 @@ impl Registry {
             since: SystemTime::now(),
             state: AtomicU8::new(STATE_IDLE),
             server_id: AtomicU64::new(0),
-            kill: CancellationToken::new(),
+            killed: AtomicBool::new(false),
+            expires_at: AtomicU64::new(expires_at),
+            wake: Notify::new(),
         });
         if let Ok(mut c) = self.clients.lock() {
             c.insert(conn_id, Arc::clone(&entry));
@@ -105,9 +126,30 @@ impl Registry {
             .filter(|e| e.tenant == tenant)
             .collect();
         for v in &victims {
-            v.kill.cancel();
+            v.kill();
         }
         victims.len()
+    }
+
+    /// Wake every session whose token has expired (`now` in seconds since the Unix epoch): an
+    /// idle session ends then (see `Session::serve`). Called once a second.
+    pub fn wake_expired(&self, now: u64) {
+        if let Ok(c) = self.clients.lock() {
+            for e in c.values() {
+                if e.expires_at.load(Ordering::Relaxed) < now {
+                    e.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Wake every session (rlsgate is shutting down: idle ones end now).
+    pub fn wake_all(&self) {
+        if let Ok(c) = self.clients.lock() {
+            for e in c.values() {
+                e.wake.notify_one();
+            }
+        }
     }
 
     fn bump(&self, tenant: &str, f: impl FnOnce(&mut TenantStats)) {

@@ -453,3 +453,24 @@ async fn jwks_keys_rotate_while_clients_stay_connected() {
     );
     proxy.stop().await;
 }
+
+/// The session ends at expiry by itself: the idle client sends nothing and still gets the FATAL
+/// (the check at the next statement is not what ends it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_is_told_its_token_expired_without_sending_anything() {
+    for mode in ["transaction", "session"] {
+        let db = demo_db();
+        let proxy =
+            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let t = token_with(json!({"store_id": "north", "exp": now() + 2}));
+        let mut c = RawClient::connect(&proxy, &t).await;
+        c.query("SELECT count(*) FROM customers").await;
+        let msgs = c.until_ready().await;
+        assert_eq!(tags(&msgs), "T D C Z", "{mode}");
+        // (recv waits up to 15 s; the expiry is 2 s away)
+        let m = c.recv().await;
+        assert_eq!((m.tag, m.code().as_str()), ('E', "28000"), "{mode}: {m:?}");
+        assert_eq!(m.field(b'S'), "FATAL", "{mode}");
+        proxy.stop().await;
+    }
+}

@@ -380,3 +380,31 @@ async fn tenant_client_and_rate_limits_refuse_with_53300_and_53400() {
     assert_eq!(count(&south, "customers").await, 2);
     proxy.stop().await;
 }
+
+/// KILL and shutdown end idle sessions by themselves: the clients send nothing and still get
+/// their FATAL 57P01 (a check at the next statement is not what ends them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_shutdown_reach_idle_clients_that_send_nothing() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &admin_config(&db)).await;
+    let mut north = RawClient::connect(&proxy, &token("north")).await;
+    let mut south = RawClient::connect(&proxy, &token("south")).await;
+    south.query("SELECT count(*) FROM customers").await;
+    assert_eq!(tags(&south.until_ready().await), "T D C Z");
+
+    let out = admin_psql(&proxy, "KILL north");
+    assert_eq!(stdout(&out), "KILL 1", "{}", stderr(&out));
+    let m = north.recv().await;
+    assert_eq!((m.tag, m.code().as_str()), ('E', "57P01"), "{m:?}");
+    assert!(m.field(b'M').contains("KILL"), "{m:?}");
+
+    let Proxy { shutdown, task, .. } = proxy;
+    shutdown.cancel();
+    let m = south.recv().await;
+    assert_eq!((m.tag, m.code().as_str()), ('E', "57P01"), "{m:?}");
+    assert!(m.field(b'M').contains("shutting down"), "{m:?}");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("rlsgate stops")
+        .unwrap();
+}

@@ -305,8 +305,8 @@ impl Session {
             self.shared.metrics.denial(d.rule, &self.identity.tenant);
             self.shared.registry.denial(&self.identity.tenant);
             self.shared.audit.record(AuditEvent::StatementDenied {
-                peer: self.peer.clone(),
-                user: self.user.clone(),
+                peer: self.client_entry.entry.peer.clone(),
+                user: self.client_entry.entry.user.clone(),
                 tenant: self.identity.tenant.clone(),
                 rule: d.rule.to_string(),
                 fingerprint: crate::audit::fingerprint(sql),
@@ -347,7 +347,7 @@ impl Session {
         }
         match self.shared.limits.try_pin(&self.identity.tenant) {
             Ok(slot) => {
-                self.pin_slot = Some(slot);
+                self.pin_slot = Some(Box::new(slot));
                 None
             }
             Err(crate::limits::PinLimit { cap }) => {
@@ -376,7 +376,12 @@ impl Session {
         }
         if self.pin_slot.is_none() {
             // every caller asks pin_refusal first; one that did not still counts (if under the cap)
-            self.pin_slot = self.shared.limits.try_pin(&self.identity.tenant).ok();
+            self.pin_slot = self
+                .shared
+                .limits
+                .try_pin(&self.identity.tenant)
+                .ok()
+                .map(Box::new);
         }
         self.pinned = Some(what);
         let now = self
@@ -482,11 +487,11 @@ impl Session {
             let last = first.kind;
             // plain mode: start_unit already applied the context for the first piece
             self.send_piece(first, due && self.wrap, true)?;
-            self.split = Some(Split {
+            self.split = Some(Box::new(Split {
                 rest: pieces.into(),
                 failed: false,
                 last,
-            });
+            }));
             self.after_unit(analysis.tx_effect());
             // counted when the whole split ends (see relay::on_ready)
             SPLIT_UNIT

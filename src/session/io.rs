@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::{Session, SessionError};
+use crate::registry::ClientEntry;
 use crate::stream::Stream;
 
 /// Output buffered towards one side above which no more is produced for it.
@@ -120,7 +121,8 @@ pub(super) struct Sockets<'a> {
 }
 
 impl<'a> Sockets<'a> {
-    pub(super) fn new(s: &'a mut Session) -> Sockets<'a> {
+    /// The session's sockets, and its registry entry (whose `wake` the session waits on too).
+    pub(super) fn new(s: &'a mut Session) -> (Sockets<'a>, &'a ClientEntry) {
         // Client frames wait (a split Query or a held frame waits for replies; output is full):
         // read ahead only so far, enough to see the client leave.
         let waiting = (s.split.is_some() && !s.copy_in)
@@ -137,6 +139,7 @@ impl<'a> Sockets<'a> {
             server,
             server_out,
             server_unflushed,
+            client_entry,
             ..
         } = s;
         let server = match server.as_mut() {
@@ -159,7 +162,7 @@ impl<'a> Sockets<'a> {
                 None
             }
         };
-        Sockets {
+        let sockets = Sockets {
             client: Side {
                 stream: client,
                 input: client_buf,
@@ -168,7 +171,8 @@ impl<'a> Sockets<'a> {
                 read: read_client,
             },
             server,
-        }
+        };
+        (sockets, &client_entry.entry)
     }
 }
 

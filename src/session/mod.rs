@@ -192,9 +192,6 @@ pub struct Session {
     server_out: BytesMut,
     server_unflushed: bool,
     identity: Identity,
-    /// Client address and login user name (audit lines).
-    peer: String,
-    user: String,
     /// The tenant context, as statements prepared once per connection.
     context: inject::Context,
     expect: VecDeque<Expect>,
@@ -236,7 +233,7 @@ pub struct Session {
     local_failed_unit: bool,
     stmts: Statements,
     settings: Settings,
-    /// Startup parameters as the client sent them (reported back at login).
+    /// Startup parameters as the client sent them (reported back at login; freed after it).
     startup_requested: Vec<(String, String)>,
     /// Units (Query/Sync) sent and answered, to know which setting changes a reply settles.
     units_sent: u64,
@@ -245,12 +242,13 @@ pub struct Session {
     tx_failed: bool,
     /// Status from the last ReadyForQuery (Idle when no connection is held).
     last_status: TxStatus,
-    split: Option<Split>,
+    /// Boxed: rare, and every session holds the field.
+    split: Option<Box<Split>>,
     /// Transaction mode: the server connection stays with this client (session state), and why.
     pinned: Option<&'static str>,
     /// The pin counted against the tenant's `max_pinned_per_tenant` (taken just before the
     /// pinning statement is sent; released when the client leaves).
-    pin_slot: Option<crate::limits::PinSlot>,
+    pin_slot: Option<Box<crate::limits::PinSlot>>,
     /// Entry in the client registry (admin console; KILL).
     client_entry: crate::registry::Registration,
     /// Client-connection metrics (state gauge).
@@ -262,6 +260,9 @@ pub struct Session {
     query_timeout: std::time::Duration,
     /// When bytes last came from the upstream (kept only with a query_timeout).
     server_heard: Option<std::time::Instant>,
+    /// The timer of the earliest deadline (idle in transaction, query timeout), made when first
+    /// needed and dropped when the session goes idle.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     leeway: u64,
     /// Bytes of a large server message still to stream through to the client.
     passthrough: usize,
@@ -282,7 +283,6 @@ pub struct Session {
 /// Which deadline of the session loop fires first.
 #[derive(Debug, Clone, Copy)]
 enum Deadline {
-    TokenExpiry,
     IdleInTransaction,
     Query,
 }
@@ -300,7 +300,7 @@ impl Session {
         shared: Arc<Shared>,
         id: u64,
         shutdown: CancellationToken,
-    ) -> Result<Self, SessionError> {
+    ) -> Result<Box<Self>, SessionError> {
         let config = shared.config();
         let context = inject::Context::new(
             &login.identity,
@@ -315,13 +315,19 @@ impl Session {
             &login.identity.tenant,
             &login.user,
             &login.peer.to_string(),
+            login
+                .identity
+                .expires_at
+                .saturating_add(config.auth.leeway.as_secs()),
         );
         let tracker = shared.metrics.track_client(&login.identity.tenant);
         let mut startup_requested =
             crate::client::startup_params::requested_settings(&login.startup.params);
         startup_requested.shrink_to_fit();
         let settings = Settings::from_startup(&startup_requested, shared.live().guard.protected());
-        Ok(Session {
+        // Boxed: the task that serves the client then holds a pointer, and the session is never
+        // moved (an idle client costs the box, the task and its sockets).
+        Ok(Box::new(Session {
             id,
             mode: config.server.pool_mode,
             max_message: config.server.max_message_size,
@@ -334,8 +340,6 @@ impl Session {
             server_out: BytesMut::new(),
             server_unflushed: false,
             identity: login.identity,
-            peer: login.peer.to_string(),
-            user: login.user.clone(),
             context,
             expect: VecDeque::new(),
             reauth: Default::default(),
@@ -374,6 +378,7 @@ impl Session {
             idle_tx_timeout: config.server.idle_in_transaction_timeout,
             query_timeout: config.server.query_timeout,
             server_heard: None,
+            timer: None,
             leeway: config.auth.leeway.as_secs(),
             pending: None,
             upstream_fatal: false,
@@ -381,7 +386,7 @@ impl Session {
             cancel,
             shared,
             shutdown,
-        })
+        }))
     }
 
     /// Finish the login (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
@@ -398,15 +403,15 @@ impl Session {
             };
             be::write_parameter_status(k, v, &mut self.client_out);
         }
+        // only needed for the greeting
+        self.startup_requested = Vec::new();
         be::write_backend_key(self.cancel.pid, self.cancel.key, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
         self.flush_client().await
     }
 
     /// Run until the client leaves. Errors are reported to the client here.
-    pub fn run(self) -> impl Future<Output = ()> + Send {
-        // Not `async fn run(mut self)`: that stores the session twice in the future (the argument
-        // and its `mut` binding); the block below uses its capture in place.
+    pub fn run(self: Box<Self>) -> impl Future<Output = ()> + Send {
         let mut session = self;
         async move {
             let result = session.serve().await;
@@ -429,8 +434,8 @@ impl Session {
                     self.shared
                         .audit
                         .record(crate::audit::AuditEvent::TokenExpired {
-                            peer: self.peer.clone(),
-                            user: self.user.clone(),
+                            peer: self.client_entry.entry.peer.clone(),
+                            user: self.client_entry.entry.user.clone(),
                             tenant: self.identity.tenant.clone(),
                             jti: self.identity.jti.clone(),
                         });
@@ -498,23 +503,31 @@ impl Session {
                 io::release_idle(&mut self.client_out);
                 io::release_idle(&mut self.server_out);
             }
-            // One timer for the deadlines below (the earliest one), not one each: it stays in
-            // every idle session's future.
-            let now = tokio::time::Instant::now();
+            // KILL, the token's expiry and shutdown wake the session through its registry entry
+            // (see `Registry::wake_expired`); the flags are read here, before every wait, so a
+            // wake-up that arrives while the session is busy is not lost.
+            if self.client_entry.entry.is_killed() {
+                return Err(SessionError::Killed);
+            }
+            if idle && self.shutdown.is_cancelled() {
+                return Err(SessionError::Shutdown);
+            }
+            // A token that expires while the client is between transactions ends the session then.
+            if idle && self.token_expired() {
+                return Err(SessionError::TokenExpired);
+            }
+            // One timer for the deadlines below (the earliest one), kept boxed in the session and
+            // reset rather than made anew: an idle session holds none.
             let mut deadline: Option<(tokio::time::Instant, Deadline)> = None;
             let mut earliest = |at: tokio::time::Instant, which: Deadline| {
                 if deadline.is_none_or(|(d, _)| at < d) {
                     deadline = Some((at, which));
                 }
             };
-            // A token that expires while the client is between transactions ends the session then.
-            if idle && let Some(at) = now.checked_add(self.until_expiry()) {
-                earliest(at, Deadline::TokenExpiry);
-            }
             // Holding a connection inside a transaction and waiting for the client.
             if idle_in_tx
                 && !self.idle_tx_timeout.is_zero()
-                && let Some(at) = now.checked_add(self.idle_tx_timeout)
+                && let Some(at) = tokio::time::Instant::now().checked_add(self.idle_tx_timeout)
             {
                 earliest(at, Deadline::IdleInTransaction);
             }
@@ -532,28 +545,48 @@ impl Session {
                     Deadline::Query,
                 );
             }
-            let deadline = async {
-                match deadline {
-                    Some((at, which)) => {
-                        tokio::time::sleep_until(at).await;
-                        which
+            let mut timer = match deadline {
+                Some((at, _)) => {
+                    let mut t = self
+                        .timer
+                        .take()
+                        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(at)));
+                    if t.deadline() != at {
+                        t.as_mut().reset(at);
                     }
-                    None => std::future::pending().await,
+                    Some(t)
+                }
+                None => {
+                    if idle {
+                        // (an idle session keeps nothing it does not need)
+                        self.timer = None;
+                    }
+                    None
                 }
             };
-            let killed = self.client_entry.entry.kill.clone();
-            let shutdown = self.shutdown.clone();
-            let io = io::Sockets::new(self);
+            let (io, entry) = io::Sockets::new(self);
             let event = tokio::select! {
-                r = io => r?,
-                _ = shutdown.cancelled(), if idle => return Err(SessionError::Shutdown),
-                which = deadline => return Err(match which {
-                    Deadline::IdleInTransaction => SessionError::IdleInTransaction,
-                    Deadline::Query => SessionError::QueryTimeout,
-                    Deadline::TokenExpiry => SessionError::TokenExpired,
-                }),
-                _ = killed.cancelled() => return Err(SessionError::Killed),
+                r = io => Some(r?),
+                () = entry.wake.notified() => None,
+                () = async {
+                    match timer.as_mut() {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    return Err(match deadline {
+                        Some((_, Deadline::Query)) => SessionError::QueryTimeout,
+                        Some((_, Deadline::IdleInTransaction)) | None => {
+                            SessionError::IdleInTransaction
+                        }
+                    })
+                }
             };
+            if timer.is_some() {
+                self.timer = timer;
+            }
+            // woken through the registry entry: the flags are read at the top of the loop
+            let Some(event) = event else { continue };
             if event.client_read > 0 {
                 self.shared.metrics.bytes(event.client_read as u64, 0);
             }
@@ -952,14 +985,6 @@ impl Session {
         Ok(())
     }
 
-    /// Time left until the token (plus leeway) expires.
-    fn until_expiry(&self) -> std::time::Duration {
-        let leeway = self.leeway;
-        let deadline = self.identity.expires_at.saturating_add(leeway);
-        let now = jsonwebtoken::get_current_timestamp();
-        std::time::Duration::from_secs(deadline.saturating_sub(now).saturating_add(1))
-    }
-
     /// `SELECT rlsgate.reauth('<jwt>')`: a fresh token for the same tenant replaces the identity
     /// (and its context) from the next transaction on.
     async fn reauth(&mut self, token: &str) -> Result<(), ClientError> {
@@ -972,7 +997,7 @@ impl Session {
             .shared
             .live()
             .validator
-            .validate(token, &self.user)
+            .validate(token, &self.client_entry.entry.user)
             .await;
         let result = match outcome {
             Err(e) => Err(ClientError::error(
@@ -991,6 +1016,10 @@ impl Session {
             ) {
                 Ok(context) => {
                     self.context = context;
+                    self.client_entry.entry.expires_at.store(
+                        id.expires_at.saturating_add(self.leeway),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     self.identity = id;
                     Ok(())
                 }
@@ -1001,8 +1030,8 @@ impl Session {
             },
         };
         self.shared.audit.record(crate::audit::AuditEvent::Reauth {
-            peer: self.peer.clone(),
-            user: self.user.clone(),
+            peer: self.client_entry.entry.peer.clone(),
+            user: self.client_entry.entry.user.clone(),
             tenant: self.identity.tenant.clone(),
             ok: result.is_ok(),
             reason: result.as_ref().err().map(|e| e.message.clone()),

@@ -23,8 +23,8 @@ const COLUMN: &str = "reauth";
 #[derive(Debug, Default)]
 pub(super) struct ReauthState {
     statements: Vec<(Box<str>, ReauthArg)>,
-    /// Portal name and the token bound to it.
-    portal: Option<(Box<str>, String)>,
+    /// Portal name and the token bound to it (boxed: every session holds this state).
+    portal: Option<Box<(Box<str>, String)>>,
 }
 
 impl ReauthState {
@@ -42,7 +42,7 @@ impl ReauthState {
     }
 
     fn bound(&self, portal: &str) -> bool {
-        self.portal.as_ref().is_some_and(|(p, _)| &**p == portal)
+        self.portal.as_deref().is_some_and(|(p, _)| &**p == portal)
     }
 
     /// Whether the client has nothing of reauth (the common case: one check per message).
@@ -146,7 +146,7 @@ impl Session {
                 }
             }
         };
-        self.reauth.portal = Some((b.portal.into(), token));
+        self.reauth.portal = Some(Box::new((b.portal.into(), token)));
         self.push_reply(message(|o| be::write_empty(be::BIND_COMPLETE, o)));
         Ok(true)
     }
@@ -181,7 +181,7 @@ impl Session {
             .reauth
             .portal
             .as_mut()
-            .map(|(_, t)| std::mem::take(t))
+            .map(|bound| std::mem::take(&mut bound.1))
             .unwrap_or_default();
         match self.reauth(&token).await {
             Ok(()) => self.push_reply(message(|o| {
