@@ -33,7 +33,11 @@
 # followed on the same line by <target>_failed=<n> when pgbench counted failed
 # transactions for that target, then CPU microseconds per transaction (user +
 # system, from /proc): <target>_pg_us (all of Postgres' processes) for each
-# target and <target>_proxy_us (the proxy's process) for rlsgate and pgbouncer. A target whose pgbench run errored or aborted
+# target and <target>_proxy_us (the proxy's process) for rlsgate and pgbouncer,
+# and <target>_syscalls_per_tx for the proxies: system calls per transaction,
+# counted by strace -c attached to the proxy during one extra 3 s run of the
+# case whose TPS counts nowhere ("n/a" without strace; the most frequent
+# calls are logged on stderr). A target whose pgbench run errored or aborted
 # (any round) prints tps "error" and its ratios "n/a"; the pgbench output is
 # copied to stderr.
 #
@@ -582,6 +586,47 @@ ratio() { # a b
     fi
 }
 
+# Syscalls per transaction of a proxy: strace -c attached to the proxy's process (all its
+# threads) during one extra short run of the case. strace slows the proxy down, so that run's
+# TPS counts nowhere; the syscalls it needs per transaction are what is measured. Sets
+# SYSCALLS[case/target] ("n/a" without strace or when it cannot attach) and logs the four most
+# frequent calls per transaction.
+STRACE=$(command -v strace || true)
+declare -A SYSCALLS=()
+syscalls_one() { # case target
+    local cname=$1 target=$2 pid port password trace out spid tx calls
+    local key="$cname/$target"
+    SYSCALLS[$key]=n/a
+    [ -n "$STRACE" ] || return 0
+    case "$target" in
+        rlsgate)   pid=$RLSGATE_PID; port=$RLSGATE_PORT; password=$RLSGATE_TOKEN ;;
+        pgbouncer) pid=$(cat "$TMP/pgbouncer.pid" 2>/dev/null); port=$BOUNCER_PORT; password=$APP_PASSWORD ;;
+        *) return 0 ;;
+    esac
+    [ -n "$pid" ] || return 0
+    trace="$TMP/strace-$cname-$target.txt"
+    out="$TMP/strace-run-$cname-$target.log"
+    log "case=$cname target=$target: counting syscalls (strace -c, one 3 s run)"
+    "$STRACE" -c -f -q -p "$pid" -o "$trace" 2>"$trace.err" &
+    spid=$!
+    sleep 1 # (attached to every thread before the run starts)
+    # shellcheck disable=SC2046 # word splitting of the case arguments is intended
+    PGPASSWORD=$password "$PG_BIN/pgbench" -n -T 3 -c "$CLIENTS" -j "$THREADS" \
+        $(case_args "$cname") -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$out" 2>&1 || true
+    kill -INT "$spid" 2>/dev/null || true
+    wait "$spid" 2>/dev/null || true
+    tx=$(sed -n 's/^number of transactions actually processed: \([0-9][0-9]*\).*/\1/p' "$out" | tail -n 1)
+    calls=$(awk '$NF == "total" { print $4 }' "$trace" 2>/dev/null)
+    if [ -z "$calls" ] || [ "${tx:-0}" -le 0 ]; then
+        { echo "----- strace ($cname, $target) counted nothing:"; tail -n 3 "$trace.err" "$out"; } >&2
+        return 0
+    fi
+    SYSCALLS[$key]=$(awk -v c="$calls" -v n="$tx" 'BEGIN { printf "%.2f", c / n }')
+    log "case=$cname target=$target: ${SYSCALLS[$key]} syscalls/tx; most frequent per tx: $(
+        awk -v n="$tx" '$1 ~ /^[0-9.]+$/ && $NF != "total" { printf "%s %.2f\n", $NF, $4 / n }' "$trace" \
+            | sort -k2 -g -r | head -n 4 | tr '\n' ' ')"
+}
+
 # ---------------------------------------------------------------------------
 # Memory per idle client (case idle).
 # ---------------------------------------------------------------------------
@@ -819,6 +864,10 @@ for cname in $CASES; do
             run_one "$cname" "$target" "$round"
         done
     done
+    for target in rlsgate pgbouncer; do
+        if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi
+        syscalls_one "$cname" "$target"
+    done
     d=$(avg_tps "$cname/direct")
     r=$(avg_tps "$cname/rlsgate")
     b=$(avg_tps "$cname/pgbouncer")
@@ -835,6 +884,7 @@ for cname in $CASES; do
         line="$line ${target}_pg_us=$(us_per_tx "${PG_TICKS[$k]}" "${TX_SUM[$k]}")"
         if [ "$target" != direct ]; then
             line="$line ${target}_proxy_us=$(us_per_tx "${PROXY_TICKS[$k]}" "${TX_SUM[$k]}")"
+            line="$line ${target}_syscalls_per_tx=${SYSCALLS[$k]:-n/a}"
         fi
     done
     echo "$line"
