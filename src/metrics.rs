@@ -72,6 +72,9 @@ pub enum ClientState {
 }
 
 impl ClientState {
+    /// Every state, in declaration order (the discriminants index [`Metrics`]' gauges).
+    const ALL: [ClientState; 3] = [ClientState::Idle, ClientState::Active, ClientState::Waiting];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClientState::Idle => "idle",
@@ -336,7 +339,9 @@ impl TenantSeries {
 /// All of rlsgate's metrics, with their own registry.
 pub struct Metrics {
     registry: Registry,
-    client_connections: Family<StateLabel, Gauge>,
+    /// `rlsgate_client_connections{state}`, one gauge per [`ClientState`] (in its order),
+    /// resolved once: a client changes state twice per transaction.
+    client_states: [Gauge; 3],
     server_connections: Family<StateLabel, Gauge>,
     pinned_clients: Gauge,
     checkout_wait: Histogram,
@@ -377,9 +382,8 @@ impl Metrics {
         let histogram = || Histogram::new(DURATION_BUCKETS);
 
         let client_connections = Family::<StateLabel, Gauge>::default();
-        for s in [ClientState::Idle, ClientState::Active, ClientState::Waiting] {
-            let _ = client_connections.get_or_create(&StateLabel { state: s.as_str() });
-        }
+        let client_states = ClientState::ALL
+            .map(|s| client_connections.get_or_create_owned(&StateLabel { state: s.as_str() }));
         registry.register(
             "rlsgate_client_connections",
             "Client connections that are logged in, by state: idle (no transaction), active (in a transaction on a server connection), waiting (for a server connection)",
@@ -520,7 +524,7 @@ impl Metrics {
 
         Metrics {
             registry,
-            client_connections,
+            client_states,
             server_connections,
             pinned_clients,
             checkout_wait,
@@ -546,10 +550,8 @@ impl Metrics {
 
     // --- client connections -------------------------------------------------------------------
 
-    fn state_gauge(&self, state: ClientState) -> Gauge {
-        self.client_connections.get_or_create_owned(&StateLabel {
-            state: state.as_str(),
-        })
+    fn state_gauge(&self, state: ClientState) -> &Gauge {
+        &self.client_states[state as usize]
     }
 
     /// A client logged in (it starts [`ClientState::Idle`]). Pair with
