@@ -48,7 +48,12 @@
 #                                       protocol-level prepared statements in
 #                                       transaction mode: expect "error" there)
 #   tpcb             built-in TPC-B-like script, -M simple
-#   churn            -S -M simple -C   (a new connection per transaction)
+#   churn            -S -M simple -C   (a new connection per transaction); also
+#                    against a second PgBouncer with auth_type = md5 (the
+#                    first, like Postgres, asks for SCRAM, whose key
+#                    stretching costs milliseconds per login by design):
+#                    pgbouncer_md5_tps=<n> rlsgate/pgbouncer_md5=<r> and its
+#                    pgbouncer_md5_pg_us / _proxy_us
 #   idle             memory per idle client, for each count n in BENCH_IDLE:
 #                    a fresh rlsgate and a fresh PgBouncer (each warmed up
 #                    by one query), then examples/idle_clients.rs logs n
@@ -403,6 +408,25 @@ wait_ready() { # name port pid-or-empty log
 }
 wait_ready pgbouncer "$BOUNCER_PORT" "" "$TMP/pgbouncer.log"
 
+# A second PgBouncer for the churn case, identical but for auth_type = md5: the case measures the
+# login path, and SCRAM (what Postgres and the first PgBouncer ask for) costs milliseconds of CPU
+# per login by design. Started on first use.
+MD5_BOUNCER_PORT=""
+start_md5_bouncer() {
+    [ -z "$MD5_BOUNCER_PORT" ] || return 0
+    pick_port; MD5_BOUNCER_PORT=$FREE_PORT
+    sed -e "s/^listen_port = .*/listen_port = $MD5_BOUNCER_PORT/" \
+        -e "s/^auth_type = .*/auth_type = md5/" \
+        -e "s|^logfile = .*|logfile = $TMP/pgbouncer-md5.log|" \
+        -e "s|^pidfile = .*|pidfile = $TMP/pgbouncer-md5.pid|" \
+        "$TMP/pgbouncer.ini" >"$TMP/pgbouncer-md5.ini"
+    if [ "$IS_ROOT" -eq 1 ]; then chown postgres: "$TMP/pgbouncer-md5.ini"; fi
+    log "starting pgbouncer (auth_type = md5) on 127.0.0.1:$MD5_BOUNCER_PORT"
+    as_pg "$PGBOUNCER" -d "$TMP/pgbouncer-md5.ini" >"$TMP/pgbouncer-md5.stdout" 2>&1 \
+        || { cat "$TMP/pgbouncer-md5.stdout" "$TMP/pgbouncer-md5.log" >&2 2>/dev/null; die "pgbouncer (md5) did not start"; }
+    wait_ready pgbouncer "$MD5_BOUNCER_PORT" "" "$TMP/pgbouncer-md5.log"
+}
+
 # ---------------------------------------------------------------------------
 # rlsgate.
 # ---------------------------------------------------------------------------
@@ -519,6 +543,7 @@ proxy_ticks() { # target
     case "$1" in
         rlsgate)   proc_ticks own "$RLSGATE_PID" ;;
         pgbouncer) proc_ticks own "$(cat "$TMP/pgbouncer.pid" 2>/dev/null)" ;;
+        pgbouncer_md5) proc_ticks own "$(cat "$TMP/pgbouncer-md5.pid" 2>/dev/null)" ;;
         *)         echo 0 ;;
     esac
 }
@@ -537,6 +562,7 @@ run_one() { # case target round
     case "$target" in
         direct)    port=$PG_PORT;       password=$APP_PASSWORD ;;
         pgbouncer) port=$BOUNCER_PORT;  password=$APP_PASSWORD ;;
+        pgbouncer_md5) port=$MD5_BOUNCER_PORT; password=$APP_PASSWORD ;;
         rlsgate)   port=$RLSGATE_PORT;  password=$RLSGATE_TOKEN ;;
     esac
     out="$TMP/run-$cname-$target-$round.log"
@@ -858,8 +884,10 @@ log "cases: $CASES; $ROUNDS round(s) x ${DURATION}s, -c $CLIENTS -j $THREADS"
 for cname in $CASES; do
     if [ "$cname" = idle ]; then idle_case; continue; fi
     if [ "$cname" = signed ]; then signed_case; continue; fi
+    targets=$TARGETS
+    if [ "$cname" = churn ]; then start_md5_bouncer; targets="$TARGETS pgbouncer_md5"; fi
     for round in $(seq "$ROUNDS"); do
-        for target in $TARGETS; do
+        for target in $targets; do
             if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi
             run_one "$cname" "$target" "$round"
         done
@@ -873,12 +901,16 @@ for cname in $CASES; do
     b=$(avg_tps "$cname/pgbouncer")
     line="case=$cname direct_tps=$d rlsgate_tps=$r pgbouncer_tps=$b"
     line="$line rlsgate/direct=$(ratio "$r" "$d") rlsgate/pgbouncer=$(ratio "$r" "$b")"
-    for target in $TARGETS; do
+    if [ "$cname" = churn ]; then
+        m=$(avg_tps "$cname/pgbouncer_md5")
+        line="$line pgbouncer_md5_tps=$m rlsgate/pgbouncer_md5=$(ratio "$r" "$m")"
+    fi
+    for target in $targets; do
         f=${FAILED[$cname/$target]:-0}
         if [ "$f" -gt 0 ]; then line="$line ${target}_failed=$f"; fi
     done
     # CPU per transaction: Postgres for every target, the proxy's own process for the proxies
-    for target in $TARGETS; do
+    for target in $targets; do
         k="$cname/$target"
         [ "${RUNS[$k]:-0}" -gt 0 ] || continue
         line="$line ${target}_pg_us=$(us_per_tx "${PG_TICKS[$k]}" "${TX_SUM[$k]}")"
