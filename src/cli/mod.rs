@@ -57,8 +57,11 @@ pub enum Command {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // colours only on a terminal: files, journald and container logs get plain text
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if std::env::var("RLSGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
