@@ -316,7 +316,8 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         pool.maintain().await;
                         metrics.set_server_connections(pool.idle_count(), pool.in_use());
                         metrics.set_pinned(shared_for_gauges.pinned.load(Ordering::Relaxed));
-                        memory.after_clients(shared_for_gauges.registry.count()).await;
+                        let registry = &shared_for_gauges.registry;
+                        memory.after_clients(registry.take_peak(), registry.count()).await;
                         // idle sessions whose token expired end now (no timer per session)
                         shared_for_gauges
                             .registry
@@ -412,8 +413,9 @@ impl MemoryReturn {
     /// Clients that left since the peak before memory is returned (and at least half of it).
     const LEFT: usize = 100;
 
-    async fn after_clients(&mut self, now: usize) {
-        self.peak = self.peak.max(now);
+    /// `seen`: most clients at once since the last call; `now`: clients now.
+    async fn after_clients(&mut self, seen: usize, now: usize) {
+        self.peak = self.peak.max(seen);
         if self.peak - now < Self::LEFT || now > self.peak / 2 {
             return;
         }

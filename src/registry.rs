@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use tokio::sync::Notify;
@@ -56,6 +56,8 @@ pub struct TenantStats {
 #[derive(Default)]
 pub struct Registry {
     clients: Mutex<HashMap<u64, Arc<ClientEntry>>>,
+    /// Most clients at once since [`Registry::take_peak`] last ran.
+    peak: AtomicUsize,
     tenants: Mutex<HashMap<String, TenantStats>>,
 }
 
@@ -96,6 +98,7 @@ impl Registry {
         });
         if let Ok(mut c) = self.clients.lock() {
             c.insert(conn_id, Arc::clone(&entry));
+            self.peak.fetch_max(c.len(), Ordering::Relaxed);
         }
         Registration {
             registry: Arc::clone(self),
@@ -104,6 +107,13 @@ impl Registry {
     }
 
     /// Logged-in clients now.
+    /// Most clients at once since the last call (clients that came and went between two calls
+    /// count too); starts the next period at the current count.
+    pub fn take_peak(&self) -> usize {
+        let now = self.count();
+        self.peak.swap(now, Ordering::Relaxed).max(now)
+    }
+
     pub fn count(&self) -> usize {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
