@@ -319,9 +319,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         let registry = &shared_for_gauges.registry;
                         memory.after_clients(registry.take_peak(), registry.count()).await;
                         // idle sessions whose token expired end now (no timer per session)
-                        shared_for_gauges
-                            .registry
-                            .wake_expired(jsonwebtoken::get_current_timestamp());
+                        registry.wake_expired(jsonwebtoken::get_current_timestamp());
                     }
                     _ = stop.cancelled() => return,
                 }

@@ -45,6 +45,11 @@ impl ClientEntry {
     pub fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
     }
+
+    /// The client's token (leeway included) has expired at `now` (seconds since the Unix epoch).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.load(Ordering::Relaxed) < now
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -106,7 +111,6 @@ impl Registry {
         }
     }
 
-    /// Logged-in clients now.
     /// Most clients at once since the last call (clients that came and went between two calls
     /// count too); starts the next period at the current count.
     pub fn take_peak(&self) -> usize {
@@ -114,6 +118,7 @@ impl Registry {
         self.peak.swap(now, Ordering::Relaxed).max(now)
     }
 
+    /// Logged-in clients now.
     pub fn count(&self) -> usize {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
@@ -144,19 +149,17 @@ impl Registry {
     /// Wake every session whose token has expired (`now` in seconds since the Unix epoch): an
     /// idle session ends then (see `Session::serve`). Called once a second.
     pub fn wake_expired(&self, now: u64) {
-        if let Ok(c) = self.clients.lock() {
-            for e in c.values() {
-                if e.expires_at.load(Ordering::Relaxed) < now {
-                    e.wake.notify_one();
-                }
-            }
-        }
+        self.wake_where(|e| e.expired(now));
     }
 
     /// Wake every session (rlsgate is shutting down: idle ones end now).
     pub fn wake_all(&self) {
+        self.wake_where(|_| true);
+    }
+
+    fn wake_where(&self, pick: impl Fn(&ClientEntry) -> bool) {
         if let Ok(c) = self.clients.lock() {
-            for e in c.values() {
+            for e in c.values().filter(|e| pick(e)) {
                 e.wake.notify_one();
             }
         }

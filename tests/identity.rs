@@ -78,12 +78,17 @@ fn no_leeway(db: &str, extra_server: &str) -> String {
         .replace("[upstream]", &format!("{extra_server}[upstream]"))
 }
 
+/// A demo database and a proxy in `pool_mode` `mode` without token leeway.
+async fn no_leeway_proxy(mode: &str) -> (String, Proxy) {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+    (db, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_ends_when_its_token_expires() {
     for mode in ["transaction", "session"] {
-        let db = demo_db();
-        let proxy =
-            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let (_, proxy) = no_leeway_proxy(mode).await;
         let c = expiring_client(&proxy, 2).await;
         assert_eq!(count(&c, "customers").await, 3);
         tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -96,9 +101,7 @@ async fn an_idle_connection_ends_when_its_token_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_in_flight_at_expiry_may_finish_but_no_new_one_starts() {
     for mode in ["transaction", "session"] {
-        let db = demo_db();
-        let proxy =
-            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let (db, proxy) = no_leeway_proxy(mode).await;
         let c = expiring_client(&proxy, 2).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.execute(
@@ -459,9 +462,7 @@ async fn jwks_keys_rotate_while_clients_stay_connected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_is_told_its_token_expired_without_sending_anything() {
     for mode in ["transaction", "session"] {
-        let db = demo_db();
-        let proxy =
-            start_proxy_with(&db, &no_leeway(&db, &format!("pool_mode = \"{mode}\"\n"))).await;
+        let (_, proxy) = no_leeway_proxy(mode).await;
         let t = token_with(json!({"store_id": "north", "exp": now() + 2}));
         let mut c = RawClient::connect(&proxy, &t).await;
         c.query("SELECT count(*) FROM customers").await;

@@ -1039,8 +1039,10 @@ impl Session {
         result
     }
 
+    /// (The registry entry holds the expiry with the leeway; reauth moves it.)
     fn token_expired(&self) -> bool {
-        let leeway = self.leeway;
-        jsonwebtoken::get_current_timestamp() > self.identity.expires_at.saturating_add(leeway)
+        self.client_entry
+            .entry
+            .expired(jsonwebtoken::get_current_timestamp())
     }
 }
