@@ -334,12 +334,16 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
         shared.config().upstream.pool_size,
     );
     let mut fd_reserve = crate::fd_limit::Reserve::new();
+    let mut socket_options = crate::stream::ClientSocketOptions::default();
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, pool_size = shared.config().upstream.pool_size, "rlsgate is accepting connections");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    if let Err(e) = socket_options.apply(&listener, &tcp, &shared.config().server.keepalive()) {
+                        tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY or keepalive on the client socket");
+                    }
                     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
                     let Ok(slot) = Arc::clone(&clients).try_acquire_owned() else {
                         tracing::warn!(%peer, "max_client_conn reached; refusing a client");
@@ -498,10 +502,6 @@ async fn start(
     conn_id: u64,
     shutdown: CancellationToken,
 ) -> Option<(Box<Session>, crate::limits::ClientSlot)> {
-    tcp.set_nodelay(true).ok();
-    if let Err(e) = crate::stream::apply_keepalive(&tcp, &shared.config().server.keepalive()) {
-        tracing::warn!(error = %e, "cannot set TCP keepalive on the client socket");
-    }
     let timeout = shared.config().server.handshake_timeout;
     let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
         Err(_) => {

@@ -17,7 +17,10 @@ use crate::config::KeepaliveConfig;
 /// non-zero, TCP_USER_TIMEOUT on `tcp` from the `[server] tcp_*` keys. With keepalive off,
 /// SO_KEEPALIVE is cleared.
 pub fn apply_keepalive(tcp: &TcpStream, cfg: &KeepaliveConfig) -> io::Result<()> {
-    let sock = SockRef::from(tcp);
+    apply_keepalive_to(SockRef::from(tcp), cfg)
+}
+
+fn apply_keepalive_to(sock: SockRef<'_>, cfg: &KeepaliveConfig) -> io::Result<()> {
     if cfg.enabled {
         let mut params = TcpKeepalive::new();
         if !cfg.idle.is_zero() {
@@ -38,6 +41,103 @@ pub fn apply_keepalive(tcp: &TcpStream, cfg: &KeepaliveConfig) -> io::Result<()>
         sock.set_tcp_user_timeout(Some(cfg.user_timeout))?;
     }
     Ok(())
+}
+
+/// The options every client socket gets: TCP_NODELAY and the `[server] tcp_*` keepalive keys.
+///
+/// Linux copies a listening socket's options to each socket it accepts, so they are set once on
+/// the listener and read back from the next accepted socket. When that socket reports what the
+/// listener reports, later sockets need no setsockopt at all (before: five per login); when it
+/// does not (another kernel), every socket gets them set as before.
+#[derive(Debug)]
+pub struct ClientSocketOptions {
+    /// What the listener was given (a reload that changes the keys sets the listener again).
+    applied: Option<KeepaliveConfig>,
+    inheritance: Inheritance,
+}
+
+/// Whether accepted sockets arrive with the listener's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inheritance {
+    /// Not yet seen on an accepted socket since the listener's options were set; `misses`
+    /// sockets arrived without them (they may have been queued before the listener had them).
+    Unchecked { misses: u8 },
+    /// They do: nothing to set per socket.
+    Inherited,
+    /// They do not (or reading them failed): each socket gets them.
+    PerSocket,
+}
+
+impl Default for ClientSocketOptions {
+    fn default() -> Self {
+        ClientSocketOptions {
+            applied: None,
+            inheritance: Inheritance::Unchecked { misses: 0 },
+        }
+    }
+}
+
+impl ClientSocketOptions {
+    /// Give `tcp`, just accepted on `listener`, the options of `cfg`.
+    pub fn apply(
+        &mut self,
+        listener: &tokio::net::TcpListener,
+        tcp: &TcpStream,
+        cfg: &KeepaliveConfig,
+    ) -> io::Result<()> {
+        if self.applied.as_ref() != Some(cfg) {
+            // The socket in hand was cloned from the listener before this: it gets them below.
+            self.applied = Some(*cfg);
+            let on_listener = set_client_options(SockRef::from(listener), cfg);
+            self.inheritance = match on_listener {
+                Ok(()) => Inheritance::Unchecked { misses: 0 },
+                Err(_) => Inheritance::PerSocket,
+            };
+            return set_client_options(SockRef::from(tcp), cfg);
+        }
+        match self.inheritance {
+            Inheritance::Inherited => Ok(()),
+            Inheritance::PerSocket => set_client_options(SockRef::from(tcp), cfg),
+            Inheritance::Unchecked { misses } => {
+                let arrived = client_options(SockRef::from(tcp))
+                    .ok()
+                    .filter(|got| client_options(SockRef::from(listener)).ok() == Some(*got));
+                if arrived.is_some() {
+                    self.inheritance = Inheritance::Inherited;
+                    tracing::debug!("accepted sockets inherit the listener's TCP options");
+                    return Ok(());
+                }
+                self.inheritance = if misses + 1 >= MAX_INHERITANCE_MISSES {
+                    tracing::debug!(
+                        "accepted sockets do not inherit the listener's TCP options; setting them per socket"
+                    );
+                    Inheritance::PerSocket
+                } else {
+                    Inheritance::Unchecked { misses: misses + 1 }
+                };
+                set_client_options(SockRef::from(tcp), cfg)
+            }
+        }
+    }
+}
+
+/// Accepted sockets that may arrive without the listener's options (connections queued before
+/// the listener got them) before rlsgate concludes they are not inherited.
+const MAX_INHERITANCE_MISSES: u8 = 16;
+
+fn set_client_options(sock: SockRef<'_>, cfg: &KeepaliveConfig) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
+    apply_keepalive_to(sock, cfg)
+}
+
+/// TCP_NODELAY and the keepalive options, as the kernel reports them.
+fn client_options(sock: SockRef<'_>) -> io::Result<(bool, SocketKeepalive)> {
+    Ok((sock.tcp_nodelay()?, socket_keepalive(sock)?))
+}
+
+/// Whether TCP_NODELAY is set on `tcp` (for tests and diagnostics).
+pub fn nodelay_of(tcp: &TcpStream) -> io::Result<bool> {
+    SockRef::from(tcp).tcp_nodelay()
 }
 
 /// The keepalive-related options of a socket as the kernel reports them (getsockopt).
@@ -201,5 +301,60 @@ impl AsyncWrite for Stream {
             Stream::ServerTls(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On Linux the listener's options reach accepted sockets: after the first socket the
+    /// proxy stops setting them one by one, and every socket still carries them.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cfg = KeepaliveConfig {
+            enabled: true,
+            idle: Duration::from_secs(33),
+            interval: Duration::from_secs(4),
+            count: 2,
+            user_timeout: Duration::from_secs(21),
+        };
+        let mut options = ClientSocketOptions::default();
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let client = TcpStream::connect(addr).await.expect("connect");
+            let (accepted, _) = listener.accept().await.expect("accept");
+            options.apply(&listener, &accepted, &cfg).expect("options");
+            let (nodelay, keepalive) = client_options(SockRef::from(&accepted)).expect("read");
+            assert!(nodelay, "socket {i}: TCP_NODELAY");
+            assert_eq!(
+                keepalive,
+                SocketKeepalive {
+                    enabled: true,
+                    idle: cfg.idle,
+                    interval: cfg.interval,
+                    count: cfg.count,
+                    user_timeout: cfg.user_timeout,
+                },
+                "socket {i}"
+            );
+            held.push((client, accepted));
+        }
+        assert_eq!(options.inheritance, Inheritance::Inherited);
+        // a new configuration goes to the listener and starts the check again
+        let off = KeepaliveConfig {
+            enabled: false,
+            ..cfg
+        };
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        options.apply(&listener, &accepted, &off).expect("options");
+        assert!(!keepalive_of(&accepted).expect("read").enabled);
+        assert_eq!(options.inheritance, Inheritance::Unchecked { misses: 0 });
     }
 }

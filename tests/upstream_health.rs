@@ -319,6 +319,18 @@ async fn maintenance_replaces_idle_connections_the_server_closed() {
 /// read with getsockopt on its file descriptor.
 fn own_sockets(matches: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<SocketKeepalive> {
     let mut found = Vec::new();
+    for_own_sockets(|local, peer, sock| {
+        if matches(local, peer)
+            && let Ok(k) = rlsgate::stream::socket_keepalive(sock)
+        {
+            found.push(k);
+        }
+    });
+    found
+}
+
+/// Call `visit(local, peer, socket)` for every connected TCP socket of this process.
+fn for_own_sockets(mut visit: impl FnMut(SocketAddr, SocketAddr, socket2::SockRef<'_>)) {
     for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
         let entry = entry.expect("fd entry");
         let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
@@ -341,13 +353,8 @@ fn own_sockets(matches: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<SocketKe
         let (Some(local), Some(peer)) = (local.as_socket(), peer.as_socket()) else {
             continue;
         };
-        if matches(local, peer)
-            && let Ok(k) = rlsgate::stream::socket_keepalive(sock)
-        {
-            found.push(k);
-        }
+        visit(local, peer, sock);
     }
-    found
 }
 
 /// The proxy's side of a client connection, and the proxy's upstream sockets (found by the
@@ -395,6 +402,72 @@ async fn keepalive_settings_reach_client_and_upstream_sockets() {
     let c = proxy.shared.pool.checkout().await.expect("checkout");
     assert_eq!(c.conn_ref().keepalive_of().expect("getsockopt"), want);
     c.release();
+    proxy.stop().await;
+}
+
+/// TCP_NODELAY and the keepalive options of the proxy's socket for `client`.
+fn client_side(proxy: &Proxy, client: &RawClient) -> (bool, SocketKeepalive) {
+    let client_addr = client.stream.local_addr().unwrap();
+    let proxy_port = proxy.addr.port();
+    let mut found = Vec::new();
+    for_own_sockets(|local, peer, sock| {
+        if local.port() == proxy_port && peer == client_addr {
+            found.push((
+                sock.tcp_nodelay().expect("TCP_NODELAY"),
+                rlsgate::stream::socket_keepalive(sock).expect("keepalive"),
+            ));
+        }
+    });
+    assert_eq!(found.len(), 1, "the proxy's socket for the client");
+    found[0]
+}
+
+/// Linux hands accepted sockets the listener's options, so the proxy sets them once on the
+/// listener; every client socket must still carry them, also after a reload changes them (the
+/// listener gets the new ones, sockets queued before get them set one by one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_socket_gets_nodelay_and_keepalive_also_after_a_reload() {
+    let db = demo_db();
+    let server = "tcp_keepidle = \"37s\"\ntcp_keepintvl = \"7s\"\ntcp_keepcnt = 3";
+    let proxy = start_proxy_with(&db, &config(pg().port(), &db, 2, server, "")).await;
+    let want = SocketKeepalive {
+        enabled: true,
+        idle: Duration::from_secs(37),
+        interval: Duration::from_secs(7),
+        count: 3,
+        user_timeout: Duration::ZERO,
+    };
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let mut raw = RawClient::connect(&proxy, &token("ka")).await;
+        raw.query("SELECT 1").await;
+        assert_eq!(tags(&raw.until_ready().await), "T D C Z");
+        assert_eq!(client_side(&proxy, &raw), (true, want), "client {i}");
+        clients.push(raw);
+    }
+    let changed = "tcp_keepidle = \"41s\"\ntcp_keepintvl = \"5s\"\ntcp_keepcnt = 4";
+    let mut text = config(pg().port(), &db, 2, changed, "");
+    text = text.replace("127.0.0.1:0", &proxy.addr.to_string());
+    let reloaded = Config::from_toml(&text).expect("config");
+    proxy.shared.reload(reloaded).await.expect("reload");
+    let want = SocketKeepalive {
+        idle: Duration::from_secs(41),
+        interval: Duration::from_secs(5),
+        count: 4,
+        ..want
+    };
+    for i in 0..3 {
+        let mut raw = RawClient::connect(&proxy, &token("ka")).await;
+        raw.query("SELECT 1").await;
+        assert_eq!(tags(&raw.until_ready().await), "T D C Z");
+        assert_eq!(
+            client_side(&proxy, &raw),
+            (true, want),
+            "client {i} after the reload"
+        );
+        clients.push(raw);
+    }
+    drop(clients);
     proxy.stop().await;
 }
 

@@ -149,7 +149,11 @@ fn serve(path: PathBuf, allow_unsafe: bool) -> anyhow::Result<()> {
         }
         tokio::spawn(stop_on_signal(shutdown.clone()));
         tokio::spawn(reload_on_sighup(Arc::clone(&shared)));
-        app::run(listener, Arc::clone(&shared), shutdown).await;
+        // On a worker thread, not this one: sessions spawned from the accept loop then start on
+        // the worker's own queue instead of waking it from outside (one futex call per login).
+        if let Err(e) = tokio::spawn(app::run(listener, Arc::clone(&shared), shutdown)).await {
+            tracing::error!(error = %e, "the accept loop failed");
+        }
         http_stop.cancel();
         Ok(())
     })
