@@ -106,18 +106,26 @@ impl Limits {
         map: &'a mut HashMap<String, TenantState>,
         tenant: &str,
     ) -> &'a mut TenantState {
-        map.entry(tenant.to_string())
-            .or_insert_with(|| TenantState {
-                clients: 0,
-                transactions: Arc::new(Semaphore::new(if self.max_transactions == 0 {
-                    Semaphore::MAX_PERMITS
-                } else {
-                    self.max_transactions
-                })),
-                pinned: 0,
-                tokens: self.cfg.transaction_rate_per_tenant.max(1) as f64,
-                refilled: Instant::now(),
-            })
+        // A key is allocated only for a tenant seen for the first time, not per transaction.
+        if !map.contains_key(tenant) {
+            map.insert(tenant.to_string(), self.new_state());
+        }
+        map.get_mut(tenant)
+            .expect("the tenant's state was inserted above")
+    }
+
+    fn new_state(&self) -> TenantState {
+        TenantState {
+            clients: 0,
+            transactions: Arc::new(Semaphore::new(if self.max_transactions == 0 {
+                Semaphore::MAX_PERMITS
+            } else {
+                self.max_transactions
+            })),
+            pinned: 0,
+            tokens: self.cfg.transaction_rate_per_tenant.max(1) as f64,
+            refilled: Instant::now(),
+        }
     }
 
     /// A tenant's new client; FATAL 53300 over `max_clients_per_tenant`.

@@ -169,7 +169,11 @@ impl Registry {
         let Ok(mut t) = self.tenants.lock() else {
             return;
         };
-        let key = if t.contains_key(tenant) || t.len() < MAX_TENANT_STATS {
+        // (a key is allocated only for a tenant seen for the first time, not per transaction)
+        if let Some(stats) = t.get_mut(tenant) {
+            return f(stats);
+        }
+        let key = if t.len() < MAX_TENANT_STATS {
             tenant
         } else {
             "other"

@@ -82,6 +82,16 @@ pub enum ReauthArg {
     Param,
 }
 
+/// Whether `sql` contains "reauth" in any case: the cheap test before parsing, run on every
+/// extended-protocol Parse (no lower-cased copy of the text).
+fn mentions_reauth(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    memchr::memchr2_iter(b'r', b'R', b).any(|i| {
+        b.get(i..i + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"reauth"))
+    })
+}
+
 /// `SELECT rlsgate.reauth('<jwt>')` or `SELECT rlsgate.reauth($1)`, alone.
 pub fn reauth_call(sql: &str) -> Option<ReauthArg> {
     let head = sql.trim_start();
@@ -89,7 +99,7 @@ pub fn reauth_call(sql: &str) -> Option<ReauthArg> {
         .as_bytes()
         .get(..6)
         .is_some_and(|h| h.eq_ignore_ascii_case(b"select"))
-        || !sql.to_ascii_lowercase().contains("reauth")
+        || !mentions_reauth(sql)
     {
         return None;
     }
@@ -200,6 +210,27 @@ fn const_str(n: &Node) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reauth_is_found_in_any_case_and_place() {
+        for (sql, found) in [
+            ("reauth", true),
+            ("REAUTH", true),
+            ("select rlsgate.ReAuTh($1)", true),
+            ("xreauth", true),
+            ("reaut", false),
+            ("select 1", false),
+            ("", false),
+            ("r\u{e9}auth", false),
+            ("\u{e9}reauth", true),
+        ] {
+            assert_eq!(mentions_reauth(sql), found, "{sql:?}");
+        }
+        assert_eq!(
+            reauth_call("SELECT RLSGATE.REAUTH($1)"),
+            Some(ReauthArg::Param)
+        );
+    }
 
     /// A multi-byte character across the first six bytes is no `select` (found by the session
     /// fuzz target: the check sliced the text inside the character and panicked).

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect::{After, BlockEdge, Expect};
 use super::inject;
-use super::statements::{MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
+use super::statements::{self, MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
 use super::{Flow, Piece, PieceKind, Predicted, Reapply, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
@@ -842,7 +842,7 @@ impl Session {
                 p.param_types,
             ),
             sql: Arc::from(p.sql),
-            param_types: Bytes::copy_from_slice(p.param_types),
+            param_types: statements::param_types(p.param_types),
             analysis,
             stamp: self.shared.pool.plan_tick(),
         });
@@ -935,16 +935,21 @@ impl Session {
             self.mark_dirty();
         }
         self.pin_for(&analysis);
-        let server_name = server_name(
-            &self.shared.stmt_hasher,
-            &self.identity.tenant,
-            p.sql,
-            p.param_types,
-        );
+        let server_name = if p.name.is_empty() {
+            // Forwarded as the server's unnamed statement: no name of its own to compute.
+            statements::unnamed()
+        } else {
+            server_name(
+                &self.shared.stmt_hasher,
+                &self.identity.tenant,
+                p.sql,
+                p.param_types,
+            )
+        };
         let prepared = Arc::new(Prepared {
             server_name: Arc::clone(&server_name),
             sql: Arc::from(p.sql),
-            param_types: Bytes::copy_from_slice(p.param_types),
+            param_types: statements::param_types(p.param_types),
             analysis,
             stamp: self.shared.pool.plan_tick(),
         });

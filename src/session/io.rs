@@ -33,6 +33,19 @@ const SERVER_READ_SPACE: usize = 8 * 1024;
 /// Stack space a read into an empty input buffer goes through.
 const STACK_READ: usize = 8 * 1024;
 
+/// What an output buffer gets at once when a transaction first writes to it. Grown from
+/// nothing message by message it was reallocated four times per transaction (`-S -M extended`:
+/// ~3 000 instructions of ~30 000 per transaction, callgrind); 1 KiB is one allocation from
+/// malloc's per-thread cache, and most transactions' replies fit in it.
+const OUT_START: usize = 1024;
+
+/// Give an output buffer that holds no memory [`OUT_START`] bytes (see [`release_idle`]).
+pub(super) fn reserve_first(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(OUT_START);
+    }
+}
+
 /// Drop a buffer's memory if it holds nothing (an idle client keeps no buffers).
 pub(super) fn release_idle(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > 0 {

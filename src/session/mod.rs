@@ -565,9 +565,10 @@ impl Session {
                 }
             };
             let (io, entry) = io::Sockets::new(self);
+            // In this order, without drawing a random start per wake-up: a deadline that passed
+            // wins, a wake-up is never starved by a socket that is always ready.
             let event = tokio::select! {
-                r = io => Some(r?),
-                () = entry.wake.notified() => None,
+                biased;
                 () = async {
                     match timer.as_mut() {
                         Some(t) => t.await,
@@ -581,6 +582,8 @@ impl Session {
                         }
                     })
                 }
+                () = entry.wake.notified() => None,
+                r = io => Some(r?),
             };
             if timer.is_some() {
                 self.timer = timer;
@@ -624,6 +627,7 @@ impl Session {
     /// Frames stay buffered while a split Query or a held frame waits for replies (COPY traffic
     /// excepted), and while the output towards either side is full (backpressure).
     async fn process_client(&mut self) -> Result<bool, SessionError> {
+        io::reserve_first(&mut self.server_out);
         loop {
             if self.split.is_some() && !self.copy_in {
                 return Ok(false);
@@ -652,6 +656,7 @@ impl Session {
 
     /// Handle every complete server frame in the read buffer.
     fn process_server(&mut self) -> Result<(), SessionError> {
+        io::reserve_first(&mut self.client_out);
         loop {
             if self.server_lost {
                 return Ok(());
@@ -774,14 +779,15 @@ impl Session {
                 return Err(e);
             }
         };
-        self.shared.metrics.checkout_wait(started.elapsed());
+        let now = std::time::Instant::now();
+        self.shared.metrics.checkout_wait(now - started);
         self.tracker.set_state(crate::metrics::ClientState::Active);
         crate::registry::Registry::set_state(
             &self.client_entry.entry,
             crate::registry::STATE_ACTIVE,
             checkout.conn_ref().id,
         );
-        self.held_since = Some(std::time::Instant::now());
+        self.held_since = Some(now);
         self.tenant_permit = tenant_permit;
         self.cancel
             .slot

@@ -78,7 +78,8 @@ impl Session {
     fn reauth_parse(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         let p = fe::parse(frame.body()).map_err(protocol)?;
         // (cheap test first: reauth_call parses the text)
-        let arg = if p.sql.len() < 4096 && p.sql.to_ascii_lowercase().contains("reauth") {
+        // (reauth_call tests the text cheaply before it parses it)
+        let arg = if p.sql.len() < 4096 {
             reauth_call(p.sql)
         } else {
             None

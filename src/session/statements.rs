@@ -86,6 +86,22 @@ impl Statements {
     }
 }
 
+/// The server-side name recorded for the client's unnamed statement, which is forwarded as the
+/// server's unnamed statement and so never named there: one shared empty name, no allocation.
+pub fn unnamed() -> Arc<str> {
+    static UNNAMED: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    Arc::clone(&UNNAMED)
+}
+
+/// A Parse's parameter-type list, kept with the statement (no allocation for the common "none").
+pub fn param_types(raw: &[u8]) -> bytes::Bytes {
+    if raw == [0, 0] {
+        bytes::Bytes::from_static(&[0, 0])
+    } else {
+        bytes::Bytes::copy_from_slice(raw)
+    }
+}
+
 /// The server-side name for a statement: per tenant, so that no tenant can ever bind, describe
 /// or replace a statement another tenant prepared (SQL-level access to the `rg_` namespace is
 /// denied by the guard as well).
