@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
+
+use atomic_waker::AtomicWaker;
 
 /// Most tenants with their own counters; more are counted under "other".
 const MAX_TENANT_STATS: usize = 10_000;
@@ -30,16 +32,45 @@ pub struct ClientEntry {
     /// When the client's token expires, leeway included (seconds since the Unix epoch).
     pub expires_at: AtomicU64,
     /// Wakes the session to look at `killed`, its token's expiry and rlsgate's shutdown. One
-    /// `Notify` per client instead of a timer and two cancellation futures: an idle session
-    /// waits on its socket and this alone.
-    pub wake: Notify,
+    /// per client instead of a timer and two cancellation futures: an idle session waits on its
+    /// socket and this alone.
+    pub wake: Wake,
+}
+
+/// A wake-up call for one session: cheaper to wait on than tokio's `Notify` (no lock to take
+/// and release on every wait of the session loop, which waits several times per transaction).
+#[derive(Default)]
+pub struct Wake {
+    woken: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    /// Wake the session (now if it waits, else at its next wait).
+    pub fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once after each [`Wake::wake`]. The caller then reads what it was woken for (the
+    /// flags are the truth; a wake-up only makes the session look).
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // registered before the flag is read: a wake() in between wakes this waker
+        self.waker.register(cx.waker());
+        if self.woken.load(Ordering::Acquire) {
+            self.woken.store(false, Ordering::Relaxed);
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl ClientEntry {
     /// Ask the session to end (admin console KILL).
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     pub fn is_killed(&self) -> bool {
@@ -99,7 +130,7 @@ impl Registry {
             server_id: AtomicU64::new(0),
             killed: AtomicBool::new(false),
             expires_at: AtomicU64::new(expires_at),
-            wake: Notify::new(),
+            wake: Wake::default(),
         });
         if let Ok(mut c) = self.clients.lock() {
             c.insert(conn_id, Arc::clone(&entry));
@@ -160,7 +191,7 @@ impl Registry {
     fn wake_where(&self, pick: impl Fn(&ClientEntry) -> bool) {
         if let Ok(c) = self.clients.lock() {
             for e in c.values().filter(|e| pick(e)) {
-                e.wake.notify_one();
+                e.wake.wake();
             }
         }
     }
@@ -220,5 +251,43 @@ impl Registry {
     pub fn set_state(entry: &ClientEntry, state: u8, server_id: u64) {
         entry.state.store(state, Ordering::Relaxed);
         entry.server_id.store(server_id, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Wake as TaskWake, Waker};
+
+    struct Counter(AtomicUsize);
+
+    impl TaskWake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A wake-up is never lost: one that comes before the wait makes the wait ready, one that
+    /// comes during the wait wakes the waiter, and each is seen once.
+    #[test]
+    fn a_wake_up_is_seen_once_whether_it_comes_before_or_during_the_wait() {
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&counter));
+        let mut cx = Context::from_waker(&waker);
+        let wake = Wake::default();
+        assert!(wake.poll_woken(&mut cx).is_pending());
+        wake.wake();
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "the waiting task is woken"
+        );
+        assert!(wake.poll_woken(&mut cx).is_ready());
+        assert!(wake.poll_woken(&mut cx).is_pending(), "seen once");
+        // before the next wait: kept for it
+        wake.wake();
+        assert!(wake.poll_woken(&mut cx).is_ready());
+        assert!(wake.poll_woken(&mut cx).is_pending());
     }
 }

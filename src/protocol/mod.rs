@@ -40,11 +40,7 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.err())?;
+        let end = memchr::memchr(0, self.buf).ok_or_else(|| self.err())?;
         let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
         self.buf = &self.buf[end + 1..];
         Ok(s)

@@ -582,7 +582,7 @@ impl Session {
                         }
                     })
                 }
-                () = entry.wake.notified() => None,
+                () = std::future::poll_fn(|cx| entry.wake.poll_woken(cx)) => None,
                 r = io => Some(r?),
             };
             if timer.is_some() {
