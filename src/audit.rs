@@ -202,6 +202,10 @@ impl Audit {
     /// Records an event: always one log line; then, with a sink, a `try_send` into the queue
     /// (never waits). A full or closed queue drops the event and counts it.
     pub fn record(&self, event: AuditEvent) {
+        if self.tx.is_none() && !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+            // neither logged nor stored: nothing to build
+            return;
+        }
         let mut map = match serde_json::to_value(&event) {
             Ok(Value::Object(map)) => map,
             _ => return, // unreachable: every variant serializes to an object
@@ -215,7 +219,8 @@ impl Audit {
             }
         }
         let s = |k: &str| map.get(k).and_then(Value::as_str);
-        let json = Value::Object(map.clone()).to_string();
+        // (the map itself goes to the sink: serialized in place, not copied)
+        let json = serde_json::to_string(&map).unwrap_or_default();
         let ok = map.get("ok").and_then(Value::as_bool);
         tracing::info!(target: TARGET, event = s("event"), peer = s("peer"), user = s("user"),
             tenant = s("tenant"), kid = s("kid"), jti = s("jti"), subject = s("subject"),

@@ -115,18 +115,27 @@ pub enum KeyError {
 /// Where a token's key comes from.
 enum KeySource {
     /// `hs_secret`: the only key HS* tokens are ever checked with.
-    Secret(DecodingKey),
+    Secret(std::sync::Arc<DecodingKey>),
     /// `public_key_pem` for one asymmetric family.
     Pem(AlgorithmFamily, DecodingKey),
     /// `jwks_file` / `jwks_url`, keys chosen by `kid`.
     Jwks(Jwks),
 }
 
+/// A token that verified: who it proves, and its header's `kid`.
+#[derive(Debug)]
+pub struct Verified {
+    pub identity: Identity,
+    pub kid: Option<String>,
+}
+
 /// Validates tokens against the configured key sources, algorithms and claims.
 pub struct Validator {
     algorithms: Vec<Algorithm>,
     sources: Vec<KeySource>,
-    validation: Validation,
+    /// The claim checks, one copy per accepted algorithm (each accepting that algorithm only):
+    /// a token is checked against its header's, with nothing to clone or allocate per login.
+    validations: Vec<Validation>,
     tenant_claim: String,
     user_claim: Option<String>,
     admin_claim: Option<String>,
@@ -199,8 +208,8 @@ impl Validator {
             if secret.len() < 32 {
                 return Err(KeyError::WeakSecret);
             }
-            sources.push(KeySource::Secret(DecodingKey::from_secret(
-                secret.as_bytes(),
+            sources.push(KeySource::Secret(std::sync::Arc::new(
+                DecodingKey::from_secret(secret.as_bytes()),
             )));
         }
         if let Some(path) = &auth.public_key_pem {
@@ -275,10 +284,18 @@ impl Validator {
             template: auth.role_template.clone(),
             allow: auth.role_allow.clone(),
         });
+        let validations = algorithms
+            .iter()
+            .map(|alg| {
+                let mut one = validation.clone();
+                one.algorithms = vec![*alg];
+                one
+            })
+            .collect();
         Ok(Validator {
             algorithms,
             sources,
-            validation,
+            validations,
             tenant_claim: auth.tenant_claim.clone(),
             user_claim: auth.user_claim.clone(),
             admin_claim: auth.admin_claim.clone(),
@@ -339,6 +356,12 @@ impl Validator {
     /// As [`Validator::validate`], telling a refusal of a token whose signature verified from
     /// one anybody could cause.
     pub async fn check(&self, token: &str, login_user: &str) -> Result<Identity, Refusal> {
+        self.verify(token, login_user).await.map(|v| v.identity)
+    }
+
+    /// As [`Validator::check`], with the `kid` of the token's header (for the audit record; no
+    /// second decoding of the header).
+    pub async fn verify(&self, token: &str, login_user: &str) -> Result<Verified, Refusal> {
         let token = token.trim();
         if token.is_empty() {
             return Err(Refusal::unverified(AuthError::Empty));
@@ -370,9 +393,12 @@ impl Validator {
             }
             other => other.map_err(Refusal::unverified)?,
         };
-        let mut validation = self.validation.clone();
-        validation.algorithms = vec![header.alg];
-        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
+        let validation = self
+            .validations
+            .iter()
+            .find(|v| v.algorithms == [header.alg])
+            .ok_or(Refusal::unverified(AuthError::BadAlgorithm))?;
+        let data = jsonwebtoken::decode::<Value>(token, &key, validation).map_err(|e| {
             let error = map_error(e.kind());
             if verified_before(e.kind()) {
                 Refusal::verified(error)
@@ -380,8 +406,13 @@ impl Validator {
                 Refusal::unverified(error)
             }
         })?;
-        self.identity(&data.claims, login_user)
-            .map_err(Refusal::verified)
+        let identity = self
+            .identity(&data.claims, login_user)
+            .map_err(Refusal::verified)?;
+        Ok(Verified {
+            identity,
+            kid: header.kid,
+        })
     }
 
     /// The key for this header: HS* only ever uses the secret; asymmetric algorithms use the JWKS
@@ -396,7 +427,7 @@ impl Validator {
                 .sources
                 .iter()
                 .find_map(|s| match s {
-                    KeySource::Secret(k) => Some(std::sync::Arc::new(k.clone())),
+                    KeySource::Secret(k) => Some(std::sync::Arc::clone(k)),
                     _ => None,
                 })
                 .ok_or(AuthError::BadAlgorithm);

@@ -9,7 +9,9 @@ mod jwt;
 pub mod throttle;
 
 pub use claims::{render_claim, valid_tenant};
-pub use jwt::{AuthError, KeyError, MAX_TOKEN_LEN, Refusal, TokenMeta, Validator, mint_hs256};
+pub use jwt::{
+    AuthError, KeyError, MAX_TOKEN_LEN, Refusal, TokenMeta, Validator, Verified, mint_hs256,
+};
 
 /// Who a client is, as proven by its token.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use crate::app::Shared;
 use crate::audit::AuditEvent;
 use crate::auth::throttle::{Claimed, ThrottleKey};
-use crate::auth::{AuthError, Identity, Refusal, Validator};
+use crate::auth::{AuthError, Identity, Refusal, Validator, Verified};
 use crate::config::PlaintextPassword;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::metrics::{LoginFailure, LoginResult};
@@ -324,25 +324,28 @@ async fn login(
         return Err(HandshakeError::Unexpected(frame.tag as char));
     }
     let token = fe::password(frame.body())?;
-    let meta = Validator::meta(token);
-    let key = shared.throttle.key(peer.ip(), &meta.claimed);
-    // An unreadable token never logs in: once its bucket is locked, it is not even looked at.
-    // Any other token is checked first, so that a genuine one always gets in.
-    if key.unreadable() && shared.throttle.locked(&key) {
+    // An unreadable token never logs in: once its address's bucket for unreadable tokens is
+    // locked, such a token is not even checked. Any other token is checked first, so that a
+    // genuine one always gets in. (The unverified header and claims are decoded only for this
+    // and for refusals: a good login decodes its token once.)
+    let unreadable = shared.throttle.key(peer.ip(), &Claimed::Unreadable);
+    if shared.throttle.locked(&unreadable) && Validator::meta(token).claimed == Claimed::Unreadable
+    {
         return Err(throttled(shared, peer));
     }
-    match shared.live().validator.check(token, &user).await {
-        Ok(identity) if admin && !identity.admin => {
+    match shared.live().validator.verify(token, &user).await {
+        Ok(verified) if admin && !verified.identity.admin => {
             let e = AuthError::BadClaim("admin claim".into());
+            let meta = Validator::meta(token);
             Err(refuse_verified(shared, peer, user, &meta, e))
         }
-        Ok(identity) => {
+        Ok(Verified { identity, kid }) => {
             shared.metrics.login(LoginResult::Ok);
             shared.audit.record(AuditEvent::LoginOk {
                 peer: peer.to_string(),
                 user: user.clone(),
                 tenant: identity.tenant.clone(),
-                kid: meta.kid,
+                kid,
                 jti: identity.jti.clone(),
                 subject: identity.subject.clone(),
             });
@@ -351,11 +354,16 @@ async fn login(
         Err(Refusal {
             error,
             signature_verified: true,
-        }) => Err(refuse_verified(shared, peer, user, &meta, error)),
+        }) => {
+            let meta = Validator::meta(token);
+            Err(refuse_verified(shared, peer, user, &meta, error))
+        }
         Err(Refusal {
             error,
             signature_verified: false,
         }) => {
+            let meta = Validator::meta(token);
+            let key = shared.throttle.key(peer.ip(), &meta.claimed);
             shared.audit.record(AuditEvent::LoginFailed {
                 peer: peer.to_string(),
                 user: Some(user.clone()),

@@ -111,6 +111,9 @@ impl HeldSettings {
 }
 
 /// One upstream connection.
+/// The upstream's ParameterStatus set, as every client's greeting repeats it.
+pub type ServerParams = Arc<[(String, String)]>;
+
 pub struct ServerConn {
     pub stream: Stream,
     pub read_buf: BytesMut,
@@ -210,7 +213,8 @@ struct Inner {
     /// Some connection attempt has succeeded.
     connected_once: std::sync::atomic::AtomicBool,
     /// ParameterStatus set of the first connection, reported to clients at login.
-    server_params: Mutex<Option<Vec<(String, String)>>>,
+    /// Shared with every login's greeting (no copy per login).
+    server_params: Mutex<Option<ServerParams>>,
     /// Bumped by an admin RECONNECT: connections of an older generation are closed instead of
     /// being handed out or returned.
     generation: AtomicU64,
@@ -254,7 +258,7 @@ impl Inner {
             "opened upstream connection"
         );
         if let Ok(mut p) = self.server_params.lock() {
-            p.get_or_insert_with(|| conn.params.clone());
+            p.get_or_insert_with(|| Arc::from(conn.params.as_slice()));
         }
         Ok(conn)
     }
@@ -414,12 +418,12 @@ impl Pool {
     }
 
     /// The upstream's ParameterStatus set (connecting once if none is known yet).
-    pub async fn server_params(&self) -> Result<Vec<(String, String)>, PoolError> {
+    pub async fn server_params(&self) -> Result<ServerParams, PoolError> {
         if let Some(p) = self.inner.server_params.lock().ok().and_then(|p| p.clone()) {
             return Ok(p);
         }
         let conn = self.checkout().await?;
-        let params = conn.conn_ref().params.clone();
+        let params = Arc::from(conn.conn_ref().params.as_slice());
         conn.release();
         Ok(params)
     }

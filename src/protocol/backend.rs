@@ -1,11 +1,11 @@
 //! Server (backend) messages: read the few rlsgate inspects; write the ones rlsgate sends itself
-//! (encoded with `pgwire`).
+//! (encoded with `pgwire`, except ParameterStatus, written in place).
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+    Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
 };
 
 use super::{Cursor, ProtocolError};
@@ -159,11 +159,21 @@ pub fn write_auth_ok(out: &mut BytesMut) {
     encode(Authentication::Ok, out);
 }
 
+/// ParameterStatus, written in place: pgwire's message takes owned strings, two allocations per
+/// parameter and some fourteen parameters per login. `name` and `value` come from the server or
+/// from the client's startup packet (C strings: no NUL inside); one that would not fit the
+/// length field is skipped.
 pub fn write_parameter_status(name: &str, value: &str, out: &mut BytesMut) {
-    encode(
-        ParameterStatus::new(name.to_string(), value.to_string()),
-        out,
-    );
+    let Ok(len) = i32::try_from(4 + name.len() + 1 + value.len() + 1) else {
+        return;
+    };
+    out.reserve(1 + len as usize);
+    out.put_u8(b'S');
+    out.put_i32(len);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(value.as_bytes());
+    out.put_u8(0);
 }
 
 pub fn write_backend_key(pid: i32, key: i32, out: &mut BytesMut) {
@@ -281,6 +291,24 @@ pub fn write_empty(tag: u8, out: &mut BytesMut) {
 mod tests {
     use super::*;
     use crate::error::sqlstate;
+
+    /// The in-place ParameterStatus is byte for byte pgwire's.
+    #[test]
+    fn parameter_status_matches_pgwire() {
+        for (name, value) in [
+            ("server_version", "15.20"),
+            ("application_name", ""),
+            ("", ""),
+        ] {
+            let mut ours = BytesMut::new();
+            write_parameter_status(name, value, &mut ours);
+            let mut theirs = BytesMut::new();
+            pgwire::messages::startup::ParameterStatus::new(name.into(), value.into())
+                .encode(&mut theirs)
+                .expect("encode");
+            assert_eq!(ours, theirs, "{name}={value}");
+        }
+    }
 
     #[test]
     fn error_round_trip() {
