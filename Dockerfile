@@ -25,8 +25,8 @@ WORKDIR /build
 # The whole build context (see .dockerignore): Cargo.toml, Cargo.lock,
 # src/, sql/ (the schema `rlsgate demo` loads), config/.
 COPY . .
-RUN cargo build --release --locked \
- && strip target/release/rlsgate
+RUN cargo build --profile dist --locked --bin rlsgate \
+ && strip target/dist/rlsgate
 
 # --- runtime stage ---------------------------------------------------------
 FROM debian:bookworm-slim
@@ -42,7 +42,7 @@ RUN groupadd --system --gid 10001 rlsgate \
         --home-dir /nonexistent --shell /usr/sbin/nologin rlsgate \
  && mkdir -p /etc/rlsgate
 
-COPY --from=builder /build/target/release/rlsgate /usr/local/bin/rlsgate
+COPY --from=builder /build/target/dist/rlsgate /usr/local/bin/rlsgate
 COPY config/rlsgate.example.toml /etc/rlsgate/rlsgate.example.toml
 
 USER 10001:10001

@@ -10,7 +10,9 @@
 #
 # Environment:
 #   RLSGATE_BIN=path   use this rlsgate binary instead of building one
-#                      (default: cargo build --release, target/release/rlsgate)
+#                      (default: cargo build --profile dist, target/dist/rlsgate:
+#                      the release profile with link-time optimisation, as the
+#                      Dockerfile builds it)
 #   SKIP_RLSGATE=1     do not build or start rlsgate; measure direct and
 #                      PgBouncer only (rlsgate columns print "skipped")
 #   BENCH_CASES="..."  subset of: select_simple select_extended
@@ -262,9 +264,9 @@ if [ "$SKIP_RLSGATE" = 1 ]; then
 elif [ -n "${RLSGATE_BIN:-}" ]; then
     [ -x "$RLSGATE_BIN" ] || die "RLSGATE_BIN=$RLSGATE_BIN is not an executable file"
 else
-    log "building rlsgate (cargo build --release)"
-    (cd "$ROOT" && cargo build --release >&2) || die "cargo build --release failed"
-    RLSGATE_BIN=$ROOT/target/release/rlsgate
+    log "building rlsgate (cargo build --profile dist --bin rlsgate)"
+    (cd "$ROOT" && cargo build --profile dist --bin rlsgate >&2) || die "cargo build --profile dist failed"
+    RLSGATE_BIN=$ROOT/target/dist/rlsgate
     [ -x "$RLSGATE_BIN" ] || die "build finished but $RLSGATE_BIN does not exist"
 fi
 IDLE_BIN=""
