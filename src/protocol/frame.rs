@@ -26,10 +26,22 @@ impl Frame {
 ///
 /// `max_len` caps the declared length so a hostile peer cannot make us buffer without bound.
 pub fn try_read_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
+    let Some(total) = complete_len(buf, max_len)? else {
+        return Ok(None);
+    };
+    Ok(Some(Frame {
+        tag: buf[0],
+        bytes: buf.split_to(total),
+    }))
+}
+
+/// The length of the complete frame at the front of `buf` (tag included), or `None` if more
+/// bytes are needed (then room for the rest of a frame whose header arrived is reserved).
+/// Errors as [`try_read_frame`].
+pub fn complete_len(buf: &mut BytesMut, max_len: usize) -> Result<Option<usize>, ProtocolError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
-    let tag = buf[0];
     let declared = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if declared < 4 {
         return Err(ProtocolError::BadLength(declared.into()));
@@ -45,10 +57,30 @@ pub fn try_read_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    Ok(Some(Frame {
-        tag,
-        bytes: buf.split_to(total),
-    }))
+    Ok(Some(total))
+}
+
+/// One complete message borrowed from a read buffer (the server's replies are handled in place
+/// and only copied to the client when forwarded: no split per message).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRef<'a> {
+    pub tag: u8,
+    /// Tag, length and body.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    /// The complete frame at the front of `buf`, `total` bytes long (see [`complete_len`]).
+    pub fn at(buf: &'a [u8], total: usize) -> Self {
+        FrameRef {
+            tag: buf[0],
+            bytes: &buf[..total],
+        }
+    }
+
+    pub fn body(&self) -> &'a [u8] {
+        &self.bytes[HEADER_LEN..]
+    }
 }
 
 /// Length a frame will have once complete, if its header is there (used to stream huge frames).

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ use crate::guard::TxEffect;
 use crate::pool::{Checkout, HeldSettings, PoolError};
 use crate::protocol::ProtocolError;
 use crate::protocol::backend::{self as be, TxStatus};
-use crate::protocol::frame::{Frame, try_read_frame};
+use crate::protocol::frame::{Frame, FrameRef, try_read_frame};
 use crate::stream::Stream;
 use expect::Expect;
 use settings::Settings;
@@ -654,21 +654,31 @@ impl Session {
         }
     }
 
-    /// Handle every complete server frame in the read buffer.
+    /// Handle every complete server frame in the read buffer. The buffer is taken out of the
+    /// connection meanwhile, so that each frame is handled by reference (nothing reads into it:
+    /// handling is synchronous); it goes back unless the connection was dropped.
     fn process_server(&mut self) -> Result<(), SessionError> {
         io::reserve_first(&mut self.client_out);
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut server.conn().read_buf);
+        let result = self.relay_server_frames(&mut buf);
+        if let Some(server) = self.server.as_mut() {
+            server.conn().read_buf = buf;
+        }
+        result
+    }
+
+    fn relay_server_frames(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
         loop {
-            if self.server_lost {
+            if self.server_lost || self.server.is_none() {
                 return Ok(());
             }
             let forwards_rows = matches!(
                 self.expect.front(),
                 Some(Expect::Execute { .. } | Expect::Query { .. })
             );
-            let Some(server) = self.server.as_mut() else {
-                return Ok(());
-            };
-            let buf = &mut server.conn().read_buf;
             // A large DataRow/CopyData the client gets anyway is streamed through as it arrives
             // instead of being buffered whole (memory stays bounded by the read size).
             if self.passthrough > 0 {
@@ -676,7 +686,8 @@ impl Session {
                 if n == 0 {
                     return Ok(());
                 }
-                self.client_out.extend_from_slice(&buf.split_to(n));
+                self.client_out.extend_from_slice(&buf[..n]);
+                buf.advance(n);
                 self.passthrough -= n;
                 continue;
             }
@@ -687,16 +698,19 @@ impl Session {
                 && len <= MAX_SERVER_MESSAGE
             {
                 let n = buf.len().min(len);
-                self.client_out.extend_from_slice(&buf.split_to(n));
+                self.client_out.extend_from_slice(&buf[..n]);
+                buf.advance(n);
                 self.passthrough = len - n;
                 continue;
             }
-            let frame = match try_read_frame(buf, MAX_SERVER_MESSAGE) {
-                Ok(Some(f)) => f,
+            let total = match crate::protocol::frame::complete_len(buf, MAX_SERVER_MESSAGE) {
+                Ok(Some(n)) => n,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(SessionError::UpstreamProtocol(e.to_string())),
             };
-            self.handle_server(frame)?;
+            let handled = self.handle_server(FrameRef::at(buf, total));
+            buf.advance(total);
+            handled?;
         }
     }
 

@@ -9,7 +9,7 @@ use super::{Piece, PieceKind};
 use super::{Predicted, Session, SessionError};
 use crate::pool::HeldSettings;
 use crate::protocol::backend::{self as be, TxStatus};
-use crate::protocol::frame::Frame;
+use crate::protocol::frame::FrameRef;
 use crate::protocol::frontend as fe;
 
 fn unexpected(tag: u8, front: &Expect) -> SessionError {
@@ -20,7 +20,7 @@ fn unexpected(tag: u8, front: &Expect) -> SessionError {
 }
 
 impl Session {
-    pub(super) fn handle_server(&mut self, frame: Frame) -> Result<(), SessionError> {
+    pub(super) fn handle_server(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
         let tag = frame.tag;
         if let Some(Expect::HiddenQuery { what }) = self.expect.front() {
             return match tag {
@@ -104,7 +104,7 @@ impl Session {
                 if frame.body() == b"ROLLBACK\0" {
                     self.tx_failed = true;
                 }
-                *held = Some(frame.bytes.freeze());
+                *held = Some(bytes::Bytes::copy_from_slice(frame.bytes));
                 return Ok(());
             }
         }
@@ -252,7 +252,7 @@ impl Session {
         }
     }
 
-    fn on_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+    fn on_error(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
         if self.shared.sealer.is_some()
             && crate::seal::is_unsealed_error(frame.body())
             && let Some(server) = self.server.as_mut()
@@ -488,7 +488,7 @@ impl Session {
 
     /// The injected context failed (should not happen with validated settings). The client's
     /// unit is skipped by the server; answer it with the error and keep the session if we can.
-    fn on_injection_error(&mut self, frame: Frame) -> Result<(), SessionError> {
+    fn on_injection_error(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
         let detail = be::notice_fields(frame.body())
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
@@ -532,7 +532,7 @@ impl Session {
         }
     }
 
-    fn on_ready(&mut self, frame: Frame) -> Result<(), SessionError> {
+    fn on_ready(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
         let status = be::ready_status(frame.body())
             .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
         let Some(front) = self.expect.pop_front() else {
