@@ -123,11 +123,11 @@ impl Session {
                     // connection is closed (a reply is in flight, so it is never reused).
                     return Err(SessionError::LexerChanged(what));
                 }
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(frame.bytes);
                 return Ok(());
             }
             be::NOTICE_RESPONSE | be::NOTIFICATION => {
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(frame.bytes);
                 return Ok(());
             }
             be::ERROR_RESPONSE => return self.on_error(frame),
@@ -196,7 +196,7 @@ impl Session {
             self.tx_failed = true;
         }
         if forward {
-            self.client_out.extend_from_slice(&frame.bytes);
+            self.client_out.extend_from_slice(frame.bytes);
         }
         if done {
             self.expect.pop_front();
@@ -283,7 +283,7 @@ impl Session {
             // The client's transaction or request is lost: it gets this error, and the session
             // ends with it (no second error when the connection then closes).
             self.upstream_fatal = true;
-            self.client_out.extend_from_slice(&frame.bytes);
+            self.client_out.extend_from_slice(frame.bytes);
             return Err(SessionError::UpstreamClosed);
         }
         // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
@@ -316,7 +316,7 @@ impl Session {
         }
         let Some(front) = self.expect.front() else {
             // An error outside any request (e.g. the server terminating the session): pass it on.
-            self.client_out.extend_from_slice(&frame.bytes);
+            self.client_out.extend_from_slice(frame.bytes);
             return Ok(());
         };
         // A refused statement: the client gets the guard's error, not the server's parse error.
@@ -345,7 +345,7 @@ impl Session {
                 // failure): the transaction is over and the error is the client's. The server
                 // skips to the client's Sync.
                 self.tx_failed = true;
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(frame.bytes);
                 self.expect.pop_front();
                 self.discard_until_sync();
                 Ok(())
@@ -516,7 +516,7 @@ impl Session {
         match self.expect.front() {
             Some(Expect::Query { .. }) if self.expect.len() == 1 => {
                 // The server ignores the Query until a Sync: send one, its ReadyForQuery ends the Query.
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(frame.bytes);
                 fe::write_sync(&mut self.server_out);
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
@@ -525,7 +525,7 @@ impl Session {
             }
             Some(Expect::Query { .. }) | None => Err(SessionError::Injection(detail)),
             Some(_) => {
-                self.client_out.extend_from_slice(&frame.bytes);
+                self.client_out.extend_from_slice(frame.bytes);
                 self.discard_until_sync();
                 Ok(())
             }
@@ -599,7 +599,7 @@ impl Session {
             if let Some(started) = self.query_started.take() {
                 self.shared.metrics.query_finished(started.elapsed());
             }
-            self.client_out.extend_from_slice(&frame.bytes);
+            self.client_out.extend_from_slice(frame.bytes);
         }
         // replies rlsgate produces itself may be queued right behind this entry
         self.emit_synthetic();
