@@ -326,7 +326,7 @@ impl Session {
                 ..
             }
             | Expect::Raise { error } => &error[..],
-            _ => &frame.bytes[..],
+            _ => frame.bytes,
         };
         match front {
             Expect::Query { .. } | Expect::WrapCommit { .. } => {
