@@ -713,7 +713,12 @@ impl Session {
     // ---------------------------------------------------------------- extended protocol
 
     async fn on_extended(&mut self, frame: Frame) -> Result<Flow, SessionError> {
-        if self.on_reauth_message(&frame).await? {
+        // A Parse is read once: the reauth check, the unit's start and on_parse share it.
+        let parse = match frame.tag {
+            fe::PARSE => Some(fe::parse(frame.body()).map_err(protocol)?),
+            _ => None,
+        };
+        if self.on_reauth_message(&frame, parse.as_ref()).await? {
             return Ok(Flow::Continue);
         }
         if !self.unit_open
@@ -728,7 +733,7 @@ impl Session {
             if self.must_wait() {
                 return Ok(Flow::Wait(frame));
             }
-            let first = self.unit_statement(&frame);
+            let first = self.unit_statement(&frame, parse.as_ref());
             let outside_tx = first.as_ref().is_some_and(|a| a.runs_outside_transaction());
             // transaction_wrap: statements that behave differently inside a block (SAVEPOINT
             // outside a transaction, SET LOCAL, …) run as Postgres would, unwrapped; a unit that
@@ -776,7 +781,11 @@ impl Session {
             self.unit_effect = TxEffect::None;
         }
         match frame.tag {
-            fe::PARSE => self.on_parse(&frame)?,
+            fe::PARSE => {
+                if let Some(p) = &parse {
+                    self.on_parse(&frame, p)?;
+                }
+            }
             fe::BIND => self.on_bind(&frame)?,
             fe::DESCRIBE => self.on_describe(&frame)?,
             fe::EXECUTE => {
@@ -855,11 +864,15 @@ impl Session {
 
     /// The statement the message opening a unit is about (a Parse's text, a Bind's prepared
     /// statement), classified once for the decisions taken at unit start.
-    fn unit_statement(&self, frame: &Frame) -> Option<Arc<Analysis>> {
+    fn unit_statement(
+        &self,
+        frame: &Frame,
+        parse: Option<&fe::Parse<'_>>,
+    ) -> Option<Arc<Analysis>> {
+        if let Some(p) = parse {
+            return Some(self.shared.analyze(p.sql));
+        }
         match frame.tag {
-            fe::PARSE => fe::parse(frame.body())
-                .ok()
-                .map(|p| self.shared.analyze(p.sql)),
             fe::BIND => fe::bind(frame.body())
                 .ok()
                 .and_then(|b| self.stmts.get(b.statement).map(|p| Arc::clone(&p.analysis))),
@@ -897,8 +910,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let p = fe::parse(frame.body()).map_err(protocol)?;
+    fn on_parse(&mut self, frame: &Frame, p: &fe::Parse<'_>) -> Result<(), SessionError> {
         let analysis = self.shared.analyze(p.sql);
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);

@@ -64,9 +64,16 @@ fn message(write: impl FnOnce(&mut BytesMut)) -> Bytes {
 impl Session {
     /// An extended-protocol message about a reauth statement or portal, answered here (`true`);
     /// anything else is left to the caller (`false`).
-    pub(super) async fn on_reauth_message(&mut self, frame: &Frame) -> Result<bool, SessionError> {
+    /// `parse` is the message read as a Parse when it is one.
+    pub(super) async fn on_reauth_message(
+        &mut self,
+        frame: &Frame,
+        parse: Option<&fe::Parse<'_>>,
+    ) -> Result<bool, SessionError> {
+        if let Some(p) = parse {
+            return self.reauth_parse(p);
+        }
         match frame.tag {
-            fe::PARSE => self.reauth_parse(frame),
             fe::BIND if !self.reauth.is_empty() => self.reauth_bind(frame),
             fe::DESCRIBE if !self.reauth.is_empty() => self.reauth_describe(frame),
             fe::EXECUTE if self.reauth.portal.is_some() => self.reauth_execute(frame).await,
@@ -75,9 +82,7 @@ impl Session {
         }
     }
 
-    fn reauth_parse(&mut self, frame: &Frame) -> Result<bool, SessionError> {
-        let p = fe::parse(frame.body()).map_err(protocol)?;
-        // (cheap test first: reauth_call parses the text)
+    fn reauth_parse(&mut self, p: &fe::Parse<'_>) -> Result<bool, SessionError> {
         // (reauth_call tests the text cheaply before it parses it)
         let arg = if p.sql.len() < 4096 {
             reauth_call(p.sql)
