@@ -662,6 +662,35 @@ mod tests {
         );
     }
 
+    /// The audit record of a login takes the kid from the verified token's header (the login no
+    /// longer decodes the header a second time), as the unverified reading would.
+    #[tokio::test]
+    async fn verify_hands_back_the_headers_kid() {
+        let claims = json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"});
+        let v = validator().await;
+        for kid in [Some("key-7"), None] {
+            let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+            header.kid = kid.map(str::to_string);
+            let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+            let t = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+            let verified = v.verify(&t, "u").await.unwrap();
+            assert_eq!(verified.kid.as_deref(), kid);
+            assert_eq!(verified.kid, Validator::meta(&t).kid);
+            assert_eq!(verified.identity.tenant, "north");
+        }
+        // one claim-check set per configured algorithm (HS256 here): another is refused
+        let hs384 = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS384),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&hs384, "u").await.map(|v| v.identity.tenant),
+            Err(Refusal::unverified(AuthError::BadAlgorithm))
+        );
+    }
+
     #[tokio::test]
     async fn reserved_role_names_are_refused() {
         let v = validator_with(
