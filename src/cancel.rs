@@ -108,7 +108,7 @@ impl CancelRegistry {
 }
 
 async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+    let mut stream = TcpStream::connect((&*target.host, target.port)).await?;
     let mut msg = BytesMut::with_capacity(16 + target.key.len());
     msg.put_i32(12 + target.key.len() as i32);
     msg.put_i32(CANCEL_REQUEST_CODE);

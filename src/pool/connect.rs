@@ -84,7 +84,7 @@ pub(super) async fn connect(
         read_buf: buf,
         id,
         backend_pid: backend.0,
-        backend_key: backend.1,
+        backend_key: backend.1.into(),
         params: server_params,
         created: now,
         last_used: now,

@@ -119,7 +119,7 @@ pub struct ServerConn {
     pub read_buf: BytesMut,
     pub id: u64,
     pub backend_pid: i32,
-    pub backend_key: Vec<u8>,
+    pub backend_key: Arc<[u8]>,
     pub params: Vec<(String, String)>,
     pub created: Instant,
     pub last_used: Instant,
@@ -193,14 +193,17 @@ pub struct PoolOptions {
 /// Where to send a CancelRequest for the backend behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
+    /// Shared: a session sets its target at every checkout (no copy per transaction).
+    pub host: Arc<str>,
     pub port: u16,
     pub pid: i32,
-    pub key: Vec<u8>,
+    pub key: Arc<[u8]>,
 }
 
 struct Inner {
     cfg: UpstreamConfig,
+    /// `cfg.host`, shared by every cancel target.
+    cancel_host: Arc<str>,
     tls: Option<Arc<rustls::ClientConfig>>,
     keepalive: KeepaliveConfig,
     metrics: Option<Arc<Metrics>>,
@@ -325,6 +328,7 @@ impl Pool {
         let permits = Arc::new(Semaphore::new(cfg.pool_size));
         Pool {
             inner: Arc::new(Inner {
+                cancel_host: Arc::from(cfg.host.as_str()),
                 cfg,
                 tls,
                 keepalive: opts.keepalive,
@@ -499,10 +503,10 @@ impl Pool {
 
     pub fn cancel_target(&self, conn: &ServerConn) -> CancelTarget {
         CancelTarget {
-            host: self.inner.cfg.host.clone(),
+            host: Arc::clone(&self.inner.cancel_host),
             port: self.inner.cfg.port,
             pid: conn.backend_pid,
-            key: conn.backend_key.clone(),
+            key: Arc::clone(&conn.backend_key),
         }
     }
 
