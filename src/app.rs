@@ -297,6 +297,19 @@ impl Shared {
     }
 }
 
+/// [`run`] on a runtime worker thread rather than the caller's (`block_on`'s) thread: sessions
+/// spawned from the accept loop then start on the worker's own queue instead of waking it from
+/// outside (about two futex calls per login).
+pub async fn run_on_worker(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = tokio::spawn(run(listener, shared, shutdown)).await {
+        tracing::error!(error = %e, "the accept loop failed");
+    }
+}
+
 /// Accept clients until `shutdown` fires, then let sessions finish their transactions for up to
 /// `server.shutdown_timeout`.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {

@@ -135,11 +135,6 @@ fn client_options(sock: SockRef<'_>) -> io::Result<(bool, SocketKeepalive)> {
     Ok((sock.tcp_nodelay()?, socket_keepalive(sock)?))
 }
 
-/// Whether TCP_NODELAY is set on `tcp` (for tests and diagnostics).
-pub fn nodelay_of(tcp: &TcpStream) -> io::Result<bool> {
-    SockRef::from(tcp).tcp_nodelay()
-}
-
 /// The keepalive-related options of a socket as the kernel reports them (getsockopt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketKeepalive {

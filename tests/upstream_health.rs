@@ -360,14 +360,8 @@ fn for_own_sockets(mut visit: impl FnMut(SocketAddr, SocketAddr, socket2::SockRe
 /// The proxy's side of a client connection, and the proxy's upstream sockets (found by the
 /// client ports Postgres reports for the proxy's database).
 async fn both_sides(proxy: &Proxy, pg_port: u16) -> (SocketKeepalive, Vec<SocketKeepalive>) {
-    let mut raw = RawClient::connect(proxy, &token("ka")).await;
-    raw.query("SELECT 1").await;
-    let msgs = raw.until_ready().await;
-    assert_eq!(tags(&msgs), "T D C Z", "{msgs:?}");
-    let client_addr = raw.stream.local_addr().unwrap();
-    let proxy_port = proxy.addr.port();
-    let client_side = own_sockets(|l, p| l.port() == proxy_port && p == client_addr);
-    assert_eq!(client_side.len(), 1, "the proxy's socket for the client");
+    let raw = served_client(proxy).await;
+    let (_, client_keepalive) = client_side(proxy, &raw);
     let ports: HashSet<u16> = admin_sql(
         &proxy.db,
         "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() AND usename = 'rlsgate_app'",
@@ -378,7 +372,27 @@ async fn both_sides(proxy: &Proxy, pg_port: u16) -> (SocketKeepalive, Vec<Socket
     assert!(!ports.is_empty(), "the proxy has an upstream connection");
     let upstream = own_sockets(|l, p| p.port() == pg_port && ports.contains(&l.port()));
     assert_eq!(upstream.len(), ports.len(), "each upstream socket found");
-    (client_side[0], upstream)
+    (client_keepalive, upstream)
+}
+
+/// A client that logged in and got an answer (so the proxy holds its socket and an upstream one).
+async fn served_client(proxy: &Proxy) -> RawClient {
+    let mut raw = RawClient::connect(proxy, &token("ka")).await;
+    raw.query("SELECT 1").await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "T D C Z", "{msgs:?}");
+    raw
+}
+
+/// Keepalive on with these values.
+fn keepalive(idle: u64, interval: u64, count: u32, user_timeout: u64) -> SocketKeepalive {
+    SocketKeepalive {
+        enabled: true,
+        idle: Duration::from_secs(idle),
+        interval: Duration::from_secs(interval),
+        count,
+        user_timeout: Duration::from_secs(user_timeout),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,13 +400,7 @@ async fn keepalive_settings_reach_client_and_upstream_sockets() {
     let db = demo_db();
     let server = "tcp_keepidle = \"37s\"\ntcp_keepintvl = \"7s\"\ntcp_keepcnt = 3\ntcp_user_timeout = \"45s\"";
     let proxy = start_proxy_with(&db, &config(pg().port(), &db, 2, server, "")).await;
-    let want = SocketKeepalive {
-        enabled: true,
-        idle: Duration::from_secs(37),
-        interval: Duration::from_secs(7),
-        count: 3,
-        user_timeout: Duration::from_secs(45),
-    };
+    let want = keepalive(37, 7, 3, 45);
     let (client_side, upstream) = both_sides(&proxy, pg().port()).await;
     assert_eq!(client_side, want, "client socket");
     for u in &upstream {
@@ -430,18 +438,10 @@ async fn every_client_socket_gets_nodelay_and_keepalive_also_after_a_reload() {
     let db = demo_db();
     let server = "tcp_keepidle = \"37s\"\ntcp_keepintvl = \"7s\"\ntcp_keepcnt = 3";
     let proxy = start_proxy_with(&db, &config(pg().port(), &db, 2, server, "")).await;
-    let want = SocketKeepalive {
-        enabled: true,
-        idle: Duration::from_secs(37),
-        interval: Duration::from_secs(7),
-        count: 3,
-        user_timeout: Duration::ZERO,
-    };
+    let want = keepalive(37, 7, 3, 0);
     let mut clients = Vec::new();
     for i in 0..4 {
-        let mut raw = RawClient::connect(&proxy, &token("ka")).await;
-        raw.query("SELECT 1").await;
-        assert_eq!(tags(&raw.until_ready().await), "T D C Z");
+        let raw = served_client(&proxy).await;
         assert_eq!(client_side(&proxy, &raw), (true, want), "client {i}");
         clients.push(raw);
     }
@@ -450,16 +450,9 @@ async fn every_client_socket_gets_nodelay_and_keepalive_also_after_a_reload() {
     text = text.replace("127.0.0.1:0", &proxy.addr.to_string());
     let reloaded = Config::from_toml(&text).expect("config");
     proxy.shared.reload(reloaded).await.expect("reload");
-    let want = SocketKeepalive {
-        idle: Duration::from_secs(41),
-        interval: Duration::from_secs(5),
-        count: 4,
-        ..want
-    };
+    let want = keepalive(41, 5, 4, 0);
     for i in 0..3 {
-        let mut raw = RawClient::connect(&proxy, &token("ka")).await;
-        raw.query("SELECT 1").await;
-        assert_eq!(tags(&raw.until_ready().await), "T D C Z");
+        let raw = served_client(&proxy).await;
         assert_eq!(
             client_side(&proxy, &raw),
             (true, want),
@@ -475,13 +468,7 @@ async fn every_client_socket_gets_nodelay_and_keepalive_also_after_a_reload() {
 async fn keepalive_is_on_by_default_and_can_be_switched_off() {
     let db = demo_db();
     let proxy = start_proxy_with(&db, &config(pg().port(), &db, 2, "", "")).await;
-    let defaults = SocketKeepalive {
-        enabled: true,
-        idle: Duration::from_secs(60),
-        interval: Duration::from_secs(10),
-        count: 6,
-        user_timeout: Duration::ZERO,
-    };
+    let defaults = keepalive(60, 10, 6, 0);
     let (client_side, upstream) = both_sides(&proxy, pg().port()).await;
     assert_eq!(client_side, defaults);
     assert!(upstream.iter().all(|u| *u == defaults), "{upstream:?}");

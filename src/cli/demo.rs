@@ -91,11 +91,7 @@ tenant_claim = "store_id"
         } else {
             tokio::spawn(super::stop_on_signal(shutdown.clone()));
         }
-        // On a worker thread, not this one: sessions spawned from the accept loop then start on
-        // the worker's own queue instead of waking it from outside (one futex call per login).
-        if let Err(e) = tokio::spawn(app::run(listener, Arc::clone(&shared), shutdown)).await {
-            tracing::error!(error = %e, "the accept loop failed");
-        }
+        app::run_on_worker(listener, Arc::clone(&shared), shutdown).await;
         drop(pg);
         anyhow::Ok(())
     })

@@ -149,11 +149,7 @@ fn serve(path: PathBuf, allow_unsafe: bool) -> anyhow::Result<()> {
         }
         tokio::spawn(stop_on_signal(shutdown.clone()));
         tokio::spawn(reload_on_sighup(Arc::clone(&shared)));
-        // On a worker thread, not this one: sessions spawned from the accept loop then start on
-        // the worker's own queue instead of waking it from outside (one futex call per login).
-        if let Err(e) = tokio::spawn(app::run(listener, Arc::clone(&shared), shutdown)).await {
-            tracing::error!(error = %e, "the accept loop failed");
-        }
+        app::run_on_worker(listener, Arc::clone(&shared), shutdown).await;
         http_stop.cancel();
         Ok(())
     })

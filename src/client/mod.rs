@@ -333,12 +333,11 @@ async fn login(
     {
         return Err(throttled(shared, peer));
     }
-    match shared.live().validator.verify(token, &user).await {
-        Ok(verified) if admin && !verified.identity.admin => {
-            let e = AuthError::BadClaim("admin claim".into());
-            let meta = Validator::meta(token);
-            Err(refuse_verified(shared, peer, user, &meta, e))
-        }
+    let refusal = match shared.live().validator.verify(token, &user).await {
+        Ok(verified) if admin && !verified.identity.admin => Refusal {
+            error: AuthError::BadClaim("admin claim".into()),
+            signature_verified: true,
+        },
         Ok(Verified { identity, kid }) => {
             shared.metrics.login(LoginResult::Ok);
             shared.audit.record(AuditEvent::LoginOk {
@@ -349,31 +348,23 @@ async fn login(
                 jti: identity.jti.clone(),
                 subject: identity.subject.clone(),
             });
-            Ok((identity, startup, user))
+            return Ok((identity, startup, user));
         }
-        Err(Refusal {
-            error,
-            signature_verified: true,
-        }) => {
-            let meta = Validator::meta(token);
-            Err(refuse_verified(shared, peer, user, &meta, error))
-        }
-        Err(Refusal {
-            error,
-            signature_verified: false,
-        }) => {
-            let meta = Validator::meta(token);
-            let key = shared.throttle.key(peer.ip(), &meta.claimed);
-            shared.audit.record(AuditEvent::LoginFailed {
-                peer: peer.to_string(),
-                user: Some(user.clone()),
-                reason: error.to_string(),
-                kid: meta.kid,
-                jti: meta.jti,
-            });
-            Err(refuse_unverified(shared, peer, &user, key, error))
-        }
+        Err(refusal) => refusal,
+    };
+    let meta = Validator::meta(token);
+    if refusal.signature_verified {
+        return Err(refuse_verified(shared, peer, user, &meta, refusal.error));
     }
+    let key = shared.throttle.key(peer.ip(), &meta.claimed);
+    shared.audit.record(AuditEvent::LoginFailed {
+        peer: peer.to_string(),
+        user: Some(user.clone()),
+        reason: refusal.error.to_string(),
+        kid: meta.kid,
+        jti: meta.jti,
+    });
+    Err(refuse_unverified(shared, peer, &user, key, refusal.error))
 }
 
 /// A token whose signature verified but whose claims do not let it in (expired, not yet valid,
