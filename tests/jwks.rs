@@ -10,6 +10,7 @@ use std::time::Duration;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rlsgate::auth::jwks::{Jwks, JwksConfig, JwksError, Lookup};
+use rlsgate::auth::{AuthError, Validator};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -528,4 +529,57 @@ async fn config_mistakes_are_refused() {
         Jwks::load(missing).await,
         Err(JwksError::Read { .. })
     ));
+}
+
+/// An ES256 token for `tenant`, signed with the key named `kid`.
+fn sign_for(private_pem: &str, kid: &str, tenant: &str) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    let exp = jsonwebtoken::get_current_timestamp() + 60;
+    let key = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &json!({"store_id": tenant, "exp": exp}), &key).unwrap()
+}
+
+/// The validator keeps tokens that verified (a second login with the same text skips the
+/// signature check) only while the key set still holds the key that verified them: once the
+/// key rotates out, the same token text is refused.
+#[tokio::test]
+async fn a_kept_token_is_refused_once_its_key_rotates_out() {
+    let (private_a, public_a) = es256_jwk("a");
+    let (private_b, public_b) = es256_jwk("b");
+    let path = temp_path();
+    std::fs::write(&path, jwks_body(&[public_a])).unwrap();
+    let text = format!(
+        "[upstream]\ndatabase = \"app\"\nuser = \"u\"\n[auth]\nalgorithms = [\"ES256\"]\njwks_file = \"{}\"\njwks_min_refetch = \"0s\"\ntenant_claim = \"store_id\"\n[context]\n\"app.current_store_id\" = \"store_id\"\n",
+        path.display()
+    );
+    let config = rlsgate::config::Config::from_toml(&text).unwrap();
+    let validator = Validator::new(&config.auth, &config.context.settings)
+        .await
+        .unwrap();
+    let token_a = sign_for(&private_a, "a", "north");
+    for _ in 0..3 {
+        assert_eq!(
+            validator.validate(&token_a, "u").await.unwrap().tenant,
+            "north"
+        );
+    }
+    // "b" is unknown: the validator rereads the file, which now holds only "b"
+    std::fs::write(&path, jwks_body(&[public_b])).unwrap();
+    let token_b = sign_for(&private_b, "b", "south");
+    assert_eq!(
+        validator.validate(&token_b, "u").await.unwrap().tenant,
+        "south"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            validator.validate(&token_a, "u").await.unwrap_err(),
+            AuthError::UnknownKid
+        );
+    }
+    assert_eq!(
+        validator.validate(&token_b, "u").await.unwrap().tenant,
+        "south"
+    );
+    let _ = std::fs::remove_file(&path);
 }

@@ -10,6 +10,7 @@ use super::Identity;
 use super::claims::{lookup, render_claim, valid_tenant};
 use super::jwks::{Jwks, JwksConfig, Lookup};
 use super::throttle::Claimed;
+use super::token_cache::{Cached, TokenCache};
 use crate::config::AuthConfig;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use std::collections::BTreeMap;
@@ -117,7 +118,7 @@ enum KeySource {
     /// `hs_secret`: the only key HS* tokens are ever checked with.
     Secret(std::sync::Arc<DecodingKey>),
     /// `public_key_pem` for one asymmetric family.
-    Pem(AlgorithmFamily, DecodingKey),
+    Pem(AlgorithmFamily, std::sync::Arc<DecodingKey>),
     /// `jwks_file` / `jwks_url`, keys chosen by `kid`.
     Jwks(Jwks),
 }
@@ -142,6 +143,9 @@ pub struct Validator {
     role: Option<RoleMode>,
     /// `(guc, claim path)` pairs from `[context]`.
     context: Vec<(String, String)>,
+    /// Tokens that verified (see [`TokenCache`]): a reload builds a new validator, and so an
+    /// empty cache.
+    verified: TokenCache,
 }
 
 /// `SET LOCAL ROLE` from a claim (allow-listed) or a template.
@@ -232,7 +236,7 @@ impl Validator {
                 family: name,
                 reason: e.to_string(),
             })?;
-            sources.push(KeySource::Pem(family, key));
+            sources.push(KeySource::Pem(family, std::sync::Arc::new(key)));
         }
         if auth.jwks_file.is_some() || auth.jwks_url.is_some() {
             let cfg = JwksConfig {
@@ -304,6 +308,7 @@ impl Validator {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            verified: TokenCache::default(),
         })
     }
 
@@ -369,6 +374,23 @@ impl Validator {
         if token.len() > MAX_TOKEN_LEN {
             return Err(Refusal::unverified(AuthError::TooLarge));
         }
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(hit) = self.verified.get(token, now) {
+            // Only while the header still selects the key that verified it.
+            let same_key = self
+                .select_key(hit.alg, hit.kid.as_deref())
+                .is_ok_and(|key| std::sync::Arc::ptr_eq(&key, &hit.key));
+            if same_key {
+                let identity = self
+                    .identity(&hit.claims, login_user)
+                    .map_err(Refusal::verified)?;
+                return Ok(Verified {
+                    identity,
+                    kid: hit.kid.clone(),
+                });
+            }
+            self.verified.remove(token);
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Refusal::unverified(map_error(e.kind())))?;
         if header.jku.is_some() || header.x5u.is_some() {
@@ -382,7 +404,7 @@ impl Validator {
         else {
             return Err(Refusal::unverified(AuthError::BadAlgorithm));
         };
-        let key = match self.select_key(&header) {
+        let key = match self.select_key(header.alg, header.kid.as_deref()) {
             Err(AuthError::UnknownKid) => {
                 // A key may have rotated in: refetch (rate-limited) and look again.
                 let mut refreshed = false;
@@ -394,7 +416,8 @@ impl Validator {
                 if !refreshed {
                     return Err(Refusal::unverified(AuthError::UnknownKid));
                 }
-                self.select_key(&header).map_err(Refusal::unverified)?
+                self.select_key(header.alg, header.kid.as_deref())
+                    .map_err(Refusal::unverified)?
             }
             other => other.map_err(Refusal::unverified)?,
         };
@@ -409,6 +432,9 @@ impl Validator {
         let identity = self
             .identity(&data.claims, login_user)
             .map_err(Refusal::verified)?;
+        if let Some(cached) = Cached::new(header.alg, header.kid.clone(), key, data.claims) {
+            self.verified.insert(token, cached, now);
+        }
         Ok(Verified {
             identity,
             kid: header.kid,
@@ -419,9 +445,10 @@ impl Validator {
     /// key named by `kid`, or the PEM key.
     fn select_key(
         &self,
-        header: &jsonwebtoken::Header,
+        alg: Algorithm,
+        kid: Option<&str>,
     ) -> Result<std::sync::Arc<DecodingKey>, AuthError> {
-        let family = header.alg.family();
+        let family = alg.family();
         if family == AlgorithmFamily::Hmac {
             return self
                 .sources
@@ -435,14 +462,14 @@ impl Validator {
         let mut outcome = Err(AuthError::UnknownKid);
         for s in &self.sources {
             match s {
-                KeySource::Jwks(j) => match j.lookup(header.kid.as_deref(), header.alg) {
+                KeySource::Jwks(j) => match j.lookup(kid, alg) {
                     Lookup::Key(k) => return Ok(k),
                     Lookup::KidRequired => outcome = Err(AuthError::KidRequired),
                     Lookup::AlgorithmMismatch => outcome = Err(AuthError::BadAlgorithm),
                     Lookup::UnknownKid | Lookup::NoKeys => {}
                 },
-                KeySource::Pem(f, k) if *f == family && header.kid.is_none() => {
-                    return Ok(std::sync::Arc::new(k.clone()));
+                KeySource::Pem(f, k) if *f == family && kid.is_none() => {
+                    return Ok(std::sync::Arc::clone(k));
                 }
                 KeySource::Pem(f, k)
                     if *f == family
@@ -450,7 +477,7 @@ impl Validator {
                     && outcome.is_err()
                         && !self.sources.iter().any(|s| matches!(s, KeySource::Jwks(_))) =>
                 {
-                    return Ok(std::sync::Arc::new(k.clone()));
+                    return Ok(std::sync::Arc::clone(k));
                 }
                 _ => {}
             }
@@ -831,6 +858,60 @@ mod tests {
         for junk in ["", "not-a-token", "a.b.c", "e30.W10.x"] {
             assert_eq!(Validator::meta(junk).claimed, Claimed::Unreadable, "{junk}");
         }
+    }
+
+    /// A token that verified is kept by its text: a second login with it does not decode it
+    /// again (the entry's claims are what it gets), yet its identity is built for that login's
+    /// user, and its expiry still ends it.
+    #[tokio::test]
+    async fn a_verified_token_is_reused_for_its_claims_only() {
+        let v = validator_with("user_claim = \"sub\"").await;
+        let t = mint_hs256(
+            SECRET.as_bytes(),
+            &json!({"store_id": "north", "sub": "u1", "exp": now() + 2, "iss": "iss-1"}),
+        )
+        .unwrap();
+        assert_eq!(v.validate(&t, "u1").await.unwrap().tenant, "north");
+        assert_eq!(v.verified.len(), 1);
+        // the user name is checked on every login, also from the kept claims
+        assert_eq!(
+            v.validate(&t, "u2").await,
+            Err(AuthError::UserMismatch("sub".into()))
+        );
+        // the kept claims are what a second login reads (no second decoding): swap them
+        let hit = v.verified.get(&t, now()).expect("kept");
+        let swapped = Cached::new(
+            hit.alg,
+            hit.kid.clone(),
+            std::sync::Arc::clone(&hit.key),
+            json!({"store_id": "south", "sub": "u1", "exp": now() + 2}),
+        )
+        .unwrap();
+        v.verified.insert(&t, swapped, now());
+        assert_eq!(v.validate(&t, "u1").await.unwrap().tenant, "south");
+        // …and a token is never reused past its exp (leeway 0 here)
+        tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+        assert_eq!(v.validate(&t, "u1").await, Err(AuthError::Expired));
+        // a bad token is never kept
+        let forged = format!("{}x", &t[..t.len() - 1]);
+        assert!(v.validate(&forged, "u1").await.is_err());
+        assert!(v.verified.get(&forged, now()).is_none());
+    }
+
+    /// A token kept under one validator is unknown to the next: a reload starts empty.
+    #[tokio::test]
+    async fn tokens_are_kept_per_validator() {
+        let a = validator().await;
+        let t = mint_hs256(
+            SECRET.as_bytes(),
+            &json!({"store_id": "north", "sub": "u1", "exp": now() + 60, "iss": "iss-1"}),
+        )
+        .unwrap();
+        a.validate(&t, "u").await.unwrap();
+        a.validate(&t, "u").await.unwrap();
+        assert_eq!(a.verified.len(), 1);
+        let b = validator().await;
+        assert!(b.verified.get(&t, now()).is_none());
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ mod claims;
 pub mod jwks;
 mod jwt;
 pub mod throttle;
+mod token_cache;
 
 pub use claims::{render_claim, valid_tenant};
 pub use jwt::{
