@@ -540,7 +540,7 @@ async fn start(
         }
         Ok(Ok(Handshake::Admin { stream, read_buf })) => {
             tracing::info!("admin console login");
-            crate::admin::run(stream, read_buf, Arc::clone(&shared)).await;
+            Box::pin(crate::admin::run(stream, read_buf, Arc::clone(&shared))).await;
             return None;
         }
         Ok(Ok(Handshake::Login(login))) => login,
@@ -557,7 +557,13 @@ async fn start(
             return None;
         }
     };
-    let params = match shared.pool.server_params().await {
+    let known = shared.pool.known_server_params();
+    let params = match known {
+        Some(p) => Ok(p),
+        // (boxed, as the admin console below: rare, and large futures would size every login's)
+        None => Box::pin(shared.pool.server_params()).await,
+    };
+    let params = match params {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "upstream unavailable at login");

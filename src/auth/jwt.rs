@@ -407,13 +407,7 @@ impl Validator {
         let key = match self.select_key(header.alg, header.kid.as_deref()) {
             Err(AuthError::UnknownKid) => {
                 // A key may have rotated in: refetch (rate-limited) and look again.
-                let mut refreshed = false;
-                for s in &self.sources {
-                    if let KeySource::Jwks(j) = s {
-                        refreshed |= j.refetch_for_unknown_kid().await;
-                    }
-                }
-                if !refreshed {
+                if !Box::pin(self.refetch_for_unknown_kid()).await {
                     return Err(Refusal::unverified(AuthError::UnknownKid));
                 }
                 self.select_key(header.alg, header.kid.as_deref())
@@ -439,6 +433,18 @@ impl Validator {
             identity,
             kid: header.kid,
         })
+    }
+
+    /// Refetch every JWKS source (rate-limited); whether any installed a new set. (Boxed by
+    /// the caller: an HTTP fetch's state would size every login's future.)
+    async fn refetch_for_unknown_kid(&self) -> bool {
+        let mut refreshed = false;
+        for s in &self.sources {
+            if let KeySource::Jwks(j) = s {
+                refreshed |= j.refetch_for_unknown_kid().await;
+            }
+        }
+        refreshed
     }
 
     /// The key for this header: HS* only ever uses the secret; asymmetric algorithms use the JWKS

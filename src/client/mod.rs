@@ -178,7 +178,8 @@ pub async fn handshake(
                 if let Err(e) = tcp.write_all(b"S").await {
                     return Err((None, e.into()));
                 }
-                match acceptor.accept(tcp).await {
+                // (boxed, as below: a TLS handshake's state would size every plaintext login)
+                match Box::pin(acceptor.accept(tcp)).await {
                     Ok(tls) => stream = Stream::ServerTls(Box::new(tls)),
                     Err(e) => return Err((None, HandshakeError::Tls(e.to_string()))),
                 }
@@ -239,8 +240,7 @@ async fn accept_direct_tls(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Strea
     let Some(acceptor) = shared.live().tls_acceptor.clone() else {
         return Err(HandshakeError::DirectTlsRefused("TLS is not configured"));
     };
-    let mut tls = acceptor
-        .accept(tcp)
+    let mut tls = Box::pin(acceptor.accept(tcp))
         .await
         .map_err(|e| HandshakeError::Tls(e.to_string()))?;
     if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {

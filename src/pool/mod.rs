@@ -423,13 +423,19 @@ impl Pool {
 
     /// The upstream's ParameterStatus set (connecting once if none is known yet).
     pub async fn server_params(&self) -> Result<ServerParams, PoolError> {
-        if let Some(p) = self.inner.server_params.lock().ok().and_then(|p| p.clone()) {
+        if let Some(p) = self.known_server_params() {
             return Ok(p);
         }
-        let conn = self.checkout().await?;
+        // Boxed: a checkout's future is large, and this path runs before the first connection only.
+        let conn = Box::pin(self.checkout()).await?;
         let params = Arc::from(conn.conn_ref().params.as_slice());
         conn.release();
         Ok(params)
+    }
+
+    /// The server's ParameterStatus set, once a connection has reported it.
+    pub fn known_server_params(&self) -> Option<ServerParams> {
+        self.inner.server_params.lock().ok().and_then(|p| p.clone())
     }
 
     /// Borrow a connection, waiting up to `checkout_timeout` for a free slot. An idle
@@ -481,7 +487,7 @@ impl Pool {
                 continue;
             }
             if conn.last_used.elapsed() >= self.inner.cfg.health_check_after
-                && let Err(e) = health_check(&mut conn).await
+                && let Err(e) = Box::pin(health_check(&mut conn)).await
             {
                 tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
                 self.inner.lost();
@@ -493,7 +499,9 @@ impl Pool {
                 permit: Some(permit),
             });
         }
-        let conn = self.inner.open().await?;
+        // Boxed: connecting is rare, and its state would size every checkout's future (which the
+        // session boxes per transaction).
+        let conn = Box::pin(self.inner.open()).await?;
         Ok(Checkout {
             conn: Some(conn),
             pool: Arc::clone(&self.inner),

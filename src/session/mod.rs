@@ -391,6 +391,14 @@ impl Session {
 
     /// Finish the login (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
     pub async fn greet(&mut self, server_params: &[(String, String)]) -> Result<(), SessionError> {
+        // One allocation for the whole greeting (AuthenticationOk 9, BackendKeyData 13,
+        // ReadyForQuery 6 bytes; a client's own startup value may be longer than the server's).
+        let params: usize = server_params
+            .iter()
+            .map(|(k, v)| 7 + k.len() + v.len())
+            .sum();
+        let own: usize = self.startup_requested.iter().map(|(_, v)| v.len()).sum();
+        self.client_out.reserve(28 + params + own);
         be::write_auth_ok(&mut self.client_out);
         for (k, v) in server_params {
             // The client's own startup values win (they are applied upstream before its work).
