@@ -31,7 +31,12 @@ impl CancelSlot {
 
     /// Forget the backend; waits until no cancel for it is still being delivered.
     pub async fn clear(&self) {
-        let _exclusive = self.gate.write().await;
+        // No cancel in flight (the usual case): the gate is taken at once. Waiting is boxed:
+        // the lock's future would size every session's future, also while the client is idle.
+        let _exclusive = match self.gate.try_write() {
+            Ok(exclusive) => exclusive,
+            Err(_) => Box::pin(self.gate.write()).await,
+        };
         if let Ok(mut t) = self.target.lock() {
             *t = None;
         }

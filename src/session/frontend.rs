@@ -75,7 +75,11 @@ impl Session {
             return Ok(self.interrupt_copy(&frame));
         }
         match frame.tag {
-            fe::QUERY | fe::FUNCTION_CALL if self.unit_open => self.inside_unit(frame).await,
+            // (the rare paths boxed: the session's future is as large as its largest await, for
+            // every client, also while idle)
+            fe::QUERY | fe::FUNCTION_CALL if self.unit_open => {
+                Box::pin(self.inside_unit(frame)).await
+            }
             fe::QUERY => self.on_query(frame).await,
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
                 self.on_extended(frame).await
@@ -106,7 +110,7 @@ impl Session {
                 }
                 Ok(Flow::Continue)
             }
-            fe::FUNCTION_CALL => self.on_function_call(frame).await,
+            fe::FUNCTION_CALL => Box::pin(self.on_function_call(frame)).await,
             fe::TERMINATE => Ok(Flow::Terminate),
             other => Err(SessionError::ClientProtocol(
                 crate::protocol::ProtocolError::UnknownMessage(other as char),

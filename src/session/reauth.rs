@@ -76,7 +76,10 @@ impl Session {
         match frame.tag {
             fe::BIND if !self.reauth.is_empty() => self.reauth_bind(frame),
             fe::DESCRIBE if !self.reauth.is_empty() => self.reauth_describe(frame),
-            fe::EXECUTE if self.reauth.portal.is_some() => self.reauth_execute(frame).await,
+            // (boxed: the token check is rare, and its state would size every message's future)
+            fe::EXECUTE if self.reauth.portal.is_some() => {
+                Box::pin(self.reauth_execute(frame)).await
+            }
             fe::CLOSE if !self.reauth.is_empty() => self.reauth_close(frame),
             _ => Ok(false),
         }
