@@ -576,14 +576,16 @@ async fn start(
         tls = login.stream.is_tls(),
         "client logged in"
     );
-    let mut session = match Session::new(login, Arc::clone(&shared), conn_id, shutdown) {
+    let requested = client::startup_params::requested_settings(&login.startup.params);
+    let mut session = match Session::new(login, &requested, Arc::clone(&shared), conn_id, shutdown)
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "could not start session");
             return None;
         }
     };
-    if let Err(e) = session.greet(&params).await {
+    if let Err(e) = session.greet(&params, &requested).await {
         tracing::debug!(error = %e, "client left during login");
         return None;
     }

@@ -797,7 +797,7 @@ impl Session {
                 let after_begin = matches!(&self.begin_portal, Some(Some(p)) if p == portal);
                 let ends = match self.ending_portals.is_empty() {
                     true => None,
-                    false => self.ending_portals.get(portal).map(|(effect, _)| *effect),
+                    false => self.ending_portals.get(portal).map(|(effect, _)| effect),
                 };
                 self.server_out.extend_from_slice(&frame.bytes);
                 let copy = self.copy_portal.as_deref() == Some(portal);

@@ -151,6 +151,48 @@ enum Reapply {
     Unknown,
 }
 
+/// Portals on the server that end the transaction (or run outside one) when executed: name →
+/// (their statement's effect, unit of their Bind). Rare: no map is held until one is bound.
+#[derive(Default)]
+struct EndingPortals(Option<Box<std::collections::HashMap<Box<str>, (TxEffect, u64)>>>);
+
+impl EndingPortals {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|m| m.is_empty())
+    }
+
+    fn get(&self, portal: &str) -> Option<(TxEffect, u64)> {
+        self.0.as_ref()?.get(portal).copied()
+    }
+
+    fn insert(&mut self, portal: Box<str>, entry: (TxEffect, u64)) {
+        self.0.get_or_insert_default().insert(portal, entry);
+    }
+
+    /// Keep an entry already there, else insert this one.
+    fn insert_missing(&mut self, portal: Box<str>, entry: (TxEffect, u64)) {
+        self.0
+            .get_or_insert_default()
+            .entry(portal)
+            .or_insert(entry);
+    }
+
+    fn remove(&mut self, portal: &str) -> Option<(TxEffect, u64)> {
+        self.0.as_mut()?.remove(portal)
+    }
+
+    /// Forget the portals bound in units up to `done` (their transaction is over); the map
+    /// goes when empty.
+    fn forget_up_to(&mut self, done: u64) {
+        if let Some(map) = self.0.as_mut() {
+            map.retain(|_, (_, unit)| *unit > done);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 /// A multi-statement Query split after COMMIT/ROLLBACK, run one piece at a time.
 struct Split {
     rest: VecDeque<Piece>,
@@ -218,7 +260,7 @@ pub struct Session {
     /// Portals on the server that end the transaction (or run outside one) when executed:
     /// name → (their statement's effect, unit of their Bind). Portals die with their
     /// transaction: entries go when a later unit reports idle.
-    ending_portals: std::collections::HashMap<Box<str>, (TxEffect, u64)>,
+    ending_portals: EndingPortals,
     /// COMMIT/ROLLBACK AND CHAIN may have opened the current block without the context.
     chained: bool,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
@@ -233,8 +275,6 @@ pub struct Session {
     local_failed_unit: bool,
     stmts: Statements,
     settings: Settings,
-    /// Startup parameters as the client sent them (reported back at login; freed after it).
-    startup_requested: Vec<(String, String)>,
     /// Units (Query/Sync) sent and answered, to know which setting changes a reply settles.
     units_sent: u64,
     units_done: u64,
@@ -270,8 +310,9 @@ pub struct Session {
     query_started: Option<std::time::Instant>,
     /// The tenant's concurrent-transaction slot, held with the server connection.
     tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// A client message that waits until the replies in flight tell the transaction state.
-    pending: Option<Frame>,
+    /// A client message that waits until the replies in flight tell the transaction state
+    /// (boxed: rare, and every session holds the field).
+    pending: Option<Box<Frame>>,
     /// The server sent a FATAL error (forwarded to the client): its connection is ending.
     upstream_fatal: bool,
     /// The server ended the held connection between transactions: close it (see serve).
@@ -295,8 +336,11 @@ enum Flow {
 }
 
 impl Session {
+    /// `requested`: the client's startup settings (see `startup_params::requested_settings`),
+    /// which the greeting reports back too.
     pub fn new(
         login: LoggedIn,
+        requested: &[(String, String)],
         shared: Arc<Shared>,
         id: u64,
         shutdown: CancellationToken,
@@ -321,10 +365,7 @@ impl Session {
                 .saturating_add(config.auth.leeway.as_secs()),
         );
         let tracker = shared.metrics.track_client(&login.identity.tenant);
-        let mut startup_requested =
-            crate::client::startup_params::requested_settings(&login.startup.params);
-        startup_requested.shrink_to_fit();
-        let settings = Settings::from_startup(&startup_requested, shared.live().guard.protected());
+        let settings = Settings::from_startup(requested, shared.live().guard.protected());
         // Boxed: the task that serves the client then holds a pointer, and the session is never
         // moved (an idle client costs the box, the task and its sockets).
         Ok(Box::new(Session {
@@ -355,13 +396,12 @@ impl Session {
             wrapping_copy: false,
             begin_portal: None,
             reapply: None,
-            ending_portals: std::collections::HashMap::new(),
+            ending_portals: EndingPortals::default(),
             chained: false,
             skip_until_sync: false,
             local_failed_unit: false,
             stmts: Statements::default(),
             settings,
-            startup_requested,
             units_sent: 0,
             units_done: 0,
             tx_failed: false,
@@ -390,29 +430,30 @@ impl Session {
     }
 
     /// Finish the login (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
-    pub async fn greet(&mut self, server_params: &[(String, String)]) -> Result<(), SessionError> {
+    pub async fn greet(
+        &mut self,
+        server_params: &[(String, String)],
+        requested: &[(String, String)],
+    ) -> Result<(), SessionError> {
         // One allocation for the whole greeting (AuthenticationOk 9, BackendKeyData 13,
         // ReadyForQuery 6 bytes; a client's own startup value may be longer than the server's).
         let params: usize = server_params
             .iter()
             .map(|(k, v)| 7 + k.len() + v.len())
             .sum();
-        let own: usize = self.startup_requested.iter().map(|(_, v)| v.len()).sum();
+        let own: usize = requested.iter().map(|(_, v)| v.len()).sum();
         self.client_out.reserve(28 + params + own);
         be::write_auth_ok(&mut self.client_out);
         for (k, v) in server_params {
             // The client's own startup values win (they are applied upstream before its work).
             let v = match k.as_str() {
-                "application_name" | "DateStyle" | "IntervalStyle" | "TimeZone" => self
-                    .settings
-                    .startup_value(&self.startup_requested, k)
-                    .unwrap_or(v),
+                "application_name" | "DateStyle" | "IntervalStyle" | "TimeZone" => {
+                    self.settings.startup_value(requested, k).unwrap_or(v)
+                }
                 _ => v,
             };
             be::write_parameter_status(k, v, &mut self.client_out);
         }
-        // only needed for the greeting
-        self.startup_requested = Vec::new();
         be::write_backend_key(self.cancel.pid, self.cancel.key, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
         self.flush_client().await
@@ -644,7 +685,7 @@ impl Session {
                 return Ok(false);
             }
             let frame = match self.pending.take() {
-                Some(f) => f,
+                Some(f) => *f,
                 None => match try_read_frame(&mut self.client_buf, self.max_message) {
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(false),
@@ -654,7 +695,7 @@ impl Session {
             match self.handle_client(frame).await? {
                 Flow::Continue => {}
                 Flow::Wait(f) => {
-                    self.pending = Some(f);
+                    self.pending = Some(Box::new(f));
                     return Ok(false);
                 }
                 Flow::Terminate => return Ok(true),

@@ -422,7 +422,7 @@ impl Session {
                     effect,
                     unit,
                 }) => {
-                    self.ending_portals.entry(portal).or_insert((effect, unit));
+                    self.ending_portals.insert_missing(portal, (effect, unit));
                 }
                 _ => {}
             }
@@ -566,8 +566,7 @@ impl Session {
         self.settle_settings(status);
         if status == TxStatus::Idle && !self.ending_portals.is_empty() {
             // No transaction, so no portals: those bound before this unit's end are gone.
-            let done = self.units_done;
-            self.ending_portals.retain(|_, (_, unit)| *unit > done);
+            self.ending_portals.forget_up_to(self.units_done);
         }
         // Only a reply to the last thing in flight tells the state after the client's work; not
         // one that arrives while the client's extended unit is still open (e.g. the Z of
