@@ -154,7 +154,9 @@ enum Reapply {
 /// Portals on the server that end the transaction (or run outside one) when executed: name →
 /// (their statement's effect, unit of their Bind). Rare: no map is held until one is bound.
 #[derive(Default)]
-struct EndingPortals(Option<Box<std::collections::HashMap<Box<str>, (TxEffect, u64)>>>);
+struct EndingPortals(Option<Box<PortalMap>>);
+
+type PortalMap = std::collections::HashMap<Box<str>, (TxEffect, u64)>;
 
 impl EndingPortals {
     fn is_empty(&self) -> bool {
