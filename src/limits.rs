@@ -33,7 +33,8 @@ pub struct Limits {
     /// Resolved from the config and the pool size (0 = unlimited).
     max_transactions: usize,
     max_pinned: usize,
-    tenants: Mutex<HashMap<String, TenantState>>,
+    /// (foldhash: looked up twice per transaction; tenant names come from verified tokens)
+    tenants: Mutex<HashMap<String, TenantState, foldhash::fast::RandomState>>,
 }
 
 /// A client slot of a tenant; released on drop.
@@ -87,7 +88,7 @@ impl Limits {
             max_transactions: cfg.transactions_cap(pool_size),
             max_pinned: cfg.pinned_cap(pool_size),
             cfg,
-            tenants: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::default()),
         })
     }
 
@@ -103,7 +104,7 @@ impl Limits {
 
     fn state<'a>(
         &self,
-        map: &'a mut HashMap<String, TenantState>,
+        map: &'a mut HashMap<String, TenantState, foldhash::fast::RandomState>,
         tenant: &str,
     ) -> &'a mut TenantState {
         // A key is allocated only for a tenant seen for the first time, not per transaction.

@@ -279,7 +279,8 @@ struct TenantSeries {
     denials: Family<TenantLabel, Counter>,
     connections: Family<TenantLabel, Gauge>,
     /// At most `cap` entries; never shrinks, so a tenant's label never changes.
-    known: Mutex<HashMap<String, TenantHandles>>,
+    /// (foldhash: tenant names come from verified tokens)
+    known: Mutex<HashMap<String, TenantHandles, foldhash::fast::RandomState>>,
     other: TenantHandles,
 }
 
@@ -294,7 +295,7 @@ impl TenantSeries {
             transactions,
             denials,
             connections,
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::default()),
             other,
         }
     }

@@ -94,7 +94,8 @@ pub struct Registry {
     clients: Mutex<HashMap<u64, Arc<ClientEntry>>>,
     /// Most clients at once since [`Registry::take_peak`] last ran.
     peak: AtomicUsize,
-    tenants: Mutex<HashMap<String, TenantStats>>,
+    /// (foldhash: looked up per transaction; tenant names come from verified tokens)
+    tenants: Mutex<HashMap<String, TenantStats, foldhash::fast::RandomState>>,
 }
 
 /// Removes the entry when the session ends.

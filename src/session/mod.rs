@@ -231,8 +231,9 @@ pub struct Session {
     /// Bytes written to the client that TLS may still hold back (see [`io`]).
     client_unflushed: bool,
     max_message: usize,
-    /// Boxed: most clients hold no connection most of the time.
-    server: Option<Box<Checkout>>,
+    /// (a pointer to the connection, the pool and a permit: held inline, so a checkout
+    /// allocates nothing)
+    server: Option<Checkout>,
     server_out: BytesMut,
     server_unflushed: bool,
     identity: Identity,
@@ -861,7 +862,7 @@ impl Session {
             server_id = checkout.conn_ref().id,
             "checked out upstream connection"
         );
-        self.server = Some(Box::new(checkout));
+        self.server = Some(checkout);
         self.predicted = Predicted::Idle;
         Ok(())
     }
