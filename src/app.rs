@@ -223,6 +223,10 @@ impl Shared {
 
     /// Wait while paused (at most `limit`); false if still paused.
     pub async fn wait_unpaused(&self, limit: std::time::Duration) -> bool {
+        // (not paused, the usual case: no receiver, no timer)
+        if !self.is_paused() {
+            return true;
+        }
         let mut rx = self.paused.subscribe();
         let wait = async {
             while *rx.borrow_and_update() {

@@ -154,9 +154,11 @@ impl Limits {
         tenant: &str,
         wait: Duration,
     ) -> Result<Option<OwnedSemaphorePermit>, ClientError> {
-        let deadline = Instant::now() + wait;
         let rate = self.cfg.transaction_rate_per_tenant;
-        if rate > 0 {
+        // (the clock is read only when a limit is configured)
+        let started = (rate > 0).then(Instant::now);
+        if let Some(started) = started {
+            let deadline = started + wait;
             loop {
                 let delay = {
                     let mut map = self.tenants.lock().map_err(|_| ClientError::internal(0))?;
@@ -189,15 +191,16 @@ impl Limits {
             let mut map = self.tenants.lock().map_err(|_| ClientError::internal(0))?;
             Arc::clone(&self.state(&mut map, tenant).transactions)
         };
-        let permit = match self.cfg.on_limit {
-            OnLimit::Error => sem.try_acquire_owned().ok(),
-            OnLimit::Wait => tokio::time::timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                sem.acquire_owned(),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok),
+        let permit = match (sem.clone().try_acquire_owned(), self.cfg.on_limit) {
+            (Ok(permit), _) => Some(permit),
+            (Err(_), OnLimit::Error) => None,
+            (Err(_), OnLimit::Wait) => {
+                let left = started.map_or(wait, |s| wait.saturating_sub(s.elapsed()));
+                tokio::time::timeout(left, sem.acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
         };
         permit.map(Some).ok_or_else(|| {
             limit_error(format!(
