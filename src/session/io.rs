@@ -109,11 +109,19 @@ impl Side<'_> {
         if !self.read {
             return Poll::Pending;
         }
-        if !self.input.is_empty() || self.input.capacity() > 0 {
+        let spare = self.input.capacity() - self.input.len();
+        if !self.input.is_empty() || spare >= STACK_READ {
+            // A read that fills the buffer is followed by another (tokio keeps the socket
+            // readable until a read comes back short): one message in two system calls, or a
+            // second that finds nothing. Room first (the buffer goes at the next idle moment).
+            if spare < STACK_READ / 2 {
+                self.input.reserve(STACK_READ);
+            }
             return poll_read_buf(Pin::new(&mut *self.stream), cx, self.input);
         }
-        // Nothing buffered and no memory held: wait for the bytes on the stack, then keep
-        // only what came (polling must not allocate a buffer for a client that says nothing).
+        // Nothing buffered and little room (none for an idle client): wait for the bytes on the
+        // stack, then keep only what came (polling must not allocate a buffer for a client that
+        // says nothing, and a small leftover buffer must not split a message into two reads).
         let mut space = [MaybeUninit::<u8>::uninit(); STACK_READ];
         let mut buf = ReadBuf::uninit(&mut space);
         match Pin::new(&mut *self.stream).poll_read(cx, &mut buf) {
@@ -238,5 +246,68 @@ impl Future for Sockets<'_> {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connected pair: the proxy's end as a [`Stream`], and the peer's.
+    async fn pair() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        (Stream::Plain(ours), peer)
+    }
+
+    /// Read once through a [`Side`] into `input`, as the session loop does.
+    async fn read_once(stream: &mut Stream, input: &mut BytesMut) -> usize {
+        let (mut output, mut unflushed) = (BytesMut::new(), false);
+        let mut side = Side {
+            stream,
+            input,
+            output: &mut output,
+            unflushed: &mut unflushed,
+            read: true,
+        };
+        std::future::poll_fn(|cx| side.poll_read_in(cx))
+            .await
+            .unwrap()
+    }
+
+    /// A message that has arrived is read in one system call also when the input buffer kept
+    /// only a little room from the previous message (a read that fills the buffer would need a
+    /// second one: two reads per message, or a third that finds nothing).
+    #[tokio::test]
+    async fn a_message_is_read_whole_whatever_room_the_buffer_kept() {
+        let (mut stream, mut peer) = pair().await;
+        let message = vec![b'x'; 300];
+        // empty, with 10 bytes of room left over
+        let mut input = BytesMut::with_capacity(100);
+        input.extend_from_slice(&[0; 90]);
+        let _ = input.split_to(90);
+        assert_eq!(input.capacity(), 10);
+        peer.write_all(&message).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(read_once(&mut stream, &mut input).await, 300);
+        assert_eq!(&input[..], &message[..]);
+        // the start of a message waiting for its rest, with 5 bytes of room
+        let mut input = BytesMut::with_capacity(10);
+        input.extend_from_slice(b"Q\0\0\x01");
+        input.extend_from_slice(b"\x30");
+        peer.write_all(&message).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(read_once(&mut stream, &mut input).await, 300);
+        assert_eq!(input.len(), 305);
+        // nothing held at all (an idle client): only what arrived is kept
+        let mut input = BytesMut::new();
+        peer.write_all(b"tiny").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(read_once(&mut stream, &mut input).await, 4);
+        assert!(input.capacity() < 64, "{}", input.capacity());
     }
 }
