@@ -154,9 +154,12 @@ pub async fn handshake(
     };
     let mut buf = BytesMut::with_capacity(1024);
     let mut tls_done = stream.is_tls();
+    let mut first = true;
     let startup = loop {
-        let packet = match read_startup(&mut stream, &mut buf).await {
+        let packet = match read_startup(&mut stream, &mut buf, std::mem::take(&mut first)).await {
             Ok(p) => p,
+            // (a TLS client: a plaintext error would only be garbage to it)
+            Err(e @ HandshakeError::DirectTlsRefused(_)) => return Err((None, e)),
             Err(e) => return Err((Some(stream), e)),
         };
         match packet {
@@ -230,6 +233,11 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// garbage to it (Postgres logs the reason and closes too). Anything else is left unread for
 /// [`read_startup`].
 async fn accept_direct_tls(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Stream, HandshakeError> {
+    let Some(acceptor) = shared.live().tls_acceptor.clone() else {
+        // Without TLS there is nothing to peek for (a system call per login): a first packet
+        // that opens a TLS handshake is refused when it is read (see `read_startup`).
+        return Ok(Stream::Plain(tcp));
+    };
     let mut first = [0u8; 1];
     if tcp.peek(&mut first).await? == 0 {
         return Err(HandshakeError::Gone);
@@ -237,9 +245,6 @@ async fn accept_direct_tls(tcp: TcpStream, shared: &Arc<Shared>) -> Result<Strea
     if first[0] != TLS_HANDSHAKE_RECORD {
         return Ok(Stream::Plain(tcp));
     }
-    let Some(acceptor) = shared.live().tls_acceptor.clone() else {
-        return Err(HandshakeError::DirectTlsRefused("TLS is not configured"));
-    };
     let mut tls = Box::pin(acceptor.accept(tcp))
         .await
         .map_err(|e| HandshakeError::Tls(e.to_string()))?;
@@ -419,11 +424,18 @@ fn throttled(shared: &Shared, peer: SocketAddr) -> HandshakeError {
     HandshakeError::Throttled
 }
 
+/// Read one startup packet. `first`: the connection's first packet, which must not open a TLS
+/// handshake (a client using direct TLS where rlsgate has no `[tls]`: see
+/// [`accept_direct_tls`]).
 async fn read_startup(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    first: bool,
 ) -> Result<StartupPacket, HandshakeError> {
     loop {
+        if first && buf.first() == Some(&TLS_HANDSHAKE_RECORD) && !stream.is_tls() {
+            return Err(HandshakeError::DirectTlsRefused("TLS is not configured"));
+        }
         if let Some(p) = try_read_startup(buf)? {
             return Ok(p);
         }
