@@ -585,15 +585,19 @@ impl Metrics {
     pub fn track_client(self: &Arc<Self>, tenant: &str) -> ClientTracker {
         let state = ClientState::Idle;
         self.state_gauge(state).inc();
-        let tenant_gauge = self.tenants.as_ref().map(|t| {
-            let g = t.resolve(tenant).connections;
-            g.inc();
-            g
-        });
+        let handles = self.tenants.as_ref().map(|t| t.resolve(tenant));
+        if let Some(h) = &handles {
+            h.connections.inc();
+        }
+        let (tenant_gauge, tenant_transactions) = match handles {
+            Some(h) => (Some(h.connections), Some(h.transactions)),
+            None => (None, None),
+        };
         ClientTracker {
             metrics: Arc::clone(self),
             state,
             tenant_gauge,
+            tenant_transactions,
         }
     }
 
@@ -727,6 +731,8 @@ pub struct ClientTracker {
     metrics: Arc<Metrics>,
     state: ClientState,
     tenant_gauge: Option<Gauge>,
+    /// The tenant's transaction counter, looked up once per client instead of per transaction.
+    tenant_transactions: Option<Counter>,
 }
 
 impl std::fmt::Debug for ClientTracker {
@@ -745,6 +751,16 @@ impl ClientTracker {
 
     pub fn state(&self) -> ClientState {
         self.state
+    }
+
+    /// As [`Metrics::transaction_finished`], for this client's tenant.
+    pub fn transaction_finished(&self, took: Duration) {
+        self.metrics
+            .transaction_duration
+            .observe(took.as_secs_f64());
+        if let Some(c) = &self.tenant_transactions {
+            c.inc();
+        }
     }
 }
 

@@ -530,6 +530,9 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<(), SessionError> {
+        // The registry wakes a session whose token expired (once a second, while it lives); the
+        // expiry is read after such a wake-up, not on every loop (a clock read each).
+        let mut woken = true;
         loop {
             if self.process_client().await? {
                 return Ok(());
@@ -564,8 +567,9 @@ impl Session {
             if idle && self.shutdown.is_cancelled() {
                 return Err(SessionError::Shutdown);
             }
-            // A token that expires while the client is between transactions ends the session then.
-            if idle && self.token_expired() {
+            // A token that expires while the client is between transactions ends the session then
+            // (a new transaction checks it too: see start_unit).
+            if idle && std::mem::take(&mut woken) && self.token_expired() {
                 return Err(SessionError::TokenExpired);
             }
             // One timer for the deadlines below (the earliest one), kept boxed in the session and
@@ -641,7 +645,10 @@ impl Session {
                 self.timer = timer;
             }
             // woken through the registry entry: the flags are read at the top of the loop
-            let Some(event) = event else { continue };
+            let Some(event) = event else {
+                woken = true;
+                continue;
+            };
             if event.client_read > 0 {
                 self.shared.metrics.bytes(event.client_read as u64, 0);
             }
@@ -891,9 +898,7 @@ impl Session {
     fn account_release(&mut self) {
         self.tenant_permit = None;
         if let Some(since) = self.held_since.take() {
-            self.shared
-                .metrics
-                .transaction_finished(&self.identity.tenant, since.elapsed());
+            self.tracker.transaction_finished(since.elapsed());
         }
         self.shared.registry.transaction(&self.identity.tenant);
         self.tracker.set_state(crate::metrics::ClientState::Idle);
