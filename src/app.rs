@@ -74,6 +74,8 @@ pub struct Shared {
     pub stmt_hasher: RandomState,
     /// The tenant context's `set_config` statement text and Parse, shared by the sessions.
     pub context_parse: crate::session::SharedParse,
+    /// Clients' startup settings, one copy per distinct request.
+    pub startup_settings: crate::session::StartupCache,
     /// transaction_wrap's prepared `BEGIN` and `COMMIT`.
     pub wrap_statements: crate::session::WrapStatements,
     /// `[context] mode = "signed"`: the signing keys and the prepared `rlsgate.enter`.
@@ -144,6 +146,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             stmt_hasher,
             context_parse: Default::default(),
+            startup_settings: Default::default(),
             wrap_statements,
             sealer,
             guard_off: std::sync::atomic::AtomicBool::new(false),

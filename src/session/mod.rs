@@ -10,6 +10,7 @@ mod expect;
 mod frontend;
 mod inject;
 pub use inject::{OwnStatement, SharedParse, WrapStatements};
+pub use settings::StartupCache;
 mod io;
 mod reauth;
 mod relay;
@@ -368,7 +369,11 @@ impl Session {
                 .saturating_add(config.auth.leeway.as_secs()),
         );
         let tracker = shared.metrics.track_client(&login.identity.tenant);
-        let settings = Settings::from_startup(requested, shared.live().guard.protected());
+        let settings = Settings::from_startup(
+            requested,
+            shared.live().guard.protected(),
+            &shared.startup_settings,
+        );
         // Boxed: the task that serves the client then holds a pointer, and the session is never
         // moved (an idle client costs the box, the task and its sockets).
         Ok(Box::new(Session {

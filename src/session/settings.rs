@@ -19,8 +19,9 @@ const NOT_SETTINGS: &[&str] = &[
 
 #[derive(Debug, Default)]
 pub struct Settings {
-    /// From the StartupMessage (survive RESET ALL, as in Postgres).
-    startup: Vec<(String, String)>,
+    /// From the StartupMessage (survive RESET ALL, as in Postgres); shared by the clients that
+    /// asked for the same (see [`StartupCache`]).
+    startup: Arc<Startup>,
     /// From the client's own session-level SETs, in order.
     runtime: Vec<(String, String)>,
     /// Changes made by units still in flight: (unit number, change).
@@ -28,6 +29,42 @@ pub struct Settings {
     /// The SQL that puts a connection holding defaults into this client's state (shared with
     /// the connections that hold it, see `pool::HeldSettings`).
     replay: Arc<str>,
+}
+
+/// The settings of a StartupMessage: `(name, SET statement)` in order, and their replay text.
+#[derive(Debug, Default)]
+pub struct Startup {
+    list: Vec<(String, String)>,
+    replay: Arc<str>,
+}
+
+/// Distinct startup settings kept for sharing.
+const MAX_SHARED_STARTUPS: usize = 1024;
+
+/// The startup settings clients asked for, one copy per distinct request (a pool's clients all
+/// ask for the same): no statement is formatted and nothing is allocated for them per login.
+/// Keyed by the accepted names and values as sent; bounded (past [`MAX_SHARED_STARTUPS`]
+/// requests, new ones get their own copy).
+#[derive(Default)]
+pub struct StartupCache(
+    std::sync::Mutex<
+        std::collections::HashMap<Box<str>, Arc<Startup>, foldhash::fast::RandomState>,
+    >,
+);
+
+impl StartupCache {
+    fn get_or_build(&self, key: &str, build: impl FnOnce() -> Startup) -> Arc<Startup> {
+        if let Some(hit) = self.0.lock().ok().and_then(|m| m.get(key).cloned()) {
+            return hit;
+        }
+        let built = Arc::new(build());
+        if let Ok(mut m) = self.0.lock()
+            && m.len() < MAX_SHARED_STARTUPS
+        {
+            m.insert(Box::from(key), Arc::clone(&built));
+        }
+        built
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -39,8 +76,15 @@ enum Change {
 impl Settings {
     /// Settings requested at login (directly or via `options=-c name=value`), excluding protected
     /// ones (refused at login before this) and names that are not plain identifiers.
-    pub fn from_startup(requested: &[(String, String)], protected: &ProtectedSet) -> Settings {
-        let mut s = Settings::default();
+    pub fn from_startup(
+        requested: &[(String, String)],
+        protected: &ProtectedSet,
+        cache: &StartupCache,
+    ) -> Settings {
+        // The key: the accepted names (lower case) and values, NUL-separated (a startup value
+        // holds no NUL).
+        let mut key = String::new();
+        let mut accepted = Vec::new();
         for (name, value) in requested {
             let lower = name.to_ascii_lowercase();
             if NOT_SETTINGS.contains(&lower.as_str())
@@ -52,12 +96,31 @@ impl Settings {
             {
                 continue;
             }
-            let sql = crate::guard::set_sql::set_statement(&lower, value);
-            upsert(&mut s.startup, lower, sql);
+            key.push_str(&lower);
+            key.push('\0');
+            key.push_str(value);
+            key.push('\0');
+            accepted.push((lower, value));
         }
-        s.startup.shrink_to_fit(); // kept for the whole session
-        s.rebuild();
-        s
+        if accepted.is_empty() {
+            return Settings::default();
+        }
+        let startup = cache.get_or_build(&key, || {
+            let mut list = Vec::new();
+            for (lower, value) in accepted {
+                let sql = crate::guard::set_sql::set_statement(&lower, value);
+                upsert(&mut list, lower, sql);
+            }
+            list.shrink_to_fit();
+            let replay = join(list.iter().map(|(_, sql)| sql.as_str()));
+            Startup { list, replay }
+        });
+        Settings {
+            replay: Arc::clone(&startup.replay),
+            startup,
+            runtime: Vec::new(),
+            pending: Vec::new(),
+        }
     }
 
     /// Startup values to report to the client at login instead of the upstream's.
@@ -74,7 +137,7 @@ impl Settings {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.startup.is_empty() && self.runtime.is_empty()
+        self.startup.list.is_empty() && self.runtime.is_empty()
     }
 
     /// The SQL that puts a connection holding defaults into this client's state.
@@ -147,18 +210,25 @@ impl Settings {
     }
 
     fn rebuild(&mut self) {
-        self.replay = self
-            .startup
-            .iter()
-            .filter(|(n, _)| !self.runtime.iter().any(|(r, _)| r == n))
-            .chain(self.runtime.iter())
-            .map(|(_, sql)| sql.as_str())
-            .collect::<Vec<_>>()
-            // a newline before each `;`: a `-- comment` at the end of a client's SET text ends
-            // there instead of swallowing the SETs after it
-            .join("\n; ")
-            .into();
+        if self.runtime.is_empty() {
+            self.replay = Arc::clone(&self.startup.replay);
+            return;
+        }
+        self.replay = join(
+            self.startup
+                .list
+                .iter()
+                .filter(|(n, _)| !self.runtime.iter().any(|(r, _)| r == n))
+                .chain(self.runtime.iter())
+                .map(|(_, sql)| sql.as_str()),
+        );
     }
+}
+
+/// SET statements as one replay text. A newline before each `;`: a `-- comment` at the end of
+/// a client's SET text ends there instead of swallowing the SETs after it.
+fn join<'a>(statements: impl Iterator<Item = &'a str>) -> Arc<str> {
+    statements.collect::<Vec<_>>().join("\n; ").into()
 }
 
 fn upsert(list: &mut Vec<(String, String)>, name: String, sql: String) {
@@ -187,8 +257,58 @@ mod tests {
             ("app.current_store_id".to_string(), "x".to_string()),
             ("bad name;".to_string(), "x".to_string()),
         ];
-        let s = Settings::from_startup(&req, &ProtectedSet::new(&["app.*".into()]));
+        let s = Settings::from_startup(
+            &req,
+            &ProtectedSet::new(&["app.*".into()]),
+            &StartupCache::default(),
+        );
         assert_eq!(s.replay_sql(), "SET \"application_name\" TO 'it''s'");
+    }
+
+    /// Clients that ask for the same startup settings share one copy (and the connections
+    /// holding them compare by pointer); a client's own SET gives it its own replay text, and
+    /// resetting it returns to the shared one.
+    #[test]
+    fn the_same_startup_settings_are_shared() {
+        let cache = StartupCache::default();
+        let protected = ProtectedSet::new(&["app.*".into()]);
+        let req = |app: &str| {
+            vec![
+                ("user".to_string(), format!("user-{app}")),
+                ("application_name".to_string(), app.to_string()),
+                ("DateStyle".to_string(), "ISO".to_string()),
+            ]
+        };
+        let a = Settings::from_startup(&req("pgbench"), &protected, &cache);
+        let mut b = Settings::from_startup(&req("pgbench"), &protected, &cache);
+        let c = Settings::from_startup(&req("psql"), &protected, &cache);
+        assert!(Arc::ptr_eq(&a.startup, &b.startup));
+        assert!(Arc::ptr_eq(a.wanted().unwrap(), b.wanted().unwrap()));
+        assert!(!Arc::ptr_eq(&a.startup, &c.startup));
+        assert_eq!(
+            a.replay_sql(),
+            "SET \"application_name\" TO 'pgbench'\n; SET \"datestyle\" TO 'ISO'"
+        );
+        assert_eq!(
+            c.replay_sql(),
+            "SET \"application_name\" TO 'psql'\n; SET \"datestyle\" TO 'ISO'"
+        );
+        b.stage(1, &set("datestyle", "SET DateStyle = 'German'"));
+        b.commit_through(1);
+        assert_eq!(
+            b.replay_sql(),
+            "SET \"application_name\" TO 'pgbench'\n; SET DateStyle = 'German'"
+        );
+        assert_eq!(
+            a.replay_sql(),
+            "SET \"application_name\" TO 'pgbench'\n; SET \"datestyle\" TO 'ISO'"
+        );
+        b.stage_reset_all(2);
+        b.commit_through(2);
+        assert!(Arc::ptr_eq(b.wanted().unwrap(), a.wanted().unwrap()));
+        // no settings at all: nothing shared, nothing wanted
+        let none = Settings::from_startup(&req("")[..1], &protected, &cache);
+        assert_eq!(none.wanted(), None);
     }
 
     #[test]
