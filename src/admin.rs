@@ -150,7 +150,7 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                         c.user.clone(),
                         Registry::state_name(c.state.load(std::sync::atomic::Ordering::Relaxed))
                             .to_string(),
-                        c.peer.clone(),
+                        c.peer.to_string(),
                         epoch(c.since),
                     ]
                 })

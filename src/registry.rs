@@ -22,7 +22,8 @@ pub struct ClientEntry {
     pub conn_id: u64,
     pub tenant: String,
     pub user: String,
-    pub peer: String,
+    /// (formatted when shown: most clients are never listed)
+    pub peer: std::net::SocketAddr,
     pub since: SystemTime,
     pub state: AtomicU8,
     /// Upstream connection currently held (0 = none).
@@ -117,15 +118,15 @@ impl Registry {
         self: &Arc<Self>,
         conn_id: u64,
         tenant: &str,
-        user: &str,
-        peer: &str,
+        user: String,
+        peer: std::net::SocketAddr,
         expires_at: u64,
     ) -> Registration {
         let entry = Arc::new(ClientEntry {
             conn_id,
             tenant: tenant.to_string(),
-            user: user.to_string(),
-            peer: peer.to_string(),
+            user,
+            peer,
             since: SystemTime::now(),
             state: AtomicU8::new(STATE_IDLE),
             server_id: AtomicU64::new(0),

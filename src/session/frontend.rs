@@ -309,7 +309,7 @@ impl Session {
             self.shared.metrics.denial(d.rule, &self.identity.tenant);
             self.shared.registry.denial(&self.identity.tenant);
             self.shared.audit.record(AuditEvent::StatementDenied {
-                peer: self.client_entry.entry.peer.clone(),
+                peer: self.client_entry.entry.peer.to_string(),
                 user: self.client_entry.entry.user.clone(),
                 tenant: self.identity.tenant.clone(),
                 rule: d.rule.to_string(),

@@ -361,8 +361,8 @@ impl Session {
         let client_entry = shared.registry.register(
             id,
             &login.identity.tenant,
-            &login.user,
-            &login.peer.to_string(),
+            login.user,
+            login.peer,
             login
                 .identity
                 .expires_at
@@ -491,7 +491,7 @@ impl Session {
                     self.shared
                         .audit
                         .record(crate::audit::AuditEvent::TokenExpired {
-                            peer: self.client_entry.entry.peer.clone(),
+                            peer: self.client_entry.entry.peer.to_string(),
                             user: self.client_entry.entry.user.clone(),
                             tenant: self.identity.tenant.clone(),
                             jti: self.identity.jti.clone(),
@@ -1112,7 +1112,7 @@ impl Session {
             },
         };
         self.shared.audit.record(crate::audit::AuditEvent::Reauth {
-            peer: self.client_entry.entry.peer.clone(),
+            peer: self.client_entry.entry.peer.to_string(),
             user: self.client_entry.entry.user.clone(),
             tenant: self.identity.tenant.clone(),
             ok: result.is_ok(),
