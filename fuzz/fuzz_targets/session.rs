@@ -591,6 +591,25 @@ async fn settle(h: &Harness, proxy: &Proxy, what: &str) {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // A connection rlsgate closed (the client left mid-transaction) may still hold messages the
+    // fake backend has not read: it reads and checks them until it sees the end of the stream,
+    // against the tenant of whichever input is current by then. Wait for those backends to
+    // finish: the fake keeps no more open backends than the pools hold.
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
+    loop {
+        let held: usize = h.proxies.iter().map(|p| p.shared.pool.idle_count()).sum();
+        let open = h.fake.open_backends().len();
+        if open <= held {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{open} fake backends still open {ANSWER_WITHIN:?} after {what}, but the pools hold {held}: {:#?}",
+                h.fake.open_backends()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let dirty: Vec<_> = h
