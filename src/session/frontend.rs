@@ -431,6 +431,16 @@ impl Session {
             return Ok(Flow::Continue);
         }
         let analysis = self.shared.analyze(sql);
+        if self.wrap && self.in_flight > 0 && self.predicted == Predicted::InBlock {
+            // transaction_wrap puts the context right after a split Query's leading BEGIN, but
+            // not in an aborted block (the BEGIN fails there, and so would the context): whether
+            // the block is aborted is known only once the replies in flight are in (a COPY or
+            // a statement pipelined ahead may still fail it).
+            let pieces = plan_pieces(sql, &analysis, true);
+            if pieces.len() > 1 && pieces[0].kind == PieceKind::Begin {
+                return Ok(Flow::Wait(frame));
+            }
+        }
         if let Some(refusal) = self.refusal_for(&analysis, sql) {
             self.refuse_query(refusal);
             return Ok(Flow::Continue);
