@@ -18,6 +18,15 @@ async fn copy_proxy() -> Proxy {
     start_proxy_with(&db, &config_text(&db, 1, "")).await
 }
 
+/// Parse, Bind, Describe (portal), Execute and Sync of `sql`, unnamed.
+async fn extended_unit(c: &mut RawClient, sql: &str) {
+    c.parse("", sql).await;
+    c.bind("", "").await;
+    c.send(b'D', b"P\0").await;
+    c.execute("").await;
+    c.sync().await;
+}
+
 async fn copy_data(c: &mut RawClient, data: &str) {
     c.send(b'd', data.as_bytes()).await;
     c.send(b'c', &[]).await;
@@ -233,11 +242,7 @@ async fn a_query_skipped_after_an_error_in_an_open_extended_unit() {
 async fn an_extended_copy_interrupted_by_a_query_waits_for_the_next_sync() {
     let proxy = copy_proxy().await;
     let mut c = RawClient::connect(&proxy, &token("north")).await;
-    c.parse("", "COPY scratch FROM STDIN").await;
-    c.bind("", "").await;
-    c.send(b'D', b"P\0").await;
-    c.execute("").await;
-    c.sync().await;
+    extended_unit(&mut c, "COPY scratch FROM STDIN").await;
     c.query("COMMIT").await;
     let mut seen = Vec::new();
     loop {
@@ -433,11 +438,7 @@ async fn a_begin_pipelined_behind_a_failing_copy_in_a_block() {
         c.parse("q", "COMMIT").await;
         c.query("SELECT 1; COPY scratch FROM STDIN; SELECT 2").await;
         // not COPY data: the server fails the COPY, and the block with it
-        c.parse("", "SELECT 1").await;
-        c.bind("", "").await;
-        c.send(b'D', b"P\0").await;
-        c.execute("").await;
-        c.sync().await;
+        extended_unit(&mut c, "SELECT 1").await;
         c.query("BEGIN; SET search_path = public").await;
         c.query("SELECT 1").await;
         c.query("SELECT 1; SELECT 1").await;

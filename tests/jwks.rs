@@ -25,11 +25,16 @@ fn url_config(server: &JwksServer) -> JwksConfig {
 }
 
 fn sign(private_pem: &str, kid: &str) -> String {
+    sign_claims(private_pem, kid, json!({"sub": "u1"}))
+}
+
+/// An ES256 token with these claims (and `exp` a minute ahead), signed with the key `kid`.
+fn sign_claims(private_pem: &str, kid: &str, mut claims: Value) -> String {
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.to_string());
-    let exp = jsonwebtoken::get_current_timestamp() + 60;
+    claims["exp"] = json!(jsonwebtoken::get_current_timestamp() + 60);
     let key = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
-    jsonwebtoken::encode(&header, &json!({"sub": "u1", "exp": exp}), &key).unwrap()
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 
 /// Look the token's key up by its header, as the validator does, and verify it.
@@ -533,11 +538,7 @@ async fn config_mistakes_are_refused() {
 
 /// An ES256 token for `tenant`, signed with the key named `kid`.
 fn sign_for(private_pem: &str, kid: &str, tenant: &str) -> String {
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some(kid.to_string());
-    let exp = jsonwebtoken::get_current_timestamp() + 60;
-    let key = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
-    jsonwebtoken::encode(&header, &json!({"store_id": tenant, "exp": exp}), &key).unwrap()
+    sign_claims(private_pem, kid, json!({ "store_id": tenant }))
 }
 
 /// The validator keeps tokens that verified (a second login with the same text skips the
