@@ -24,6 +24,7 @@
 #   BENCH_SCALE=n      pgbench -i scale factor (default 10)
 #   KEEP_TMP=1         keep the temporary directory (logs, configs) at exit
 #   BENCH_WRAP=true    run rlsgate with [upstream] transaction_wrap = true
+#   BENCH_PIPELINE=n   run rlsgate with [server] pipeline_depth = n (default 1)
 #
 # Everything runs on 127.0.0.1 in a temporary directory: a throwaway
 # PostgreSQL cluster (run as the `postgres` user when this script runs as
@@ -442,6 +443,7 @@ if [ "$SKIP_RLSGATE" != 1 ]; then
 [server]
 listen = "127.0.0.1:$RLSGATE_PORT"
 pool_mode = "transaction"
+pipeline_depth = ${BENCH_PIPELINE:-1}
 
 [upstream]
 host = "127.0.0.1"

@@ -69,6 +69,8 @@ impl Live {
 pub struct Shared {
     live: arc_swap::ArcSwap<Live>,
     pub pool: Pool,
+    /// `[server] pipeline_depth` > 1: autocommit units share pipelined connections.
+    pub pipelines: Arc<crate::pipeline::Pipelines>,
     pub cancels: Arc<CancelRegistry>,
     /// Keys the server-side names of prepared statements (unpredictable per process).
     pub stmt_hasher: RandomState,
@@ -141,8 +143,14 @@ impl Shared {
         };
         let wrap_statements = crate::session::WrapStatements::new(&stmt_hasher)
             .map_err(|e| StartError::Internal(e.to_string()))?;
+        let pool = Pool::with_options(config.upstream.clone(), upstream_tls, pool_options);
         Ok(Arc::new(Shared {
-            pool: Pool::with_options(config.upstream.clone(), upstream_tls, pool_options),
+            pipelines: Arc::new(crate::pipeline::Pipelines::new(
+                config.server.pipeline_depth,
+                config.upstream.pool_size,
+                pool.clone(),
+            )),
+            pool,
             cancels: Arc::new(CancelRegistry::default()),
             stmt_hasher,
             context_parse: Default::default(),

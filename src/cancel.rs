@@ -11,13 +11,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::RwLock;
 
+use crate::pipeline::Reply;
 use crate::pool::CancelTarget;
 
 const CANCEL_REQUEST_CODE: i32 = 80_877_102;
 
+/// Where a client's cancel goes.
+#[derive(Clone)]
+enum Target {
+    /// The backend of the connection the client holds.
+    Server(CancelTarget),
+    /// The client's unit on a shared, pipelined connection: its lane knows when it runs.
+    Pipelined(Arc<Reply>),
+}
+
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<CancelTarget>>,
+    target: Mutex<Option<Target>>,
     /// Cancels hold it shared while they are delivered; release takes it exclusively.
     gate: RwLock<()>,
 }
@@ -25,7 +35,14 @@ pub struct CancelSlot {
 impl CancelSlot {
     pub fn set(&self, target: CancelTarget) {
         if let Ok(mut t) = self.target.lock() {
-            *t = Some(target);
+            *t = Some(Target::Server(target));
+        }
+    }
+
+    /// The client's unit runs on a pipeline lane (see [`crate::pipeline`]).
+    pub fn set_pipelined(&self, reply: Arc<Reply>) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = Some(Target::Pipelined(reply));
         }
     }
 
@@ -103,7 +120,18 @@ impl CancelRegistry {
         };
         let _shared = slot.gate.read().await;
         let target = slot.target.lock().ok().and_then(|t| t.clone());
-        let Some(target) = target else { return };
+        let target = match target {
+            Some(Target::Server(target)) => target,
+            Some(Target::Pipelined(reply)) => match reply.request_cancel() {
+                Some(target) => target,
+                None => {
+                    // (sent by the lane when the unit reaches the head, if it has not ended)
+                    tracing::debug!("cancel request held until the pipelined unit runs");
+                    return;
+                }
+            },
+            None => return,
+        };
         match tokio::time::timeout(Duration::from_secs(5), send_cancel(&target)).await {
             Ok(Ok(())) => tracing::info!(backend_pid = target.pid, "forwarded cancel request"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not forward cancel request"),
@@ -112,7 +140,7 @@ impl CancelRegistry {
     }
 }
 
-async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
+pub(crate) async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
     let mut stream = TcpStream::connect((&*target.host, target.port)).await?;
     let mut msg = BytesMut::with_capacity(16 + target.key.len());
     msg.put_i32(12 + target.key.len() as i32);

@@ -158,6 +158,11 @@ pub struct ServerConfig {
     /// connection is dropped; "0s" = off (the OS default).
     #[serde(default, with = "humantime_serde_compat")]
     pub tcp_user_timeout: Duration,
+    /// Transaction mode: how many autocommit units of different clients one server connection
+    /// runs pipelined (written behind each other without waiting for replies). 1 = each
+    /// transaction has a connection to itself. Read at start.
+    #[serde(default = "default_pipeline_depth")]
+    pub pipeline_depth: usize,
 }
 
 /// The TCP keepalive settings of `[server]`, applied to every client and upstream socket
@@ -215,6 +220,7 @@ impl Default for ServerConfig {
             tcp_keepintvl: default_tcp_keepintvl(),
             tcp_keepcnt: default_tcp_keepcnt(),
             tcp_user_timeout: Duration::ZERO,
+            pipeline_depth: default_pipeline_depth(),
         }
     }
 }
@@ -478,6 +484,10 @@ fn default_host() -> String {
 fn default_port() -> u16 {
     5432
 }
+fn default_pipeline_depth() -> usize {
+    1
+}
+
 fn default_pool_size() -> usize {
     20
 }
@@ -653,6 +663,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.server.pipeline_depth) {
+            return Err(invalid("server.pipeline_depth", "must be between 1 and 64"));
+        }
         if self.upstream.pool_size == 0 {
             return Err(invalid("upstream.pool_size", "must be at least 1"));
         }

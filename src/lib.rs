@@ -21,6 +21,7 @@
 //! - [`guard`]: statement classification; pure.
 //! - [`session`]: the per-client state machine.
 //! - [`pool`]: upstream connections (TLS, SCRAM/md5), checkout, release.
+//! - [`pipeline`]: autocommit units of many clients pipelined onto shared connections.
 //! - [`cancel`]: client cancel keys → the backend serving that client now.
 //! - [`app`]: shared state, accept loop, shutdown. [`cli`]: the `rlsgate` commands.
 //! - [`embedded_pg`]: a throwaway Postgres for `rlsgate demo` and the tests.
@@ -41,6 +42,7 @@ pub mod guard;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod pipeline;
 pub mod pool;
 pub mod protocol;
 pub mod registry;

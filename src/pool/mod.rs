@@ -221,6 +221,8 @@ struct Inner {
     failing: std::sync::atomic::AtomicBool,
     /// Some connection attempt has succeeded.
     connected_once: std::sync::atomic::AtomicBool,
+    /// A connection found that the upstream role may not call `set_config`.
+    set_config_denied: std::sync::atomic::AtomicBool,
     /// ParameterStatus set of the first connection, reported to clients at login.
     /// Shared with every login's greeting (no copy per login).
     server_params: Mutex<Option<ServerParams>>,
@@ -261,6 +263,9 @@ impl Inner {
         let mut conn = Box::new(result?);
         conn.generation = self.generation.load(Ordering::Relaxed);
         self.connected_once.store(true, Ordering::Relaxed);
+        if !conn.may_set_config {
+            self.set_config_denied.store(true, Ordering::Relaxed);
+        }
         tracing::debug!(
             server_id = id,
             backend_pid = conn.backend_pid,
@@ -349,6 +354,7 @@ impl Pool {
                 server_params: Mutex::new(None),
                 failing: std::sync::atomic::AtomicBool::new(false),
                 connected_once: std::sync::atomic::AtomicBool::new(false),
+                set_config_denied: std::sync::atomic::AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 plan_clock: AtomicU64::new(0),
                 last_stale: AtomicU64::new(0),
@@ -440,6 +446,11 @@ impl Pool {
         let params = Arc::from(conn.conn_ref().params.as_slice());
         conn.release();
         Ok(params)
+    }
+
+    /// Some connection found that the upstream role may not call `set_config`.
+    pub fn set_config_denied(&self) -> bool {
+        self.inner.set_config_denied.load(Ordering::Relaxed)
     }
 
     /// The server's ParameterStatus set, once a connection has reported it.

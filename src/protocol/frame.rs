@@ -60,6 +60,26 @@ pub fn complete_len(buf: &mut BytesMut, max_len: usize) -> Result<Option<usize>,
     Ok(Some(total))
 }
 
+/// The length of the complete frame at the front of `buf` (tag included), or `None` if more
+/// bytes are needed; [`complete_len`] without reserving room.
+pub fn frame_len(buf: &[u8], max_len: usize) -> Result<Option<usize>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let declared = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if declared < 4 {
+        return Err(ProtocolError::BadLength(declared.into()));
+    }
+    let total = declared as usize + 1;
+    if total > max_len {
+        return Err(ProtocolError::TooLarge {
+            len: total,
+            max: max_len,
+        });
+    }
+    Ok((buf.len() >= total).then_some(total))
+}
+
 /// One complete message borrowed from a read buffer (the server's replies are handled in place
 /// and only copied to the client when forwarded: no split per message).
 #[derive(Debug, Clone, Copy)]

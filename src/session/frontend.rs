@@ -668,7 +668,7 @@ impl Session {
     }
 
     /// ErrorResponse + ReadyForQuery('I') written by the proxy (no connection is held).
-    fn local_query_error(&mut self, err: &ClientError) {
+    pub(super) fn local_query_error(&mut self, err: &ClientError) {
         be::write_error(err, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
     }

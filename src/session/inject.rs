@@ -151,7 +151,7 @@ pub struct Context {
     /// The `set_config` form (`None` with `citus_propagate_set`).
     set_config: Option<OwnStatement>,
     /// The `SET LOCAL` form, built when a connection first needs it.
-    set_local: Option<Box<[OwnStatement]>>,
+    set_local: Option<Arc<[OwnStatement]>>,
     citus_propagate_set: bool,
 }
 
@@ -174,6 +174,11 @@ impl Context {
         })
     }
 
+    /// The `set_config` form (`None` with `citus_propagate_set`).
+    pub fn set_config(&self) -> Option<&OwnStatement> {
+        self.set_config.as_ref()
+    }
+
     /// The statements of the form a connection gets: `set_config` unless the connection may
     /// not call it (or Citus needs `SET`).
     pub fn statements(
@@ -182,19 +187,26 @@ impl Context {
         identity: &Identity,
         hasher: &impl BuildHasher,
     ) -> Result<&[OwnStatement], ProtocolError> {
-        if form == ContextForm::SetConfig
-            && let Some(statement) = &self.set_config
-        {
-            return Ok(std::slice::from_ref(statement));
+        if form == ContextForm::SetConfig && self.set_config.is_some() {
+            return Ok(self.set_config.as_slice());
         }
+        Ok(self.set_local_form(identity, hasher)?)
+    }
+
+    /// The `SET LOCAL` form, shared (pipeline lanes whose role may not call `set_config`).
+    pub fn set_local_form(
+        &mut self,
+        identity: &Identity,
+        hasher: &impl BuildHasher,
+    ) -> Result<&Arc<[OwnStatement]>, ProtocolError> {
         if self.set_local.is_none() {
-            self.set_local = Some(set_local_statements(
+            self.set_local = Some(Arc::from(set_local_statements(
                 identity,
                 self.citus_propagate_set,
                 hasher,
-            )?);
+            )?));
         }
-        Ok(self.set_local.as_deref().unwrap_or_default())
+        Ok(self.set_local.get_or_insert_with(|| Arc::from(Vec::new())))
     }
 }
 

@@ -60,6 +60,8 @@ pub(super) struct Event {
     pub client_wrote: usize,
     pub client_closed: bool,
     pub server_read: bool,
+    /// Replies (or the end) of the unit on a pipeline lane moved to the client's output.
+    pub lane: bool,
 }
 
 /// One side: its stream, its input buffer, the bytes waiting to be written to it.
@@ -139,6 +141,8 @@ impl Side<'_> {
 pub(super) struct Sockets<'a> {
     client: Side<'a>,
     server: Option<Side<'a>>,
+    /// The unit on a pipeline lane, while the client has room for its replies.
+    lane: Option<&'a crate::pipeline::Reply>,
 }
 
 impl<'a> Sockets<'a> {
@@ -161,8 +165,10 @@ impl<'a> Sockets<'a> {
             server_out,
             server_unflushed,
             client_entry,
+            lane_reply,
             ..
         } = s;
+        let lane = lane_reply.as_deref().filter(|_| read_server);
         let server = match server.as_mut() {
             Some(checkout) => {
                 let conn = checkout.conn();
@@ -192,6 +198,7 @@ impl<'a> Sockets<'a> {
                 read: read_client,
             },
             server,
+            lane,
         };
         (sockets, &client_entry.entry)
     }
@@ -204,6 +211,13 @@ impl Future for Sockets<'_> {
         let this = self.get_mut();
         let mut event = Event::default();
         let mut progress = false;
+        // A lane's replies first: written in this same wake-up.
+        if let Some(reply) = this.lane
+            && reply.poll_drain(cx, this.client.output).is_ready()
+        {
+            event.lane = true;
+            progress = true;
+        }
         // Writes first: they make room on both sides.
         match this.client.poll_write_out(cx) {
             Poll::Ready(Ok(n)) => {

@@ -11,7 +11,9 @@ mod frontend;
 mod inject;
 pub use inject::{OwnStatement, SharedParse, WrapStatements};
 pub use settings::StartupCache;
+pub use statements::Prepared;
 mod io;
+mod pipelined;
 mod reauth;
 mod relay;
 mod settings;
@@ -323,6 +325,14 @@ pub struct Session {
     server_lost: bool,
     cancel: Registration,
     shutdown: CancellationToken,
+    /// The unit running on a pipeline lane (see [`pipelined`]).
+    lane_reply: Option<Arc<crate::pipeline::Reply>>,
+    /// The tenant, shared with the lanes (made at the first pipelined unit).
+    lane_tenant: Option<Arc<str>>,
+    /// Units may go to pipeline lanes (fixed at login).
+    pipeline_ok: bool,
+    /// A lane gave the next unit back: it takes the usual path.
+    pipeline_skip: bool,
 }
 
 /// Which deadline of the session loop fires first.
@@ -374,9 +384,18 @@ impl Session {
             shared.live().guard.protected(),
             &shared.startup_settings,
         );
+        let pipeline_ok = Session::pipelining_allowed(
+            &shared,
+            config.upstream.transaction_wrap,
+            config.server.pool_mode,
+        );
         // Boxed: the task that serves the client then holds a pointer, and the session is never
         // moved (an idle client costs the box, the task and its sockets).
         Ok(Box::new(Session {
+            lane_reply: None,
+            lane_tenant: None,
+            pipeline_ok,
+            pipeline_skip: false,
             id,
             mode: config.server.pool_mode,
             max_message: config.server.max_message_size,
@@ -479,6 +498,10 @@ impl Session {
 
     /// The client is leaving (or must): report the error, if any, and give the connection back.
     async fn end(&mut self, result: Result<(), SessionError>) {
+        if let Some(reply) = self.lane_reply.take() {
+            // the lane drops the unit's replies; a server that does not answer ends the lane
+            reply.abandon(matches!(result, Err(SessionError::QueryTimeout)));
+        }
         if let Err(SessionError::LexerChanged(what)) = &result {
             tracing::error!(%what, "upstream connection reads SQL text differently from the guard; closing it");
             drop(self.server.take());
@@ -549,7 +572,7 @@ impl Session {
             self.maybe_release().await;
 
             // Between transactions (also in session mode, where the connection stays held).
-            let idle = self.server.is_none()
+            let idle = (self.server.is_none() && self.lane_reply.is_none())
                 || (self.in_flight == 0
                     && !self.unit_open
                     && self.expect.is_empty()
@@ -595,10 +618,11 @@ impl Session {
             // A request waits for the upstream (query_timeout bounds the wait).
             // Measured from the request or the last bytes from the upstream, whichever is later:
             // long results and COPY TO keep it alive; COPY FROM STDIN waits for the client.
+            let waits_for_upstream =
+                (self.server.is_some() && !self.expect.is_empty() && !self.copy_in)
+                    || self.lane_reply.is_some();
             if let (Some(started), false) = (self.query_started, self.query_timeout.is_zero())
-                && self.server.is_some()
-                && !self.expect.is_empty()
-                && !self.copy_in
+                && waits_for_upstream
             {
                 let since = self.server_heard.map_or(started, |h| h.max(started));
                 earliest(
@@ -663,6 +687,12 @@ impl Session {
             if event.client_closed {
                 return Ok(());
             }
+            if event.lane {
+                if !self.query_timeout.is_zero() {
+                    self.server_heard = Some(std::time::Instant::now());
+                }
+                self.on_lane_reply().await;
+            }
             if event.server_read {
                 if !self.query_timeout.is_zero() {
                     self.server_heard = Some(std::time::Instant::now());
@@ -695,6 +725,20 @@ impl Session {
         loop {
             if self.split.is_some() && !self.copy_in {
                 return Ok(false);
+            }
+            if self.lane_reply.is_some() {
+                // the client's next messages wait for the unit on the lane
+                return Ok(false);
+            }
+            if self.may_pipeline() {
+                // (boxed, as check_out: rare waits inside)
+                match Box::pin(self.try_pipeline()).await? {
+                    pipelined::Piped::Sent => return Ok(false),
+                    pipelined::Piped::Answered | pipelined::Piped::No => {}
+                }
+                if self.lane_reply.is_some() {
+                    return Ok(false);
+                }
             }
             if self.server_out.len() >= io::OUT_CAP || self.client_out.len() >= io::OUT_CAP {
                 return Ok(false);

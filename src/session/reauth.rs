@@ -46,7 +46,7 @@ impl ReauthState {
     }
 
     /// Whether the client has nothing of reauth (the common case: one check per message).
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.statements.is_empty() && self.portal.is_none()
     }
 }

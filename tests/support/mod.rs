@@ -88,6 +88,7 @@ pub fn config_text(db: &str, pool_size: usize, extra: &str) -> String {
 listen = "127.0.0.1:0"
 shutdown_timeout = "5s"
 handshake_timeout = "5s"
+pipeline_depth = {depth}
 [upstream]
 host = "127.0.0.1"
 port = {port}
@@ -105,8 +106,18 @@ tenant_claim = "store_id"
 [context]
 "app.current_store_id" = "store_id"
 "#,
-        port = pg().port()
+        port = pg().port(),
+        depth = pipeline_depth(),
     )
+}
+
+/// `[server] pipeline_depth` of the test proxies: `RLSGATE_TEST_PIPELINE_DEPTH` (the suites run
+/// again with pipelining on), else 1.
+pub fn pipeline_depth() -> usize {
+    std::env::var("RLSGATE_TEST_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Logs from the proxy when `RLSGATE_LOG` is set (e.g. `RLSGATE_LOG=debug cargo test`).

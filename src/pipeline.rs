@@ -1,0 +1,963 @@
+//! Cross-client pipelining (`[server] pipeline_depth` > 1): complete autocommit units of many
+//! clients share a few server connections ("lanes"). A lane writes each unit behind the ones
+//! still running, each with its own tenant context in front, and hands every unit's replies back
+//! to its client in order. Postgres reads many units per system call, and the proxy writes and
+//! reads once for many units instead of once each.
+//!
+//! - A unit qualifies when the session holds no connection, the client is outside a transaction,
+//!   and the guard classifies it as plain autocommit work (see `session::pipelined`): no
+//!   transaction control, no session-level effect, no COPY FROM STDIN, nothing it is unsure of.
+//!   Everything else keeps the exclusive checkout.
+//! - Each unit ends with its own ReadyForQuery (a Query, or extended messages up to their
+//!   Sync): an error in one unit makes Postgres skip only to that unit's Sync.
+//! - A lane fails closed: an error in anything rlsgate sent itself, a unit that leaves a
+//!   transaction open, a change in how the server reads text, or a lost connection ends the lane
+//!   and closes its connection. Units already written get an error (08006); units not yet
+//!   written go back to their sessions and run on an exclusive connection.
+//! - At most `pipeline_depth` units are written to a connection at a time; more wait in the
+//!   lane's queue. A new lane opens when every lane with the client's settings has a full
+//!   pipeline, up to half the pool.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::io::poll_read_buf;
+
+use crate::error::{ClientError, sqlstate};
+use crate::pool::{CancelTarget, Checkout, HeldSettings, Pool, ServerConn};
+use crate::protocol::backend as be;
+use crate::protocol::frame::frame_len;
+use crate::protocol::frontend as fe;
+use crate::session::{OwnStatement, Prepared};
+
+/// How long a lane keeps its connection once nothing is queued (the next units of a busy
+/// workload usually arrive within it; a pool waiter waits at most this much longer).
+const LINGER: Duration = Duration::from_millis(1);
+/// Replies held for a client that has not taken them yet, above which the lane stops reading
+/// (the units behind wait: backpressure, as on an exclusive connection).
+const REPLY_CAP: usize = 256 * 1024;
+/// Largest server message a lane accepts (Postgres' own limit is 1 GB).
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
+/// Free space kept in a lane's read buffer before each read.
+const READ_SPACE: usize = 16 * 1024;
+
+/// The lanes of one pool.
+pub struct Pipelines {
+    depth: usize,
+    max_lanes: usize,
+    lanes: Mutex<Vec<Arc<LaneHandle>>>,
+    /// A connection may not call `set_config`: units come with the `SET LOCAL` form too.
+    set_local: AtomicBool,
+    pool: Pool,
+    /// Units submitted since start.
+    units: AtomicU64,
+}
+
+/// What sessions see of a lane.
+struct LaneHandle {
+    /// The session settings its connection holds (`None`: the upstream defaults).
+    key: Option<Arc<str>>,
+    /// Units sent to the lane and not finished (queued or in flight).
+    queued: AtomicUsize,
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+/// One client's unit for a lane.
+pub struct Job {
+    pub tenant: Arc<str>,
+    /// The tenant context's `set_config` form (see `session::inject`).
+    pub set_config: ContextRun,
+    /// Its `SET LOCAL` form, once a lane found a connection that may not call `set_config`
+    /// (see [`Pipelines::needs_set_local`]).
+    pub set_local: Option<Arc<[OwnStatement]>>,
+    /// The client's named statements the unit binds or describes (prepared on the lane's
+    /// connection first if it lacks them).
+    pub statements: Vec<Arc<Prepared>>,
+    /// The client's messages: a Query, or extended messages up to a Sync (named statements
+    /// under their server names).
+    pub frames: Bytes,
+    /// The messages as the client sent them, when `frames` renamed statements.
+    pub original: Option<Bytes>,
+    pub reply: Arc<Reply>,
+}
+
+impl Job {
+    /// Not run: the client's messages go back to its session.
+    fn bounce(self) {
+        let frames = self.original.unwrap_or(self.frames);
+        self.reply.end(Outcome::Bounced(frames));
+    }
+}
+
+/// The `set_config` form of the tenant context: rlsgate's statement and its Bind + Execute
+/// with this tenant's values.
+pub struct ContextRun {
+    pub name: Arc<str>,
+    pub parse: Bytes,
+    pub run: Bytes,
+    pub text_len: usize,
+}
+
+/// How a unit ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Its ReadyForQuery was delivered.
+    Done,
+    /// Not written to any server: the session runs these messages itself.
+    Bounced(Bytes),
+    /// Written, but its lane failed before the unit's end: the client gets this error.
+    Failed(ClientError),
+}
+
+/// Where a lane puts one unit's replies for its session.
+#[derive(Default)]
+pub struct Reply {
+    state: Mutex<ReplyState>,
+    /// The session gave up waiting (query_timeout): the lane's server is not answering.
+    timed_out: AtomicBool,
+}
+
+#[derive(Default)]
+struct ReplyState {
+    buf: BytesMut,
+    end: Option<Outcome>,
+    session: Option<Waker>,
+    lane: Option<Waker>,
+    /// The session no longer reads: replies are dropped.
+    gone: bool,
+    /// A cancel request arrived before the unit ran.
+    cancel_wanted: bool,
+    /// While the unit is at the head of its lane: where a cancel goes.
+    running_on: Option<CancelTarget>,
+}
+
+impl Reply {
+    fn lock(&self) -> MutexGuard<'_, ReplyState> {
+        // (nothing panics while holding it; a poisoned lock still holds consistent data)
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Session side: move what arrived to `out`. Ready when bytes moved or the unit ended (see
+    /// [`Reply::take_outcome`]).
+    pub fn poll_drain(&self, cx: &mut Context<'_>, out: &mut BytesMut) -> Poll<()> {
+        let mut s = self.lock();
+        let mut ready = s.end.is_some();
+        if !s.buf.is_empty() {
+            if out.is_empty() {
+                std::mem::swap(out, &mut s.buf);
+            } else {
+                out.extend_from_slice(&s.buf);
+                s.buf.clear();
+            }
+            if let Some(lane) = s.lane.take() {
+                lane.wake();
+            }
+            ready = true;
+        }
+        if ready {
+            return Poll::Ready(());
+        }
+        match &s.session {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.session = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Session side: how the unit ended, once all its replies were drained.
+    pub fn take_outcome(&self) -> Option<Outcome> {
+        let mut s = self.lock();
+        if !s.buf.is_empty() {
+            return None;
+        }
+        s.end.take()
+    }
+
+    /// Session side: the client left (or its query_timeout passed): drop the replies.
+    pub fn abandon(&self, timed_out: bool) {
+        let lane = {
+            let mut s = self.lock();
+            s.gone = true;
+            s.buf = BytesMut::new();
+            s.lane.take()
+        };
+        if timed_out {
+            self.timed_out.store(true, Ordering::Release);
+        }
+        if let Some(lane) = lane {
+            lane.wake();
+        }
+    }
+
+    /// Cancel side: where to send a cancel now, or `None` when the unit has not started (the
+    /// lane sends it when the unit reaches the head) or is over.
+    pub fn request_cancel(&self) -> Option<CancelTarget> {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return None;
+        }
+        match &s.running_on {
+            Some(target) => Some(target.clone()),
+            None => {
+                s.cancel_wanted = true;
+                None
+            }
+        }
+    }
+
+    /// Lane side: more replies. Returns false when the client holds `REPLY_CAP` or more
+    /// (the lane then waits for the session to drain them).
+    fn deliver(&self, bytes: &[u8], end: Option<Outcome>, lane: &Waker) -> bool {
+        let mut s = self.lock();
+        if !s.gone {
+            s.buf.extend_from_slice(bytes);
+        }
+        let done = end.is_some();
+        if done {
+            s.end = end;
+            s.running_on = None;
+        }
+        let room = s.gone || done || s.buf.len() < REPLY_CAP;
+        if !room {
+            s.lane = Some(lane.clone());
+        }
+        if let Some(w) = s.session.take() {
+            w.wake();
+        }
+        room
+    }
+
+    /// Lane side: is there room again for replies?
+    fn has_room(&self, lane: &Waker) -> bool {
+        let mut s = self.lock();
+        let room = s.gone || s.buf.len() < REPLY_CAP;
+        if !room {
+            s.lane = Some(lane.clone());
+        }
+        room
+    }
+
+    /// Lane side: the unit reached the head of its lane; returns where a cancel that arrived
+    /// earlier goes now.
+    fn running(&self, target: &CancelTarget) -> Option<CancelTarget> {
+        let mut s = self.lock();
+        s.running_on = Some(target.clone());
+        std::mem::take(&mut s.cancel_wanted).then(|| target.clone())
+    }
+
+    fn end(&self, outcome: Outcome) {
+        self.deliver(&[], Some(outcome), Waker::noop());
+    }
+}
+
+impl ContextRun {
+    pub fn of(statement: &OwnStatement) -> ContextRun {
+        ContextRun {
+            name: Arc::clone(&statement.name),
+            parse: statement.parse.clone(),
+            run: statement.run.clone(),
+            text_len: statement.text_len,
+        }
+    }
+}
+
+impl Pipelines {
+    pub fn new(depth: usize, pool_size: usize, pool: Pool) -> Pipelines {
+        Pipelines {
+            depth: depth.max(1),
+            max_lanes: (pool_size / 2).max(1),
+            lanes: Mutex::new(Vec::new()),
+            set_local: AtomicBool::new(false),
+            pool,
+            units: AtomicU64::new(0),
+        }
+    }
+
+    /// Units may be pipelined at all.
+    pub fn enabled(&self) -> bool {
+        self.depth > 1
+    }
+
+    /// Units must bring the context's `SET LOCAL` form (the upstream role may not call
+    /// `set_config`).
+    pub fn needs_set_local(&self) -> bool {
+        self.set_local.load(Ordering::Relaxed) || self.pool.set_config_denied()
+    }
+
+    fn lanes(&self) -> MutexGuard<'_, Vec<Arc<LaneHandle>>> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lanes open now.
+    pub fn lane_count(&self) -> usize {
+        self.lanes().len()
+    }
+
+    /// Units sent to lanes since start.
+    pub fn units(&self) -> u64 {
+        self.units.load(Ordering::Relaxed)
+    }
+
+    /// Queue a unit on the lane with the least work among those holding `settings`, or on a new
+    /// lane when all of them have a full pipeline (and fewer than half the pool are lanes).
+    pub fn submit(self: &Arc<Self>, job: Job, settings: Option<&Arc<str>>) {
+        let mut lanes = self.lanes();
+        let best = lanes
+            .iter()
+            .filter(|l| l.key.as_deref() == settings.map(|s| &**s))
+            .min_by_key(|l| l.queued.load(Ordering::Relaxed));
+        let lane = match best {
+            Some(l)
+                if l.queued.load(Ordering::Relaxed) < self.depth
+                    || lanes.len() >= self.max_lanes =>
+            {
+                Arc::clone(l)
+            }
+            _ => {
+                let lane = self.spawn_lane(settings.cloned());
+                lanes.push(Arc::clone(&lane));
+                lane
+            }
+        };
+        lane.queued.fetch_add(1, Ordering::Relaxed);
+        self.units.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(job)) = lane.tx.send(job) {
+            // (the lane's task is gone without removing itself: only if it panicked)
+            lanes.retain(|l| !Arc::ptr_eq(l, &lane));
+            job.bounce();
+        }
+    }
+
+    fn spawn_lane(self: &Arc<Self>, key: Option<Arc<str>>) -> Arc<LaneHandle> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = Arc::new(LaneHandle {
+            key,
+            queued: AtomicUsize::new(0),
+            tx,
+        });
+        tokio::spawn(run_lane(Arc::clone(self), Arc::clone(&handle), rx));
+        handle
+    }
+
+    /// Remove a lane that has nothing queued; false when a unit arrived meanwhile.
+    fn retire_if_idle(&self, lane: &Arc<LaneHandle>) -> bool {
+        let mut lanes = self.lanes();
+        if lane.queued.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        lanes.retain(|l| !Arc::ptr_eq(l, lane));
+        true
+    }
+
+    fn remove(&self, lane: &Arc<LaneHandle>) {
+        self.lanes().retain(|l| !Arc::ptr_eq(l, lane));
+    }
+}
+
+/// Why a lane ended early.
+#[derive(Debug, thiserror::Error)]
+enum LaneError {
+    #[error("upstream i/o: {0}")]
+    Io(std::io::Error),
+    #[error("upstream closed the connection")]
+    Closed,
+    #[error("upstream protocol violation: {0}")]
+    Protocol(String),
+    #[error("the tenant context failed: {0}")]
+    Context(String),
+    #[error("a statement rlsgate runs itself failed: {0}")]
+    Own(String),
+    #[error("a pipelined unit left the connection in transaction state {0:?}")]
+    LeftOpen(char),
+    #[error("the server ended the connection: {0}")]
+    Fatal(String),
+    #[error("the upstream now reads SQL text with {0}")]
+    LexerChanged(String),
+    #[error("no answer from the upstream within query_timeout")]
+    TimedOut,
+    #[error("could not prepare the connection: {0}")]
+    Setup(String),
+}
+
+/// What a lane waits for a reply to.
+enum Route {
+    /// One of rlsgate's own Queries (DISCARD SEQUENCES between tenants): everything up to its
+    /// ReadyForQuery is swallowed.
+    Own,
+    /// A client's unit: the replies to rlsgate's messages in front of it are swallowed (`ctx`
+    /// for the context: Parse, Close, BindComplete, CommandComplete; `prep` for the client's
+    /// statements Parsed on this connection and evicted ones Closed), then everything up to its
+    /// ReadyForQuery goes to the client.
+    Unit {
+        reply: Arc<Reply>,
+        ctx: usize,
+        prep: usize,
+        /// The client's named statements the unit uses (retired if their Parse fails or their
+        /// plan went stale).
+        statements: Vec<Arc<Prepared>>,
+        /// Told that it runs (cancel target set).
+        running: bool,
+    },
+}
+
+struct Lane {
+    pipes: Arc<Pipelines>,
+    me: Arc<LaneHandle>,
+    rx: mpsc::UnboundedReceiver<Job>,
+    checkout: Checkout,
+    cancel_target: CancelTarget,
+    routes: VecDeque<Route>,
+    units_in_flight: usize,
+    out: BytesMut,
+    input: BytesMut,
+    /// A reported setting changed under the lane: take no more units; reset the connection
+    /// before it goes back to the pool.
+    retiring: bool,
+    /// The head unit's client holds `REPLY_CAP` of replies: reading waits.
+    blocked: bool,
+}
+
+async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
+    let checkout = match pipes.pool.checkout().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no upstream connection for a pipeline lane");
+            bounce_all(&pipes, &me, rx);
+            return;
+        }
+    };
+    let mut checkout = checkout;
+    if let Err(e) = Box::pin(prepare(checkout.conn(), me.key.as_ref())).await {
+        tracing::warn!(error = %e, "could not prepare a connection for a pipeline lane");
+        bounce_all(&pipes, &me, rx);
+        return;
+    }
+    let cancel_target = pipes.pool.cancel_target(checkout.conn_ref());
+    let input = std::mem::take(&mut checkout.conn().read_buf);
+    tracing::debug!(server_id = checkout.conn_ref().id, "pipeline lane opened");
+    let mut lane = Lane {
+        pipes,
+        me,
+        rx,
+        checkout,
+        cancel_target,
+        routes: VecDeque::new(),
+        units_in_flight: 0,
+        out: BytesMut::new(),
+        input,
+        retiring: false,
+        blocked: false,
+    };
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        match std::future::poll_fn(|cx| lane.poll_step(cx)).await {
+            // nothing queued, nothing in flight
+            Ok(()) if lane.retiring => {
+                lane.pipes.remove(&lane.me);
+                let Lane { pipes, me, rx, .. } = &mut lane;
+                bounce_queued(pipes, me, rx);
+                lane.close_clean();
+                return;
+            }
+            Ok(()) => {
+                let sleep = linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+                sleep.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                tokio::select! {
+                    biased;
+                    job = lane.rx.recv() => {
+                        if let Some(job) = job
+                            && let Err(e) = lane.write_unit(job)
+                        {
+                            lane.fail(e);
+                            return;
+                        }
+                    }
+                    () = sleep.as_mut() => {
+                        if lane.pipes.retire_if_idle(&lane.me) {
+                            lane.close_clean();
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                lane.fail(e);
+                return;
+            }
+        }
+    }
+}
+
+/// `0A000 cached plan must not change result type` (see `session::relay`).
+fn stale_plan(n: &be::ServerNotice) -> bool {
+    n.code == sqlstate::FEATURE_NOT_SUPPORTED
+        && n.message
+            .starts_with("cached plan must not change result type")
+}
+
+/// Everything sent to a lane that never ran goes back to its session.
+fn bounce_all(pipes: &Pipelines, me: &Arc<LaneHandle>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    pipes.remove(me);
+    bounce_queued(pipes, me, &mut rx);
+}
+
+fn bounce_queued(_pipes: &Pipelines, me: &LaneHandle, rx: &mut mpsc::UnboundedReceiver<Job>) {
+    while let Ok(job) = rx.try_recv() {
+        me.queued.fetch_sub(1, Ordering::Relaxed);
+        job.bounce();
+    }
+}
+
+/// Give the connection the lane's settings (and close statements it evicted) before any unit.
+async fn prepare(conn: &mut ServerConn, key: Option<&Arc<str>>) -> Result<(), LaneError> {
+    let mut out = BytesMut::new();
+    let mut readies = 0;
+    let closes = conn.prepared.take_to_close();
+    if !closes.is_empty() {
+        for name in closes {
+            fe::write_close(b'S', &name, &mut out).map_err(|e| LaneError::Setup(e.to_string()))?;
+        }
+        fe::write_sync(&mut out);
+        readies += 1;
+    }
+    if !conn.settings.matches(key) {
+        if conn.settings != HeldSettings::Defaults {
+            fe::write_query("RESET ALL", &mut out).map_err(|e| LaneError::Setup(e.to_string()))?;
+            readies += 1;
+        }
+        if let Some(replay) = key {
+            fe::write_query(replay, &mut out).map_err(|e| LaneError::Setup(e.to_string()))?;
+            readies += 1;
+        }
+        conn.settings = HeldSettings::wanted(key);
+    }
+    if readies == 0 {
+        return Ok(());
+    }
+    conn.stream.write_all(&out).await.map_err(LaneError::Io)?;
+    conn.stream.flush().await.map_err(LaneError::Io)?;
+    let mut failed = None;
+    while readies > 0 {
+        let Some(total) = frame_len(&conn.read_buf, MAX_SERVER_MESSAGE)
+            .map_err(|e| LaneError::Protocol(e.to_string()))?
+        else {
+            conn.read_buf.reserve(READ_SPACE);
+            if conn
+                .stream
+                .read_buf(&mut conn.read_buf)
+                .await
+                .map_err(LaneError::Io)?
+                == 0
+            {
+                return Err(LaneError::Closed);
+            }
+            continue;
+        };
+        match conn.read_buf[0] {
+            be::READY_FOR_QUERY => readies -= 1,
+            be::ERROR_RESPONSE => {
+                let n = be::notice_fields(&conn.read_buf[5..total]).unwrap_or_default();
+                failed = Some(format!("{} {}", n.code, n.message));
+            }
+            _ => {}
+        }
+        conn.read_buf.advance(total);
+    }
+    match failed {
+        Some(e) => {
+            conn.settings = HeldSettings::Unknown;
+            Err(LaneError::Setup(e))
+        }
+        None => Ok(()),
+    }
+}
+
+impl Lane {
+    fn depth(&self) -> usize {
+        self.pipes.depth
+    }
+
+    /// Take queued units (up to the depth), write, read, route replies; ready when nothing is
+    /// queued or in flight (or the lane failed).
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LaneError>> {
+        loop {
+            let mut progress = false;
+            while !self.retiring && self.units_in_flight < self.depth() {
+                match self.rx.poll_recv(cx) {
+                    Poll::Ready(Some(job)) => {
+                        self.write_unit(job)?;
+                        progress = true;
+                    }
+                    Poll::Ready(None) | Poll::Pending => break,
+                }
+            }
+            if self
+                .routes
+                .iter()
+                .any(|r| matches!(r, Route::Unit { reply, .. } if reply.timed_out.load(Ordering::Acquire)))
+            {
+                return Poll::Ready(Err(LaneError::TimedOut));
+            }
+            let stream = &mut self.checkout.conn().stream;
+            while !self.out.is_empty() {
+                match Pin::new(&mut *stream).poll_write(cx, &self.out) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(LaneError::Io(
+                            std::io::ErrorKind::WriteZero.into(),
+                        )));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.out.advance(n);
+                        progress = true;
+                        if self.out.is_empty() {
+                            // TLS holds bytes back until flushed
+                            if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+                                return Poll::Ready(Err(LaneError::Io(e)));
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(LaneError::Io(e))),
+                    Poll::Pending => break,
+                }
+            }
+            if self.blocked
+                && let Some(Route::Unit { reply, .. }) = self.routes.front()
+                && reply.has_room(cx.waker())
+            {
+                self.blocked = false;
+                progress = true;
+            }
+            if !self.blocked && !self.input.is_empty() {
+                self.route(cx.waker())?;
+            }
+            if !self.blocked && !self.routes.is_empty() {
+                if self.input.capacity() - self.input.len() < READ_SPACE {
+                    self.input.reserve(READ_SPACE * 4);
+                }
+                let stream = &mut self.checkout.conn().stream;
+                match poll_read_buf(Pin::new(stream), cx, &mut self.input) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(LaneError::Closed)),
+                    Poll::Ready(Ok(_)) => {
+                        self.route(cx.waker())?;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(LaneError::Io(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if self.routes.is_empty() && self.out.is_empty() && !progress {
+                return Poll::Ready(Ok(()));
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Write one unit: DISCARD SEQUENCES when the tenant changes, the context and the client's
+    /// named statements (each Parsed first on a connection that lacks it), the client's messages.
+    fn write_unit(&mut self, job: Job) -> Result<(), LaneError> {
+        let conn = self.checkout.conn();
+        let set_local = !conn.may_set_config;
+        if set_local && job.set_local.is_none() {
+            // (the sessions send the SET LOCAL form from now on)
+            self.pipes.set_local.store(true, Ordering::Relaxed);
+            self.me.queued.fetch_sub(1, Ordering::Relaxed);
+            job.bounce();
+            return Ok(());
+        }
+        // (name, Parse, Bind + Execute, text length) of each context statement
+        let set_config = (!set_local).then(|| {
+            let c = &job.set_config;
+            (&c.name, &c.parse, &c.run, c.text_len)
+        });
+        let context = || {
+            set_config.into_iter().chain(
+                job.set_local
+                    .iter()
+                    .flat_map(|l| l.iter())
+                    .filter(move |_| set_local)
+                    .map(|s| (&s.name, &s.parse, &s.run, s.text_len)),
+            )
+        };
+        let protocol = |e: crate::protocol::ProtocolError| LaneError::Protocol(e.to_string());
+        if conn.last_tenant.as_deref() != Some(&*job.tenant) {
+            if conn.last_tenant.is_some() {
+                // another tenant's sequence state (lastval()/currval()) must not show
+                fe::write_query("DISCARD SEQUENCES", &mut self.out).map_err(protocol)?;
+                self.routes.push_back(Route::Own);
+            }
+            conn.last_tenant = Some(Arc::clone(&job.tenant));
+        }
+        let mut ctx = 0;
+        for (name, parse, _, text_len) in context() {
+            if !conn.prepared.contains(name) {
+                if conn.prepared.take_copy(name) {
+                    fe::write_close(b'S', name, &mut self.out).map_err(protocol)?;
+                    ctx += 1;
+                }
+                self.out.extend_from_slice(parse);
+                conn.prepared.insert(Arc::clone(name), text_len, 0);
+                ctx += 1;
+            }
+        }
+        for (_, _, run, _) in context() {
+            self.out.extend_from_slice(run);
+            // BindComplete, CommandComplete (a row and notices are swallowed too)
+            ctx += 2;
+        }
+        let mut prep = 0;
+        for statement in &job.statements {
+            // Missing, or older than the client's prepare (it may predate a migration the
+            // client has seen): prepared again, hidden.
+            let name = &statement.server_name;
+            if conn
+                .prepared
+                .stamp_of(name)
+                .is_none_or(|copy| copy < statement.stamp)
+            {
+                if conn.prepared.take_copy(name) {
+                    fe::write_close(b'S', name, &mut self.out).map_err(protocol)?;
+                    prep += 1;
+                }
+                fe::write_parse(name, &statement.sql, &statement.param_types, &mut self.out)
+                    .map_err(protocol)?;
+                let stamp = self.pipes.pool.plan_tick();
+                conn.prepared
+                    .insert(Arc::clone(name), statement.sql.len(), stamp);
+                prep += 1;
+            }
+        }
+        for name in conn.prepared.take_to_close() {
+            fe::write_close(b'S', &name, &mut self.out).map_err(protocol)?;
+            prep += 1;
+        }
+        self.out.extend_from_slice(&job.frames);
+        // (a client's Parse of the unnamed statement replaced whatever was there)
+        conn.unnamed_owner = None;
+        self.routes.push_back(Route::Unit {
+            reply: job.reply,
+            ctx,
+            prep,
+            statements: job.statements,
+            running: false,
+        });
+        self.units_in_flight += 1;
+        self.mark_head();
+        Ok(())
+    }
+
+    /// The unit at the head runs now: a cancel goes to this backend from here on.
+    fn mark_head(&mut self) {
+        if let Some(Route::Unit { reply, running, .. }) = self.routes.front_mut()
+            && !*running
+        {
+            *running = true;
+            if let Some(target) = reply.running(&self.cancel_target) {
+                tokio::spawn(async move {
+                    let sent = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        crate::cancel::send_cancel(&target),
+                    )
+                    .await;
+                    tracing::info!(
+                        backend_pid = target.pid,
+                        ok = matches!(sent, Ok(Ok(()))),
+                        "forwarded a cancel request held until its unit ran"
+                    );
+                });
+            }
+        }
+    }
+
+    /// Hand every complete reply in the input to its unit's client.
+    fn route(&mut self, waker: &Waker) -> Result<(), LaneError> {
+        let mut pos = 0;
+        // start of the run of frames going to the head unit's client
+        let mut run_from: Option<usize> = None;
+        let result = loop {
+            let total = match frame_len(&self.input[pos..], MAX_SERVER_MESSAGE) {
+                Ok(Some(n)) => n,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(LaneError::Protocol(e.to_string())),
+            };
+            let tag = self.input[pos];
+            let body = &self.input[pos + 5..pos + total];
+            let Some(front) = self.routes.front_mut() else {
+                // asynchronous messages between units (a notice, a reported setting)
+                if matches!(
+                    tag,
+                    be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION
+                ) {
+                    pos += total;
+                    continue;
+                }
+                break Err(LaneError::Protocol(format!(
+                    "unsolicited message {:?}",
+                    tag as char
+                )));
+            };
+            match front {
+                Route::Own => match tag {
+                    be::READY_FOR_QUERY => {
+                        self.routes.pop_front();
+                        self.mark_head();
+                    }
+                    be::ERROR_RESPONSE => {
+                        let n = be::notice_fields(body).unwrap_or_default();
+                        break Err(LaneError::Own(format!("{} {}", n.code, n.message)));
+                    }
+                    _ => {}
+                },
+                Route::Unit { ctx, .. } if *ctx > 0 => match tag {
+                    be::PARSE_COMPLETE
+                    | be::BIND_COMPLETE
+                    | be::CLOSE_COMPLETE
+                    | be::COMMAND_COMPLETE => *ctx -= 1,
+                    be::DATA_ROW | be::NOTICE_RESPONSE => {}
+                    be::ERROR_RESPONSE => {
+                        let n = be::notice_fields(body).unwrap_or_default();
+                        break Err(LaneError::Context(format!("{} {}", n.code, n.message)));
+                    }
+                    other => {
+                        break Err(LaneError::Protocol(format!(
+                            "unexpected message {:?} in reply to the tenant context",
+                            other as char
+                        )));
+                    }
+                },
+                Route::Unit {
+                    prep, statements, ..
+                } if *prep > 0 => match tag {
+                    be::PARSE_COMPLETE | be::CLOSE_COMPLETE => *prep -= 1,
+                    be::NOTICE_RESPONSE => {}
+                    be::ERROR_RESPONSE => {
+                        // A client statement's Parse failed (e.g. its table is gone): the client
+                        // gets the error, the server skips the unit up to its Sync, and the
+                        // statements are prepared again when next used.
+                        *prep = 0;
+                        let conn = self.checkout.conn();
+                        for statement in statements.iter() {
+                            conn.prepared.retire(&statement.server_name);
+                        }
+                        run_from.get_or_insert(pos);
+                    }
+                    other => {
+                        break Err(LaneError::Protocol(format!(
+                            "unexpected message {:?} in reply to a statement's Parse",
+                            other as char
+                        )));
+                    }
+                },
+                Route::Unit {
+                    reply, statements, ..
+                } => {
+                    match tag {
+                        be::ERROR_RESPONSE => {
+                            let n = be::notice_fields(body).unwrap_or_default();
+                            if matches!(n.severity.as_str(), "FATAL" | "PANIC") {
+                                break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
+                            }
+                            if stale_plan(&n) && !statements.is_empty() {
+                                // A migration changed a statement's result type: this copy is
+                                // retired (and, when the culprit is known, reported).
+                                let prepared = &mut self.checkout.conn().prepared;
+                                if let [only] = statements.as_slice() {
+                                    let copy = prepared.peek_stamp(&only.server_name).unwrap_or(0);
+                                    self.pipes.pool.plan_went_stale(&only.server_name, copy);
+                                }
+                                for statement in statements.iter() {
+                                    prepared.retire(&statement.server_name);
+                                }
+                            }
+                        }
+                        be::PARAMETER_STATUS => {
+                            let (k, v) = match be::parameter_status(body) {
+                                Ok(kv) => kv,
+                                Err(e) => break Err(LaneError::Protocol(e.to_string())),
+                            };
+                            if let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v)
+                            {
+                                break Err(LaneError::LexerChanged(what));
+                            }
+                            // A reported setting changed on a shared connection: no more
+                            // units here; the connection is reset before it is reused.
+                            self.retiring = true;
+                        }
+                        be::COPY_IN | be::COPY_BOTH => {
+                            break Err(LaneError::Protocol(
+                                "a pipelined unit started COPY FROM STDIN".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                    let from = *run_from.get_or_insert(pos);
+                    if tag == be::READY_FOR_QUERY {
+                        let status = body.first().copied().unwrap_or(0);
+                        if status != b'I' {
+                            break Err(LaneError::LeftOpen(status as char));
+                        }
+                        reply.deliver(&self.input[from..pos + total], Some(Outcome::Done), waker);
+                        run_from = None;
+                        self.routes.pop_front();
+                        self.units_in_flight -= 1;
+                        self.me.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.mark_head();
+                    }
+                }
+            }
+            pos += total;
+        };
+        if let (Some(from), Some(Route::Unit { reply, .. })) = (run_from, self.routes.front())
+            && pos > from
+            && !reply.deliver(&self.input[from..pos], None, waker)
+        {
+            self.blocked = true;
+        }
+        self.input.advance(pos);
+        result
+    }
+
+    /// The lane cannot go on: units in flight get an error, queued ones go back to their
+    /// sessions, the connection is closed.
+    fn fail(mut self, e: LaneError) {
+        tracing::warn!(error = %e, server_id = self.checkout.conn_ref().id, "pipeline lane failed; closing its upstream connection");
+        self.pipes.remove(&self.me);
+        let err = ClientError::error(
+            sqlstate::CONNECTION_FAILURE,
+            "rlsgate: the shared upstream connection running this statement failed; it may or may not have committed",
+        )
+        .with_detail(e.to_string());
+        for route in self.routes.drain(..) {
+            if let Route::Unit { reply, .. } = route {
+                reply.end(Outcome::Failed(err.clone()));
+            }
+        }
+        let Lane { pipes, me, rx, .. } = &mut self;
+        bounce_queued(pipes, me, rx);
+        // dropping the checkout closes the connection
+    }
+
+    /// Nothing in flight: the connection goes back to the pool (reset first if a reported
+    /// setting changed under it).
+    fn close_clean(mut self) {
+        let input = std::mem::take(&mut self.input);
+        let retiring = self.retiring;
+        let conn = self.checkout.conn();
+        conn.read_buf = input;
+        conn.read_buf.clear();
+        if retiring {
+            conn.settings = HeldSettings::Unknown;
+            conn.dirty_session = true;
+        }
+        tracing::debug!(server_id = conn.id, "pipeline lane closed");
+        self.checkout.release();
+    }
+}
