@@ -67,6 +67,13 @@
 #                    (PgBouncer lets the idle user in with a cleartext
 #                    password via auth_type = hba, as idle_clients speaks no
 #                    SCRAM; it connects upstream as rlsgate_app.)
+#   hol              head-of-line blocking: for each target, 2 clients run
+#                    `SELECT pg_sleep(0.1)` back to back while -S -M extended
+#                    runs with the usual clients; per-transaction latency of
+#                    the short ones from pgbench -l:
+#   case=hol <target>_p50_us=<n> <target>_p99_us=<n> <target>_short_tps=<n> ...
+#                    (with BENCH_PIPELINE > 1 rlsgate's short units may queue
+#                    behind a sleep on a shared connection)
 #   signed           [context] mode = "signed" against plain, rlsgate only, on
 #                    an RLS-bound read: a 100 000-row table of 10 tenants,
 #                    `SELECT v FROM t WHERE id = :id` (random id) under the
@@ -136,7 +143,7 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SKIP_RLSGATE=${SKIP_RLSGATE:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SCALE=${BENCH_SCALE:-10}
-ALL_CASES="select_simple select_extended select_prepared tpcb churn idle signed"
+ALL_CASES="select_simple select_extended select_prepared tpcb churn idle signed hol"
 CASES=${BENCH_CASES:-$ALL_CASES}
 IDLE_COUNTS=${BENCH_IDLE:-1000 10000}
 APP_USER=rlsgate_app
@@ -884,10 +891,42 @@ signed_case() {
     done
 }
 
+# Head-of-line blocking: latency percentiles of short selects next to 100 ms statements.
+hol_case() {
+    local target port password line="case=hol" dir p50 p99 tps
+    printf 'SELECT pg_sleep(0.1);\n' >"$TMP/hol-sleep.sql"
+    for target in $TARGETS; do
+        if [ "$target" = rlsgate ] && [ "$SKIP_RLSGATE" = 1 ]; then continue; fi
+        case "$target" in
+            direct)    port=$PG_PORT;      password=$APP_PASSWORD ;;
+            pgbouncer) port=$BOUNCER_PORT; password=$APP_PASSWORD ;;
+            rlsgate)   port=$RLSGATE_PORT; password=$RLSGATE_TOKEN ;;
+        esac
+        log "case=hol target=$target"
+        dir="$TMP/hol-$target"; mkdir -p "$dir"
+        PGPASSWORD=$password "$PG_BIN/pgbench" -n -T $((DURATION + 2)) -c 2 -j 1 -f "$TMP/hol-sleep.sql" \
+            -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$dir/sleep.log" 2>&1 &
+        local sleeper=$!
+        sleep 1
+        (cd "$dir" && PGPASSWORD=$password "$PG_BIN/pgbench" -n -T "$DURATION" -c "$CLIENTS" -j "$THREADS" \
+            -S -M extended -l --log-prefix=short -h 127.0.0.1 -p "$port" -U "$APP_USER" "$DB" >"$dir/short.log" 2>&1) || true
+        wait "$sleeper" || true
+        tps=$(sed -n 's/^tps = \([0-9][0-9.]*\) .*/\1/p' "$dir/short.log" | tail -n 1)
+        # pgbench -l: the third field is the transaction's latency in microseconds
+        read -r p50 p99 < <(cat "$dir"/short.* 2>/dev/null | awk '{ print $3 }' | sort -n | awk '
+            { v[NR] = $1 } END { if (NR == 0) { print "n/a n/a"; exit }
+              i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+              print v[i50], v[i99] }')
+        line="$line ${target}_p50_us=$p50 ${target}_p99_us=$p99 ${target}_short_tps=${tps:-error}"
+    done
+    echo "$line"
+}
+
 log "cases: $CASES; $ROUNDS round(s) x ${DURATION}s, -c $CLIENTS -j $THREADS"
 for cname in $CASES; do
     if [ "$cname" = idle ]; then idle_case; continue; fi
     if [ "$cname" = signed ]; then signed_case; continue; fi
+    if [ "$cname" = hol ]; then hol_case; continue; fi
     targets=$TARGETS
     if [ "$cname" = churn ]; then start_md5_bouncer; targets="$TARGETS pgbouncer_md5"; fi
     for round in $(seq "$ROUNDS"); do

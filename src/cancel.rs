@@ -122,14 +122,11 @@ impl CancelRegistry {
         let target = slot.target.lock().ok().and_then(|t| t.clone());
         let target = match target {
             Some(Target::Server(target)) => target,
-            Some(Target::Pipelined(reply)) => match reply.request_cancel() {
-                Some(target) => target,
-                None => {
-                    // (sent by the lane when the unit reaches the head, if it has not ended)
-                    tracing::debug!("cancel request held until the pipelined unit runs");
-                    return;
-                }
-            },
+            Some(Target::Pipelined(reply)) => {
+                // (its lane sends it when that is safe: see `Reply::request_cancel`)
+                reply.request_cancel();
+                return;
+            }
             None => return,
         };
         match tokio::time::timeout(Duration::from_secs(5), send_cancel(&target)).await {

@@ -43,6 +43,9 @@ const LINGER: Duration = Duration::from_millis(1);
 /// Replies held for a client that has not taken them yet, above which the lane stops reading
 /// (the units behind wait: backpressure, as on an exclusive connection).
 const REPLY_CAP: usize = 256 * 1024;
+/// A unit running this long at a lane's head makes the lane take no more units (they would
+/// wait behind it): they go to another lane or an exclusive connection.
+const SLOW_HEAD_US: u64 = 2_000;
 /// Largest server message a lane accepts (Postgres' own limit is 1 GB).
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
 /// Free space kept in a lane's read buffer before each read.
@@ -58,6 +61,8 @@ pub struct Pipelines {
     pool: Pool,
     /// Units submitted since start.
     units: AtomicU64,
+    /// Origin of the lanes' `head_since`.
+    epoch: std::time::Instant,
 }
 
 /// What sessions see of a lane.
@@ -66,6 +71,8 @@ struct LaneHandle {
     key: Option<Arc<str>>,
     /// Units sent to the lane and not finished (queued or in flight).
     queued: AtomicUsize,
+    /// When the unit at its head started (µs since the pipelines' epoch; 0: none running).
+    head_since: AtomicU64,
     tx: mpsc::UnboundedSender<Job>,
 }
 
@@ -114,6 +121,8 @@ pub enum Outcome {
     Bounced(Bytes),
     /// Written, but its lane failed before the unit's end: the client gets this error.
     Failed(ClientError),
+    /// The unit changed how the server reads SQL text (see `guard::policy`): its session ends.
+    LexerChanged(String),
 }
 
 /// Where a lane puts one unit's replies for its session.
@@ -122,6 +131,8 @@ pub struct Reply {
     state: Mutex<ReplyState>,
     /// The session gave up waiting (query_timeout): the lane's server is not answering.
     timed_out: AtomicBool,
+    /// The client asked to cancel the unit (the lane decides whether it may be sent).
+    cancel_wanted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -132,10 +143,8 @@ struct ReplyState {
     lane: Option<Waker>,
     /// The session no longer reads: replies are dropped.
     gone: bool,
-    /// A cancel request arrived before the unit ran.
-    cancel_wanted: bool,
-    /// While the unit is at the head of its lane: where a cancel goes.
-    running_on: Option<CancelTarget>,
+    /// While the unit is at the head of its lane: the lane, woken for a cancel.
+    running_on: Option<Waker>,
 }
 
 impl Reply {
@@ -196,19 +205,17 @@ impl Reply {
         }
     }
 
-    /// Cancel side: where to send a cancel now, or `None` when the unit has not started (the
-    /// lane sends it when the unit reaches the head) or is over.
-    pub fn request_cancel(&self) -> Option<CancelTarget> {
-        let mut s = self.lock();
+    /// Cancel side: the client asked to cancel the unit. Its lane sends the cancel to the
+    /// server once the unit runs, if no other client's unit is in flight behind it (a cancel
+    /// reaches whatever the backend runs when it arrives: never another client's unit).
+    pub fn request_cancel(&self) {
+        let s = self.lock();
         if s.end.is_some() {
-            return None;
+            return;
         }
-        match &s.running_on {
-            Some(target) => Some(target.clone()),
-            None => {
-                s.cancel_wanted = true;
-                None
-            }
+        self.cancel_wanted.store(true, Ordering::Release);
+        if let Some(lane) = &s.running_on {
+            lane.wake_by_ref();
         }
     }
 
@@ -223,6 +230,7 @@ impl Reply {
         if done {
             s.end = end;
             s.running_on = None;
+            self.cancel_wanted.store(false, Ordering::Relaxed);
         }
         let room = s.gone || done || s.buf.len() < REPLY_CAP;
         if !room {
@@ -244,12 +252,9 @@ impl Reply {
         room
     }
 
-    /// Lane side: the unit reached the head of its lane; returns where a cancel that arrived
-    /// earlier goes now.
-    fn running(&self, target: &CancelTarget) -> Option<CancelTarget> {
-        let mut s = self.lock();
-        s.running_on = Some(target.clone());
-        std::mem::take(&mut s.cancel_wanted).then(|| target.clone())
+    /// Lane side: the unit reached the head of its lane (a cancel request wakes `lane`).
+    fn running(&self, lane: &Waker) {
+        self.lock().running_on = Some(lane.clone());
     }
 
     fn end(&self, outcome: Outcome) {
@@ -277,6 +282,7 @@ impl Pipelines {
             set_local: AtomicBool::new(false),
             pool,
             units: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -305,26 +311,47 @@ impl Pipelines {
         self.units.load(Ordering::Relaxed)
     }
 
-    /// Queue a unit on the lane with the least work among those holding `settings`, or on a new
-    /// lane when all of them have a full pipeline (and fewer than half the pool are lanes).
-    pub fn submit(self: &Arc<Self>, job: Job, settings: Option<&Arc<str>>) {
+    fn now_us(&self) -> u64 {
+        (self.epoch.elapsed().as_micros() as u64).max(1)
+    }
+
+    /// A lane that takes a unit with `settings` now: room in its pipeline, no slow unit at its
+    /// head.
+    fn open_to(&self, l: &LaneHandle, settings: Option<&Arc<str>>, now: u64) -> bool {
+        l.key.as_deref() == settings.map(|s| &**s)
+            && l.queued.load(Ordering::Relaxed) < self.depth
+            && match l.head_since.load(Ordering::Relaxed) {
+                0 => true,
+                since => now.saturating_sub(since) < SLOW_HEAD_US,
+            }
+    }
+
+    /// Whether a unit with these settings would find a lane now.
+    pub fn has_room(&self, settings: Option<&Arc<str>>) -> bool {
+        let lanes = self.lanes();
+        let now = self.now_us();
+        lanes.len() < self.max_lanes || lanes.iter().any(|l| self.open_to(l, settings, now))
+    }
+
+    /// Queue a unit on the lane with the least work among those open to it, or on a new lane
+    /// while fewer than half the pool are lanes. `Err` gives the unit back when no lane takes
+    /// it (it then takes an exclusive connection).
+    pub fn submit(self: &Arc<Self>, job: Job, settings: Option<&Arc<str>>) -> Result<(), Job> {
         let mut lanes = self.lanes();
+        let now = self.now_us();
         let best = lanes
             .iter()
-            .filter(|l| l.key.as_deref() == settings.map(|s| &**s))
-            .min_by_key(|l| l.queued.load(Ordering::Relaxed));
+            .filter(|l| self.open_to(l, settings, now))
+            .min_by_key(|l| l.queued.load(Ordering::Relaxed))
+            .cloned();
         let lane = match best {
-            Some(l)
-                if l.queued.load(Ordering::Relaxed) < self.depth
-                    || lanes.len() >= self.max_lanes =>
-            {
-                Arc::clone(l)
-            }
-            _ => {
+            Some(lane) => lane,
+            None if lanes.len() < self.max_lanes => {
                 let lane = self.spawn_lane(settings.cloned());
                 lanes.push(Arc::clone(&lane));
                 lane
             }
+            None => return Err(job),
         };
         lane.queued.fetch_add(1, Ordering::Relaxed);
         self.units.fetch_add(1, Ordering::Relaxed);
@@ -333,6 +360,7 @@ impl Pipelines {
             lanes.retain(|l| !Arc::ptr_eq(l, &lane));
             job.bounce();
         }
+        Ok(())
     }
 
     fn spawn_lane(self: &Arc<Self>, key: Option<Arc<str>>) -> Arc<LaneHandle> {
@@ -340,6 +368,7 @@ impl Pipelines {
         let handle = Arc::new(LaneHandle {
             key,
             queued: AtomicUsize::new(0),
+            head_since: AtomicU64::new(0),
             tx,
         });
         tokio::spawn(run_lane(Arc::clone(self), Arc::clone(&handle), rx));
@@ -422,6 +451,11 @@ struct Lane {
     retiring: bool,
     /// The head unit's client holds `REPLY_CAP` of replies: reading waits.
     blocked: bool,
+    /// A cancel request on its way to the server: no unit is written until it is delivered
+    /// (it must reach the unit it is for, or an idle backend, which ignores it).
+    cancel_task: Option<tokio::task::JoinHandle<()>>,
+    /// A unit taken from the queue while the lane was idle, written at the next step.
+    next: Option<Job>,
 }
 
 async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
@@ -454,6 +488,8 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
         input,
         retiring: false,
         blocked: false,
+        cancel_task: None,
+        next: None,
     };
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -461,8 +497,7 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
             // nothing queued, nothing in flight
             Ok(()) if lane.retiring => {
                 lane.pipes.remove(&lane.me);
-                let Lane { pipes, me, rx, .. } = &mut lane;
-                bounce_queued(pipes, me, rx);
+                lane.bounce_queued();
                 lane.close_clean();
                 return;
             }
@@ -471,14 +506,7 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
                 sleep.as_mut().reset(tokio::time::Instant::now() + LINGER);
                 tokio::select! {
                     biased;
-                    job = lane.rx.recv() => {
-                        if let Some(job) = job
-                            && let Err(e) = lane.write_unit(job)
-                        {
-                            lane.fail(e);
-                            return;
-                        }
-                    }
+                    job = lane.rx.recv() => lane.next = job,
                     () = sleep.as_mut() => {
                         if lane.pipes.retire_if_idle(&lane.me) {
                             lane.close_clean();
@@ -505,10 +533,6 @@ fn stale_plan(n: &be::ServerNotice) -> bool {
 /// Everything sent to a lane that never ran goes back to its session.
 fn bounce_all(pipes: &Pipelines, me: &Arc<LaneHandle>, mut rx: mpsc::UnboundedReceiver<Job>) {
     pipes.remove(me);
-    bounce_queued(pipes, me, &mut rx);
-}
-
-fn bounce_queued(_pipes: &Pipelines, me: &LaneHandle, rx: &mut mpsc::UnboundedReceiver<Job>) {
     while let Ok(job) = rx.try_recv() {
         me.queued.fetch_sub(1, Ordering::Relaxed);
         job.bounce();
@@ -584,19 +608,43 @@ impl Lane {
         self.pipes.depth
     }
 
+    /// Units that never ran (queued, or taken from the queue) go back to their sessions.
+    fn bounce_queued(&mut self) {
+        let next = self.next.take();
+        for job in next
+            .into_iter()
+            .chain(std::iter::from_fn(|| self.rx.try_recv().ok()))
+        {
+            self.me.queued.fetch_sub(1, Ordering::Relaxed);
+            job.bounce();
+        }
+    }
+
     /// Take queued units (up to the depth), write, read, route replies; ready when nothing is
     /// queued or in flight (or the lane failed).
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LaneError>> {
         loop {
             let mut progress = false;
-            while !self.retiring && self.units_in_flight < self.depth() {
-                match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(job)) => {
-                        self.write_unit(job)?;
-                        progress = true;
-                    }
-                    Poll::Ready(None) | Poll::Pending => break,
-                }
+            if let Some(task) = self.cancel_task.as_mut()
+                && Pin::new(task).poll(cx).is_ready()
+            {
+                self.cancel_task = None;
+                progress = true;
+            }
+            self.maybe_cancel();
+            while !self.retiring
+                && self.cancel_task.is_none()
+                && self.units_in_flight < self.depth()
+            {
+                let job = match self.next.take() {
+                    Some(job) => job,
+                    None => match self.rx.poll_recv(cx) {
+                        Poll::Ready(Some(job)) => job,
+                        Poll::Ready(None) | Poll::Pending => break,
+                    },
+                };
+                self.write_unit(job, cx.waker())?;
+                progress = true;
             }
             if self
                 .routes
@@ -652,7 +700,12 @@ impl Lane {
                     Poll::Pending => {}
                 }
             }
-            if self.routes.is_empty() && self.out.is_empty() && !progress {
+            if self.routes.is_empty()
+                && self.out.is_empty()
+                && self.cancel_task.is_none()
+                && self.next.is_none()
+                && !progress
+            {
                 return Poll::Ready(Ok(()));
             }
             if !progress {
@@ -663,7 +716,18 @@ impl Lane {
 
     /// Write one unit: DISCARD SEQUENCES when the tenant changes, the context and the client's
     /// named statements (each Parsed first on a connection that lacks it), the client's messages.
-    fn write_unit(&mut self, job: Job) -> Result<(), LaneError> {
+    fn write_unit(&mut self, job: Job, waker: &Waker) -> Result<(), LaneError> {
+        if job
+            .statements
+            .iter()
+            .any(|p| self.pipes.pool.stale_after(&p.server_name, p.stamp))
+        {
+            // A migration changed a statement's result type since the session looked: the
+            // session refuses it as Postgres would (0A000).
+            self.me.queued.fetch_sub(1, Ordering::Relaxed);
+            job.bounce();
+            return Ok(());
+        }
         let conn = self.checkout.conn();
         let set_local = !conn.may_set_config;
         if set_local && job.set_local.is_none() {
@@ -750,30 +814,54 @@ impl Lane {
             running: false,
         });
         self.units_in_flight += 1;
-        self.mark_head();
+        self.mark_head(waker);
         Ok(())
     }
 
-    /// The unit at the head runs now: a cancel goes to this backend from here on.
-    fn mark_head(&mut self) {
-        if let Some(Route::Unit { reply, running, .. }) = self.routes.front_mut()
-            && !*running
-        {
-            *running = true;
-            if let Some(target) = reply.running(&self.cancel_target) {
-                tokio::spawn(async move {
-                    let sent = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        crate::cancel::send_cancel(&target),
-                    )
+    /// Send the cancel the head unit's client asked for, if no other unit is in flight behind
+    /// it (Postgres cancels whatever the backend runs when the request arrives; behind an idle
+    /// backend it is ignored). No unit is written until it is delivered. A cancel for a unit
+    /// with others behind it is not sent (as a cancel that arrives too late).
+    fn maybe_cancel(&mut self) {
+        if self.cancel_task.is_some() {
+            return;
+        }
+        let Some(Route::Unit { reply, running, .. }) = self.routes.front() else {
+            return;
+        };
+        if !*running || !reply.cancel_wanted.load(Ordering::Acquire) {
+            return;
+        }
+        if self.routes.len() > 1 {
+            return;
+        }
+        reply.cancel_wanted.store(false, Ordering::Relaxed);
+        let target = self.cancel_target.clone();
+        self.cancel_task = Some(tokio::spawn(async move {
+            let sent =
+                tokio::time::timeout(Duration::from_secs(5), crate::cancel::send_cancel(&target))
                     .await;
-                    tracing::info!(
-                        backend_pid = target.pid,
-                        ok = matches!(sent, Ok(Ok(()))),
-                        "forwarded a cancel request held until its unit ran"
-                    );
-                });
+            tracing::info!(
+                backend_pid = target.pid,
+                ok = matches!(sent, Ok(Ok(()))),
+                "forwarded a cancel request to a pipeline lane"
+            );
+        }));
+    }
+
+    /// The unit at the head runs now: a cancel request for it wakes the lane, and the lane
+    /// counts as slow once it has run `SLOW_HEAD_US`.
+    fn mark_head(&mut self, waker: &Waker) {
+        match self.routes.front_mut() {
+            Some(Route::Unit { reply, running, .. }) if !*running => {
+                *running = true;
+                reply.running(waker);
+                self.me
+                    .head_since
+                    .store(self.pipes.now_us(), Ordering::Relaxed);
             }
+            Some(_) => {}
+            None => self.me.head_since.store(0, Ordering::Relaxed),
         }
     }
 
@@ -808,7 +896,7 @@ impl Lane {
                 Route::Own => match tag {
                     be::READY_FOR_QUERY => {
                         self.routes.pop_front();
-                        self.mark_head();
+                        self.mark_head(waker);
                     }
                     be::ERROR_RESPONSE => {
                         let n = be::notice_fields(body).unwrap_or_default();
@@ -839,6 +927,10 @@ impl Lane {
                     be::PARSE_COMPLETE | be::CLOSE_COMPLETE => *prep -= 1,
                     be::NOTICE_RESPONSE => {}
                     be::ERROR_RESPONSE => {
+                        let n = be::notice_fields(body).unwrap_or_default();
+                        if matches!(n.severity.as_str(), "FATAL" | "PANIC") {
+                            break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
+                        }
                         // A client statement's Parse failed (e.g. its table is gone): the client
                         // gets the error, the server skips the unit up to its Sync, and the
                         // statements are prepared again when next used.
@@ -909,7 +1001,7 @@ impl Lane {
                         self.routes.pop_front();
                         self.units_in_flight -= 1;
                         self.me.queued.fetch_sub(1, Ordering::Relaxed);
-                        self.mark_head();
+                        self.mark_head(waker);
                     }
                 }
             }
@@ -935,13 +1027,20 @@ impl Lane {
             "rlsgate: the shared upstream connection running this statement failed; it may or may not have committed",
         )
         .with_detail(e.to_string());
+        // the unit that changed how the server reads text ends its session
+        let mut culprit = match &e {
+            LaneError::LexerChanged(what) => Some(what.clone()),
+            _ => None,
+        };
         for route in self.routes.drain(..) {
             if let Route::Unit { reply, .. } = route {
-                reply.end(Outcome::Failed(err.clone()));
+                reply.end(match culprit.take() {
+                    Some(what) => Outcome::LexerChanged(what),
+                    None => Outcome::Failed(err.clone()),
+                });
             }
         }
-        let Lane { pipes, me, rx, .. } = &mut self;
-        bounce_queued(pipes, me, rx);
+        self.bounce_queued();
         // dropping the checkout closes the connection
     }
 

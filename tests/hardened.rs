@@ -71,10 +71,19 @@ fn foreign_state(db: &str) -> String {
 }
 
 fn proxy_config(db: &str, signed: bool, wrap: bool, pool: usize) -> String {
-    let mut text = config_text(db, pool, "").replace(
-        "transaction_wrap = false",
-        &format!("transaction_wrap = {wrap}"),
-    );
+    // Pipelining off: with the guard off, attacks leave session state behind that the guard
+    // refuses (session advisory locks taken through field selection), and a later attack on
+    // another connection would wait on such a lock forever. (Signed mode turns pipelining off
+    // anyway.)
+    let mut text = config_text(db, pool, "")
+        .replace(
+            "transaction_wrap = false",
+            &format!("transaction_wrap = {wrap}"),
+        )
+        .replace(
+            &format!("pipeline_depth = {}", pipeline_depth()),
+            "pipeline_depth = 1",
+        );
     if signed {
         text.push_str(&format!("mode = \"signed\"\nsigning_key = \"{KEY}\"\n"));
     }

@@ -13,7 +13,10 @@ use tokio_postgres::SimpleQueryMessage;
 
 /// A proxy with pipelining on (`depth`) in front of a fresh demo database.
 async fn pipelined_proxy(pool_size: usize, depth: usize, extra: &str) -> Proxy {
-    let db = demo_db();
+    pipelined_proxy_on(demo_db(), pool_size, depth, extra).await
+}
+
+async fn pipelined_proxy_on(db: String, pool_size: usize, depth: usize, extra: &str) -> Proxy {
     let config = config_text(&db, pool_size, extra).replace(
         &format!("pipeline_depth = {}", pipeline_depth()),
         &format!("pipeline_depth = {depth}"),
@@ -275,5 +278,166 @@ async fn a_lane_whose_backend_dies_fails_only_its_units() {
         .await
         .unwrap();
     assert_eq!(first_column(&msgs), ["north"]);
+    proxy.stop().await;
+}
+
+/// Clients whose session settings differ never share a lane: each unit runs with its client's
+/// settings, also when many of them interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_run_with_their_own_clients_settings() {
+    // (room for a lane per setting: up to half the pool are lanes)
+    let proxy = pipelined_proxy(6, 4, "").await;
+    let names = ["app_one", "app_two", "app_three"];
+    let runs = names.iter().map(|name| {
+        let proxy = &proxy;
+        async move {
+            let mut c =
+                RawClient::connect_with(proxy, &token("north"), &[("application_name", name)])
+                    .await;
+            for _ in 0..100 {
+                c.query("SELECT current_setting('application_name')").await;
+                let msgs = c.until_ready().await;
+                assert_eq!(tags(&msgs), "T D C Z");
+                assert!(
+                    String::from_utf8_lossy(&msgs[1].body).contains(name),
+                    "{name}: {:?}",
+                    String::from_utf8_lossy(&msgs[1].body)
+                );
+            }
+        }
+    });
+    join_all(runs).await;
+    assert!(proxy.shared.pipelines.units() >= 300);
+    proxy.stop().await;
+}
+
+/// `query_timeout` with a unit on a lane: the waiting client's session ends with 57014 (as on
+/// an exclusive connection); the proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_ends_a_session_waiting_on_a_lane() {
+    let db = demo_db();
+    let config = config_text(&db, 2, "").replace(
+        &format!("pipeline_depth = {}", pipeline_depth()),
+        "pipeline_depth = 4\nquery_timeout = \"1s\"",
+    );
+    let proxy = start_proxy_with(&db, &config).await;
+    let c = client(&proxy, "north").await;
+    let started = std::time::Instant::now();
+    let e = c.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(code(&e), "57014", "{e}");
+    assert!(proxy.shared.pipelines.units() >= 1);
+    let d = client(&proxy, "south").await;
+    assert_eq!(count(&d, "customers").await, 2);
+    proxy.stop().await;
+}
+
+/// Soak: 16 clients of 6 tenants send 100 000 units over 2 shared connections, with errors,
+/// server-side statement timeouts and cancels mixed in. Every row each client reads must be
+/// its tenant's and every reply the one it asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_interleaved_units_stay_isolated() {
+    const CLIENTS: usize = 16;
+    const UNITS: usize = 100_000 / CLIENTS;
+    // tenant tK has K + 1 customers; statements over 100 ms time out on the server
+    let db = demo_db();
+    pg().psql(
+        &db,
+        &format!(
+            "INSERT INTO stores SELECT 't' || k, 'soak' FROM generate_series(0, 5) k;
+             INSERT INTO customers (store_id, name, email)
+               SELECT 't' || k, 'c', 'c' || j || '@soak' FROM generate_series(0, 5) k, generate_series(0, k) j;
+             ALTER DATABASE {db} SET statement_timeout = '100ms';"
+        ),
+    )
+    .unwrap();
+    let proxy = pipelined_proxy_on(db, 4, 8, "").await;
+    let runs = (0..CLIENTS).map(|i| {
+        let proxy = &proxy;
+        async move {
+            let k = i % 6;
+            let tenant = format!("t{k}");
+            let c = client(proxy, &tenant).await;
+            let rows_stmt = c
+                .prepare("SELECT store_id, count(*) OVER () FROM customers WHERE $1::int >= 0")
+                .await
+                .unwrap();
+            let div = c.prepare("SELECT 10 / $1::int").await.unwrap();
+            let mut x = i as u64 + 11;
+            let (mut errors, mut cancels, mut timeouts) = (0, 0, 0);
+            for u in 0..UNITS {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                match (x >> 33) % 1000 {
+                    0..=399 => {
+                        let rows = c.query(&rows_stmt, &[&(u as i32)]).await.unwrap();
+                        assert_eq!(rows.len(), k + 1, "{tenant}");
+                        for r in &rows {
+                            assert_eq!(r.get::<_, String>(0), tenant);
+                            assert_eq!(r.get::<_, i64>(1), k as i64 + 1);
+                        }
+                    }
+                    400..=799 => {
+                        let msgs = c
+                            .simple_query(&format!(
+                                "SELECT current_setting('app.current_store_id') || ':{u}'"
+                            ))
+                            .await
+                            .unwrap();
+                        assert_eq!(first_column(&msgs), [format!("{tenant}:{u}")]);
+                    }
+                    800..=997 => {
+                        // errors: one simple, one extended; the answer says which unit it was
+                        let n = ((x >> 40) % 3) as i32;
+                        match c.query_one(&div, &[&n]).await {
+                            Ok(row) => assert_eq!(row.get::<_, i32>(0), 10 / n),
+                            Err(e) => {
+                                assert_eq!((code(&e), n), ("22012".to_string(), 0), "{e}");
+                                errors += 1;
+                            }
+                        }
+                    }
+                    998 => {
+                        // a server-side statement timeout
+                        let e = c.simple_query("SELECT pg_sleep(0.2)").await.unwrap_err();
+                        assert_eq!(code(&e), "57014", "{e}");
+                        timeouts += 1;
+                    }
+                    _ => {
+                        // a cancel while the unit runs (or waits on its lane)
+                        let token = c.cancel_token();
+                        let canceller = tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                        });
+                        match c.simple_query("SELECT pg_sleep(0.05)").await {
+                            Ok(_) => {}
+                            Err(e) => {
+                                assert_eq!(code(&e), "57014", "{e}");
+                                cancels += 1;
+                            }
+                        }
+                        canceller.await.unwrap();
+                    }
+                }
+            }
+            (errors, cancels, timeouts)
+        }
+    });
+    let outcomes = join_all(runs).await;
+    let (errors, cancels, timeouts) = outcomes
+        .iter()
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    assert!(
+        errors > 0 && cancels > 0 && timeouts > 0,
+        "{errors} {cancels} {timeouts}"
+    );
+    let units = proxy.shared.pipelines.units();
+    assert!(units >= 95_000, "only {units} units went through lanes");
     proxy.stop().await;
 }

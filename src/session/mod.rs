@@ -565,7 +565,7 @@ impl Session {
             if self.process_client().await? {
                 return Ok(());
             }
-            if self.expect.is_empty() {
+            if self.expect.is_empty() && self.lane_reply.is_none() {
                 // nothing awaits the upstream: what the client asked was answered here
                 self.query_started = None;
             }
@@ -691,7 +691,7 @@ impl Session {
                 if !self.query_timeout.is_zero() {
                     self.server_heard = Some(std::time::Instant::now());
                 }
-                self.on_lane_reply().await;
+                self.on_lane_reply().await?;
             }
             if event.server_read {
                 if !self.query_timeout.is_zero() {

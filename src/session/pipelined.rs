@@ -265,6 +265,9 @@ impl Session {
             },
             false => None,
         };
+        if !self.shared.pipelines.has_room(self.settings.wanted()) {
+            return Ok(Piped::No);
+        }
         if self.token_expired() {
             return Err(SessionError::TokenExpired);
         }
@@ -316,8 +319,14 @@ impl Session {
             original,
             reply: Arc::clone(&reply),
         };
+        if let Err(job) = self.shared.pipelines.submit(job, self.settings.wanted()) {
+            // the lanes filled up meanwhile: an exclusive connection (which admits it again)
+            self.give_back(job.original.as_ref().unwrap_or(&job.frames));
+            self.tenant_permit = None;
+            self.held_since = None;
+            return Ok(Piped::No);
+        }
         self.shared.metrics.injection();
-        self.shared.pipelines.submit(job, self.settings.wanted());
         self.cancel.slot.set_pipelined(Arc::clone(&reply));
         self.lane_reply = Some(reply);
         Ok(Piped::Sent)
@@ -370,28 +379,41 @@ impl Session {
     }
 
     /// Replies (or the end) of the unit on a lane arrived in `client_out`.
-    pub(super) async fn on_lane_reply(&mut self) {
+    pub(super) async fn on_lane_reply(&mut self) -> Result<(), SessionError> {
         let Some(outcome) = self.lane_reply.as_ref().and_then(|r| r.take_outcome()) else {
-            return;
+            return Ok(());
         };
         match outcome {
-            Outcome::Done => {}
+            Outcome::Done => {
+                if let Some(started) = self.query_started.take() {
+                    self.shared.metrics.query_finished(started.elapsed());
+                }
+            }
             Outcome::Failed(err) => {
                 be::write_error(&err, &mut self.client_out);
                 be::write_ready(TxStatus::Idle, &mut self.client_out);
             }
-            Outcome::Bounced(frames) => {
-                // never ran: its messages go back in front of the client's input, for the usual
-                // path
-                let mut input = BytesMut::with_capacity(frames.len() + self.client_buf.len());
-                input.extend_from_slice(&frames);
-                input.extend_from_slice(&self.client_buf);
-                self.client_buf = input;
-                self.pipeline_skip = true;
+            Outcome::Bounced(frames) => self.give_back(&frames),
+            Outcome::LexerChanged(what) => {
+                self.lane_reply = None;
+                self.cancel.slot.clear().await;
+                self.account_release();
+                return Err(SessionError::LexerChanged(what));
             }
         }
         self.lane_reply = None;
         self.cancel.slot.clear().await;
         self.account_release();
+        Ok(())
+    }
+
+    /// A unit no lane ran: its messages go back in front of the client's input, for the usual
+    /// path.
+    fn give_back(&mut self, frames: &[u8]) {
+        let mut input = BytesMut::with_capacity(frames.len() + self.client_buf.len());
+        input.extend_from_slice(frames);
+        input.extend_from_slice(&self.client_buf);
+        self.client_buf = input;
+        self.pipeline_skip = true;
     }
 }

@@ -111,13 +111,17 @@ tenant_claim = "store_id"
     )
 }
 
-/// `[server] pipeline_depth` of the test proxies: `RLSGATE_TEST_PIPELINE_DEPTH` (the suites run
-/// again with pipelining on), else 1.
+/// The `pipelined_mode` test binary runs end-to-end suites again with `[server] pipeline_depth =
+/// 4`.
+pub const PIPELINED: bool = matches!(env!("CARGO_CRATE_NAME").as_bytes(), b"pipelined_mode");
+
+/// `[server] pipeline_depth` of the test proxies: `RLSGATE_TEST_PIPELINE_DEPTH` if set, else 4
+/// in the `pipelined_mode` binary and 1 elsewhere.
 pub fn pipeline_depth() -> usize {
     std::env::var("RLSGATE_TEST_PIPELINE_DEPTH")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(if PIPELINED { 4 } else { 1 })
 }
 
 /// Logs from the proxy when `RLSGATE_LOG` is set (e.g. `RLSGATE_LOG=debug cargo test`).
