@@ -61,6 +61,8 @@ pub struct Pipelines {
     pool: Pool,
     /// Units submitted since start.
     units: AtomicU64,
+    /// Units run again because a cancel meant for the unit ahead of them hit them.
+    reruns: AtomicU64,
     /// Origin of the lanes' `head_since`.
     epoch: std::time::Instant,
 }
@@ -282,6 +284,7 @@ impl Pipelines {
             set_local: AtomicBool::new(false),
             pool,
             units: AtomicU64::new(0),
+            reruns: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
         }
     }
@@ -311,6 +314,11 @@ impl Pipelines {
         self.units.load(Ordering::Relaxed)
     }
 
+    /// Units run again because a cancel meant for the unit ahead of them hit them.
+    pub fn reruns(&self) -> u64 {
+        self.reruns.load(Ordering::Relaxed)
+    }
+
     fn now_us(&self) -> u64 {
         (self.epoch.elapsed().as_micros() as u64).max(1)
     }
@@ -336,6 +344,10 @@ impl Pipelines {
     /// Queue a unit on the lane with the least work among those open to it, or on a new lane
     /// while fewer than half the pool are lanes. `Err` gives the unit back when no lane takes
     /// it (it then takes an exclusive connection).
+    #[allow(
+        clippy::result_large_err,
+        reason = "the unit goes back to its session by value, rarely"
+    )]
     pub fn submit(self: &Arc<Self>, job: Job, settings: Option<&Arc<str>>) -> Result<(), Job> {
         let mut lanes = self.lanes();
         let now = self.now_us();
@@ -417,23 +429,33 @@ enum LaneError {
 
 /// What a lane waits for a reply to.
 enum Route {
-    /// One of rlsgate's own Queries (DISCARD SEQUENCES between tenants): everything up to its
-    /// ReadyForQuery is swallowed.
+    /// One of rlsgate's own messages (DISCARD SEQUENCES between tenants; the Sync behind a
+    /// client's Query): everything up to its ReadyForQuery is swallowed.
     Own,
-    /// A client's unit: the replies to rlsgate's messages in front of it are swallowed (`ctx`
-    /// for the context: Parse, Close, BindComplete, CommandComplete; `prep` for the client's
-    /// statements Parsed on this connection and evicted ones Closed), then everything up to its
-    /// ReadyForQuery goes to the client.
-    Unit {
-        reply: Arc<Reply>,
-        ctx: usize,
-        prep: usize,
-        /// The client's named statements the unit uses (retired if their Parse fails or their
-        /// plan went stale).
-        statements: Vec<Arc<Prepared>>,
-        /// Told that it runs (cancel target set).
-        running: bool,
-    },
+    /// A client's unit (boxed: it moves through the queue).
+    Unit(Box<UnitRoute>),
+}
+
+/// A client's unit in flight: the replies to rlsgate's messages in front of it are swallowed
+/// (`ctx` for the context: Parse, Close, BindComplete, CommandComplete; `prep` for the client's
+/// statements Parsed on this connection and evicted ones Closed), then everything up to its
+/// ReadyForQuery goes to the client.
+struct UnitRoute {
+    job: Job,
+    ctx: usize,
+    prep: usize,
+    /// A simple Query: rlsgate sent a Sync behind it (see `Lane::write_unit`), whose
+    /// ReadyForQuery follows the Query's unless the server skipped the Query.
+    synced_query: bool,
+    /// Told that it runs (a cancel request for it wakes the lane).
+    running: bool,
+    /// In flight behind a unit a cancel was sent for: the cancel may land on this unit
+    /// instead. Its replies are held until its end; if the cancel hit it, it runs again.
+    at_risk: bool,
+    /// The cancel meant for another unit hit this one.
+    hit: bool,
+    /// Replies held while `at_risk`.
+    held: BytesMut,
 }
 
 struct Lane {
@@ -456,6 +478,9 @@ struct Lane {
     cancel_task: Option<tokio::task::JoinHandle<()>>,
     /// A unit taken from the queue while the lane was idle, written at the next step.
     next: Option<Job>,
+    /// Units a cancel meant for another unit hit: written again first (they committed
+    /// nothing: an error ends a unit's implicit transaction).
+    again: VecDeque<Job>,
 }
 
 async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
@@ -490,6 +515,7 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
         blocked: false,
         cancel_task: None,
         next: None,
+        again: VecDeque::new(),
     };
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -528,6 +554,13 @@ fn stale_plan(n: &be::ServerNotice) -> bool {
     n.code == sqlstate::FEATURE_NOT_SUPPORTED
         && n.message
             .starts_with("cached plan must not change result type")
+}
+
+/// `57014 canceling statement due to user request`: a cancel request (not a statement timeout).
+fn user_cancel(n: &be::ServerNotice) -> bool {
+    n.code == sqlstate::QUERY_CANCELED
+        && n.message
+            .starts_with("canceling statement due to user request")
 }
 
 /// Everything sent to a lane that never ran goes back to its session.
@@ -611,8 +644,10 @@ impl Lane {
     /// Units that never ran (queued, or taken from the queue) go back to their sessions.
     fn bounce_queued(&mut self) {
         let next = self.next.take();
-        for job in next
+        let again = std::mem::take(&mut self.again);
+        for job in again
             .into_iter()
+            .chain(next)
             .chain(std::iter::from_fn(|| self.rx.try_recv().ok()))
         {
             self.me.queued.fetch_sub(1, Ordering::Relaxed);
@@ -636,7 +671,7 @@ impl Lane {
                 && self.cancel_task.is_none()
                 && self.units_in_flight < self.depth()
             {
-                let job = match self.next.take() {
+                let job = match self.again.pop_front().or_else(|| self.next.take()) {
                     Some(job) => job,
                     None => match self.rx.poll_recv(cx) {
                         Poll::Ready(Some(job)) => job,
@@ -646,11 +681,9 @@ impl Lane {
                 self.write_unit(job, cx.waker())?;
                 progress = true;
             }
-            if self
-                .routes
-                .iter()
-                .any(|r| matches!(r, Route::Unit { reply, .. } if reply.timed_out.load(Ordering::Acquire)))
-            {
+            if self.routes.iter().any(
+                |r| matches!(r, Route::Unit(u) if u.job.reply.timed_out.load(Ordering::Acquire)),
+            ) {
                 return Poll::Ready(Err(LaneError::TimedOut));
             }
             let stream = &mut self.checkout.conn().stream;
@@ -676,8 +709,8 @@ impl Lane {
                 }
             }
             if self.blocked
-                && let Some(Route::Unit { reply, .. }) = self.routes.front()
-                && reply.has_room(cx.waker())
+                && let Some(Route::Unit(u)) = self.routes.front()
+                && u.job.reply.has_room(cx.waker())
             {
                 self.blocked = false;
                 progress = true;
@@ -704,6 +737,7 @@ impl Lane {
                 && self.out.is_empty()
                 && self.cancel_task.is_none()
                 && self.next.is_none()
+                && self.again.is_empty()
                 && !progress
             {
                 return Poll::Ready(Ok(()));
@@ -804,38 +838,52 @@ impl Lane {
             prep += 1;
         }
         self.out.extend_from_slice(&job.frames);
+        // A Sync behind a simple Query: should the context before it fail (a cancel meant for
+        // another unit may land there), the server skips the Query up to this Sync instead of
+        // everything after it; otherwise it only adds a ReadyForQuery.
+        let synced_query = job.frames.first() == Some(&fe::QUERY);
+        if synced_query {
+            fe::write_sync(&mut self.out);
+        }
         // (a client's Parse of the unnamed statement replaced whatever was there)
         conn.unnamed_owner = None;
-        self.routes.push_back(Route::Unit {
-            reply: job.reply,
+        self.routes.push_back(Route::Unit(Box::new(UnitRoute {
+            job,
             ctx,
             prep,
-            statements: job.statements,
+            synced_query,
             running: false,
-        });
+            at_risk: false,
+            hit: false,
+            held: BytesMut::new(),
+        })));
         self.units_in_flight += 1;
         self.mark_head(waker);
         Ok(())
     }
 
-    /// Send the cancel the head unit's client asked for, if no other unit is in flight behind
-    /// it (Postgres cancels whatever the backend runs when the request arrives; behind an idle
-    /// backend it is ignored). No unit is written until it is delivered. A cancel for a unit
-    /// with others behind it is not sent (as a cancel that arrives too late).
+    /// Send the cancel the head unit's client asked for. Postgres cancels whatever the backend
+    /// runs when the request arrives (a backend waiting for input ignores it): if the head ends
+    /// first, the cancel may land on a unit behind it. Those units are marked at risk: their
+    /// replies are held until their end, and one the cancel hit runs again (it committed
+    /// nothing). No unit is written until the request is delivered, so none written later is
+    /// at risk.
     fn maybe_cancel(&mut self) {
         if self.cancel_task.is_some() {
             return;
         }
-        let Some(Route::Unit { reply, running, .. }) = self.routes.front() else {
+        let Some(Route::Unit(head)) = self.routes.front() else {
             return;
         };
-        if !*running || !reply.cancel_wanted.load(Ordering::Acquire) {
+        if !head.running || !head.job.reply.cancel_wanted.load(Ordering::Acquire) {
             return;
         }
-        if self.routes.len() > 1 {
-            return;
+        head.job.reply.cancel_wanted.store(false, Ordering::Relaxed);
+        for route in self.routes.iter_mut().skip(1) {
+            if let Route::Unit(u) = route {
+                u.at_risk = true;
+            }
         }
-        reply.cancel_wanted.store(false, Ordering::Relaxed);
         let target = self.cancel_target.clone();
         self.cancel_task = Some(tokio::spawn(async move {
             let sent =
@@ -853,9 +901,9 @@ impl Lane {
     /// counts as slow once it has run `SLOW_HEAD_US`.
     fn mark_head(&mut self, waker: &Waker) {
         match self.routes.front_mut() {
-            Some(Route::Unit { reply, running, .. }) if !*running => {
-                *running = true;
-                reply.running(waker);
+            Some(Route::Unit(u)) if !u.running => {
+                u.running = true;
+                u.job.reply.running(waker);
                 self.me
                     .head_since
                     .store(self.pipes.now_us(), Ordering::Relaxed);
@@ -877,7 +925,8 @@ impl Lane {
                 Err(e) => break Err(LaneError::Protocol(e.to_string())),
             };
             let tag = self.input[pos];
-            let body = &self.input[pos + 5..pos + total];
+            let frame = &self.input[pos..pos + total];
+            let body = &frame[5..];
             let Some(front) = self.routes.front_mut() else {
                 // asynchronous messages between units (a notice, a reported setting)
                 if matches!(
@@ -892,26 +941,51 @@ impl Lane {
                     tag as char
                 )));
             };
-            match front {
-                Route::Own => match tag {
-                    be::READY_FOR_QUERY => {
-                        self.routes.pop_front();
-                        self.mark_head(waker);
+            let u = match front {
+                Route::Own => {
+                    match tag {
+                        be::READY_FOR_QUERY => {
+                            self.routes.pop_front();
+                            self.mark_head(waker);
+                        }
+                        be::ERROR_RESPONSE => {
+                            let n = be::notice_fields(body).unwrap_or_default();
+                            break Err(LaneError::Own(format!("{} {}", n.code, n.message)));
+                        }
+                        _ => {}
                     }
-                    be::ERROR_RESPONSE => {
-                        let n = be::notice_fields(body).unwrap_or_default();
-                        break Err(LaneError::Own(format!("{} {}", n.code, n.message)));
-                    }
-                    _ => {}
-                },
-                Route::Unit { ctx, .. } if *ctx > 0 => match tag {
+                    pos += total;
+                    continue;
+                }
+                Route::Unit(u) => u,
+            };
+            let error =
+                (tag == be::ERROR_RESPONSE).then(|| be::notice_fields(body).unwrap_or_default());
+            if let Some(n) = &error
+                && matches!(n.severity.as_str(), "FATAL" | "PANIC")
+            {
+                break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
+            }
+            let hit = u.at_risk && error.as_ref().is_some_and(user_cancel);
+            if hit {
+                // the cancel meant for the unit ahead: the server skips this unit up to its
+                // Sync (rlsgate's, behind a Query); it runs again
+                u.hit = true;
+                if u.ctx > 0 || u.prep > 0 {
+                    u.synced_query = false;
+                }
+                u.ctx = 0;
+                u.prep = 0;
+            }
+            if u.ctx > 0 {
+                match tag {
                     be::PARSE_COMPLETE
                     | be::BIND_COMPLETE
                     | be::CLOSE_COMPLETE
-                    | be::COMMAND_COMPLETE => *ctx -= 1,
+                    | be::COMMAND_COMPLETE => u.ctx -= 1,
                     be::DATA_ROW | be::NOTICE_RESPONSE => {}
                     be::ERROR_RESPONSE => {
-                        let n = be::notice_fields(body).unwrap_or_default();
+                        let n = error.unwrap_or_default();
                         break Err(LaneError::Context(format!("{} {}", n.code, n.message)));
                     }
                     other => {
@@ -920,26 +994,28 @@ impl Lane {
                             other as char
                         )));
                     }
-                },
-                Route::Unit {
-                    prep, statements, ..
-                } if *prep > 0 => match tag {
-                    be::PARSE_COMPLETE | be::CLOSE_COMPLETE => *prep -= 1,
+                }
+                pos += total;
+                continue;
+            }
+            if u.prep > 0 {
+                match tag {
+                    be::PARSE_COMPLETE | be::CLOSE_COMPLETE => u.prep -= 1,
                     be::NOTICE_RESPONSE => {}
                     be::ERROR_RESPONSE => {
-                        let n = be::notice_fields(body).unwrap_or_default();
-                        if matches!(n.severity.as_str(), "FATAL" | "PANIC") {
-                            break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
-                        }
                         // A client statement's Parse failed (e.g. its table is gone): the client
                         // gets the error, the server skips the unit up to its Sync, and the
                         // statements are prepared again when next used.
-                        *prep = 0;
+                        u.prep = 0;
                         let conn = self.checkout.conn();
-                        for statement in statements.iter() {
+                        for statement in &u.job.statements {
                             conn.prepared.retire(&statement.server_name);
                         }
-                        run_from.get_or_insert(pos);
+                        if u.at_risk {
+                            u.held.extend_from_slice(frame);
+                        } else {
+                            run_from.get_or_insert(pos);
+                        }
                     }
                     other => {
                         break Err(LaneError::Protocol(format!(
@@ -947,69 +1023,97 @@ impl Lane {
                             other as char
                         )));
                     }
-                },
-                Route::Unit {
-                    reply, statements, ..
-                } => {
-                    match tag {
-                        be::ERROR_RESPONSE => {
-                            let n = be::notice_fields(body).unwrap_or_default();
-                            if matches!(n.severity.as_str(), "FATAL" | "PANIC") {
-                                break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
-                            }
-                            if stale_plan(&n) && !statements.is_empty() {
-                                // A migration changed a statement's result type: this copy is
-                                // retired (and, when the culprit is known, reported).
-                                let prepared = &mut self.checkout.conn().prepared;
-                                if let [only] = statements.as_slice() {
-                                    let copy = prepared.peek_stamp(&only.server_name).unwrap_or(0);
-                                    self.pipes.pool.plan_went_stale(&only.server_name, copy);
-                                }
-                                for statement in statements.iter() {
-                                    prepared.retire(&statement.server_name);
-                                }
-                            }
+                }
+                pos += total;
+                continue;
+            }
+            match tag {
+                be::ERROR_RESPONSE => {
+                    if let Some(n) = &error
+                        && stale_plan(n)
+                        && !u.job.statements.is_empty()
+                    {
+                        // A migration changed a statement's result type: this copy is retired
+                        // (and, when the culprit is known, reported).
+                        let prepared = &mut self.checkout.conn().prepared;
+                        if let [only] = u.job.statements.as_slice() {
+                            let copy = prepared.peek_stamp(&only.server_name).unwrap_or(0);
+                            self.pipes.pool.plan_went_stale(&only.server_name, copy);
                         }
-                        be::PARAMETER_STATUS => {
-                            let (k, v) = match be::parameter_status(body) {
-                                Ok(kv) => kv,
-                                Err(e) => break Err(LaneError::Protocol(e.to_string())),
-                            };
-                            if let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v)
-                            {
-                                break Err(LaneError::LexerChanged(what));
-                            }
-                            // A reported setting changed on a shared connection: no more
-                            // units here; the connection is reset before it is reused.
-                            self.retiring = true;
+                        for statement in &u.job.statements {
+                            prepared.retire(&statement.server_name);
                         }
-                        be::COPY_IN | be::COPY_BOTH => {
-                            break Err(LaneError::Protocol(
-                                "a pipelined unit started COPY FROM STDIN".into(),
-                            ));
-                        }
-                        _ => {}
-                    }
-                    let from = *run_from.get_or_insert(pos);
-                    if tag == be::READY_FOR_QUERY {
-                        let status = body.first().copied().unwrap_or(0);
-                        if status != b'I' {
-                            break Err(LaneError::LeftOpen(status as char));
-                        }
-                        reply.deliver(&self.input[from..pos + total], Some(Outcome::Done), waker);
-                        run_from = None;
-                        self.routes.pop_front();
-                        self.units_in_flight -= 1;
-                        self.me.queued.fetch_sub(1, Ordering::Relaxed);
-                        self.mark_head(waker);
                     }
                 }
+                be::PARAMETER_STATUS => {
+                    let (k, v) = match be::parameter_status(body) {
+                        Ok(kv) => kv,
+                        Err(e) => break Err(LaneError::Protocol(e.to_string())),
+                    };
+                    if let Some(what) = crate::guard::policy::unexpected_lexer_report(k, v) {
+                        break Err(LaneError::LexerChanged(what));
+                    }
+                    // A reported setting changed on a shared connection: no more units here;
+                    // the connection is reset before it is reused.
+                    self.retiring = true;
+                }
+                be::COPY_IN | be::COPY_BOTH => {
+                    break Err(LaneError::Protocol(
+                        "a pipelined unit started COPY FROM STDIN".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if u.at_risk {
+                if !u.hit {
+                    u.held.extend_from_slice(frame);
+                }
+                if u.held.len() >= REPLY_CAP && !u.hit {
+                    // too much to hold: handed over (the unit can no longer run again)
+                    u.at_risk = false;
+                    let held = std::mem::take(&mut u.held);
+                    u.job.reply.deliver(&held, None, waker);
+                }
+            } else if !u.hit {
+                run_from.get_or_insert(pos);
+            }
+            if tag == be::READY_FOR_QUERY {
+                let status = body.first().copied().unwrap_or(0);
+                if status != b'I' {
+                    break Err(LaneError::LeftOpen(status as char));
+                }
+                let synced = std::mem::take(&mut u.synced_query);
+                let Some(Route::Unit(u)) = self.routes.pop_front() else {
+                    break Err(LaneError::Protocol("lost the unit in flight".into()));
+                };
+                if synced {
+                    // rlsgate's Sync behind the Query answers next
+                    self.routes.push_front(Route::Own);
+                }
+                self.units_in_flight -= 1;
+                let UnitRoute { job, hit, held, .. } = *u;
+                if hit {
+                    tracing::debug!(
+                        "a cancel meant for another unit hit this one; running it again"
+                    );
+                    self.pipes.reruns.fetch_add(1, Ordering::Relaxed);
+                    self.again.push_back(job);
+                } else {
+                    let from = run_from.take().unwrap_or(pos);
+                    let bytes = match held.is_empty() {
+                        true => &self.input[from..pos + total],
+                        false => &held[..],
+                    };
+                    job.reply.deliver(bytes, Some(Outcome::Done), waker);
+                    self.me.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.mark_head(waker);
             }
             pos += total;
         };
-        if let (Some(from), Some(Route::Unit { reply, .. })) = (run_from, self.routes.front())
+        if let (Some(from), Some(Route::Unit(u))) = (run_from, self.routes.front())
             && pos > from
-            && !reply.deliver(&self.input[from..pos], None, waker)
+            && !u.job.reply.deliver(&self.input[from..pos], None, waker)
         {
             self.blocked = true;
         }
@@ -1033,8 +1137,8 @@ impl Lane {
             _ => None,
         };
         for route in self.routes.drain(..) {
-            if let Route::Unit { reply, .. } = route {
-                reply.end(match culprit.take() {
+            if let Route::Unit(u) = route {
+                u.job.reply.end(match culprit.take() {
                     Some(what) => Outcome::LexerChanged(what),
                     None => Outcome::Failed(err.clone()),
                 });

@@ -441,3 +441,56 @@ async fn a_hundred_thousand_interleaved_units_stay_isolated() {
     assert!(units >= 95_000, "only {units} units went through lanes");
     proxy.stop().await;
 }
+
+/// Cancels sent for very short units, with other clients' units queued behind them on the one
+/// lane: a cancel that lands after its unit ended hits the unit behind, which rlsgate then
+/// runs again. No other client ever sees a cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_reaches_another_clients_unit() {
+    let proxy = pipelined_proxy(2, 8, "").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victims = (0..5).map(|_| {
+        let proxy = &proxy;
+        let stop = stop.clone();
+        async move {
+            let c = client(proxy, "south").await;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let msgs = c
+                    .simple_query(
+                        "SELECT current_setting('app.current_store_id') FROM pg_sleep(0.0005)",
+                    )
+                    .await
+                    .expect("a unit of another client must never be cancelled");
+                assert_eq!(first_column(&msgs), ["south"]);
+                n += 1;
+            }
+            n
+        }
+    });
+    let attacker = async {
+        let c = client(&proxy, "north").await;
+        let started = std::time::Instant::now();
+        let mut sent = 0;
+        // until a cancel hit a unit behind (or long enough to have tried hard)
+        while started.elapsed() < Duration::from_secs(20)
+            && (proxy.shared.pipelines.reruns() == 0 || started.elapsed() < Duration::from_secs(3))
+        {
+            let token = c.cancel_token();
+            let (r, _) = tokio::join!(c.simple_query("SELECT 1"), async {
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            });
+            if let Err(e) = r {
+                assert_eq!(code(&e), "57014", "{e}");
+            }
+            sent += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sent
+    };
+    let (ran, sent) = tokio::join!(join_all(victims), attacker);
+    let reruns = proxy.shared.pipelines.reruns();
+    eprintln!("{sent} cancels, victims ran {ran:?} units, {reruns} units ran again");
+    assert!(ran.iter().all(|&n| n > 0));
+    proxy.stop().await;
+}
