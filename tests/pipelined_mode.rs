@@ -1,9 +1,6 @@
 //! End-to-end suites again with `[server] pipeline_depth = 4` (support::PIPELINED is set from
 //! this binary's name): plain autocommit units of different clients then share pipelined
-//! server connections, and what clients see must not change. (`pooling.rs` and the tenant-flood
-//! comparison in `ops.rs` are left out: they assert how exclusive connections are handed over,
-//! including when a cancel reaches a statement that others queue behind; see the README,
-//! "Pipelining".)
+//! server connections, and what clients see must not change (cancels included: `pooling.rs`).
 // Each suite brings its own copy of the support module (one cluster each): intended.
 #![allow(clippy::duplicate_mod)]
 
@@ -27,6 +24,8 @@ mod isolation;
 mod lexer_guard;
 #[path = "migrations.rs"]
 mod migrations;
+#[path = "pooling.rs"]
+mod pooling;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "refusals.rs"]

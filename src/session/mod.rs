@@ -721,7 +721,6 @@ impl Session {
     /// Frames stay buffered while a split Query or a held frame waits for replies (COPY traffic
     /// excepted), and while the output towards either side is full (backpressure).
     async fn process_client(&mut self) -> Result<bool, SessionError> {
-        io::reserve_first(&mut self.server_out);
         loop {
             if self.split.is_some() && !self.copy_in {
                 return Ok(false);
@@ -740,6 +739,8 @@ impl Session {
                     return Ok(false);
                 }
             }
+            // (not for a unit a lane runs: it writes nothing here)
+            io::reserve_first(&mut self.server_out);
             if self.server_out.len() >= io::OUT_CAP || self.client_out.len() >= io::OUT_CAP {
                 return Ok(false);
             }
