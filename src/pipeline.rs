@@ -556,11 +556,10 @@ fn stale_plan(n: &be::ServerNotice) -> bool {
             .starts_with("cached plan must not change result type")
 }
 
-/// `57014 canceling statement due to user request`: a cancel request (not a statement timeout).
+/// `57014`: a cancel request landed (by the SQLSTATE alone: the message depends on the server's
+/// `lc_messages`). A statement timeout has the same code: such a unit simply runs once more.
 fn user_cancel(n: &be::ServerNotice) -> bool {
     n.code == sqlstate::QUERY_CANCELED
-        && n.message
-            .starts_with("canceling statement due to user request")
 }
 
 /// Everything sent to a lane that never ran goes back to its session.
@@ -666,7 +665,7 @@ impl Lane {
                 self.cancel_task = None;
                 progress = true;
             }
-            self.maybe_cancel();
+            self.maybe_cancel(cx.waker());
             while !self.retiring
                 && self.cancel_task.is_none()
                 && self.units_in_flight < self.depth()
@@ -868,17 +867,26 @@ impl Lane {
     /// replies are held until their end, and one the cancel hit runs again (it committed
     /// nothing). No unit is written until the request is delivered, so none written later is
     /// at risk.
-    fn maybe_cancel(&mut self) {
+    fn maybe_cancel(&mut self, waker: &Waker) {
         if self.cancel_task.is_some() {
             return;
         }
-        let Some(Route::Unit(head)) = self.routes.front() else {
+        let Some(Route::Unit(head)) = self.routes.front_mut() else {
             return;
         };
         if !head.running || !head.job.reply.cancel_wanted.load(Ordering::Acquire) {
             return;
         }
         head.job.reply.cancel_wanted.store(false, Ordering::Relaxed);
+        if head.at_risk {
+            // An earlier cancel for the unit ahead may land here too; either way this unit's
+            // client asked for one: a 57014 is its answer now, not a reason to run it again.
+            head.at_risk = false;
+            let held = std::mem::take(&mut head.held);
+            if !held.is_empty() {
+                head.job.reply.deliver(&held, None, waker);
+            }
+        }
         for route in self.routes.iter_mut().skip(1) {
             if let Route::Unit(u) = route {
                 u.at_risk = true;

@@ -494,3 +494,34 @@ async fn a_cancel_never_reaches_another_clients_unit() {
     assert!(ran.iter().all(|&n| n > 0));
     proxy.stop().await;
 }
+
+/// Two long units on one lane, both cancelled: the second, at risk from the first one's cancel
+/// while it waited, still answers its own cancel with 57014 (it is not run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_long_units_on_a_lane_can_be_cancelled() {
+    let proxy = pipelined_proxy(2, 4, "").await;
+    let a = client(&proxy, "north").await;
+    let b = client(&proxy, "south").await;
+    let (ta, tb) = (a.cancel_token(), b.cancel_token());
+    let started = std::time::Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ta.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        tb.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let (ra, rb) = tokio::join!(
+        a.simple_query("SELECT pg_sleep(10)"),
+        b.simple_query("SELECT pg_sleep(10)")
+    );
+    canceller.await.unwrap();
+    for r in [ra, rb] {
+        let e = r.unwrap_err();
+        assert_eq!(code(&e), "57014", "{e}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
