@@ -39,25 +39,13 @@ pub fn try_read_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame
 /// bytes are needed (then room for the rest of a frame whose header arrived is reserved).
 /// Errors as [`try_read_frame`].
 pub fn complete_len(buf: &mut BytesMut, max_len: usize) -> Result<Option<usize>, ProtocolError> {
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let declared = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if declared < 4 {
-        return Err(ProtocolError::BadLength(declared.into()));
-    }
-    let total = declared as usize + 1;
-    if total > max_len {
-        return Err(ProtocolError::TooLarge {
-            len: total,
-            max: max_len,
-        });
-    }
-    if buf.len() < total {
+    let complete = frame_len(buf, max_len)?;
+    if complete.is_none() && buf.len() >= HEADER_LEN {
+        // (the header is there: frame_len checked the declared length)
+        let total = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
         buf.reserve(total - buf.len());
-        return Ok(None);
     }
-    Ok(Some(total))
+    Ok(complete)
 }
 
 /// The length of the complete frame at the front of `buf` (tag included), or `None` if more
