@@ -143,12 +143,16 @@ impl Shared {
         };
         let wrap_statements = crate::session::WrapStatements::new(&stmt_hasher)
             .map_err(|e| StartError::Internal(e.to_string()))?;
+        let discard_sequences =
+            crate::session::OwnStatement::prepared(&stmt_hasher, "DISCARD SEQUENCES")
+                .map_err(|e| StartError::Internal(e.to_string()))?;
         let pool = Pool::with_options(config.upstream.clone(), upstream_tls, pool_options);
         Ok(Arc::new(Shared {
             pipelines: Arc::new(crate::pipeline::Pipelines::new(
                 config.server.pipeline_depth,
                 config.upstream.pool_size,
                 pool.clone(),
+                discard_sequences,
             )),
             pool,
             cancels: Arc::new(CancelRegistry::default()),

@@ -65,6 +65,9 @@ pub struct Pipelines {
     reruns: AtomicU64,
     /// Origin of the lanes' `head_since`.
     epoch: std::time::Instant,
+    /// `DISCARD SEQUENCES`, prepared once per connection, bound in front of a unit whose
+    /// tenant differs from the one before (see `Lane::write_unit`).
+    discard: OwnStatement,
 }
 
 /// What sessions see of a lane.
@@ -276,8 +279,9 @@ impl ContextRun {
 }
 
 impl Pipelines {
-    pub fn new(depth: usize, pool_size: usize, pool: Pool) -> Pipelines {
+    pub fn new(depth: usize, pool_size: usize, pool: Pool, discard: OwnStatement) -> Pipelines {
         Pipelines {
+            discard,
             depth: depth.max(1),
             max_lanes: (pool_size / 2).max(1),
             lanes: Mutex::new(Vec::new()),
@@ -429,21 +433,22 @@ enum LaneError {
 
 /// What a lane waits for a reply to.
 enum Route {
-    /// One of rlsgate's own messages (DISCARD SEQUENCES between tenants; the Sync behind a
-    /// client's Query): everything up to its ReadyForQuery is swallowed.
+    /// The Sync rlsgate writes behind a client's Query: its ReadyForQuery is swallowed.
     Own,
     /// A client's unit (boxed: it moves through the queue).
     Unit(Box<UnitRoute>),
 }
 
 /// A client's unit in flight: the replies to rlsgate's messages in front of it are swallowed
-/// (`ctx` for the context: Parse, Close, BindComplete, CommandComplete; `prep` for the client's
-/// statements Parsed on this connection and evicted ones Closed), then everything up to its
-/// ReadyForQuery goes to the client.
+/// (`ctx` for the sequence discard and the context: Parse, Close, BindComplete,
+/// CommandComplete; `prep` for the client's statements Parsed on this connection and evicted
+/// ones Closed), then everything up to its ReadyForQuery goes to the client.
 struct UnitRoute {
     job: Job,
     ctx: usize,
     prep: usize,
+    /// Its `DISCARD SEQUENCES` is not confirmed yet (see `Lane::unconfirmed_discards`).
+    discards: bool,
     /// A simple Query: rlsgate sent a Sync behind it (see `Lane::write_unit`), whose
     /// ReadyForQuery follows the Query's unless the server skipped the Query.
     synced_query: bool,
@@ -456,6 +461,10 @@ struct UnitRoute {
     hit: bool,
     /// Replies held while `at_risk`.
     held: BytesMut,
+    /// The statements this unit Parses or Closes in front of the client's messages: should one
+    /// of those fail (or be cancelled), the server skips the rest, so whether each exists is
+    /// unknown; they are retired (closed before they are prepared again).
+    unsure: Vec<Arc<str>>,
 }
 
 struct Lane {
@@ -481,6 +490,14 @@ struct Lane {
     /// Units a cancel meant for another unit hit: written again first (they committed
     /// nothing: an error ends a unit's implicit transaction).
     again: VecDeque<Job>,
+    /// Units in flight whose `DISCARD SEQUENCES` has not answered yet. It runs in the unit's
+    /// implicit transaction, so its failure (a cancel or a statement timeout landing in it)
+    /// makes the server skip that unit; a unit behind it of the same tenant must not count on
+    /// it, so while one is unconfirmed every unit written brings its own.
+    unconfirmed_discards: usize,
+    /// A discard failed: the next unit brings one whatever its tenant (and the connection is
+    /// reset before it goes back to the pool if none follows).
+    discard_next: bool,
 }
 
 async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
@@ -516,6 +533,8 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
         cancel_task: None,
         next: None,
         again: VecDeque::new(),
+        unconfirmed_discards: 0,
+        discard_next: false,
     };
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -785,16 +804,24 @@ impl Lane {
             )
         };
         let protocol = |e: crate::protocol::ProtocolError| LaneError::Protocol(e.to_string());
+        // Another tenant's sequence state (lastval(), currval()) must not show: discarded in
+        // front of the unit, in its implicit transaction (should the discard fail, the server
+        // skips the unit).
+        let mut discards = std::mem::take(&mut self.discard_next) || self.unconfirmed_discards > 0;
         if conn.last_tenant.as_deref() != Some(&*job.tenant) {
-            if conn.last_tenant.is_some() {
-                // another tenant's sequence state (lastval()/currval()) must not show
-                fe::write_query("DISCARD SEQUENCES", &mut self.out).map_err(protocol)?;
-                self.routes.push_back(Route::Own);
-            }
+            discards |= conn.last_tenant.is_some();
             conn.last_tenant = Some(Arc::clone(&job.tenant));
         }
+        let discard = &self.pipes.discard;
+        let discard = discards.then_some((
+            &discard.name,
+            &discard.parse,
+            &discard.run,
+            discard.text_len,
+        ));
         let mut ctx = 0;
-        for (name, parse, _, text_len) in context() {
+        let mut unsure = Vec::new();
+        for (name, parse, _, text_len) in discard.into_iter().chain(context()) {
             if !conn.prepared.contains(name) {
                 if conn.prepared.take_copy(name) {
                     fe::write_close(b'S', name, &mut self.out).map_err(protocol)?;
@@ -802,13 +829,17 @@ impl Lane {
                 }
                 self.out.extend_from_slice(parse);
                 conn.prepared.insert(Arc::clone(name), text_len, 0);
+                unsure.push(Arc::clone(name));
                 ctx += 1;
             }
         }
-        for (_, _, run, _) in context() {
+        for (_, _, run, _) in discard.into_iter().chain(context()) {
             self.out.extend_from_slice(run);
             // BindComplete, CommandComplete (a row and notices are swallowed too)
             ctx += 2;
+        }
+        if discards {
+            self.unconfirmed_discards += 1;
         }
         let mut prep = 0;
         for statement in &job.statements {
@@ -829,11 +860,13 @@ impl Lane {
                 let stamp = self.pipes.pool.plan_tick();
                 conn.prepared
                     .insert(Arc::clone(name), statement.sql.len(), stamp);
+                unsure.push(Arc::clone(name));
                 prep += 1;
             }
         }
         for name in conn.prepared.take_to_close() {
             fe::write_close(b'S', &name, &mut self.out).map_err(protocol)?;
+            unsure.push(name);
             prep += 1;
         }
         self.out.extend_from_slice(&job.frames);
@@ -850,11 +883,13 @@ impl Lane {
             job,
             ctx,
             prep,
+            discards,
             synced_query,
             running: false,
             at_risk: false,
             hit: false,
             held: BytesMut::new(),
+            unsure,
         })));
         self.units_in_flight += 1;
         self.mark_head(waker);
@@ -974,28 +1009,52 @@ impl Lane {
             {
                 break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
             }
-            let hit = u.at_risk && error.as_ref().is_some_and(user_cancel);
-            if hit {
-                // the cancel meant for the unit ahead: the server skips this unit up to its
-                // Sync (rlsgate's, behind a Query); it runs again
-                u.hit = true;
-                if u.ctx > 0 || u.prep > 0 {
-                    u.synced_query = false;
-                }
+            if let Some(n) = &error
+                && (u.ctx > 0 || u.prep > 0)
+            {
+                // One of rlsgate's messages in front of the client's failed: the server skips
+                // the rest of the unit up to its Sync (rlsgate's, behind a Query), so none of
+                // the client's statements ran, and whether the statements this unit Parsed or
+                // Closed exist is unknown (they are closed before they are prepared again).
+                let in_context = u.ctx > 0;
                 u.ctx = 0;
                 u.prep = 0;
+                u.synced_query = false;
+                if std::mem::take(&mut u.discards) {
+                    // (it may not have run)
+                    self.unconfirmed_discards -= 1;
+                    self.discard_next = true;
+                }
+                let prepared = &mut self.checkout.conn().prepared;
+                for name in u.unsure.drain(..) {
+                    prepared.retire(&name);
+                }
+                // A cancel (the client's own, or one meant for the unit ahead: see `hit`)
+                // may land in the context, and a client's statement may fail to Parse (e.g.
+                // its table is gone): the client's error. Any other failure of the context
+                // ends the lane (fail closed).
+                if in_context && !user_cancel(n) {
+                    break Err(LaneError::Context(format!("{} {}", n.code, n.message)));
+                }
+                tracing::debug!(code = %n.code, in_context, "a statement rlsgate runs in front of a unit failed; the server skips the unit");
+            }
+            if u.at_risk && error.as_ref().is_some_and(user_cancel) {
+                // the cancel meant for the unit ahead: the server skips this unit up to its
+                // Sync; it runs again
+                u.hit = true;
             }
             if u.ctx > 0 {
                 match tag {
                     be::PARSE_COMPLETE
                     | be::BIND_COMPLETE
                     | be::CLOSE_COMPLETE
-                    | be::COMMAND_COMPLETE => u.ctx -= 1,
-                    be::DATA_ROW | be::NOTICE_RESPONSE => {}
-                    be::ERROR_RESPONSE => {
-                        let n = error.unwrap_or_default();
-                        break Err(LaneError::Context(format!("{} {}", n.code, n.message)));
+                    | be::COMMAND_COMPLETE => {
+                        u.ctx -= 1;
+                        if u.ctx == 0 && std::mem::take(&mut u.discards) {
+                            self.unconfirmed_discards -= 1;
+                        }
                     }
+                    be::DATA_ROW | be::NOTICE_RESPONSE => {}
                     other => {
                         break Err(LaneError::Protocol(format!(
                             "unexpected message {:?} in reply to the tenant context",
@@ -1010,21 +1069,6 @@ impl Lane {
                 match tag {
                     be::PARSE_COMPLETE | be::CLOSE_COMPLETE => u.prep -= 1,
                     be::NOTICE_RESPONSE => {}
-                    be::ERROR_RESPONSE => {
-                        // A client statement's Parse failed (e.g. its table is gone): the client
-                        // gets the error, the server skips the unit up to its Sync, and the
-                        // statements are prepared again when next used.
-                        u.prep = 0;
-                        let conn = self.checkout.conn();
-                        for statement in &u.job.statements {
-                            conn.prepared.retire(&statement.server_name);
-                        }
-                        if u.at_risk {
-                            u.held.extend_from_slice(frame);
-                        } else {
-                            run_from.get_or_insert(pos);
-                        }
-                    }
                     other => {
                         break Err(LaneError::Protocol(format!(
                             "unexpected message {:?} in reply to a statement's Parse",
@@ -1160,7 +1204,8 @@ impl Lane {
     /// setting changed under it).
     fn close_clean(mut self) {
         let input = std::mem::take(&mut self.input);
-        let retiring = self.retiring;
+        // (a failed sequence discard with no unit behind it: the reset discards everything)
+        let retiring = self.retiring || self.discard_next;
         let conn = self.checkout.conn();
         conn.read_buf = input;
         conn.read_buf.clear();

@@ -1068,6 +1068,15 @@ impl Session {
                 self.units_sent += 1;
             }
         }
+        if self
+            .expect
+            .iter()
+            .any(|e| matches!(e, Expect::HiddenQuery { .. }))
+        {
+            // a cancel landing in one would leave the previous client's state under the
+            // client's statements: cancels wait until they are done (see `relay::on_ready`)
+            self.cancel.slot.hold();
+        }
         Ok(())
     }
 

@@ -512,7 +512,12 @@ impl Session {
             });
             return Ok(());
         }
-        tracing::error!(error = %detail, "injecting the tenant context failed");
+        if detail.starts_with(crate::error::sqlstate::QUERY_CANCELED) {
+            // the client's cancel (or its statement_timeout) landed in the context
+            tracing::debug!(error = %detail, "the tenant context was cancelled; the server skips the unit");
+        } else {
+            tracing::error!(error = %detail, "injecting the tenant context failed");
+        }
         match self.expect.front() {
             Some(Expect::Query { .. }) if self.expect.len() == 1 => {
                 // The server ignores the Query until a Sync: send one, its ReadyForQuery ends the Query.
@@ -544,7 +549,17 @@ impl Session {
             Expect::Sync { after }
             | Expect::Query { after, .. }
             | Expect::WrapCommit { after, .. } => after,
-            Expect::HiddenQuery { .. } => After::Swallow,
+            Expect::HiddenQuery { .. } => {
+                if !self
+                    .expect
+                    .iter()
+                    .any(|e| matches!(e, Expect::HiddenQuery { .. }))
+                {
+                    // rlsgate's own statements are done: the client's may be cancelled now
+                    self.cancel.slot.release_hold();
+                }
+                After::Swallow
+            }
             other => return Err(unexpected(be::READY_FOR_QUERY, &other)),
         };
         self.in_flight -= 1;
