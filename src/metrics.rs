@@ -20,10 +20,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::auth::AuthError;
-use crate::client::HandshakeError;
-use crate::pool::PoolError;
-
 /// Content type of [`Metrics::encode`].
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Content type of [`Metrics::encode_openmetrics`].
@@ -132,55 +128,6 @@ impl LoginFailure {
             .find(|f| f.as_str() == reason)
             .unwrap_or(LoginFailure::Other)
     }
-
-    /// The bounded reason for a refused token.
-    pub fn from_auth_error(e: &AuthError) -> LoginFailure {
-        #[allow(unreachable_patterns)]
-        match e {
-            AuthError::Expired => LoginFailure::Expired,
-            AuthError::BadSignature => LoginFailure::BadSignature,
-            AuthError::BadAlgorithm => LoginFailure::BadAlgorithm,
-            AuthError::UnknownKid | AuthError::KidRequired => LoginFailure::UnknownKid,
-            AuthError::MissingClaim(_) => LoginFailure::MissingClaim,
-            AuthError::BadClaim(_)
-            | AuthError::NotYetValid
-            | AuthError::BadIssuer
-            | AuthError::BadAudience
-            | AuthError::UserMismatch(_)
-            | AuthError::RoleNotAllowed(_) => LoginFailure::BadClaim,
-            AuthError::Empty
-            | AuthError::TooLarge
-            | AuthError::Malformed
-            | AuthError::ForbiddenHeader => LoginFailure::Malformed,
-            AuthError::Other => LoginFailure::Other,
-            // Variants added later count as "other" until mapped here.
-            _ => LoginFailure::Other,
-        }
-    }
-
-    /// The bounded reason for a refused handshake, or `None` when the handshake did not get as
-    /// far as a login attempt (client went away, TLS or protocol trouble).
-    pub fn from_handshake_error(e: &HandshakeError) -> Option<LoginFailure> {
-        #[allow(unreachable_patterns)]
-        match e {
-            HandshakeError::Auth(a) => Some(LoginFailure::from_auth_error(a)),
-            HandshakeError::Throttled => Some(LoginFailure::Throttled),
-            HandshakeError::WrongDatabase(_)
-            | HandshakeError::NoUser
-            | HandshakeError::ProtectedStartupSetting(_)
-            | HandshakeError::PlaintextRefused(_)
-            | HandshakeError::PlaintextNeverAllowed
-            | HandshakeError::Replication => Some(LoginFailure::Other),
-            HandshakeError::Gone
-            | HandshakeError::Io(_)
-            | HandshakeError::Protocol(_)
-            | HandshakeError::Tls(_)
-            | HandshakeError::SslStuffing
-            | HandshakeError::DirectTlsRefused(_)
-            | HandshakeError::Unexpected(_) => None,
-            _ => Some(LoginFailure::Other),
-        }
-    }
 }
 
 /// The outcome of one login, for [`Metrics::login`].
@@ -221,20 +168,6 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Auth => "auth",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Lost => "lost",
-        }
-    }
-
-    /// The kind of a pool error; `None` for a checkout timeout (counted by
-    /// [`Metrics::pool_timeout`]) and a closed pool (shutdown).
-    pub fn from_pool_error(e: &PoolError) -> Option<UpstreamErrorKind> {
-        #[allow(unreachable_patterns)]
-        match e {
-            PoolError::Connect(_) | PoolError::Server { .. } => Some(UpstreamErrorKind::Connect),
-            PoolError::Tls(_) => Some(UpstreamErrorKind::Tls),
-            PoolError::Auth(_) => Some(UpstreamErrorKind::Auth),
-            PoolError::Protocol(_) => Some(UpstreamErrorKind::Protocol),
-            PoolError::Timeout(_) | PoolError::Closed | PoolError::Limited(_) => None,
-            _ => Some(UpstreamErrorKind::Connect),
         }
     }
 }
@@ -685,16 +618,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Record a failed checkout: a timeout as [`Metrics::pool_timeout`], an upstream failure as
-    /// [`Metrics::upstream_error`], nothing for a closed pool.
-    pub fn pool_error(&self, e: &PoolError) {
-        if matches!(e, PoolError::Timeout(_)) {
-            self.pool_timeout();
-        } else if let Some(kind) = UpstreamErrorKind::from_pool_error(e) {
-            self.upstream_error(kind);
-        }
-    }
-
     // --- gauges set from a snapshot -------------------------------------------------------------
 
     pub fn set_server_connections(&self, idle: usize, active: usize) {
@@ -894,17 +817,14 @@ mod tests {
         );
         assert_eq!(LoginFailure::from_reason("expired"), LoginFailure::Expired);
         assert_eq!(
-            LoginFailure::from_auth_error(&AuthError::KidRequired),
+            crate::auth::AuthError::KidRequired.login_failure(),
             LoginFailure::UnknownKid
         );
         assert_eq!(
-            LoginFailure::from_handshake_error(&HandshakeError::Throttled),
+            crate::client::HandshakeError::Throttled.login_failure(),
             Some(LoginFailure::Throttled)
         );
-        assert_eq!(
-            LoginFailure::from_handshake_error(&HandshakeError::Gone),
-            None
-        );
+        assert_eq!(crate::client::HandshakeError::Gone.login_failure(), None);
     }
 
     #[test]
@@ -951,8 +871,8 @@ mod tests {
         let m = Metrics::new(false, 0);
         m.injection();
         m.checkout_wait(Duration::from_micros(150));
-        m.pool_error(&PoolError::Timeout(Duration::from_secs(1)));
-        m.pool_error(&PoolError::Tls("x".into()));
+        crate::pool::PoolError::Timeout(Duration::from_secs(1)).count(&m);
+        crate::pool::PoolError::Tls("x".into()).count(&m);
         let text = m.encode();
         assert!(text.contains("# TYPE rlsgate_context_injections_total counter\n"));
         assert!(text.contains("# HELP rlsgate_context_injections_total "));

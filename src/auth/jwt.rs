@@ -58,6 +58,31 @@ pub enum AuthError {
     Other,
 }
 
+impl AuthError {
+    /// The bounded reason of `rlsgate_logins_total{reason}`.
+    pub fn login_failure(&self) -> crate::metrics::LoginFailure {
+        use crate::metrics::LoginFailure;
+        match self {
+            AuthError::Expired => LoginFailure::Expired,
+            AuthError::BadSignature => LoginFailure::BadSignature,
+            AuthError::BadAlgorithm => LoginFailure::BadAlgorithm,
+            AuthError::UnknownKid | AuthError::KidRequired => LoginFailure::UnknownKid,
+            AuthError::MissingClaim(_) => LoginFailure::MissingClaim,
+            AuthError::BadClaim(_)
+            | AuthError::NotYetValid
+            | AuthError::BadIssuer
+            | AuthError::BadAudience
+            | AuthError::UserMismatch(_)
+            | AuthError::RoleNotAllowed(_) => LoginFailure::BadClaim,
+            AuthError::Empty
+            | AuthError::TooLarge
+            | AuthError::Malformed
+            | AuthError::ForbiddenHeader => LoginFailure::Malformed,
+            AuthError::Other => LoginFailure::Other,
+        }
+    }
+}
+
 impl UserFacing for AuthError {
     fn to_client_error(&self) -> ClientError {
         let e = ClientError::fatal(

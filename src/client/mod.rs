@@ -61,6 +61,30 @@ pub enum HandshakeError {
     Throttled,
 }
 
+impl HandshakeError {
+    /// The bounded reason of `rlsgate_logins_total{reason}`, or `None` when the handshake did
+    /// not get as far as a login attempt (client went away, TLS or protocol trouble).
+    pub fn login_failure(&self) -> Option<LoginFailure> {
+        match self {
+            HandshakeError::Auth(a) => Some(a.login_failure()),
+            HandshakeError::Throttled => Some(LoginFailure::Throttled),
+            HandshakeError::WrongDatabase(_)
+            | HandshakeError::NoUser
+            | HandshakeError::ProtectedStartupSetting(_)
+            | HandshakeError::PlaintextRefused(_)
+            | HandshakeError::PlaintextNeverAllowed
+            | HandshakeError::Replication => Some(LoginFailure::Other),
+            HandshakeError::Gone
+            | HandshakeError::Io(_)
+            | HandshakeError::Protocol(_)
+            | HandshakeError::Tls(_)
+            | HandshakeError::SslStuffing
+            | HandshakeError::DirectTlsRefused(_)
+            | HandshakeError::Unexpected(_) => None,
+        }
+    }
+}
+
 impl UserFacing for HandshakeError {
     fn to_client_error(&self) -> ClientError {
         match self {
@@ -383,7 +407,7 @@ fn refuse_verified(
 ) -> HandshakeError {
     shared
         .metrics
-        .login(LoginResult::Failed(LoginFailure::from_auth_error(&error)));
+        .login(LoginResult::Failed(error.login_failure()));
     shared.audit.record(AuditEvent::LoginFailed {
         peer: peer.to_string(),
         user: Some(user),
@@ -410,7 +434,7 @@ fn refuse_unverified(
     shared.throttle.failed(key);
     shared
         .metrics
-        .login(LoginResult::Failed(LoginFailure::from_auth_error(&error)));
+        .login(LoginResult::Failed(error.login_failure()));
     error.into()
 }
 

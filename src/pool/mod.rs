@@ -42,6 +42,27 @@ pub enum PoolError {
     Limited(ClientError),
 }
 
+impl PoolError {
+    /// Count a failed checkout: a timeout as a pool timeout, an upstream failure by its kind,
+    /// nothing for a closed pool or a tenant limit.
+    pub fn count(&self, metrics: &Metrics) {
+        let kind = match self {
+            PoolError::Timeout(_) => {
+                metrics.pool_timeout();
+                return;
+            }
+            PoolError::Closed | PoolError::Limited(_) => return,
+            PoolError::Connect(_) | PoolError::Server { .. } | PoolError::Seal(_) => {
+                UpstreamErrorKind::Connect
+            }
+            PoolError::Tls(_) => UpstreamErrorKind::Tls,
+            PoolError::Auth(_) => UpstreamErrorKind::Auth,
+            PoolError::Protocol(_) => UpstreamErrorKind::Protocol,
+        };
+        metrics.upstream_error(kind);
+    }
+}
+
 impl UserFacing for PoolError {
     fn to_client_error(&self) -> ClientError {
         match self {

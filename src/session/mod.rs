@@ -892,7 +892,7 @@ impl Session {
         let checkout = match self.shared.pool.checkout_for(sealed_for).await {
             Ok(c) => c,
             Err(e) => {
-                self.shared.metrics.pool_error(&e);
+                e.count(&self.shared.metrics);
                 crate::registry::Registry::set_state(
                     &self.client_entry.entry,
                     crate::registry::STATE_IDLE,
