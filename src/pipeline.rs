@@ -498,6 +498,8 @@ struct Lane {
     /// A discard failed: the next unit brings one whatever its tenant (and the connection is
     /// reset before it goes back to the pool if none follows).
     discard_next: bool,
+    /// Units were taken but not written yet (see `poll_step`).
+    write_deferred: bool,
 }
 
 async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
@@ -535,6 +537,7 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
         again: VecDeque::new(),
         unconfirmed_discards: 0,
         discard_next: false,
+        write_deferred: false,
     };
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -685,6 +688,7 @@ impl Lane {
                 progress = true;
             }
             self.maybe_cancel(cx.waker());
+            let mut taken = 0;
             while !self.retiring
                 && self.cancel_task.is_none()
                 && self.units_in_flight < self.depth()
@@ -697,15 +701,21 @@ impl Lane {
                     },
                 };
                 self.write_unit(job, cx.waker())?;
+                taken += 1;
                 progress = true;
             }
+            // The server is still busy with earlier units: let the sessions that are ready run
+            // first and add theirs, for one write (and one read on the server) for all of them.
+            // Once per batch: the task is polled again at the back of the run queue.
+            let defer = taken > 0 && !self.write_deferred && self.units_in_flight > taken;
+            self.write_deferred = defer;
             if self.routes.iter().any(
                 |r| matches!(r, Route::Unit(u) if u.job.reply.timed_out.load(Ordering::Acquire)),
             ) {
                 return Poll::Ready(Err(LaneError::TimedOut));
             }
             let stream = &mut self.checkout.conn().stream;
-            while !self.out.is_empty() {
+            while !defer && !self.out.is_empty() {
                 match Pin::new(&mut *stream).poll_write(cx, &self.out) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(LaneError::Io(
@@ -750,6 +760,10 @@ impl Lane {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(LaneError::Io(e))),
                     Poll::Pending => {}
                 }
+            }
+            if defer {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             if self.routes.is_empty()
                 && self.out.is_empty()
