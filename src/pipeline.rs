@@ -417,8 +417,6 @@ enum LaneError {
     Protocol(String),
     #[error("the tenant context failed: {0}")]
     Context(String),
-    #[error("a statement rlsgate runs itself failed: {0}")]
-    Own(String),
     #[error("a pipelined unit left the connection in transaction state {0:?}")]
     LeftOpen(char),
     #[error("the server ended the connection: {0}")]
@@ -431,15 +429,7 @@ enum LaneError {
     Setup(String),
 }
 
-/// What a lane waits for a reply to.
-enum Route {
-    /// The Sync rlsgate writes behind a client's Query: its ReadyForQuery is swallowed.
-    Own,
-    /// A client's unit (boxed: it moves through the queue).
-    Unit(Box<UnitRoute>),
-}
-
-/// A client's unit in flight: the replies to rlsgate's messages in front of it are swallowed
+/// A client's unit in flight (boxed in the lane's queue): the replies to rlsgate's messages in front of it are swallowed
 /// (`ctx` for the sequence discard and the context: Parse, Close, BindComplete,
 /// CommandComplete; `prep` for the client's statements Parsed on this connection and evicted
 /// ones Closed), then everything up to its ReadyForQuery goes to the client.
@@ -449,9 +439,9 @@ struct UnitRoute {
     prep: usize,
     /// Its `DISCARD SEQUENCES` is not confirmed yet (see `Lane::unconfirmed_discards`).
     discards: bool,
-    /// A simple Query: rlsgate sent a Sync behind it (see `Lane::write_unit`), whose
-    /// ReadyForQuery follows the Query's unless the server skipped the Query.
-    synced_query: bool,
+    /// A simple Query: no Sync of its own. Should one of rlsgate's messages in front of it
+    /// fail, the server skips everything up to the next Sync (see `Lane::skip_behind_head`).
+    bare_query: bool,
     /// Told that it runs (a cancel request for it wakes the lane).
     running: bool,
     /// In flight behind a unit a cancel was sent for: the cancel may land on this unit
@@ -473,7 +463,7 @@ struct Lane {
     rx: mpsc::UnboundedReceiver<Job>,
     checkout: Checkout,
     cancel_target: CancelTarget,
-    routes: VecDeque<Route>,
+    routes: VecDeque<Box<UnitRoute>>,
     units_in_flight: usize,
     out: BytesMut,
     input: BytesMut,
@@ -709,9 +699,11 @@ impl Lane {
             // Once per batch: the task is polled again at the back of the run queue.
             let defer = taken > 0 && !self.write_deferred && self.units_in_flight > taken;
             self.write_deferred = defer;
-            if self.routes.iter().any(
-                |r| matches!(r, Route::Unit(u) if u.job.reply.timed_out.load(Ordering::Acquire)),
-            ) {
+            if self
+                .routes
+                .iter()
+                .any(|u| u.job.reply.timed_out.load(Ordering::Acquire))
+            {
                 return Poll::Ready(Err(LaneError::TimedOut));
             }
             let stream = &mut self.checkout.conn().stream;
@@ -737,7 +729,7 @@ impl Lane {
                 }
             }
             if self.blocked
-                && let Some(Route::Unit(u)) = self.routes.front()
+                && let Some(u) = self.routes.front()
                 && u.job.reply.has_room(cx.waker())
             {
                 self.blocked = false;
@@ -884,27 +876,21 @@ impl Lane {
             prep += 1;
         }
         self.out.extend_from_slice(&job.frames);
-        // A Sync behind a simple Query: should the context before it fail (a cancel meant for
-        // another unit may land there), the server skips the Query up to this Sync instead of
-        // everything after it; otherwise it only adds a ReadyForQuery.
-        let synced_query = job.frames.first() == Some(&fe::QUERY);
-        if synced_query {
-            fe::write_sync(&mut self.out);
-        }
+        let bare_query = job.frames.first() == Some(&fe::QUERY);
         // (a client's Parse of the unnamed statement replaced whatever was there)
         conn.unnamed_owner = None;
-        self.routes.push_back(Route::Unit(Box::new(UnitRoute {
+        self.routes.push_back(Box::new(UnitRoute {
             job,
             ctx,
             prep,
             discards,
-            synced_query,
+            bare_query,
             running: false,
             at_risk: false,
             hit: false,
             held: BytesMut::new(),
             unsure,
-        })));
+        }));
         self.units_in_flight += 1;
         self.mark_head(waker);
         Ok(())
@@ -920,7 +906,7 @@ impl Lane {
         if self.cancel_task.is_some() {
             return;
         }
-        let Some(Route::Unit(head)) = self.routes.front_mut() else {
+        let Some(head) = self.routes.front_mut() else {
             return;
         };
         if !head.running || !head.job.reply.cancel_wanted.load(Ordering::Acquire) {
@@ -936,10 +922,8 @@ impl Lane {
                 head.job.reply.deliver(&held, None, waker);
             }
         }
-        for route in self.routes.iter_mut().skip(1) {
-            if let Route::Unit(u) = route {
-                u.at_risk = true;
-            }
+        for u in self.routes.iter_mut().skip(1) {
+            u.at_risk = true;
         }
         let target = self.cancel_target.clone();
         self.cancel_task = Some(tokio::spawn(async move {
@@ -958,7 +942,7 @@ impl Lane {
     /// counts as slow once it has run `SLOW_HEAD_US`.
     fn mark_head(&mut self, waker: &Waker) {
         match self.routes.front_mut() {
-            Some(Route::Unit(u)) if !u.running => {
+            Some(u) if !u.running => {
                 u.running = true;
                 u.job.reply.running(waker);
                 self.me
@@ -984,7 +968,7 @@ impl Lane {
             let tag = self.input[pos];
             let frame = &self.input[pos..pos + total];
             let body = &frame[5..];
-            let Some(front) = self.routes.front_mut() else {
+            let Some(u) = self.routes.front_mut() else {
                 // asynchronous messages between units (a notice, a reported setting)
                 if matches!(
                     tag,
@@ -998,24 +982,6 @@ impl Lane {
                     tag as char
                 )));
             };
-            let u = match front {
-                Route::Own => {
-                    match tag {
-                        be::READY_FOR_QUERY => {
-                            self.routes.pop_front();
-                            self.mark_head(waker);
-                        }
-                        be::ERROR_RESPONSE => {
-                            let n = be::notice_fields(body).unwrap_or_default();
-                            break Err(LaneError::Own(format!("{} {}", n.code, n.message)));
-                        }
-                        _ => {}
-                    }
-                    pos += total;
-                    continue;
-                }
-                Route::Unit(u) => u,
-            };
             let error =
                 (tag == be::ERROR_RESPONSE).then(|| be::notice_fields(body).unwrap_or_default());
             if let Some(n) = &error
@@ -1023,17 +989,19 @@ impl Lane {
             {
                 break Err(LaneError::Fatal(format!("{} {}", n.code, n.message)));
             }
+            let mut skip_behind = false;
             if let Some(n) = &error
                 && (u.ctx > 0 || u.prep > 0)
             {
                 // One of rlsgate's messages in front of the client's failed: the server skips
-                // the rest of the unit up to its Sync (rlsgate's, behind a Query), so none of
-                // the client's statements ran, and whether the statements this unit Parsed or
-                // Closed exist is unknown (they are closed before they are prepared again).
+                // the rest of the unit up to its Sync (past a Query, up to the next Sync: see
+                // `skip_behind_head`), so none of the client's statements ran, and whether the
+                // statements this unit Parsed or Closed exist is unknown (they are closed
+                // before they are prepared again).
                 let in_context = u.ctx > 0;
                 u.ctx = 0;
                 u.prep = 0;
-                u.synced_query = false;
+                skip_behind = u.bare_query;
                 if std::mem::take(&mut u.discards) {
                     // (it may not have run)
                     self.unconfirmed_discards -= 1;
@@ -1148,14 +1116,9 @@ impl Lane {
                 if status != b'I' {
                     break Err(LaneError::LeftOpen(status as char));
                 }
-                let synced = std::mem::take(&mut u.synced_query);
-                let Some(Route::Unit(u)) = self.routes.pop_front() else {
+                let Some(u) = self.routes.pop_front() else {
                     break Err(LaneError::Protocol("lost the unit in flight".into()));
                 };
-                if synced {
-                    // rlsgate's Sync behind the Query answers next
-                    self.routes.push_front(Route::Own);
-                }
                 self.units_in_flight -= 1;
                 let UnitRoute { job, hit, held, .. } = *u;
                 if hit {
@@ -1175,9 +1138,12 @@ impl Lane {
                 }
                 self.mark_head(waker);
             }
+            if skip_behind {
+                self.skip_behind_head();
+            }
             pos += total;
         };
-        if let (Some(from), Some(Route::Unit(u))) = (run_from, self.routes.front())
+        if let (Some(from), Some(u)) = (run_from, self.routes.front())
             && pos > from
             && !u.job.reply.deliver(&self.input[from..pos], None, waker)
         {
@@ -1185,6 +1151,42 @@ impl Lane {
         }
         self.input.advance(pos);
         result
+    }
+
+    /// The head unit is a simple Query and one of rlsgate's messages in front of it failed (it
+    /// had the error): the server now skips every message up to the next Sync. The units
+    /// behind it up to the first one with a Sync of its own never run (that Sync's
+    /// ReadyForQuery ends the head unit): they are written again. With no such unit in flight,
+    /// a Sync of rlsgate's own ends the skipping.
+    fn skip_behind_head(&mut self) {
+        let mut synced = false;
+        while !synced && self.routes.len() > 1 {
+            let Some(v) = self.routes.remove(1) else {
+                break;
+            };
+            synced = !v.bare_query;
+            self.units_in_flight -= 1;
+            let UnitRoute {
+                job,
+                discards,
+                unsure,
+                ..
+            } = *v;
+            if discards {
+                self.unconfirmed_discards -= 1;
+                self.discard_next = true;
+            }
+            let prepared = &mut self.checkout.conn().prepared;
+            for name in unsure {
+                prepared.retire(&name);
+            }
+            self.pipes.reruns.fetch_add(1, Ordering::Relaxed);
+            self.again.push_back(job);
+        }
+        if !synced {
+            fe::write_sync(&mut self.out);
+        }
+        tracing::debug!("units skipped by the server behind a failed one are written again");
     }
 
     /// The lane cannot go on: units in flight get an error, queued ones go back to their
@@ -1202,8 +1204,8 @@ impl Lane {
             LaneError::LexerChanged(what) => Some(what.clone()),
             _ => None,
         };
-        for route in self.routes.drain(..) {
-            if let Route::Unit(u) = route {
+        for u in self.routes.drain(..) {
+            {
                 u.job.reply.end(match culprit.take() {
                     Some(what) => Outcome::LexerChanged(what),
                     None => Outcome::Failed(err.clone()),
