@@ -737,6 +737,8 @@ impl Lane {
             }
             if !self.blocked && !self.input.is_empty() {
                 self.route(cx.waker())?;
+                // (a unit that became the head may have a cancel waiting)
+                self.maybe_cancel(cx.waker());
             }
             if !self.blocked && !self.routes.is_empty() {
                 if self.input.capacity() - self.input.len() < READ_SPACE {
@@ -747,6 +749,7 @@ impl Lane {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(LaneError::Closed)),
                     Poll::Ready(Ok(_)) => {
                         self.route(cx.waker())?;
+                        self.maybe_cancel(cx.waker());
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(LaneError::Io(e))),

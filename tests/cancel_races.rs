@@ -212,31 +212,50 @@ async fn a_cancel_never_skips_the_discard_on_a_lane() {
         let started = Instant::now();
         let mut tally = Tally::default();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        while started.elapsed() < Duration::from_secs(4) {
+        // Probes sleep about as long as a cancel takes to arrive: it lands in the probe, or
+        // just after it in the units behind (rlsgate's discard and context in front of them
+        // included). How long that is depends on the machine's load: while none lands, the
+        // probes get longer.
+        let mut longest_us = 2_000;
+        let mut since_landed = 0;
+        while started.elapsed() < Duration::from_secs(4)
+            || (tally.cancelled < 3 && started.elapsed() < Duration::from_secs(30))
+        {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            // about as long as a cancel takes to arrive: it lands in the probe, or just after
-            // it in the units behind (rlsgate's discard and context in front of them included)
+            since_landed += 1;
+            if since_landed > 50 && longest_us < 64_000 {
+                longest_us *= 2;
+                since_landed = 0;
+            }
             let sql = format!(
                 "SELECT lastval()::text FROM pg_sleep({})",
-                ((x >> 40) % 2_000) as f64 / 1e6
+                ((x >> 40) % longest_us) as f64 / 1e6
             );
+            // (a task of its own: the futures of this test's clients share one task)
             let token = c.cancel_token();
-            let (probe, _) = tokio::join!(c.simple_query(&sql), async {
+            let cancel = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 let _ = token.cancel_query(tokio_postgres::NoTls).await;
             });
+            let probe = c.simple_query(&sql).await;
+            cancel.await.unwrap();
             tally.probes += 1;
             match probe {
                 Ok(m) => panic!(
                     "ESCAPE: south read north's sequence value {:?}",
                     first_value(&m)
                 ),
-                Err(e) if code(&e) == "57014" => tally.cancelled += 1,
+                Err(e) if code(&e) == "57014" => {
+                    tally.cancelled += 1;
+                    since_landed = 0;
+                }
                 Err(e) if code(&e) == "55000" => tally.undefined += 1,
                 Err(e) => panic!("unexpected error {e:?}"),
             }
         }
+        eprintln!("probes slept up to {longest_us} µs");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         tally
     };

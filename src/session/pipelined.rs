@@ -37,11 +37,19 @@ pub(super) enum Piped {
 struct Unit {
     len: usize,
     query: bool,
-    /// The unit's last Parse of the unnamed statement: (its text, parameter types, analysis).
-    unnamed: Option<(Arc<str>, bytes::Bytes, Arc<Analysis>)>,
+    /// The unit's last Parse of the unnamed statement.
+    unnamed: Option<UnnamedParse>,
     /// The client's named statements it binds or describes (their names are rewritten to the
     /// server's).
     named: Vec<Arc<Prepared>>,
+}
+
+/// A unit's Parse of the unnamed statement.
+enum UnnamedParse {
+    /// The same text and parameter types as the client's unnamed statement now.
+    Same,
+    /// Another statement: its text, parameter types and analysis.
+    New(Arc<str>, bytes::Bytes, Arc<Analysis>),
 }
 
 /// Plain autocommit work: understood, allowed, no transaction control, nothing that outlives
@@ -193,11 +201,18 @@ impl Session {
                     if !plain(&analysis) {
                         return None;
                     }
-                    unnamed = Some((
-                        Arc::from(p.sql),
-                        statements::param_types(p.param_types),
-                        analysis,
-                    ));
+                    let same = self
+                        .stmts
+                        .get("")
+                        .is_some_and(|u| *u.sql == *p.sql && u.param_types[..] == *p.param_types);
+                    unnamed = Some(match same {
+                        true => UnnamedParse::Same,
+                        false => UnnamedParse::New(
+                            Arc::from(p.sql),
+                            statements::param_types(p.param_types),
+                            analysis,
+                        ),
+                    });
                     parsed = true;
                 }
                 // The unnamed statement this unit Parsed, or a named one of the client's, bound
@@ -286,14 +301,32 @@ impl Session {
             }
             return Ok(Piped::Answered);
         }
-        if let Some((sql, param_types, analysis)) = unit.unnamed {
-            // the client's unnamed statement is this one now (a later Bind alone re-Parses it)
+        // the client's unnamed statement is this one now (a later Bind alone re-Parses it)
+        let stamp = match unit.unnamed {
+            Some(_) => self.shared.pool.plan_tick(),
+            None => 0,
+        };
+        let unnamed = match unit.unnamed {
+            Some(UnnamedParse::Same) if self.stmts.refresh_unnamed(stamp) => None,
+            Some(UnnamedParse::Same) => self.stmts.get("").map(|p| {
+                (
+                    Arc::clone(&p.sql),
+                    p.param_types.clone(),
+                    Arc::clone(&p.analysis),
+                )
+            }),
+            Some(UnnamedParse::New(sql, param_types, analysis)) => {
+                Some((sql, param_types, analysis))
+            }
+            None => None,
+        };
+        if let Some((sql, param_types, analysis)) = unnamed {
             let prepared = Arc::new(Prepared {
                 server_name: statements::unnamed(),
                 sql,
                 param_types,
                 analysis,
-                stamp: self.shared.pool.plan_tick(),
+                stamp,
             });
             self.stmts.insert("", prepared);
         }

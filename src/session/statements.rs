@@ -64,6 +64,23 @@ impl Statements {
         self.parse_seq
     }
 
+    /// The client Parsed its unnamed statement again with the same text and parameter types
+    /// (drivers do, for every execution): the statement kept is refreshed in place (stamp,
+    /// Parse sequence) instead of a new one being built. False when it is shared (the caller
+    /// then inserts a copy).
+    pub fn refresh_unnamed(&mut self, stamp: u64) -> bool {
+        let Some((p, seq)) = self.unnamed.as_mut() else {
+            return false;
+        };
+        let Some(p) = Arc::get_mut(p) else {
+            return false;
+        };
+        p.stamp = stamp;
+        self.parse_seq += 1;
+        *seq = self.parse_seq;
+        true
+    }
+
     pub fn remove(&mut self, name: &str) {
         if name.is_empty() {
             self.unnamed = None;
