@@ -239,14 +239,25 @@ mod tests {
         tokio::spawn(async move { registry.cancel(pid, &key.to_be_bytes()).await })
     }
 
-    #[tokio::test]
-    async fn a_held_target_gets_the_cancel_only_once_released() {
+    /// A client whose backend runs rlsgate's own statements, and a cancel it sent meanwhile.
+    async fn held_cancel() -> (
+        TcpListener,
+        Arc<CancelRegistry>,
+        Registration,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (listener, target) = listener().await;
         let registry = Arc::new(CancelRegistry::default());
         let r = registry.register();
         r.slot.set(target);
         r.slot.hold();
         let cancel = fire(&registry, &r);
+        (listener, registry, r, cancel)
+    }
+
+    #[tokio::test]
+    async fn a_held_target_gets_the_cancel_only_once_released() {
+        let (listener, registry, r, cancel) = held_cancel().await;
         assert_eq!(
             next_pid(&listener, Duration::from_millis(200)).await,
             None,
@@ -269,12 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancel_held_until_the_client_let_go_is_dropped() {
-        let (listener, target) = listener().await;
-        let registry = Arc::new(CancelRegistry::default());
-        let r = registry.register();
-        r.slot.set(target);
-        r.slot.hold();
-        let cancel = fire(&registry, &r);
+        let (listener, _registry, r, cancel) = held_cancel().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         r.slot.clear().await;
         tokio::time::timeout(Duration::from_secs(5), cancel)

@@ -1066,16 +1066,8 @@ impl Session {
                 });
                 self.in_flight += 1;
                 self.units_sent += 1;
+                self.cancel.slot.hold();
             }
-        }
-        if self
-            .expect
-            .iter()
-            .any(|e| matches!(e, Expect::HiddenQuery { .. }))
-        {
-            // a cancel landing in one would leave the previous client's state under the
-            // client's statements: cancels wait until they are done (see `relay::on_ready`)
-            self.cancel.slot.hold();
         }
         Ok(())
     }
@@ -1085,6 +1077,10 @@ impl Session {
         crate::protocol::frontend::write_query(sql, &mut self.server_out)
             .map_err(SessionError::ClientProtocol)?;
         self.expect_ready(Expect::HiddenQuery { what });
+        // A cancel landing in one of rlsgate's own Queries would leave the previous client's
+        // state under the client's statements: cancels wait until they are done (see
+        // `relay::on_ready`).
+        self.cancel.slot.hold();
         Ok(())
     }
 
@@ -1118,6 +1114,7 @@ impl Session {
         crate::protocol::frontend::write_sync(&mut self.server_out);
         conn.sealed = Some(Arc::from(tenant));
         self.expect_ready(Expect::HiddenQuery { what: SEAL });
+        self.cancel.slot.hold();
         Ok(())
     }
 
