@@ -102,6 +102,9 @@ pub struct Shared {
     /// The audit writer, awaited at shutdown so queued events are flushed.
     audit_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     next_conn_id: AtomicU64,
+    /// Bumped when a reload installs a new guard: analyses kept from an older one are not reused
+    /// for a new Parse (see `Statements::unnamed_again`).
+    guard_epoch: AtomicU64,
 }
 
 impl Shared {
@@ -174,6 +177,7 @@ impl Shared {
             background,
             audit_writer: std::sync::Mutex::new(audit_writer),
             next_conn_id: AtomicU64::new(1),
+            guard_epoch: AtomicU64::new(0),
             live: arc_swap::ArcSwap::from_pointee(live),
         }))
     }
@@ -200,6 +204,12 @@ impl Shared {
     /// Classify a statement with the current guard (cached by text).
     pub fn analyze(&self, sql: &str) -> Arc<crate::guard::Analysis> {
         self.live.load().guard.analyze(sql)
+    }
+
+    /// The generation of the guard in force (see [`Shared::analyze`]); changes with every
+    /// reload.
+    pub fn guard_epoch(&self) -> u64 {
+        self.guard_epoch.load(Ordering::Acquire)
     }
 
     /// The current live state (validator, guard, TLS acceptor).
@@ -312,6 +322,7 @@ impl Shared {
         let live = Live::build(config).await?;
         live.validator.spawn_refresh(&self.background);
         self.live.store(Arc::new(live));
+        self.guard_epoch.fetch_add(1, Ordering::AcqRel);
         Ok(notes)
     }
 }

@@ -318,3 +318,50 @@ async fn deallocate_all_cannot_be_prepared_or_sent_in_the_extended_protocol() {
     assert_eq!(n, 2);
     proxy.stop().await;
 }
+
+/// Drivers Parse the unnamed statement again for every execution; rlsgate keeps the verdict of
+/// the same text and parameter types instead of asking the guard again — but never across a
+/// reload that installs another guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_unnamed_parse_gets_the_verdict_of_the_guard_in_force() {
+    let db = demo_db();
+    let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    let knob = "SET other.knob = 'x'";
+    // plain autocommit work (a lane's, when pipelining is on); longer than the new guard reads
+    let long = format!("SELECT 1 AS {}", "a".repeat(60));
+    // (one write: a whole unit, as drivers send it, which a lane may take)
+    async fn run(c: &mut RawClient, sql: &str) -> Vec<Msg> {
+        c.start_batch();
+        c.parse("", sql).await;
+        c.bind("", "").await;
+        c.execute("").await;
+        c.sync().await;
+        c.write_batch().await;
+        c.until_ready().await
+    }
+    for _ in 0..3 {
+        assert_eq!(tags(&run(&mut c, knob).await), "1 2 C Z");
+    }
+    // (another client: one without settings of its own may use a lane)
+    let mut plain = RawClient::connect(&proxy, &token("north")).await;
+    for _ in 0..3 {
+        assert_eq!(tags(&run(&mut plain, &long).await), "1 2 D C Z");
+    }
+    let guard = "[guard]\nprotected = [\"app.*\", \"other.*\"]\nmax_statement_bytes = 64";
+    let text = config_text(&db, 1, guard).replace("127.0.0.1:0", &proxy.addr.to_string());
+    let config = rlsgate::config::Config::from_toml(&text).expect("config");
+    proxy.shared.reload(config).await.expect("reload");
+    for _ in 0..2 {
+        let msgs = run(&mut c, knob).await;
+        assert_eq!(tags(&msgs), "E Z", "the same text after the reload");
+        assert_eq!(msgs[0].code(), "42501");
+    }
+    let msgs = run(&mut plain, &long).await;
+    assert_eq!(tags(&msgs), "E Z", "the same plain text after the reload");
+    assert_eq!(msgs[0].code(), "54000");
+    // another text, then the first again: the new guard's verdict each time
+    assert_eq!(tags(&run(&mut c, "SELECT 1").await), "1 2 D C Z");
+    assert_eq!(run(&mut c, knob).await[0].code(), "42501");
+    proxy.stop().await;
+}

@@ -849,6 +849,7 @@ impl Session {
         if p.name.is_empty() || self.stmts.contains(p.name) || !self.stmts.has_room(p.sql.len()) {
             return Ok(false);
         }
+        let guard_epoch = self.shared.guard_epoch();
         let analysis = self.shared.analyze(p.sql);
         if !analysis.parsed
             || analysis.is_denied()
@@ -868,6 +869,7 @@ impl Session {
             param_types: statements::param_types(p.param_types),
             analysis,
             stamp: self.shared.pool.plan_tick(),
+            guard_epoch,
         });
         self.stmts.insert(p.name, prepared);
         let _sync = self.client_buf.split_to(5);
@@ -884,7 +886,7 @@ impl Session {
         parse: Option<&fe::Parse<'_>>,
     ) -> Option<Arc<Analysis>> {
         if let Some(p) = parse {
-            return Some(self.shared.analyze(p.sql));
+            return Some(self.parse_analysis(p).analysis);
         }
         match frame.tag {
             fe::BIND => fe::bind(frame.body())
@@ -924,8 +926,32 @@ impl Session {
         Ok(())
     }
 
+    /// A Parse's analysis: the client's unnamed statement's own when the Parse repeats it (see
+    /// `Statements::unnamed_again`), else the guard's.
+    fn parse_analysis(&self, p: &fe::Parse<'_>) -> ParseAnalysis {
+        let guard_epoch = self.shared.guard_epoch();
+        if p.name.is_empty()
+            && let Some(u) = self.stmts.unnamed_again(p.sql, p.param_types, guard_epoch)
+        {
+            return ParseAnalysis {
+                analysis: Arc::clone(&u.analysis),
+                guard_epoch,
+                again: true,
+            };
+        }
+        ParseAnalysis {
+            analysis: self.shared.analyze(p.sql),
+            guard_epoch,
+            again: false,
+        }
+    }
+
     fn on_parse(&mut self, frame: &Frame, p: &fe::Parse<'_>) -> Result<(), SessionError> {
-        let analysis = self.shared.analyze(p.sql);
+        let ParseAnalysis {
+            analysis,
+            guard_epoch,
+            again,
+        } = self.parse_analysis(p);
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }
@@ -972,14 +998,26 @@ impl Session {
                 p.param_types,
             )
         };
-        let prepared = Arc::new(Prepared {
-            server_name: Arc::clone(&server_name),
-            sql: Arc::from(p.sql),
-            param_types: statements::param_types(p.param_types),
-            analysis,
-            stamp: self.shared.pool.plan_tick(),
-        });
-        let seq = self.stmts.insert(p.name, prepared);
+        let stamp = self.shared.pool.plan_tick();
+        // The unnamed statement again (every execution of most drivers): refreshed in place.
+        let refreshed = match again {
+            true => self.stmts.refresh_unnamed(stamp),
+            false => None,
+        };
+        let seq = match refreshed {
+            Some(seq) => seq,
+            None => {
+                let prepared = Arc::new(Prepared {
+                    server_name: Arc::clone(&server_name),
+                    sql: Arc::from(p.sql),
+                    param_types: statements::param_types(p.param_types),
+                    analysis,
+                    stamp,
+                    guard_epoch,
+                });
+                self.stmts.insert(p.name, prepared)
+            }
+        };
         let id = self.id;
         let Some(server) = self.server.as_mut() else {
             return Ok(());
@@ -1491,4 +1529,13 @@ impl Ahead {
             _ => Ahead::Unknown,
         }
     }
+}
+
+/// What [`Session::parse_analysis`] found for a Parse.
+struct ParseAnalysis {
+    analysis: Arc<Analysis>,
+    /// The guard generation the analysis belongs to.
+    guard_epoch: u64,
+    /// The Parse repeats the client's unnamed statement (its analysis was kept).
+    again: bool,
 }

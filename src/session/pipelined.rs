@@ -48,8 +48,8 @@ struct Unit {
 enum UnnamedParse {
     /// The same text and parameter types as the client's unnamed statement now.
     Same,
-    /// Another statement: its text, parameter types and analysis.
-    New(Arc<str>, bytes::Bytes, Arc<Analysis>),
+    /// Another statement: its text, parameter types, analysis and the guard generation of that.
+    New(Arc<str>, bytes::Bytes, Arc<Analysis>, u64),
 }
 
 /// Plain autocommit work: understood, allowed, no transaction control, nothing that outlives
@@ -194,24 +194,31 @@ impl Session {
                 }
                 fe::PARSE => {
                     let p = fe::parse(body).ok()?;
-                    if !p.name.is_empty() || crate::guard::reauth_call(p.sql).is_some() {
+                    if !p.name.is_empty() {
                         return None;
                     }
-                    let analysis = self.shared.analyze(p.sql);
-                    if !plain(&analysis) {
-                        return None;
-                    }
-                    let same = self
-                        .stmts
-                        .get("")
-                        .is_some_and(|u| *u.sql == *p.sql && u.param_types[..] == *p.param_types);
-                    unnamed = Some(match same {
-                        true => UnnamedParse::Same,
-                        false => UnnamedParse::New(
-                            Arc::from(p.sql),
-                            statements::param_types(p.param_types),
-                            analysis,
-                        ),
+                    let guard_epoch = self.shared.guard_epoch();
+                    // The client's unnamed statement again (see `Statements::unnamed_again`):
+                    // not a reauth, already classified.
+                    let again = self.stmts.unnamed_again(p.sql, p.param_types, guard_epoch);
+                    unnamed = Some(match again {
+                        Some(u) if plain(&u.analysis) => UnnamedParse::Same,
+                        Some(_) => return None,
+                        None => {
+                            if crate::guard::reauth_call(p.sql).is_some() {
+                                return None;
+                            }
+                            let analysis = self.shared.analyze(p.sql);
+                            if !plain(&analysis) {
+                                return None;
+                            }
+                            UnnamedParse::New(
+                                Arc::from(p.sql),
+                                statements::param_types(p.param_types),
+                                analysis,
+                                guard_epoch,
+                            )
+                        }
                     });
                     parsed = true;
                 }
@@ -307,26 +314,28 @@ impl Session {
             None => 0,
         };
         let unnamed = match unit.unnamed {
-            Some(UnnamedParse::Same) if self.stmts.refresh_unnamed(stamp) => None,
+            Some(UnnamedParse::Same) if self.stmts.refresh_unnamed(stamp).is_some() => None,
             Some(UnnamedParse::Same) => self.stmts.get("").map(|p| {
                 (
                     Arc::clone(&p.sql),
                     p.param_types.clone(),
                     Arc::clone(&p.analysis),
+                    p.guard_epoch,
                 )
             }),
-            Some(UnnamedParse::New(sql, param_types, analysis)) => {
-                Some((sql, param_types, analysis))
+            Some(UnnamedParse::New(sql, param_types, analysis, guard_epoch)) => {
+                Some((sql, param_types, analysis, guard_epoch))
             }
             None => None,
         };
-        if let Some((sql, param_types, analysis)) = unnamed {
+        if let Some((sql, param_types, analysis, guard_epoch)) = unnamed {
             let prepared = Arc::new(Prepared {
                 server_name: statements::unnamed(),
                 sql,
                 param_types,
                 analysis,
                 stamp,
+                guard_epoch,
             });
             self.stmts.insert("", prepared);
         }

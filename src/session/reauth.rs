@@ -86,8 +86,14 @@ impl Session {
     }
 
     fn reauth_parse(&mut self, p: &fe::Parse<'_>) -> Result<bool, SessionError> {
-        // (reauth_call tests the text cheaply before it parses it)
-        let arg = if p.sql.len() < 4096 {
+        let repeated = p.name.is_empty()
+            && self
+                .stmts
+                .unnamed_again(p.sql, p.param_types, self.shared.guard_epoch())
+                .is_some();
+        // (reauth_call tests the text cheaply before it parses it; the client's unnamed
+        // statement again passed it when it was first parsed)
+        let arg = if p.sql.len() < 4096 && !repeated {
             reauth_call(p.sql)
         } else {
             None

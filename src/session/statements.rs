@@ -21,6 +21,8 @@ pub struct Prepared {
     pub analysis: Arc<Analysis>,
     /// The pool's plan clock when the client prepared it (see `Pool::plan_tick`).
     pub stamp: u64,
+    /// The guard generation `analysis` came from (see `Shared::guard_epoch`).
+    pub guard_epoch: u64,
 }
 
 /// Most named statements one client may hold (Postgres has no limit; this bounds memory).
@@ -64,21 +66,32 @@ impl Statements {
         self.parse_seq
     }
 
-    /// The client Parsed its unnamed statement again with the same text and parameter types
-    /// (drivers do, for every execution): the statement kept is refreshed in place (stamp,
-    /// Parse sequence) instead of a new one being built. False when it is shared (the caller
-    /// then inserts a copy).
-    pub fn refresh_unnamed(&mut self, stamp: u64) -> bool {
-        let Some((p, seq)) = self.unnamed.as_mut() else {
-            return false;
-        };
-        let Some(p) = Arc::get_mut(p) else {
-            return false;
-        };
+    /// The client's unnamed statement when a Parse of `sql` with `param_types` repeats it
+    /// (drivers re-Parse it for every execution) and the guard that classified it is still the
+    /// one in force: its analysis stands, and it passed the `rlsgate.reauth` check when it was
+    /// first parsed (such statements are never kept here).
+    pub fn unnamed_again(
+        &self,
+        sql: &str,
+        param_types: &[u8],
+        guard_epoch: u64,
+    ) -> Option<&Arc<Prepared>> {
+        let (p, _) = self.unnamed.as_ref()?;
+        (p.guard_epoch == guard_epoch && *p.sql == *sql && p.param_types[..] == *param_types)
+            .then_some(p)
+    }
+
+    /// The client Parsed its unnamed statement again (see [`Statements::unnamed_again`]): the
+    /// statement kept is refreshed in place (stamp, Parse sequence) instead of a new one being
+    /// built. Returns the Parse's sequence number; `None` when the statement is shared (the
+    /// caller then inserts a copy).
+    pub fn refresh_unnamed(&mut self, stamp: u64) -> Option<u64> {
+        let (p, seq) = self.unnamed.as_mut()?;
+        let p = Arc::get_mut(p)?;
         p.stamp = stamp;
         self.parse_seq += 1;
         *seq = self.parse_seq;
-        true
+        Some(self.parse_seq)
     }
 
     pub fn remove(&mut self, name: &str) {
