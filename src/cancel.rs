@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::Notify;
 
 use crate::pipeline::Reply;
 use crate::pool::CancelTarget;
@@ -33,59 +33,112 @@ enum Target {
 
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Target>>,
-    /// Cancels hold it shared while they are delivered; release takes it exclusively.
-    gate: RwLock<()>,
+    state: Mutex<SlotState>,
     /// A held target was released or cleared (cancels waiting on it look again).
     changed: Notify,
+    /// The last cancel being delivered to the backend is done (a release waiting for it goes on).
+    delivered: Notify,
+}
+
+#[derive(Default)]
+struct SlotState {
+    target: Option<Target>,
+    /// Cancels on their way to the backend of `target`, or of the one just cleared (counted when
+    /// they read it, under the same lock: a release that took the target sees them).
+    delivering: usize,
 }
 
 impl CancelSlot {
-    pub fn set(&self, target: CancelTarget) {
-        if let Ok(mut t) = self.target.lock() {
-            *t = Some(Target::Server(target));
+    fn set_target(&self, target: Target) {
+        if let Ok(mut s) = self.state.lock() {
+            s.target = Some(target);
         }
+    }
+
+    pub fn set(&self, target: CancelTarget) {
+        self.set_target(Target::Server(target));
     }
 
     /// rlsgate's own statements now run ahead of the client's: cancels wait until
     /// [`CancelSlot::release_hold`].
     pub fn hold(&self) {
-        if let Ok(mut t) = self.target.lock()
-            && let Some(Target::Server(target)) = &*t
+        if let Ok(mut s) = self.state.lock()
+            && let Some(Target::Server(target)) = &s.target
         {
-            *t = Some(Target::Held(target.clone()));
+            s.target = Some(Target::Held(target.clone()));
         }
     }
 
     /// rlsgate's own statements are done: the client's run now.
     pub fn release_hold(&self) {
-        if let Ok(mut t) = self.target.lock()
-            && let Some(Target::Held(target)) = &*t
+        if let Ok(mut s) = self.state.lock()
+            && let Some(Target::Held(target)) = &s.target
         {
-            *t = Some(Target::Server(target.clone()));
+            s.target = Some(Target::Server(target.clone()));
             self.changed.notify_waiters();
         }
     }
 
     /// The client's unit runs on a pipeline lane (see [`crate::pipeline`]).
     pub fn set_pipelined(&self, reply: Arc<Reply>) {
-        if let Ok(mut t) = self.target.lock() {
-            *t = Some(Target::Pipelined(reply));
-        }
+        self.set_target(Target::Pipelined(reply));
     }
 
     /// Forget the backend; waits until no cancel for it is still being delivered.
     pub async fn clear(&self) {
-        // No cancel in flight (the usual case): the gate is taken at once. Waiting is boxed:
-        // the lock's future would size every session's future, also while the client is idle.
-        let _exclusive = match self.gate.try_write() {
-            Ok(exclusive) => exclusive,
-            Err(_) => Box::pin(self.gate.write()).await,
+        let delivering = match self.state.lock() {
+            Ok(mut s) => {
+                if let Some(Target::Held(_)) = s.target.take() {
+                    self.changed.notify_waiters();
+                }
+                s.delivering
+            }
+            Err(_) => 0,
         };
-        if let Ok(mut t) = self.target.lock()
-            && let Some(Target::Held(_)) = t.take()
-        {
-            self.changed.notify_waiters();
+        if delivering > 0 {
+            // (boxed: rare, and the wait would size every session's future, also while idle)
+            Box::pin(self.until_delivered()).await;
+        }
+    }
+
+    async fn until_delivered(&self) {
+        loop {
+            // (registered before looking, so the last delivery ending in between is not missed)
+            let done = self.delivered.notified();
+            let mut done = std::pin::pin!(done);
+            done.as_mut().enable();
+            if self.state.lock().map_or(0, |s| s.delivering) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// The target a cancel goes to now; a backend's counts the cancel as being delivered until
+    /// the returned guard is dropped.
+    fn target_for_cancel(&self) -> (Option<Target>, Option<Delivering<'_>>) {
+        let Ok(mut s) = self.state.lock() else {
+            return (None, None);
+        };
+        let target = s.target.clone();
+        if !matches!(target, Some(Target::Server(_))) {
+            return (target, None);
+        }
+        s.delivering += 1;
+        (target, Some(Delivering(self)))
+    }
+}
+
+/// A cancel on its way to a client's backend (see [`CancelSlot::clear`]).
+struct Delivering<'a>(&'a CancelSlot);
+
+impl Drop for Delivering<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.state.lock() {
+            s.delivering -= 1;
+            if s.delivering == 0 {
+                self.0.delivered.notify_waiters();
+            }
         }
     }
 }
@@ -153,22 +206,18 @@ impl CancelRegistry {
             let changed = slot.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            {
-                let _shared = slot.gate.read().await;
-                let target = slot.target.lock().ok().and_then(|t| t.clone());
-                match target {
-                    Some(Target::Server(target)) => {
-                        forward(&target).await;
-                        return;
-                    }
-                    Some(Target::Pipelined(reply)) => {
-                        // (its lane sends it when that is safe: see `Reply::request_cancel`)
-                        reply.request_cancel();
-                        return;
-                    }
-                    Some(Target::Held(_)) => {}
-                    None => return,
+            match slot.target_for_cancel() {
+                (Some(Target::Server(target)), _delivering) => {
+                    forward(&target).await;
+                    return;
                 }
+                (Some(Target::Pipelined(reply)), _) => {
+                    // (its lane sends it when that is safe: see `Reply::request_cancel`)
+                    reply.request_cancel();
+                    return;
+                }
+                (Some(Target::Held(_)), _) => {}
+                (None, _) => return,
             }
             // rlsgate's own statements run (usually well under a millisecond)
             if tokio::time::timeout(Duration::from_secs(5), changed)
@@ -276,6 +325,45 @@ mod tests {
             Some(4242)
         );
         cancel.await.unwrap();
+    }
+
+    /// Releasing a connection waits while a cancel for its backend is still on its way: the
+    /// backend must not have moved on to another client when the cancel lands.
+    #[tokio::test]
+    async fn a_release_waits_for_a_cancel_being_delivered() {
+        let (listener, target) = listener().await;
+        let registry = Arc::new(CancelRegistry::default());
+        let r = registry.register();
+        r.slot.set(target);
+        let cancel = fire(&registry, &r);
+        // the "server" takes the request and keeps the connection open: still being delivered
+        let (mut server_side, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the cancel connects")
+            .unwrap();
+        let mut msg = [0u8; 16];
+        server_side.read_exact(&mut msg).await.unwrap();
+        let release = tokio::spawn(async move {
+            r.slot.clear().await;
+            r
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !release.is_finished(),
+            "released while a cancel was delivered"
+        );
+        drop(server_side);
+        let r = tokio::time::timeout(Duration::from_secs(5), release)
+            .await
+            .expect("released once the cancel was delivered")
+            .unwrap();
+        cancel.await.unwrap();
+        // nothing in flight: at once, and later cancels find no backend
+        tokio::time::timeout(Duration::from_millis(100), r.slot.clear())
+            .await
+            .expect("nothing to wait for");
+        fire(&registry, &r).await.unwrap();
+        assert_eq!(next_pid(&listener, Duration::from_millis(200)).await, None);
     }
 
     #[tokio::test]
