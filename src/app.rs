@@ -527,7 +527,7 @@ fn handle(
     let login = Box::pin(start(tcp, peer, shared, conn_id, shutdown));
     async move {
         let _client_slot = client_slot;
-        let Some((session, _tenant_slot)) = login.await else {
+        let Some(session) = login.await else {
             return;
         };
         session.run().await;
@@ -535,16 +535,16 @@ fn handle(
     }
 }
 
-/// Handshake, login and greeting: the session that then serves the client, and the client's
-/// slot under its tenant's connection limit. `None` = the connection is done (a cancel request,
-/// the admin console, a refused login).
+/// Handshake, login and greeting: the session that then serves the client (holding its slot
+/// under its tenant's connection limit). `None` = the connection is done (a cancel request, the
+/// admin console, a refused login).
 async fn start(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     conn_id: u64,
     shutdown: CancellationToken,
-) -> Option<(Box<Session>, crate::limits::ClientSlot)> {
+) -> Option<Box<Session>> {
     let timeout = shared.config().server.handshake_timeout;
     let login = match tokio::time::timeout(timeout, client::handshake(tcp, peer, &shared)).await {
         Err(_) => {
@@ -607,8 +607,15 @@ async fn start(
         "client logged in"
     );
     let requested = client::startup_params::requested_settings(&login.startup.params);
-    let mut session = match Session::new(login, &requested, Arc::clone(&shared), conn_id, shutdown)
-    {
+    let session = Session::new(
+        login,
+        &requested,
+        Arc::clone(&shared),
+        conn_id,
+        shutdown,
+        tenant_slot,
+    );
+    let mut session = match session {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "could not start session");
@@ -619,5 +626,5 @@ async fn start(
         tracing::debug!(error = %e, "client left during login");
         return None;
     }
-    Some((session, tenant_slot))
+    Some(session)
 }

@@ -41,10 +41,16 @@ pub struct Limits {
 pub struct ClientSlot {
     limits: Arc<Limits>,
     tenant: String,
+    /// The tenant's concurrent-transaction semaphore, the same for all its clients while any
+    /// is connected (its entry stays as long as a slot does): taken per transaction without the
+    /// map's lock. `None` once dropping.
+    transactions: Option<Arc<Semaphore>>,
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        // (the entry goes with the last reference to its semaphore: not this one's)
+        drop(self.transactions.take());
         if let Ok(mut t) = self.limits.tenants.lock()
             && let Some(s) = t.get_mut(&self.tenant)
         {
@@ -144,16 +150,18 @@ impl Limits {
         Ok(ClientSlot {
             limits: Arc::clone(self),
             tenant: tenant.to_string(),
+            transactions: Some(Arc::clone(&s.transactions)),
         })
     }
 
-    /// Before a transaction takes a pool connection: the tenant's rate and concurrency limits.
-    /// The permit is held while the connection is.
+    /// Before a transaction of `client`'s takes a pool connection: the tenant's rate and
+    /// concurrency limits. The permit is held while the connection is.
     pub async fn begin_transaction(
         &self,
-        tenant: &str,
+        client: &ClientSlot,
         wait: Duration,
     ) -> Result<Option<OwnedSemaphorePermit>, ClientError> {
+        let tenant = client.tenant.as_str();
         let rate = self.cfg.transaction_rate_per_tenant;
         // (the clock is read only when a limit is configured)
         let started = (rate > 0).then(Instant::now);
@@ -187,16 +195,15 @@ impl Limits {
         if self.max_transactions == 0 {
             return Ok(None);
         }
-        let sem = {
-            let mut map = self.tenants.lock().map_err(|_| ClientError::internal(0))?;
-            Arc::clone(&self.state(&mut map, tenant).transactions)
+        let Some(sem) = &client.transactions else {
+            return Err(ClientError::internal(0));
         };
-        let permit = match (sem.clone().try_acquire_owned(), self.cfg.on_limit) {
+        let permit = match (Arc::clone(sem).try_acquire_owned(), self.cfg.on_limit) {
             (Ok(permit), _) => Some(permit),
             (Err(_), OnLimit::Error) => None,
             (Err(_), OnLimit::Wait) => {
                 let left = started.map_or(wait, |s| wait.saturating_sub(s.elapsed()));
-                tokio::time::timeout(left, sem.acquire_owned())
+                tokio::time::timeout(left, Arc::clone(sem).acquire_owned())
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -272,6 +279,52 @@ mod tests {
         drop(a1);
         assert_eq!(l.pinned("a"), 1);
         let _a3 = l.try_pin("a").expect("a pin was released");
+    }
+
+    /// A tenant's clients share one transaction cap, whichever slot they take it through, and the
+    /// tenant's state goes with its last client.
+    #[tokio::test]
+    async fn clients_of_a_tenant_share_its_transaction_cap() {
+        let l = Limits::new(
+            LimitsConfig {
+                max_transactions_per_tenant: Some(2),
+                on_limit: OnLimit::Error,
+                ..LimitsConfig::default()
+            },
+            8,
+        );
+        let wait = Duration::from_millis(10);
+        let (a1, a2, b) = (
+            l.join("a").unwrap(),
+            l.join("a").unwrap(),
+            l.join("b").unwrap(),
+        );
+        let p1 = l.begin_transaction(&a1, wait).await.unwrap();
+        let p2 = l.begin_transaction(&a2, wait).await.unwrap();
+        assert!(p1.is_some() && p2.is_some());
+        let Err(refused) = l.begin_transaction(&a1, wait).await else {
+            panic!("over the cap");
+        };
+        assert!(
+            refused.to_string().contains("max_transactions_per_tenant"),
+            "{refused}"
+        );
+        assert!(
+            l.begin_transaction(&b, wait).await.unwrap().is_some(),
+            "another tenant"
+        );
+        drop(p1);
+        let p3 = l.begin_transaction(&a2, wait).await.unwrap();
+        // a client leaving while its tenant still runs transactions: the state stays
+        drop((a1, a2, b));
+        assert_eq!(l.tenants.lock().unwrap().len(), 1);
+        let a = l.join("a").unwrap();
+        assert!(
+            l.begin_transaction(&a, wait).await.is_err(),
+            "the same cap: 2 running"
+        );
+        drop((p2, p3, a));
+        assert!(l.tenants.lock().unwrap().is_empty());
     }
 
     #[test]

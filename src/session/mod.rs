@@ -316,6 +316,8 @@ pub struct Session {
     query_started: Option<std::time::Instant>,
     /// The tenant's concurrent-transaction slot, held with the server connection.
     tenant_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The client's place under its tenant's limits (released when the session ends).
+    tenant_slot: crate::limits::ClientSlot,
     /// A client message that waits until the replies in flight tell the transaction state
     /// (boxed: rare, and every session holds the field).
     pending: Option<Box<Frame>>,
@@ -358,6 +360,7 @@ impl Session {
         shared: Arc<Shared>,
         id: u64,
         shutdown: CancellationToken,
+        tenant_slot: crate::limits::ClientSlot,
     ) -> Result<Box<Self>, SessionError> {
         let config = shared.config();
         let context = inject::Context::new(
@@ -440,6 +443,7 @@ impl Session {
             tracker,
             held_since: None,
             tenant_permit: None,
+            tenant_slot,
             query_started: None,
             passthrough: 0,
             idle_tx_timeout: config.server.idle_in_transaction_timeout,
@@ -870,7 +874,7 @@ impl Session {
         let tenant_permit = match self
             .shared
             .limits
-            .begin_transaction(&self.identity.tenant, limit)
+            .begin_transaction(&self.tenant_slot, limit)
             .await
         {
             Ok(p) => p,

@@ -390,7 +390,7 @@ impl Session {
         } else {
             self.shared
                 .limits
-                .begin_transaction(&self.identity.tenant, limit)
+                .begin_transaction(&self.tenant_slot, limit)
                 .await
                 .map_err(PoolError::Limited)
         };
