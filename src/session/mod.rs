@@ -853,41 +853,7 @@ impl Session {
     }
 
     async fn check_out(&mut self) -> Result<(), PoolError> {
-        crate::registry::Registry::set_state(
-            &self.client_entry.entry,
-            crate::registry::STATE_WAITING,
-            0,
-        );
-        self.tracker.set_state(crate::metrics::ClientState::Waiting);
-        let started = std::time::Instant::now();
-        let limit = self.shared.config().upstream.checkout_timeout;
-        if !self.shared.wait_unpaused(limit).await {
-            self.shared.metrics.pool_timeout();
-            crate::registry::Registry::set_state(
-                &self.client_entry.entry,
-                crate::registry::STATE_IDLE,
-                0,
-            );
-            self.tracker.set_state(crate::metrics::ClientState::Idle);
-            return Err(PoolError::Timeout(limit));
-        }
-        let tenant_permit = match self
-            .shared
-            .limits
-            .begin_transaction(&self.tenant_slot, limit)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                crate::registry::Registry::set_state(
-                    &self.client_entry.entry,
-                    crate::registry::STATE_IDLE,
-                    0,
-                );
-                self.tracker.set_state(crate::metrics::ClientState::Idle);
-                return Err(PoolError::Limited(e));
-            }
-        };
+        let started = self.admit().await?;
         let sealed_for = self
             .shared
             .sealer
@@ -897,25 +863,12 @@ impl Session {
             Ok(c) => c,
             Err(e) => {
                 e.count(&self.shared.metrics);
-                crate::registry::Registry::set_state(
-                    &self.client_entry.entry,
-                    crate::registry::STATE_IDLE,
-                    0,
-                );
-                self.tracker.set_state(crate::metrics::ClientState::Idle);
+                self.tenant_permit = None;
+                self.set_client_state(crate::metrics::ClientState::Idle, 0);
                 return Err(e);
             }
         };
-        let now = std::time::Instant::now();
-        self.shared.metrics.checkout_wait(now - started);
-        self.tracker.set_state(crate::metrics::ClientState::Active);
-        crate::registry::Registry::set_state(
-            &self.client_entry.entry,
-            crate::registry::STATE_ACTIVE,
-            checkout.conn_ref().id,
-        );
-        self.held_since = Some(now);
-        self.tenant_permit = tenant_permit;
+        self.admitted(started, checkout.conn_ref().id);
         self.cancel
             .slot
             .set(self.shared.pool.cancel_target(checkout.conn_ref()));
@@ -926,6 +879,55 @@ impl Session {
         self.server = Some(checkout);
         self.predicted = Predicted::Idle;
         Ok(())
+    }
+
+    /// What a transaction waits for before it takes a connection (its own or a pipeline lane's):
+    /// the end of a pause, then its tenant's transaction slot (kept in `tenant_permit`). Returns
+    /// when the wait started.
+    async fn admit(&mut self) -> Result<std::time::Instant, PoolError> {
+        self.set_client_state(crate::metrics::ClientState::Waiting, 0);
+        let started = std::time::Instant::now();
+        let limit = self.shared.config().upstream.checkout_timeout;
+        let permit = if !self.shared.wait_unpaused(limit).await {
+            self.shared.metrics.pool_timeout();
+            Err(PoolError::Timeout(limit))
+        } else {
+            self.shared
+                .limits
+                .begin_transaction(&self.tenant_slot, limit)
+                .await
+                .map_err(PoolError::Limited)
+        };
+        match permit {
+            Ok(permit) => {
+                self.tenant_permit = permit;
+                Ok(started)
+            }
+            Err(e) => {
+                self.set_client_state(crate::metrics::ClientState::Idle, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// The transaction that waited since `started` runs now, on server connection `server_id`
+    /// (0: a pipeline lane's).
+    fn admitted(&mut self, started: std::time::Instant, server_id: u64) {
+        let now = std::time::Instant::now();
+        self.shared.metrics.checkout_wait(now - started);
+        self.set_client_state(crate::metrics::ClientState::Active, server_id);
+        self.held_since = Some(now);
+    }
+
+    /// The client's state in the metrics and the registry (admin console `SHOW CLIENTS`).
+    fn set_client_state(&mut self, state: crate::metrics::ClientState, server_id: u64) {
+        self.tracker.set_state(state);
+        let registry_state = match state {
+            crate::metrics::ClientState::Idle => crate::registry::STATE_IDLE,
+            crate::metrics::ClientState::Waiting => crate::registry::STATE_WAITING,
+            crate::metrics::ClientState::Active => crate::registry::STATE_ACTIVE,
+        };
+        crate::registry::Registry::set_state(&self.client_entry.entry, registry_state, server_id);
     }
 
     /// Transaction mode: give the connection back once the server is idle and nothing is pending.
@@ -955,12 +957,7 @@ impl Session {
             self.tracker.transaction_finished(since.elapsed());
         }
         self.shared.registry.transaction(&self.identity.tenant);
-        self.tracker.set_state(crate::metrics::ClientState::Idle);
-        crate::registry::Registry::set_state(
-            &self.client_entry.entry,
-            crate::registry::STATE_IDLE,
-            0,
-        );
+        self.set_client_state(crate::metrics::ClientState::Idle, 0);
     }
 
     /// Client is gone: keep the connection only if it is idle and clean.

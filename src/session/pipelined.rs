@@ -15,7 +15,6 @@ use crate::config::PoolMode;
 use crate::error::UserFacing;
 use crate::guard::{Analysis, TxEffect, reauth_token};
 use crate::pipeline::{ContextRun, Job, Outcome, Reply};
-use crate::pool::PoolError;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::frame_len;
 use crate::protocol::frontend as fe;
@@ -294,7 +293,12 @@ impl Session {
             return Err(SessionError::TokenExpired);
         }
         self.query_started = Some(std::time::Instant::now());
-        if let Err(e) = self.admit().await {
+        let admitted = self.admit().await;
+        if let Ok(started) = admitted {
+            // (no connection of its own: the lane's)
+            self.admitted(started, 0);
+        }
+        if let Err(e) = admitted {
             tracing::warn!(error = %e, "no room for the client's unit");
             let err = e.to_client_error();
             if unit.query {
@@ -372,52 +376,6 @@ impl Session {
         self.cancel.slot.set_pipelined(Arc::clone(&reply));
         self.lane_reply = Some(reply);
         Ok(Piped::Sent)
-    }
-
-    /// A pause, then the tenant's transaction slot, as for an exclusive checkout.
-    async fn admit(&mut self) -> Result<(), PoolError> {
-        crate::registry::Registry::set_state(
-            &self.client_entry.entry,
-            crate::registry::STATE_WAITING,
-            0,
-        );
-        self.tracker.set_state(crate::metrics::ClientState::Waiting);
-        let started = std::time::Instant::now();
-        let limit = self.shared.config().upstream.checkout_timeout;
-        let admitted = if !self.shared.wait_unpaused(limit).await {
-            self.shared.metrics.pool_timeout();
-            Err(PoolError::Timeout(limit))
-        } else {
-            self.shared
-                .limits
-                .begin_transaction(&self.tenant_slot, limit)
-                .await
-                .map_err(PoolError::Limited)
-        };
-        match admitted {
-            Ok(permit) => {
-                let now = std::time::Instant::now();
-                self.shared.metrics.checkout_wait(now - started);
-                self.tracker.set_state(crate::metrics::ClientState::Active);
-                crate::registry::Registry::set_state(
-                    &self.client_entry.entry,
-                    crate::registry::STATE_ACTIVE,
-                    0,
-                );
-                self.held_since = Some(now);
-                self.tenant_permit = permit;
-                Ok(())
-            }
-            Err(e) => {
-                crate::registry::Registry::set_state(
-                    &self.client_entry.entry,
-                    crate::registry::STATE_IDLE,
-                    0,
-                );
-                self.tracker.set_state(crate::metrics::ClientState::Idle);
-                Err(e)
-            }
-        }
     }
 
     /// Replies (or the end) of the unit on a lane arrived in `client_out`.
