@@ -57,7 +57,6 @@ pub(super) fn release_idle(buf: &mut BytesMut) {
 #[derive(Debug, Default)]
 pub(super) struct Event {
     pub client_read: usize,
-    pub client_wrote: usize,
     pub client_closed: bool,
     pub server_read: bool,
     /// Replies (or the end) of the unit on a pipeline lane moved to the client's output.
@@ -72,6 +71,10 @@ struct Side<'a> {
     /// Bytes were written since the last completed flush (TLS may hold them back).
     unflushed: &'a mut bool,
     read: bool,
+    /// Writing out wakes the session (see [`Sockets::new`]).
+    wake_on_write: bool,
+    /// Free the output's memory once it is written out (between transactions).
+    free_when_written: bool,
 }
 
 impl Side<'_> {
@@ -98,6 +101,9 @@ impl Side<'_> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
+        }
+        if self.free_when_written {
+            release_idle(self.output);
         }
         if wrote > 0 {
             Poll::Ready(Ok(wrote))
@@ -143,10 +149,20 @@ pub(super) struct Sockets<'a> {
     server: Option<Side<'a>>,
     /// The unit on a pipeline lane, while the client has room for its replies.
     lane: Option<&'a crate::pipeline::Reply>,
+    /// (bytes written to the client are counted here: a write alone need not wake the session)
+    metrics: &'a crate::metrics::Metrics,
 }
 
 impl<'a> Sockets<'a> {
     /// The session's sockets, and its registry entry (whose `wake` the session waits on too).
+    ///
+    /// A wake-up returns to the session when something arrived (bytes from either side, a
+    /// lane's replies, the client leaving) or when a write lets it go on: output towards a side
+    /// was held back at [`OUT_CAP`], or the server's was the last thing owed before the
+    /// connection can be released. Any other write only empties a buffer: the session has
+    /// nothing to do after it, and waking it would cost a turn of its loop and another poll of
+    /// both sockets (two per transaction: after the request goes to the server, after the
+    /// replies go to the client).
     pub(super) fn new(s: &'a mut Session) -> (Sockets<'a>, &'a ClientEntry) {
         // Client frames wait (a split Query or a held frame waits for replies; output is full):
         // read ahead only so far, enough to see the client leave.
@@ -156,6 +172,11 @@ impl<'a> Sockets<'a> {
             || s.client_out.len() >= OUT_CAP;
         let read_client = !waiting || s.client_buf.len() < READ_AHEAD;
         let read_server = s.client_out.len() < OUT_CAP;
+        let wake_on_client_write = s.client_out.len() >= OUT_CAP;
+        let wake_on_server_write = s.server_out.len() >= OUT_CAP || s.expect.is_empty();
+        // (as the session loop does between transactions, for what is written after its check)
+        let free_client_out = s.between_transactions() && s.pending.is_none();
+        let metrics = &*s.shared.metrics;
         let Session {
             client,
             client_buf,
@@ -181,6 +202,8 @@ impl<'a> Sockets<'a> {
                     output: server_out,
                     unflushed: server_unflushed,
                     read: read_server,
+                    wake_on_write: wake_on_server_write,
+                    free_when_written: false,
                 })
             }
             None => {
@@ -196,9 +219,12 @@ impl<'a> Sockets<'a> {
                 output: client_out,
                 unflushed: client_unflushed,
                 read: read_client,
+                wake_on_write: wake_on_client_write,
+                free_when_written: free_client_out,
             },
             server,
             lane,
+            metrics,
         };
         (sockets, &client_entry.entry)
     }
@@ -221,15 +247,15 @@ impl Future for Sockets<'_> {
         // Writes first: they make room on both sides.
         match this.client.poll_write_out(cx) {
             Poll::Ready(Ok(n)) => {
-                event.client_wrote = n;
-                progress = true;
+                this.metrics.bytes(0, n as u64);
+                progress |= this.client.wake_on_write;
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
             Poll::Pending => {}
         }
         if let Some(server) = this.server.as_mut() {
             match server.poll_write_out(cx) {
-                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Ok(_)) => progress |= server.wake_on_write,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
                 Poll::Pending => {}
             }
@@ -287,6 +313,8 @@ mod tests {
             output: &mut output,
             unflushed: &mut unflushed,
             read: true,
+            wake_on_write: true,
+            free_when_written: false,
         };
         std::future::poll_fn(|cx| side.poll_read_in(cx))
             .await

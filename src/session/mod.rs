@@ -575,12 +575,7 @@ impl Session {
             }
             self.maybe_release().await;
 
-            // Between transactions (also in session mode, where the connection stays held).
-            let idle = (self.server.is_none() && self.lane_reply.is_none())
-                || (self.in_flight == 0
-                    && !self.unit_open
-                    && self.expect.is_empty()
-                    && self.predicted == Predicted::Idle);
+            let idle = self.between_transactions();
             // Holding a connection inside a transaction and waiting for the client.
             let idle_in_tx =
                 self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
@@ -685,9 +680,6 @@ impl Session {
             if event.client_read > 0 {
                 self.shared.metrics.bytes(event.client_read as u64, 0);
             }
-            if event.client_wrote > 0 {
-                self.shared.metrics.bytes(0, event.client_wrote as u64);
-            }
             if event.client_closed {
                 return Ok(());
             }
@@ -707,6 +699,15 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Between transactions (also in session mode, where the connection stays held).
+    fn between_transactions(&self) -> bool {
+        (self.server.is_none() && self.lane_reply.is_none())
+            || (self.in_flight == 0
+                && !self.unit_open
+                && self.expect.is_empty()
+                && self.predicted == Predicted::Idle)
     }
 
     /// The held connection was ended by the server between transactions: close it, count it.
