@@ -743,11 +743,13 @@ impl Session {
         {
             return Ok(Flow::Continue);
         }
+        if !self.unit_open && self.must_wait() {
+            return Ok(Flow::Wait(frame));
+        }
+        // (once per Parse: the unit's start and on_parse share it)
+        let parsed = parse.as_ref().map(|p| self.parse_analysis(p));
         if !self.unit_open {
-            if self.must_wait() {
-                return Ok(Flow::Wait(frame));
-            }
-            let first = self.unit_statement(&frame, parse.as_ref());
+            let first = self.unit_statement(&frame, parsed.as_ref());
             let outside_tx = first.as_ref().is_some_and(|a| a.runs_outside_transaction());
             // transaction_wrap: statements that behave differently inside a block (SAVEPOINT
             // outside a transaction, SET LOCAL, …) run as Postgres would, unwrapped; a unit that
@@ -796,8 +798,8 @@ impl Session {
         }
         match frame.tag {
             fe::PARSE => {
-                if let Some(p) = &parse {
-                    self.on_parse(&frame, p)?;
+                if let (Some(p), Some(parsed)) = (&parse, parsed) {
+                    self.on_parse(&frame, p, parsed)?;
                 }
             }
             fe::BIND => self.on_bind(&frame)?,
@@ -883,10 +885,10 @@ impl Session {
     fn unit_statement(
         &self,
         frame: &Frame,
-        parse: Option<&fe::Parse<'_>>,
+        parsed: Option<&ParseAnalysis>,
     ) -> Option<Arc<Analysis>> {
-        if let Some(p) = parse {
-            return Some(self.parse_analysis(p).analysis);
+        if let Some(parsed) = parsed {
+            return Some(Arc::clone(&parsed.analysis));
         }
         match frame.tag {
             fe::BIND => fe::bind(frame.body())
@@ -946,12 +948,17 @@ impl Session {
         }
     }
 
-    fn on_parse(&mut self, frame: &Frame, p: &fe::Parse<'_>) -> Result<(), SessionError> {
+    fn on_parse(
+        &mut self,
+        frame: &Frame,
+        p: &fe::Parse<'_>,
+        parsed: ParseAnalysis,
+    ) -> Result<(), SessionError> {
         let ParseAnalysis {
             analysis,
             guard_epoch,
             again,
-        } = self.parse_analysis(p);
+        } = parsed;
         if let Some(refusal) = self.refusal_for(&analysis, p.sql) {
             return self.refuse_extended(refusal);
         }
@@ -1000,9 +1007,10 @@ impl Session {
         };
         let stamp = self.shared.pool.plan_tick();
         // The unnamed statement again (every execution of most drivers): refreshed in place.
-        let refreshed = match again {
-            true => self.stmts.refresh_unnamed(stamp),
-            false => None,
+        let refreshed = if again {
+            self.stmts.refresh_unnamed(stamp)
+        } else {
+            None
         };
         let seq = match refreshed {
             Some(seq) => seq,

@@ -293,55 +293,33 @@ impl Session {
             return Err(SessionError::TokenExpired);
         }
         self.query_started = Some(std::time::Instant::now());
-        let admitted = self.admit().await;
-        if let Ok(started) = admitted {
+        match self.admit().await {
             // (no connection of its own: the lane's)
-            self.admitted(started, 0);
-        }
-        if let Err(e) = admitted {
-            tracing::warn!(error = %e, "no room for the client's unit");
-            let err = e.to_client_error();
-            if unit.query {
-                let _ = self.client_buf.split_to(unit.len);
-                self.local_query_error(&err);
-            } else {
-                // the usual path skips the unit's messages up to its Sync and answers it
-                be::write_error(&err, &mut self.client_out);
-                self.skip_until_sync = true;
-                self.local_failed_unit = true;
-            }
-            return Ok(Piped::Answered);
+            Ok(started) => self.admitted(started, 0),
+            Err(e) => return Ok(self.unit_not_admitted(&unit, &e)),
         }
         // the client's unnamed statement is this one now (a later Bind alone re-Parses it)
         let stamp = match unit.unnamed {
             Some(_) => self.shared.pool.plan_tick(),
             None => 0,
         };
-        let unnamed = match unit.unnamed {
-            Some(UnnamedParse::Same) if self.stmts.refresh_unnamed(stamp).is_some() => None,
-            Some(UnnamedParse::Same) => self.stmts.get("").map(|p| {
-                (
-                    Arc::clone(&p.sql),
-                    p.param_types.clone(),
-                    Arc::clone(&p.analysis),
-                    p.guard_epoch,
-                )
-            }),
-            Some(UnnamedParse::New(sql, param_types, analysis, guard_epoch)) => {
-                Some((sql, param_types, analysis, guard_epoch))
+        match unit.unnamed {
+            Some(UnnamedParse::Same) => {
+                // (it exists: lane_unit found it)
+                self.stmts.refresh_unnamed(stamp);
             }
-            None => None,
-        };
-        if let Some((sql, param_types, analysis, guard_epoch)) = unnamed {
-            let prepared = Arc::new(Prepared {
-                server_name: statements::unnamed(),
-                sql,
-                param_types,
-                analysis,
-                stamp,
-                guard_epoch,
-            });
-            self.stmts.insert("", prepared);
+            Some(UnnamedParse::New(sql, param_types, analysis, guard_epoch)) => {
+                let prepared = Arc::new(Prepared {
+                    server_name: statements::unnamed(),
+                    sql,
+                    param_types,
+                    analysis,
+                    stamp,
+                    guard_epoch,
+                });
+                self.stmts.insert("", prepared);
+            }
+            None => {}
         }
         let tenant = match &self.lane_tenant {
             Some(t) => Arc::clone(t),
@@ -376,6 +354,22 @@ impl Session {
         self.cancel.slot.set_pipelined(Arc::clone(&reply));
         self.lane_reply = Some(reply);
         Ok(Piped::Sent)
+    }
+
+    /// No room for the unit (a pause or the tenant's limit timed out): answered with the error.
+    fn unit_not_admitted(&mut self, unit: &Unit, e: &crate::pool::PoolError) -> Piped {
+        tracing::warn!(error = %e, "no room for the client's unit");
+        let err = e.to_client_error();
+        if unit.query {
+            let _ = self.client_buf.split_to(unit.len);
+            self.local_query_error(&err);
+        } else {
+            // the usual path skips the unit's messages up to its Sync and answers it
+            be::write_error(&err, &mut self.client_out);
+            self.skip_until_sync = true;
+            self.local_failed_unit = true;
+        }
+        Piped::Answered
     }
 
     /// Replies (or the end) of the unit on a lane arrived in `client_out`.

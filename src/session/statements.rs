@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use crate::guard::Analysis;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     pub server_name: Arc<str>,
     pub sql: Arc<str>,
@@ -82,13 +82,12 @@ impl Statements {
     }
 
     /// The client Parsed its unnamed statement again (see [`Statements::unnamed_again`]): the
-    /// statement kept is refreshed in place (stamp, Parse sequence) instead of a new one being
-    /// built. Returns the Parse's sequence number; `None` when the statement is shared (the
-    /// caller then inserts a copy).
+    /// statement kept is refreshed (stamp, Parse sequence) in place, or in a copy while a unit
+    /// still holds it, instead of a new one being built. Returns the Parse's sequence number;
+    /// `None` when there is no unnamed statement.
     pub fn refresh_unnamed(&mut self, stamp: u64) -> Option<u64> {
         let (p, seq) = self.unnamed.as_mut()?;
-        let p = Arc::get_mut(p)?;
-        p.stamp = stamp;
+        Arc::make_mut(p).stamp = stamp;
         self.parse_seq += 1;
         *seq = self.parse_seq;
         Some(self.parse_seq)
