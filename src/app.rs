@@ -563,8 +563,8 @@ async fn start(
             key,
             mut stream,
         })) => {
-            shared.metrics.cancel();
             shared.cancels.cancel(pid, &key).await;
+            shared.metrics.cancel();
             client::close(&mut stream).await;
             return None;
         }

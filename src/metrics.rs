@@ -600,9 +600,14 @@ impl Metrics {
         self.pins.inc();
     }
 
-    /// A cancel request arrived.
+    /// A cancel request was dealt with (delivered to the server, or found nothing to cancel).
     pub fn cancel(&self) {
         self.cancels.inc();
+    }
+
+    /// Cancel requests dealt with so far.
+    pub fn cancels(&self) -> u64 {
+        self.cancels.get()
     }
 
     /// A checkout gave up after `checkout_timeout`.

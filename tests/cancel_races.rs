@@ -273,3 +273,143 @@ async fn a_cancel_never_skips_the_discard_on_a_lane() {
     assert!(probes.iter().chain(&inserts).all(|&n| n > 0));
     proxy.stop().await;
 }
+
+/// One unit of the self-cancelling client (buffered: a round's units go in one write): simple
+/// Queries, an extended execution, a driver's prepare (Parse/Describe/Sync) and a statement
+/// Close with its Sync.
+async fn push_unit(c: &mut RawClient, kind: u64) {
+    match kind % 6 {
+        0 => c.query("SELECT 1").await,
+        1 => c.query("SELECT 1 FROM pg_sleep(0.0002)").await,
+        2 => c.query("SELECT 1; SELECT 2").await,
+        3 => {
+            c.parse("", "SELECT 1").await;
+            c.bind("", "").await;
+            c.execute("").await;
+            c.sync().await;
+        }
+        4 => {
+            c.parse("", "SELECT 1").await;
+            c.send(b'D', b"S\0").await;
+            c.sync().await;
+        }
+        _ => {
+            c.send(b'C', b"Sgone\0").await;
+            c.sync().await;
+        }
+    }
+}
+
+/// A client fires its own cancel at random moments into rounds of short autocommit units of
+/// every shape, pipelined (the backend runs them back to back, rlsgate's own statements between
+/// them). Wherever it lands (transaction_wrap's `BEGIN`, the tenant context, the client's
+/// statement, rlsgate's `COMMIT`, or nothing), a unit may fail only with 57014 and must end
+/// outside any transaction: the client never opened one. Returns how many units were cancelled.
+async fn self_cancels(wrap: bool, depth: usize) -> usize {
+    const UNITS: usize = 12;
+    let db = demo_db();
+    let config = config_text(&db, 1, "")
+        .replace(
+            &format!("pipeline_depth = {}", pipeline_depth()),
+            &format!("pipeline_depth = {depth}"),
+        )
+        .replace(
+            &format!("transaction_wrap = {WRAP}"),
+            &format!("transaction_wrap = {wrap}"),
+        );
+    let proxy = start_proxy_with(&db, &config).await;
+    let mut c = RawClient::connect(&proxy, &token("south")).await;
+    assert_eq!(c.backend_key.len(), 8, "BackendKeyData");
+    let _load = Load::start(1);
+    let started = Instant::now();
+    let (mut rounds, mut cancelled) = (0usize, 0usize);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 24
+    };
+    // The cancel takes a while to reach the server (a connection to rlsgate, one to the
+    // postmaster, its fork): it goes out somewhere between `window` before the round's write
+    // and `window` after it; the window widens while no cancel lands.
+    let (mut window_us, mut since_landed) = (500u64, 0);
+    while started.elapsed() < Duration::from_secs(4)
+        || (cancelled < 5 && started.elapsed() < Duration::from_secs(30))
+    {
+        since_landed += 1;
+        if since_landed > 30 && window_us < 16_000 {
+            window_us *= 2;
+            since_landed = 0;
+        }
+        let kinds: Vec<u64> = (0..UNITS).map(|_| next()).collect();
+        c.start_batch();
+        for &kind in &kinds {
+            push_unit(&mut c, kind).await;
+        }
+        let offset = next() % (2 * window_us);
+        let key = c.backend_key.clone();
+        let cancel = if offset < window_us {
+            let cancel = tokio::spawn(RawClient::cancel(proxy.addr, key));
+            std::thread::sleep(Duration::from_micros(window_us - offset));
+            c.write_batch().await;
+            cancel
+        } else {
+            c.write_batch().await;
+            std::thread::sleep(Duration::from_micros(offset - window_us));
+            tokio::spawn(RawClient::cancel(proxy.addr, key))
+        };
+        for (i, kind) in kinds.iter().enumerate() {
+            let replies = c.until_ready().await;
+            for m in replies.iter().filter(|m| m.tag == 'E') {
+                assert_eq!(
+                    m.code(),
+                    "57014",
+                    "round {rounds}, unit {i} (kind {}): {}",
+                    kind % 6,
+                    m.field(b'M')
+                );
+                cancelled += 1;
+                since_landed = 0;
+            }
+            let ready = replies.last().expect("ReadyForQuery");
+            assert_eq!(
+                ready.body,
+                b"I",
+                "round {rounds}, unit {i} (kind {}) left the client in a transaction: {}",
+                kind % 6,
+                tags(&replies)
+            );
+        }
+        cancel.await.unwrap();
+        rounds += 1;
+    }
+    // a late cancel may still land in the next unit; after a pause none is left
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.query("SELECT count(*) FROM customers").await;
+    let replies = c.until_ready().await;
+    assert_eq!(tags(&replies), "T D C Z", "{replies:?}");
+    assert_eq!(replies.last().unwrap().body, b"I");
+    eprintln!(
+        "wrap {wrap}, depth {depth}: {rounds} rounds of {UNITS} units, {cancelled} cancelled in {:?} (window {window_us} µs)",
+        started.elapsed()
+    );
+    proxy.stop().await;
+    cancelled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_leaves_a_wrapped_unit_in_a_transaction() {
+    self_cancels(true, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_leaves_a_unit_in_a_transaction() {
+    self_cancels(false, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_leaves_a_pipelined_unit_in_a_transaction() {
+    self_cancels(true, 8).await;
+    self_cancels(false, 8).await;
+}

@@ -359,6 +359,7 @@ async fn a_hundred_thousand_interleaved_units_stay_isolated() {
     )
     .unwrap();
     let proxy = pipelined_proxy_on(db, 4, 8, "").await;
+    let cancels_sent = &std::sync::atomic::AtomicU64::new(0);
     let runs = (0..CLIENTS).map(|i| {
         let proxy = &proxy;
         async move {
@@ -414,6 +415,7 @@ async fn a_hundred_thousand_interleaved_units_stay_isolated() {
                     _ => {
                         // a cancel while the unit runs (or waits on its lane)
                         let token = c.cancel_token();
+                        cancels_sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let canceller = tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             let _ = token.cancel_query(tokio_postgres::NoTls).await;
@@ -426,6 +428,14 @@ async fn a_hundred_thousand_interleaved_units_stay_isolated() {
                             }
                         }
                         canceller.await.unwrap();
+                        // A driver's cancel returns once written; one rlsgate deals with after
+                        // the unit ended would land in the client's next unit (as with Postgres
+                        // itself): wait until rlsgate has dealt with every cancel sent so far.
+                        while proxy.shared.metrics.cancels()
+                            < cancels_sent.load(std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
                     }
                 }
             }

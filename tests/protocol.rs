@@ -365,3 +365,69 @@ async fn a_repeated_unnamed_parse_gets_the_verdict_of_the_guard_in_force() {
     assert_eq!(run(&mut c, knob).await[0].code(), "42501");
     proxy.stop().await;
 }
+
+/// Outside a transaction a Close needs no connection (no portals exist then; server statements
+/// are rlsgate's): `Close` + `Sync`, what tokio-postgres sends for every statement it drops, is
+/// answered by rlsgate even while every pooled connection is busy, and the client's name is
+/// gone. Inside a transaction the Close goes to the server as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_outside_a_transaction_takes_no_connection() {
+    let proxy = start_proxy(1).await;
+    let holder = client(&proxy, "south").await;
+    holder.simple_query("BEGIN").await.unwrap();
+    let mut c = RawClient::connect(&proxy, &token("north")).await;
+    // PQprepare (in one write): deferred, no connection either
+    c.start_batch();
+    c.parse("s1", "SELECT count(*) FROM customers").await;
+    c.sync().await;
+    c.write_batch().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "1 Z", "{msgs:?}");
+    // the only connection is south's, inside its transaction: a Close + Sync that needed one
+    // would wait for checkout_timeout and fail
+    let started = std::time::Instant::now();
+    c.start_batch();
+    c.send(b'C', b"Ss1\0").await;
+    c.sync().await;
+    c.send(b'C', b"Pnone\0").await;
+    c.send(b'C', b"Snever_prepared\0").await;
+    c.sync().await;
+    c.write_batch().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "3 Z");
+    assert_eq!(msgs[1].body, b"I");
+    assert_eq!(tags(&c.until_ready().await), "3 3 Z");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.simple_query("COMMIT").await.unwrap();
+    // the client's name is gone
+    c.bind("", "s1").await;
+    c.execute("").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "E Z");
+    assert_eq!(msgs[0].code(), "26000");
+    // inside a transaction: the server answers (a portal of the transaction is closed)
+    c.query("BEGIN").await;
+    c.until_ready().await;
+    c.parse("s2", "SELECT 7").await;
+    c.bind("p", "s2").await;
+    c.send(b'C', b"Pp\0").await;
+    c.send(b'C', b"Ss2\0").await;
+    c.execute("p").await;
+    c.sync().await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "1 2 3 3 E Z", "{msgs:?}");
+    assert_eq!(msgs[4].code(), "34000", "the closed portal is gone");
+    c.query("ROLLBACK").await;
+    assert_eq!(c.until_ready().await.last().unwrap().body, b"I");
+    // a driver dropping its statements after each query
+    let d = client(&proxy, "north").await;
+    for _ in 0..3 {
+        assert_eq!(count(&d, "customers").await, 3);
+    }
+    proxy.stop().await;
+}

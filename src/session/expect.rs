@@ -72,8 +72,15 @@ pub enum Expect {
     /// CommandComplete and notices, forward an error (a commit-time failure is the client's),
     /// then `after` for its ReadyForQuery. `held`: the wrapped Query's last CommandComplete,
     /// forwarded once the COMMIT succeeds and dropped if it fails (Postgres commits a Query's
-    /// implicit transaction before it completes the last statement).
-    WrapCommit { after: After, held: Option<Bytes> },
+    /// implicit transaction before it completes the last statement). `synced`: bound and
+    /// followed by a Sync of rlsgate's own (else a Query), so the server stops skipping after an
+    /// error there. A ReadyForQuery that still shows a block means the COMMIT did not end it
+    /// (see `relay::on_ready`).
+    WrapCommit {
+        after: After,
+        held: Option<Bytes>,
+        synced: bool,
+    },
 }
 
 impl Expect {
@@ -119,6 +126,9 @@ pub enum After {
     ContinueSplit,
     /// Swallow it, then send rlsgate's COMMIT (after a wrapped COPY FROM STDIN).
     SwallowThenCommit,
+    /// Forward it; the unit's transaction_wrap `COMMIT` was skipped or failed, so a block it
+    /// shows is rlsgate's, still open: closed as in `relay::on_ready`.
+    CloseBlock,
     /// Forward it: the last piece of a split Query.
     FinishSplit,
 }

@@ -148,6 +148,9 @@ impl Session {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
         }
+        if !self.unit_open {
+            self.end_bare_query();
+        }
         // (once per unit: inside an open extended unit an error could make the server skip them)
         if self.predicted == Predicted::Idle && self.in_flight == 0 && !self.unit_open {
             self.sync_settings()?;
@@ -162,6 +165,24 @@ impl Session {
             self.inject_context(Ahead::Unknown);
         }
         Ok(Ok(due))
+    }
+
+    /// Before another unit goes behind a client's Query that has rlsgate's statements in front
+    /// of it and no Sync behind it (its reply has not come): a Sync of rlsgate's own, answered
+    /// unseen. Should rlsgate's statements fail (the client's cancel landing in them), the
+    /// server skips the Query up to a Sync: this one, so that nothing of the next unit is
+    /// skipped with it (see relay::on_injection_error).
+    fn end_bare_query(&mut self) {
+        let n = self.expect.len();
+        if n >= 2
+            && matches!(self.expect[n - 1], Expect::Query { copy: false, .. })
+            && matches!(self.expect[n - 2], Expect::Inject { .. })
+        {
+            fe::write_sync(&mut self.server_out);
+            self.expect_ready(Expect::Sync {
+                after: After::Swallow,
+            });
+        }
     }
 
     /// Pipeline the tenant context: Bind + Execute of the context statements (Parsed first on a
@@ -245,18 +266,24 @@ impl Session {
     pub(super) fn wrap_commit(&mut self, after: After) {
         let shared = Arc::clone(&self.shared);
         let may_sync = !self.unit_open && !self.skip_until_sync && after != After::Swallow;
-        match self.server.as_mut() {
+        let synced = match self.server.as_mut() {
             Some(server) if may_sync => {
                 let commit = &shared.wrap_statements.commit;
                 prepare_own(commit, server.conn(), &self.expect, &mut self.server_out);
                 self.server_out.extend_from_slice(&commit.run);
                 fe::write_sync(&mut self.server_out);
+                true
             }
             _ => {
                 let _ = fe::write_query("COMMIT", &mut self.server_out);
+                false
             }
-        }
-        self.expect_ready(Expect::WrapCommit { after, held: None });
+        };
+        self.expect_ready(Expect::WrapCommit {
+            after,
+            held: None,
+            synced,
+        });
     }
 
     fn after_unit(&mut self, effect: TxEffect) {
@@ -650,6 +677,9 @@ impl Session {
             self.push_reply(reply.freeze());
             return;
         }
+        if self.server.is_some() {
+            self.end_bare_query();
+        }
         if self.server.is_some()
             && fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok()
         {
@@ -741,6 +771,10 @@ impl Session {
             && self.next_is_sync()
             && self.deferred_prepare(&frame)?
         {
+            return Ok(Flow::Continue);
+        }
+        if !self.unit_open && self.server.is_none() && frame.tag == fe::CLOSE {
+            self.close_locally(&frame)?;
             return Ok(Flow::Continue);
         }
         if !self.unit_open && self.must_wait() {
@@ -878,6 +912,20 @@ impl Session {
         be::write_empty(be::PARSE_COMPLETE, &mut self.client_out);
         be::write_ready(TxStatus::Idle, &mut self.client_out);
         Ok(true)
+    }
+
+    /// A Close outside a transaction (no connection held): answered here, without taking a
+    /// connection. There are no portals then, and the server's statements are rlsgate's (shared,
+    /// kept): a statement Close only makes the client's name go. Drivers such as tokio-postgres
+    /// send Close + Sync for every statement they drop; the Sync then finds no unit open and is
+    /// answered here too (see on_sync).
+    fn close_locally(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let (kind, name) = fe::target(frame.body(), "Close").map_err(protocol)?;
+        if kind == b'S' {
+            self.stmts.remove(name);
+        }
+        be::write_empty(be::CLOSE_COMPLETE, &mut self.client_out);
+        Ok(())
     }
 
     /// The statement the message opening a unit is about (a Parse's text, a Bind's prepared

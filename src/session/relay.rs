@@ -95,7 +95,7 @@ impl Session {
                         ..
                     })
                 )
-                && let Some(Expect::WrapCommit { held, after }) = self.expect.get_mut(1)
+                && let Some(Expect::WrapCommit { held, after, .. }) = self.expect.get_mut(1)
                 && matches!(after, After::Forward | After::FinishSplit)
             {
                 // transaction_wrap: the Query's completion waits for rlsgate's COMMIT. (Not for
@@ -348,6 +348,13 @@ impl Session {
                 self.client_out.extend_from_slice(frame.bytes);
                 self.expect.pop_front();
                 self.discard_until_sync();
+                // A cancel (or statement_timeout) can fail the COMMIT before it ends the block:
+                // the Sync's ReadyForQuery tells.
+                if let Some(Expect::Sync { after }) = self.expect.front_mut()
+                    && *after == After::Forward
+                {
+                    *after = After::CloseBlock;
+                }
                 Ok(())
             }
             Expect::Inject { .. } => self.on_injection_error(frame),
@@ -428,11 +435,12 @@ impl Session {
             }
         }
         if left_open > 0 {
-            // The block must end after the Sync, with rlsgate's COMMIT (a ROLLBACK by then),
-            // unless a COMMIT of rlsgate's already follows that Sync.
+            // The block (if the error came after its BEGIN) must end after the Sync, with
+            // rlsgate's COMMIT (a ROLLBACK by then), unless a COMMIT of rlsgate's already follows
+            // that Sync; the Sync's ReadyForQuery tells whether it is open.
             match self.expect.front_mut() {
                 Some(Expect::Sync { after }) if *after == After::Forward => {
-                    *after = After::SwallowThenCommit;
+                    *after = After::CloseBlock;
                 }
                 Some(_) => {}
                 None => self.wrapping = true,
@@ -486,21 +494,28 @@ impl Session {
         }
     }
 
-    /// The injected context failed (should not happen with validated settings). The client's
-    /// unit is skipped by the server; answer it with the error and keep the session if we can.
+    /// rlsgate's statements ahead of a client's unit failed: the client's cancel (or its
+    /// statement_timeout) landed in them, or they met a block rlsgate's own COMMIT left open
+    /// (see on_ready); anything else is not expected with validated settings. The server now
+    /// skips everything up to the next Sync: the client's unit gets the error, as if its first
+    /// statement had failed, and the session goes on.
     fn on_injection_error(&mut self, frame: FrameRef<'_>) -> Result<(), SessionError> {
-        let detail = be::notice_fields(frame.body())
+        let notice = be::notice_fields(frame.body()).ok();
+        let code = notice.as_ref().map_or("", |n| n.code.as_str());
+        let detail = notice
+            .as_ref()
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
-        if let Some(Expect::Inject {
-            parsed: Some(names),
-            ..
-        }) = self.expect.pop_front()
-        {
-            self.context_statements_lost(&names);
-        }
-        let aborted_block = be::notice_fields(frame.body())
-            .is_ok_and(|n| n.code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION);
+        let block = match self.expect.pop_front() {
+            Some(Expect::Inject { parsed, block, .. }) => {
+                if let Some(names) = parsed {
+                    self.context_statements_lost(&names);
+                }
+                block
+            }
+            _ => BlockEdge::Neither,
+        };
+        let aborted_block = code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION;
         if aborted_block && self.expect.is_empty() {
             // Sent behind a statement that ended in an aborted block (the client has that
             // statement's error): no disagreement. The server now skips to a Sync: one of
@@ -512,25 +527,69 @@ impl Session {
             });
             return Ok(());
         }
-        if detail.starts_with(crate::error::sqlstate::QUERY_CANCELED) {
-            // the client's cancel (or its statement_timeout) landed in the context
+        // transaction_wrap's BEGIN can only meet an aborted block that rlsgate's COMMIT left
+        // (rlsgate opens its block only when the client is outside one): the unit was
+        // pipelined behind the one whose COMMIT was interrupted.
+        let leftover_block = aborted_block && block == BlockEdge::Begin;
+        let replaced;
+        let error = if leftover_block {
+            let e = crate::error::ClientError::error(
+                crate::error::sqlstate::QUERY_CANCELED,
+                "canceling statement due to user request",
+            )
+            .with_detail("rlsgate: a cancel or timeout interrupted the COMMIT of an earlier unit; this unit, sent behind it, did not run");
+            let mut out = bytes::BytesMut::new();
+            be::write_error(&e, &mut out);
+            replaced = out;
+            &replaced[..]
+        } else {
+            frame.bytes
+        };
+        if code == crate::error::sqlstate::QUERY_CANCELED || leftover_block {
             tracing::debug!(error = %detail, "the tenant context was cancelled; the server skips the unit");
         } else {
             tracing::error!(error = %detail, "injecting the tenant context failed");
         }
-        match self.expect.front() {
-            Some(Expect::Query { .. }) if self.expect.len() == 1 => {
-                // The server ignores the Query until a Sync: send one, its ReadyForQuery ends the Query.
-                self.client_out.extend_from_slice(frame.bytes);
+        match (self.expect.front(), self.expect.get(1)) {
+            (None, _) => {
+                // Behind the client's BEGIN, already answered: its block is aborted now (its
+                // next statement is told so by the server). The server skips to a Sync: one of
+                // rlsgate's own, answered unseen.
                 fe::write_sync(&mut self.server_out);
+                self.expect_ready(Expect::Sync {
+                    after: After::Swallow,
+                });
+                Ok(())
+            }
+            (Some(Expect::Query { .. }), behind) => {
+                // The server skips the client's Query without a word, up to the next Sync,
+                // whose ReadyForQuery ends the Query: rlsgate's own (sent now, or already
+                // behind the Query: see start_unit), or that of transaction_wrap's COMMIT
+                // (skipped as well).
+                match behind {
+                    None => fe::write_sync(&mut self.server_out),
+                    Some(Expect::Sync {
+                        after: After::Swallow,
+                    }) => {
+                        self.expect.remove(1);
+                        self.query_skipped();
+                    }
+                    Some(Expect::WrapCommit { synced: true, .. }) => {
+                        self.expect.pop_front();
+                        self.query_skipped();
+                    }
+                    Some(_) => return Err(SessionError::Injection(detail)),
+                }
+                self.client_out.extend_from_slice(error);
+                self.tx_failed = true;
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
                 }
                 Ok(())
             }
-            Some(Expect::Query { .. }) | None => Err(SessionError::Injection(detail)),
-            Some(_) => {
-                self.client_out.extend_from_slice(frame.bytes);
+            (Some(_), _) => {
+                self.client_out.extend_from_slice(error);
+                self.tx_failed = true;
                 self.discard_until_sync();
                 Ok(())
             }
@@ -545,6 +604,7 @@ impl Session {
                 "unsolicited ReadyForQuery".into(),
             ));
         };
+        let own_commit = matches!(front, Expect::WrapCommit { .. });
         let after = match front {
             Expect::Sync { after }
             | Expect::Query { after, .. }
@@ -566,13 +626,18 @@ impl Session {
         self.units_done += 1;
         self.last_status = status;
         self.copy_in = false;
+        // transaction_wrap: rlsgate's block outlived the COMMIT meant to end it (a cancel or a
+        // statement_timeout interrupted that COMMIT before it ended the block, or an error in
+        // rlsgate's statements ahead of it made the server skip it). The client never opened a
+        // block: it gets the idle ReadyForQuery Postgres would give it.
+        let own_block_left = (own_commit || after == After::CloseBlock) && status != TxStatus::Idle;
         let split_ends = match after {
             After::FinishSplit => true,
             After::ContinueSplit => self
                 .split
                 .as_ref()
                 .is_none_or(|s| s.failed || s.rest.is_empty()),
-            After::Forward | After::Swallow | After::SwallowThenCommit => false,
+            After::Forward | After::Swallow | After::SwallowThenCommit | After::CloseBlock => false,
         };
         if split_ends {
             self.settings
@@ -592,6 +657,9 @@ impl Session {
                 TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
             };
         }
+        if own_block_left {
+            self.close_own_block();
+        }
         let forward = match after {
             After::Swallow => false,
             After::ContinueSplit => !self.continue_split(status)?,
@@ -607,17 +675,39 @@ impl Session {
                 self.split = None;
                 true
             }
-            After::Forward => true,
+            After::Forward | After::CloseBlock => true,
         };
         if forward {
             if let Some(started) = self.query_started.take() {
                 self.shared.metrics.query_finished(started.elapsed());
             }
-            self.client_out.extend_from_slice(frame.bytes);
+            if own_block_left {
+                be::write_ready(TxStatus::Idle, &mut self.client_out);
+            } else {
+                self.client_out.extend_from_slice(frame.bytes);
+            }
         }
         // replies rlsgate produces itself may be queued right behind this entry
         self.emit_synthetic();
         Ok(())
+    }
+
+    /// Close rlsgate's block that outlived its COMMIT (see on_ready) with rlsgate's COMMIT (a
+    /// ROLLBACK in the aborted block), answered unseen. It goes behind whatever was sent since:
+    /// units the client pipelined meanwhile meet the aborted block and fail (see
+    /// on_injection_error); the next ones wait for the block's end.
+    fn close_own_block(&mut self) {
+        tracing::debug!("transaction_wrap's COMMIT did not end its block; closing it");
+        self.tx_failed = true;
+        self.predicted = Predicted::Unknown;
+        if self.unit_open {
+            // The client's next extended unit is half sent: the COMMIT must not land inside
+            // it. Its first statement fails in the aborted block; rlsgate's COMMIT follows its
+            // Sync (see on_sync).
+            self.wrapping = true;
+            return;
+        }
+        self.wrap_commit(After::Swallow);
     }
 
     /// A unit ended: its setting changes count if its transaction committed.

@@ -259,6 +259,8 @@ pub struct RawClient {
     buf: bytes::BytesMut,
     /// Messages held by `start_batch`.
     batch: Option<Vec<u8>>,
+    /// BackendKeyData's body (process id and secret key): what a CancelRequest carries.
+    pub backend_key: Vec<u8>,
 }
 
 /// One server message: tag and body.
@@ -298,6 +300,7 @@ impl RawClient {
             stream,
             buf: bytes::BytesMut::new(),
             batch: None,
+            backend_key: Vec::new(),
         };
         let mut params = vec![("user", "app"), ("database", proxy.db.as_str())];
         params.extend_from_slice(extra);
@@ -306,8 +309,44 @@ impl RawClient {
         let auth = c.recv().await;
         assert_eq!(auth.tag, 'R', "{auth:?}");
         c.send(b'p', &[token.as_bytes(), b"\0"].concat()).await;
-        c.until_ready().await;
+        if let Some(key) = c.until_ready().await.into_iter().find(|m| m.tag == 'K') {
+            c.backend_key = key.body;
+        }
         c
+    }
+
+    /// Send a CancelRequest with this client's key on a connection of its own (returns once it
+    /// is written, as drivers do: it may reach the server later).
+    pub async fn cancel(proxy: std::net::SocketAddr, backend_key: Vec<u8>) {
+        let _ = RawClient::send_cancel(proxy, &backend_key).await;
+    }
+
+    /// Send a CancelRequest and wait until rlsgate closes that connection: it has dealt with
+    /// the request (delivered it to the server, or found nothing to cancel).
+    pub async fn cancel_and_wait(proxy: std::net::SocketAddr, backend_key: &[u8]) {
+        use tokio::io::AsyncReadExt;
+        let mut s = RawClient::send_cancel(proxy, backend_key)
+            .await
+            .expect("cancel request sent");
+        let mut sink = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "rlsgate closed the cancel connection");
+    }
+
+    async fn send_cancel(
+        proxy: std::net::SocketAddr,
+        backend_key: &[u8],
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let mut msg = 16i32.to_be_bytes().to_vec();
+        msg.extend_from_slice(&80877102i32.to_be_bytes());
+        msg.extend_from_slice(backend_key);
+        let mut s = tokio::net::TcpStream::connect(proxy).await?;
+        s.write_all(&msg).await?;
+        Ok(s)
     }
 
     pub async fn send(&mut self, tag: u8, body: &[u8]) {
