@@ -1402,3 +1402,58 @@ async fn relay_stall_both_ways_then_resume() {
     proxy.stop().await;
     findings.assert_none();
 }
+
+/// The statements rlsgate runs between two clients fail (made unparsable on the way to the
+/// server): `DISCARD SEQUENCES` after another tenant, `RESET ALL` after other settings. The
+/// client's unit, pipelined right behind, would see the previous tenant's sequence values or
+/// settings: none of its replies may reach the client. Its session ends; the next one is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cleanup_between_clients_ends_the_session() {
+    let (relay, proxy) = behind_relay(1).await;
+    let north = client(&proxy, "north").await;
+    for (round, (statement, broken, probe)) in [
+        (
+            "DISCARD SEQUENCES",
+            "DISCARD SEQUENCEZ",
+            "SELECT lastval()::text",
+        ),
+        ("RESET ALL", "RESET ALX", "SHOW search_path"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // north's session state is on the one connection: a sequence value and a search_path
+        north
+            .simple_query(&format!(
+                "INSERT INTO customers (store_id, name, email) VALUES ('north', 'seq', 'seq{round}@cleanup')"
+            ))
+            .await
+            .unwrap();
+        north
+            .simple_query("SET search_path = north_only, public")
+            .await
+            .unwrap();
+        relay.set(Dir::ToServer, Mode::Rewrite(statement, broken));
+        let south = client(&proxy, "south").await;
+        match south.simple_query(probe).await {
+            Ok(m) => panic!("ESCAPE: {probe} after a failed {statement} answered {m:?}"),
+            Err(e) => assert!(
+                message(&e).contains("could not clean the upstream connection between clients"),
+                "{statement}: {e:?}"
+            ),
+        }
+        assert!(
+            south.simple_query("SELECT 1").await.is_err(),
+            "the session ends"
+        );
+        relay.set(Dir::ToServer, Mode::Pass);
+        let south = client(&proxy, "south").await;
+        match south.simple_query("SELECT lastval()::text").await {
+            Ok(m) => panic!("ESCAPE: south read north's sequence value {m:?}"),
+            Err(e) => assert_eq!(code(&e), "55000", "{e:?}"),
+        }
+        let path = south.query_one("SHOW search_path", &[]).await.unwrap();
+        assert_eq!(path.get::<_, String>(0), "\"$user\", public");
+    }
+    proxy.stop().await;
+}

@@ -52,6 +52,10 @@ const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The hidden statement that seals a connection for a tenant (signed context).
 const SEAL: &str = "tenant seal";
+/// The `DISCARD SEQUENCES` between clients of different tenants (see `sync_settings`).
+const SEQUENCE_DISCARD: &str = "sequence discard";
+/// The `RESET ALL` between clients with different settings.
+const SETTINGS_RESET: &str = "settings reset";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -67,6 +71,10 @@ pub enum SessionError {
     UpstreamClosed,
     #[error("could not apply the tenant context: {0}")]
     Injection(String),
+    /// What rlsgate runs between two clients on a connection (`DISCARD SEQUENCES`, `RESET ALL`)
+    /// failed: the previous client's state may still be there.
+    #[error("cleaning the upstream connection between clients failed: {0}")]
+    Cleanup(String),
     #[error("token expired")]
     TokenExpired,
     #[error("shutting down")]
@@ -100,6 +108,11 @@ impl UserFacing for SessionError {
             SessionError::Injection(m) => ClientError::fatal(
                 sqlstate::INTERNAL_ERROR,
                 "rlsgate: could not apply the tenant context",
+            )
+            .with_detail(m.clone()),
+            SessionError::Cleanup(m) => ClientError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "rlsgate: could not clean the upstream connection between clients",
             )
             .with_detail(m.clone()),
             SessionError::TokenExpired => {
@@ -1049,10 +1062,10 @@ impl Session {
         let reset = !held && conn.settings != HeldSettings::Defaults;
         conn.settings = HeldSettings::wanted(wanted);
         if other_tenant {
-            self.hidden_query("DISCARD SEQUENCES", "sequence discard")?;
+            self.hidden_query("DISCARD SEQUENCES", SEQUENCE_DISCARD)?;
         }
         if reset {
-            self.hidden_query("RESET ALL", "settings reset")?;
+            self.hidden_query("RESET ALL", SETTINGS_RESET)?;
         }
         // (before the client's settings: a default_transaction_read_only of theirs must not
         // apply to it)

@@ -39,6 +39,17 @@ impl Session {
                             n.code, n.message
                         )));
                     }
+                    if what == super::SEQUENCE_DISCARD || what == super::SETTINGS_RESET {
+                        // The connection still holds the previous client's sequence values or
+                        // settings (another tenant's, maybe), and the client's unit is right
+                        // behind: none of its replies may reach the client. The session ends
+                        // and the connection is closed (a reply is still in flight).
+                        tracing::error!(what, code = %n.code, message = %n.message, "a statement rlsgate runs between clients failed; ending the session");
+                        return Err(SessionError::Cleanup(format!(
+                            "{what}: {} {}",
+                            n.code, n.message
+                        )));
+                    }
                     tracing::warn!(what, code = %n.code, message = %n.message, "a statement rlsgate runs itself failed");
                     if let Some(server) = self.server.as_mut() {
                         let conn = server.conn();

@@ -7,6 +7,8 @@
 //!   acknowledge everything (a black hole, as a partition looks to an application timeout).
 //! - [`Mode::Stall`]: nothing more is read or forwarded; bytes already read are held and
 //!   forwarded once the direction passes again (a hung peer: the sender's socket buffers fill).
+//! - [`Mode::Rewrite`]: bytes are forwarded with every occurrence of one byte string replaced
+//!   by another of the same length (e.g. a statement made to fail on the server).
 //!
 //! Modes apply to connections accepted later as well (a new upstream connection's startup
 //! message is dropped or held like any other bytes).
@@ -27,6 +29,7 @@ pub enum Mode {
     Pass,
     Drop,
     Stall,
+    Rewrite(&'static str, &'static str),
 }
 
 /// A direction of relayed traffic.
@@ -247,6 +250,19 @@ where
             let current = *mode.borrow_and_update();
             match current {
                 Mode::Pass => {
+                    to.write_all(&buf[..n]).await?;
+                    break;
+                }
+                Mode::Rewrite(old, new) => {
+                    assert_eq!(old.len(), new.len(), "a rewrite keeps the length");
+                    let mut at = 0;
+                    while let Some(i) = buf[at..n]
+                        .windows(old.len())
+                        .position(|w| w == old.as_bytes())
+                    {
+                        buf[at + i..at + i + old.len()].copy_from_slice(new.as_bytes());
+                        at += i + old.len();
+                    }
                     to.write_all(&buf[..n]).await?;
                     break;
                 }
