@@ -294,6 +294,11 @@ impl Pipelines {
     }
 
     /// Units may be pipelined at all.
+    /// rlsgate's prepared `DISCARD SEQUENCES` (also used on exclusive connections).
+    pub fn discard_statement(&self) -> &OwnStatement {
+        &self.discard
+    }
+
     pub fn enabled(&self) -> bool {
         self.depth > 1
     }
@@ -817,10 +822,7 @@ impl Lane {
         // front of the unit, in its implicit transaction (should the discard fail, the server
         // skips the unit).
         let mut discards = std::mem::take(&mut self.discard_next) || self.unconfirmed_discards > 0;
-        if conn.last_tenant.as_deref() != Some(&*job.tenant) {
-            discards |= conn.last_tenant.is_some();
-            conn.last_tenant = Some(Arc::clone(&job.tenant));
-        }
+        discards |= conn.sequences.hand_to(&job.tenant);
         let discard = &self.pipes.discard;
         let discard = discards.then_some((
             &discard.name,
@@ -1009,6 +1011,7 @@ impl Lane {
                     // (it may not have run)
                     self.unconfirmed_discards -= 1;
                     self.discard_next = true;
+                    self.checkout.conn().sequences = crate::pool::SequenceOwner::Unknown;
                 }
                 let prepared = &mut self.checkout.conn().prepared;
                 for name in u.unsure.drain(..) {

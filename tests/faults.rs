@@ -1404,56 +1404,72 @@ async fn relay_stall_both_ways_then_resume() {
 }
 
 /// The statements rlsgate runs between two clients fail (made unparsable on the way to the
-/// server): `DISCARD SEQUENCES` after another tenant, `RESET ALL` after other settings. The
-/// client's unit, pipelined right behind, would see the previous tenant's sequence values or
-/// settings: none of its replies may reach the client. Its session ends; the next one is clean.
+/// server). `DISCARD SEQUENCES` after another tenant goes into the unit's own transaction: the
+/// unit fails with it and does not run (a write that used `lastval()` would store the previous
+/// tenant's value), and the next transaction discards again. `RESET ALL` after other settings
+/// runs as a statement of its own ahead of the unit: none of the unit's replies may reach the
+/// client (they would show the previous client's settings); the session ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_cleanup_between_clients_ends_the_session() {
+async fn a_failed_cleanup_between_clients_never_shows_the_previous_clients_state() {
     let (relay, proxy) = behind_relay(1).await;
     let north = client(&proxy, "north").await;
-    for (round, (statement, broken, probe)) in [
-        (
-            "DISCARD SEQUENCES",
-            "DISCARD SEQUENCEZ",
-            "SELECT lastval()::text",
+    let north_insert = |n: u32| {
+        format!(
+            "INSERT INTO customers (store_id, name, email) VALUES ('north', 'seq', 'seq{n}@cleanup')"
+        )
+    };
+    // north's sequence value is on the one connection
+    north.simple_query(&north_insert(0)).await.unwrap();
+    relay.set(
+        Dir::ToServer,
+        Mode::Rewrite("DISCARD SEQUENCES", "DISCARD SEQUENCEZ"),
+    );
+    let south = client(&proxy, "south").await;
+    let leak = "INSERT INTO customers (store_id, name, email) VALUES ('south', 'leak', 'leak-' || lastval() || '@cleanup')";
+    let e = south
+        .simple_query(leak)
+        .await
+        .expect_err("the unit must not run after a failed sequence discard");
+    assert_eq!(code(&e), "42601", "the discard's error: {e:?}");
+    relay.set(Dir::ToServer, Mode::Pass);
+    // the same session goes on; the connection is discarded again before its next transaction
+    match south.simple_query("SELECT lastval()::text").await {
+        Ok(m) => panic!("ESCAPE: south read north's sequence value {m:?}"),
+        Err(e) => assert_eq!(code(&e), "55000", "{e:?}"),
+    }
+    let leaked = south
+        .query_one("SELECT count(*) FROM customers WHERE name = 'leak'", &[])
+        .await
+        .unwrap();
+    assert_eq!(leaked.get::<_, i64>(0), 0);
+
+    // north's settings on the connection, then a failing RESET ALL in front of south's unit
+    north.simple_query(&north_insert(1)).await.unwrap();
+    north
+        .simple_query("SET search_path = north_only, public")
+        .await
+        .unwrap();
+    north.simple_query(&north_insert(2)).await.unwrap();
+    relay.set(Dir::ToServer, Mode::Rewrite("RESET ALL", "RESET ALX"));
+    let south = client(&proxy, "south").await;
+    match south.simple_query("SHOW search_path").await {
+        Ok(m) => panic!("ESCAPE: a failed RESET ALL let south's unit answer {m:?}"),
+        Err(e) => assert!(
+            message(&e).contains("could not clean the upstream connection between clients"),
+            "{e:?}"
         ),
-        ("RESET ALL", "RESET ALX", "SHOW search_path"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        // north's session state is on the one connection: a sequence value and a search_path
-        north
-            .simple_query(&format!(
-                "INSERT INTO customers (store_id, name, email) VALUES ('north', 'seq', 'seq{round}@cleanup')"
-            ))
-            .await
-            .unwrap();
-        north
-            .simple_query("SET search_path = north_only, public")
-            .await
-            .unwrap();
-        relay.set(Dir::ToServer, Mode::Rewrite(statement, broken));
-        let south = client(&proxy, "south").await;
-        match south.simple_query(probe).await {
-            Ok(m) => panic!("ESCAPE: {probe} after a failed {statement} answered {m:?}"),
-            Err(e) => assert!(
-                message(&e).contains("could not clean the upstream connection between clients"),
-                "{statement}: {e:?}"
-            ),
-        }
-        assert!(
-            south.simple_query("SELECT 1").await.is_err(),
-            "the session ends"
-        );
-        relay.set(Dir::ToServer, Mode::Pass);
-        let south = client(&proxy, "south").await;
-        match south.simple_query("SELECT lastval()::text").await {
-            Ok(m) => panic!("ESCAPE: south read north's sequence value {m:?}"),
-            Err(e) => assert_eq!(code(&e), "55000", "{e:?}"),
-        }
-        let path = south.query_one("SHOW search_path", &[]).await.unwrap();
-        assert_eq!(path.get::<_, String>(0), "\"$user\", public");
+    }
+    assert!(
+        south.simple_query("SELECT 1").await.is_err(),
+        "the session ends"
+    );
+    relay.set(Dir::ToServer, Mode::Pass);
+    let south = client(&proxy, "south").await;
+    let path = south.query_one("SHOW search_path", &[]).await.unwrap();
+    assert_eq!(path.get::<_, String>(0), "\"$user\", public");
+    match south.simple_query("SELECT lastval()::text").await {
+        Ok(m) => panic!("ESCAPE: south read north's sequence value {m:?}"),
+        Err(e) => assert_eq!(code(&e), "55000", "{e:?}"),
     }
     proxy.stop().await;
 }

@@ -89,7 +89,7 @@ pub(super) async fn connect(
         created: now,
         last_used: now,
         prepared: Default::default(),
-        last_tenant: None,
+        sequences: super::SequenceOwner::Nobody,
         dirty_session: false,
         unnamed_owner: None,
         settings: super::HeldSettings::Defaults,

@@ -146,9 +146,9 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// rlsgate's prepared statements on this connection (bounded; see [`statements`]).
     pub prepared: statements::ServerStatements,
-    /// The tenant whose transaction ran last on it: sequence state (`lastval()`, `currval()`)
-    /// is discarded before another tenant's transaction.
-    pub last_tenant: Option<Arc<str>>,
+    /// Whose sequence state (`lastval()`, `currval()`) it may hold: discarded before another
+    /// tenant's transaction.
+    pub sequences: SequenceOwner,
     /// A session-level SET ran on it: reset before anyone else gets it.
     pub dirty_session: bool,
     /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.
@@ -683,6 +683,31 @@ pub struct Checkout {
     pool: Arc<Inner>,
     /// Held until the connection is back in the pool (or closed).
     permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Whose sequence state a server connection may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceOwner {
+    /// No tenant's transaction ran on it yet.
+    Nobody,
+    /// The tenant whose transaction ran last on it.
+    Tenant(Arc<str>),
+    /// A discard failed or may not have run: discarded before any tenant's next transaction.
+    Unknown,
+}
+
+impl SequenceOwner {
+    /// Before `tenant`'s transaction: must the sequence state be discarded? Records `tenant`
+    /// as the owner from then on.
+    pub fn hand_to(&mut self, tenant: &str) -> bool {
+        let discard = match self {
+            SequenceOwner::Tenant(t) if **t == *tenant => return false,
+            SequenceOwner::Nobody => false,
+            SequenceOwner::Tenant(_) | SequenceOwner::Unknown => true,
+        };
+        *self = SequenceOwner::Tenant(Arc::from(tenant));
+        discard
+    }
 }
 
 impl Checkout {

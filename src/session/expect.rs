@@ -14,11 +14,14 @@ pub enum Expect {
     /// The injected tenant context (with transaction_wrap, also the `BEGIN` or `COMMIT` of
     /// rlsgate's block, see `block`): swallow its ParseCompletes, BindCompletes, rows, notices
     /// and CommandCompletes; `remaining` CommandCompletes to go. `parsed`: the context statements
-    /// Parsed with it (forgotten if the injection fails or is skipped).
+    /// Parsed with it (forgotten if the injection fails or is skipped). `discards`: it is the
+    /// `DISCARD SEQUENCES` between tenants (see `Session::discard_inline`); should it fail or be
+    /// skipped, the connection's sequence state is unknown.
     Inject {
         remaining: usize,
         parsed: Option<Box<[Arc<str>]>>,
         block: BlockEdge,
+        discards: bool,
     },
     /// A message rlsgate added (a re-Parse on this connection): swallow one reply with this tag.
     Hidden { tag: u8, prepared: Option<Arc<str>> },

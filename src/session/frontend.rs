@@ -122,11 +122,17 @@ impl Session {
     /// Also when the open extended unit needs the context again (see `reapply`): whether it can
     /// be applied depends on the state the replies tell (not in an aborted block).
     /// Likewise after a possible COMMIT/ROLLBACK AND CHAIN (`chained`).
+    /// Also while a sequence discard between tenants has not answered (see `discard_inline`):
+    /// should it fail, the connection still holds the previous tenant's sequence state.
     fn must_wait(&self) -> bool {
         self.in_flight > 0
             && (self.predicted == Predicted::Unknown
                 || self.chained
-                || (self.unit_open && self.reapply.is_some()))
+                || (self.unit_open && self.reapply.is_some())
+                || self
+                    .expect
+                    .iter()
+                    .any(|e| matches!(e, Expect::Inject { discards: true, .. })))
     }
 
     /// Start a unit of work: check the token, get a connection, replay settings. Returns whether
@@ -152,8 +158,17 @@ impl Session {
             self.end_bare_query();
         }
         // (once per unit: inside an open extended unit an error could make the server skip them)
-        if self.predicted == Predicted::Idle && self.in_flight == 0 && !self.unit_open {
-            self.sync_settings()?;
+        // A sequence discard may go into the unit's own transaction when its first statement
+        // takes a snapshot anyway and runs inside a transaction.
+        let discard_inline = ahead == Ahead::Snapshot && !outside_tx;
+        if self.predicted == Predicted::Idle && !self.unit_open {
+            if self.in_flight == 0 {
+                self.sync_settings(discard_inline)?;
+            } else {
+                // Behind the client's own units: a discard of theirs that failed meanwhile
+                // leaves the sequence state unknown.
+                self.discard_sequences(discard_inline)?;
+            }
         }
         let due = self.predicted == Predicted::Idle && !outside_tx;
         if due && !self.wrap && matches!(ahead, Ahead::Snapshot | Ahead::Unknown) {
@@ -231,6 +246,7 @@ impl Session {
                     remaining: 1,
                     parsed: None,
                     block: BlockEdge::Neither,
+                    discards: false,
                 });
                 return;
             }
@@ -255,6 +271,7 @@ impl Session {
                 remaining,
                 parsed: (!parsed.is_empty()).then(|| parsed.into_boxed_slice()),
                 block,
+                discards: false,
             });
         }
     }

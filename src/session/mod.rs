@@ -1030,7 +1030,7 @@ impl Session {
     /// sequence state (`lastval()`/`currval()` would show its new ids), and if the connection
     /// holds other settings than this client's, replay the client's — all hidden, pipelined
     /// ahead of the client's messages.
-    fn sync_settings(&mut self) -> Result<(), SessionError> {
+    fn sync_settings(&mut self, discard_inline: bool) -> Result<(), SessionError> {
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
@@ -1043,11 +1043,12 @@ impl Session {
                 prepared: None,
             });
         }
-        let tenant = self.identity.tenant.as_str();
-        let other_tenant = conn.last_tenant.as_deref().is_some_and(|t| t != tenant);
-        if conn.last_tenant.as_deref() != Some(tenant) {
-            conn.last_tenant = Some(Arc::from(tenant));
-        }
+        let other_tenant = conn.sequences.hand_to(&self.identity.tenant);
+        // In the unit's implicit transaction, so that the unit does not run if the discard
+        // fails (not with transaction_wrap, whose BEGIN goes first, nor with a seal, which the
+        // discard clears and which goes before the unit).
+        let discard_inline =
+            other_tenant && discard_inline && !self.wrap && self.shared.sealer.is_none();
         let wanted = self.settings.wanted();
         let held = conn.settings.matches(wanted);
         if other_tenant {
@@ -1057,11 +1058,15 @@ impl Session {
         if held && !other_tenant {
             return self.seal();
         }
+        if held && discard_inline {
+            self.discard_inline();
+            return Ok(());
+        }
         // Statements of their own (each its own implicit transaction), so that a replay that
         // fails cannot roll back the reset and leave the previous client's settings.
         let reset = !held && conn.settings != HeldSettings::Defaults;
         conn.settings = HeldSettings::wanted(wanted);
-        if other_tenant {
+        if other_tenant && !discard_inline {
             self.hidden_query("DISCARD SEQUENCES", SEQUENCE_DISCARD)?;
         }
         if reset {
@@ -1084,7 +1089,51 @@ impl Session {
                 self.cancel.slot.hold();
             }
         }
+        if discard_inline {
+            self.discard_inline();
+        }
         Ok(())
+    }
+
+    /// Before a unit pipelined behind the client's own: the sequence discard, should the
+    /// connection's sequence state be another tenant's or unknown (a discard failed).
+    fn discard_sequences(&mut self, discard_inline: bool) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if !server.conn().sequences.hand_to(&self.identity.tenant) {
+            return Ok(());
+        }
+        if discard_inline && !self.wrap && self.shared.sealer.is_none() {
+            self.discard_inline();
+            Ok(())
+        } else {
+            server.conn().sealed = None;
+            self.hidden_query("DISCARD SEQUENCES", SEQUENCE_DISCARD)?;
+            self.seal()
+        }
+    }
+
+    /// `DISCARD SEQUENCES` between tenants, prepared once per connection and bound in front of
+    /// the unit's first statement, in its implicit transaction: should it fail (the client's
+    /// cancel, a statement_timeout), the server skips the unit, which never runs on the previous
+    /// tenant's sequence state, and the next transaction discards again (see
+    /// relay::on_injection_error).
+    fn discard_inline(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let statement = shared.pipelines.discard_statement();
+        let parsed =
+            frontend::prepare_own(statement, server.conn(), &self.expect, &mut self.server_out);
+        self.server_out.extend_from_slice(&statement.run);
+        self.expect.push_back(Expect::Inject {
+            remaining: 1,
+            parsed: parsed.then(|| Box::from([Arc::clone(&statement.name)])),
+            block: expect::BlockEdge::Neither,
+            discards: true,
+        });
     }
 
     /// One of rlsgate's own Queries before a transaction, answered unseen.

@@ -424,15 +424,18 @@ impl Session {
                     self.parse_skipped(prepared.as_deref(), None)
                 }
                 // The statements Parsed with a skipped injection do not exist.
-                Some(Expect::Inject { parsed, block, .. }) => {
+                Some(Expect::Inject {
+                    parsed,
+                    block,
+                    discards,
+                    ..
+                }) => {
                     match block {
                         BlockEdge::Begin => left_open -= 1,
                         BlockEdge::Commit => left_open += 1,
                         BlockEdge::Neither => {}
                     }
-                    if let Some(names) = parsed {
-                        self.context_statements_lost(&names);
-                    }
+                    self.injection_lost(parsed, discards);
                 }
                 // A Bind that did not happen: the portal it would have replaced is still there.
                 Some(Expect::Rebind {
@@ -456,6 +459,17 @@ impl Session {
                 Some(_) => {}
                 None => self.wrapping = true,
             }
+        }
+    }
+
+    /// An injection failed or was skipped: the statements Parsed with it may not exist, and if
+    /// it was the sequence discard between tenants, what the connection holds is unknown.
+    fn injection_lost(&mut self, parsed: Option<Box<[Arc<str>]>>, discards: bool) {
+        if let Some(names) = parsed {
+            self.context_statements_lost(&names);
+        }
+        if discards && let Some(server) = self.server.as_mut() {
+            server.conn().sequences = crate::pool::SequenceOwner::Unknown;
         }
     }
 
@@ -518,14 +532,31 @@ impl Session {
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
         let block = match self.expect.pop_front() {
-            Some(Expect::Inject { parsed, block, .. }) => {
-                if let Some(names) = parsed {
-                    self.context_statements_lost(&names);
-                }
+            Some(Expect::Inject {
+                parsed,
+                block,
+                discards,
+                ..
+            }) => {
+                self.injection_lost(parsed, discards);
                 block
             }
             _ => BlockEdge::Neither,
         };
+        // rlsgate's statements right behind it (the context behind a sequence discard) are
+        // skipped with it
+        while let Some(Expect::Inject {
+            block: BlockEdge::Neither,
+            ..
+        }) = self.expect.front()
+        {
+            if let Some(Expect::Inject {
+                parsed, discards, ..
+            }) = self.expect.pop_front()
+            {
+                self.injection_lost(parsed, discards);
+            }
+        }
         let aborted_block = code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION;
         if aborted_block && self.expect.is_empty() {
             // Sent behind a statement that ended in an aborted block (the client has that
