@@ -490,9 +490,6 @@ struct Lane {
     /// makes the server skip that unit; a unit behind it of the same tenant must not count on
     /// it, so while one is unconfirmed every unit written brings its own.
     unconfirmed_discards: usize,
-    /// A discard failed: the next unit brings one whatever its tenant (and the connection is
-    /// reset before it goes back to the pool if none follows).
-    discard_next: bool,
     /// Units were taken but not written yet (see `poll_step`).
     write_deferred: bool,
 }
@@ -531,7 +528,6 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
         next: None,
         again: VecDeque::new(),
         unconfirmed_discards: 0,
-        discard_next: false,
         write_deferred: false,
     };
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -821,7 +817,9 @@ impl Lane {
         // Another tenant's sequence state (lastval(), currval()) must not show: discarded in
         // front of the unit, in its implicit transaction (should the discard fail, the server
         // skips the unit).
-        let mut discards = std::mem::take(&mut self.discard_next) || self.unconfirmed_discards > 0;
+        // (a discard that failed left the connection's sequence state unknown: the next unit
+        // brings one whatever its tenant, here or wherever the connection goes next)
+        let mut discards = self.unconfirmed_discards > 0;
         discards |= conn.sequences.hand_to(&job.tenant);
         let discard = &self.pipes.discard;
         let discard = discards.then_some((
@@ -1010,7 +1008,6 @@ impl Lane {
                 if std::mem::take(&mut u.discards) {
                     // (it may not have run)
                     self.unconfirmed_discards -= 1;
-                    self.discard_next = true;
                     self.checkout.conn().sequences = crate::pool::SequenceOwner::Unknown;
                 }
                 let prepared = &mut self.checkout.conn().prepared;
@@ -1180,7 +1177,7 @@ impl Lane {
             } = *v;
             if discards {
                 self.unconfirmed_discards -= 1;
-                self.discard_next = true;
+                self.checkout.conn().sequences = crate::pool::SequenceOwner::Unknown;
             }
             let prepared = &mut self.checkout.conn().prepared;
             for name in unsure {
@@ -1226,12 +1223,10 @@ impl Lane {
     /// setting changed under it).
     fn close_clean(mut self) {
         let input = std::mem::take(&mut self.input);
-        // (a failed sequence discard with no unit behind it: the reset discards everything)
-        let retiring = self.retiring || self.discard_next;
         let conn = self.checkout.conn();
         conn.read_buf = input;
         conn.read_buf.clear();
-        if retiring {
+        if self.retiring {
             conn.settings = HeldSettings::Unknown;
             conn.dirty_session = true;
         }

@@ -304,8 +304,8 @@ async fn push_unit(c: &mut RawClient, kind: u64) {
 /// every shape, pipelined (the backend runs them back to back, rlsgate's own statements between
 /// them). Wherever it lands (transaction_wrap's `BEGIN`, the tenant context, the client's
 /// statement, rlsgate's `COMMIT`, or nothing), a unit may fail only with 57014 and must end
-/// outside any transaction: the client never opened one. Returns how many units were cancelled.
-async fn self_cancels(wrap: bool, depth: usize) -> usize {
+/// outside any transaction: the client never opened one. Some cancels must have landed.
+async fn self_cancels(wrap: bool, depth: usize) {
     const UNITS: usize = 12;
     let db = demo_db();
     let config = config_text(&db, 1, "")
@@ -394,8 +394,8 @@ async fn self_cancels(wrap: bool, depth: usize) -> usize {
         "wrap {wrap}, depth {depth}: {rounds} rounds of {UNITS} units, {cancelled} cancelled in {:?} (window {window_us} µs)",
         started.elapsed()
     );
+    assert!(cancelled > 0, "no cancel landed in {rounds} rounds");
     proxy.stop().await;
-    cancelled
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

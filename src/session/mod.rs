@@ -1031,6 +1031,7 @@ impl Session {
     /// holds other settings than this client's, replay the client's — all hidden, pipelined
     /// ahead of the client's messages.
     fn sync_settings(&mut self, discard_inline: bool) -> Result<(), SessionError> {
+        let inline_ok = self.may_discard_inline(discard_inline);
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
@@ -1044,11 +1045,7 @@ impl Session {
             });
         }
         let other_tenant = conn.sequences.hand_to(&self.identity.tenant);
-        // In the unit's implicit transaction, so that the unit does not run if the discard
-        // fails (not with transaction_wrap, whose BEGIN goes first, nor with a seal, which the
-        // discard clears and which goes before the unit).
-        let discard_inline =
-            other_tenant && discard_inline && !self.wrap && self.shared.sealer.is_none();
+        let discard_inline = other_tenant && inline_ok;
         let wanted = self.settings.wanted();
         let held = conn.settings.matches(wanted);
         if other_tenant {
@@ -1057,10 +1054,6 @@ impl Session {
         }
         if held && !other_tenant {
             return self.seal();
-        }
-        if held && discard_inline {
-            self.discard_inline();
-            return Ok(());
         }
         // Statements of their own (each its own implicit transaction), so that a replay that
         // fails cannot roll back the reset and leave the previous client's settings.
@@ -1098,13 +1091,14 @@ impl Session {
     /// Before a unit pipelined behind the client's own: the sequence discard, should the
     /// connection's sequence state be another tenant's or unknown (a discard failed).
     fn discard_sequences(&mut self, discard_inline: bool) -> Result<(), SessionError> {
+        let inline_ok = self.may_discard_inline(discard_inline);
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
         if !server.conn().sequences.hand_to(&self.identity.tenant) {
             return Ok(());
         }
-        if discard_inline && !self.wrap && self.shared.sealer.is_none() {
+        if inline_ok {
             self.discard_inline();
             Ok(())
         } else {
@@ -1112,6 +1106,13 @@ impl Session {
             self.hidden_query("DISCARD SEQUENCES", SEQUENCE_DISCARD)?;
             self.seal()
         }
+    }
+
+    /// The sequence discard may go into the unit's implicit transaction (`first_statement`: the
+    /// unit's first statement allows it): not with transaction_wrap, whose BEGIN goes first, nor
+    /// with a seal, which the discard clears and which goes before the unit.
+    fn may_discard_inline(&self, first_statement: bool) -> bool {
+        first_statement && !self.wrap && self.shared.sealer.is_none()
     }
 
     /// `DISCARD SEQUENCES` between tenants, prepared once per connection and bound in front of

@@ -531,38 +531,33 @@ impl Session {
             .as_ref()
             .map(|n| format!("{} {}", n.code, n.message))
             .unwrap_or_default();
-        let block = match self.expect.pop_front() {
-            Some(Expect::Inject {
-                parsed,
-                block,
-                discards,
-                ..
-            }) => {
-                self.injection_lost(parsed, discards);
-                block
-            }
-            _ => BlockEdge::Neither,
-        };
-        // rlsgate's statements right behind it (the context behind a sequence discard) are
-        // skipped with it
+        // The failed injection, and rlsgate's statements right behind it (the context behind a
+        // sequence discard): the server skips them all.
+        let mut failed = None;
         while let Some(Expect::Inject {
-            block: BlockEdge::Neither,
+            parsed,
+            block,
+            discards,
             ..
-        }) = self.expect.front()
-        {
-            if let Some(Expect::Inject {
-                parsed, discards, ..
-            }) = self.expect.pop_front()
-            {
-                self.injection_lost(parsed, discards);
-            }
+        }) = self.expect.pop_front_if(|e| {
+            matches!(e, Expect::Inject { block, .. } if failed.is_none() || *block == BlockEdge::Neither)
+        }) {
+            failed.get_or_insert(block);
+            self.injection_lost(parsed, discards);
         }
+        let block = failed.unwrap_or(BlockEdge::Neither);
         let aborted_block = code == crate::error::sqlstate::IN_FAILED_SQL_TRANSACTION;
-        if aborted_block && self.expect.is_empty() {
-            // Sent behind a statement that ended in an aborted block (the client has that
-            // statement's error): no disagreement. The server now skips to a Sync: one of
-            // rlsgate's own, answered unseen.
-            tracing::debug!("tenant context not applied in an aborted transaction block");
+        let cancelled = code == crate::error::sqlstate::QUERY_CANCELED;
+        if self.expect.is_empty() {
+            // Behind the client's last statement, already answered: one that ended in an
+            // aborted block (the client has its error: no disagreement), or the client's BEGIN
+            // (its block is aborted now; its next statement is told so by the server). The
+            // server skips to a Sync: one of rlsgate's own, answered unseen.
+            if aborted_block || cancelled {
+                tracing::debug!(error = %detail, "tenant context not applied behind the client's last statement");
+            } else {
+                tracing::error!(error = %detail, "injecting the tenant context failed");
+            }
             fe::write_sync(&mut self.server_out);
             self.expect_ready(Expect::Sync {
                 after: After::Swallow,
@@ -587,22 +582,12 @@ impl Session {
         } else {
             frame.bytes
         };
-        if code == crate::error::sqlstate::QUERY_CANCELED || leftover_block {
+        if cancelled || leftover_block {
             tracing::debug!(error = %detail, "the tenant context was cancelled; the server skips the unit");
         } else {
             tracing::error!(error = %detail, "injecting the tenant context failed");
         }
         match (self.expect.front(), self.expect.get(1)) {
-            (None, _) => {
-                // Behind the client's BEGIN, already answered: its block is aborted now (its
-                // next statement is told so by the server). The server skips to a Sync: one of
-                // rlsgate's own, answered unseen.
-                fe::write_sync(&mut self.server_out);
-                self.expect_ready(Expect::Sync {
-                    after: After::Swallow,
-                });
-                Ok(())
-            }
             (Some(Expect::Query { .. }), behind) => {
                 // The server skips the client's Query without a word, up to the next Sync,
                 // whose ReadyForQuery ends the Query: rlsgate's own (sent now, or already
@@ -629,7 +614,7 @@ impl Session {
                 }
                 Ok(())
             }
-            (Some(_), _) => {
+            _ => {
                 self.client_out.extend_from_slice(error);
                 self.tx_failed = true;
                 self.discard_until_sync();
