@@ -361,8 +361,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         metrics.set_pinned(shared_for_gauges.pinned.load(Ordering::Relaxed));
                         let registry = &shared_for_gauges.registry;
                         memory.after_clients(registry.take_peak(), registry.count()).await;
-                        // idle sessions whose token expired end now (no timer per session)
-                        registry.wake_expired(jsonwebtoken::get_current_timestamp());
+                        // idle sessions whose token expired end now, quiet ones rest (no timer
+                        // per session)
+                        registry.tick(jsonwebtoken::get_current_timestamp());
                     }
                     _ = stop.cancelled() => return,
                 }
@@ -393,10 +394,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancellat
                         tokio::spawn(refuse_client(tcp));
                         continue;
                     };
-                    let span = tracing::info_span!("conn", conn_id, %peer, user = tracing::field::Empty, tenant = tracing::field::Empty);
+                    let span = client_span(conn_id, peer, None);
                     // (no wrapping async block: it would store the session future twice)
-                    let session = handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone(), slot);
-                    tracker.spawn(session.instrument(span));
+                    let session = handle(tcp, peer, Arc::clone(&shared), conn_id, shutdown.clone(), slot, span);
+                    tracker.spawn(session);
                 }
                 Err(e) if crate::fd_limit::is_exhaustion(&e) && fd_reserve.release() => {
                     // Out of descriptors: use the reserved one to tell the waiting client.
@@ -523,16 +524,33 @@ fn handle(
     conn_id: u64,
     shutdown: CancellationToken,
     client_slot: tokio::sync::OwnedSemaphorePermit,
+    span: tracing::Span,
 ) -> impl Future<Output = ()> + Send {
-    let login = Box::pin(start(tcp, peer, shared, conn_id, shutdown));
+    let login = Box::pin(start(tcp, peer, shared, conn_id, shutdown).instrument(span));
     async move {
         let _client_slot = client_slot;
         let Some(session) = login.await else {
             return;
         };
         session.run().await;
-        tracing::debug!("client disconnected");
     }
+}
+
+/// The span of a client connection's logs: its id and address, and once logged in its user and
+/// tenant (a resting session's span is made again from them when it resumes).
+pub fn client_span(conn_id: u64, peer: SocketAddr, who: Option<(&str, &str)>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "conn",
+        conn_id,
+        %peer,
+        user = tracing::field::Empty,
+        tenant = tracing::field::Empty
+    );
+    if let Some((user, tenant)) = who {
+        span.record("user", user);
+        span.record("tenant", tenant);
+    }
+    span
 }
 
 /// Handshake, login and greeting: the session that then serves the client (holding its slot
@@ -614,6 +632,7 @@ async fn start(
         conn_id,
         shutdown,
         tenant_slot,
+        span,
     );
     let mut session = match session {
         Ok(s) => s,

@@ -278,6 +278,7 @@ pub struct Metrics {
     client_states: [Gauge; 3],
     server_connections: Family<StateLabel, Gauge>,
     pinned_clients: Gauge,
+    resting_clients: Gauge,
     checkout_wait: Histogram,
     transaction_duration: Histogram,
     query_duration: Histogram,
@@ -339,6 +340,13 @@ impl Metrics {
             "rlsgate_pinned_clients",
             "Clients whose server connection is pinned to them because of session state",
             pinned_clients.clone(),
+        );
+
+        let resting_clients = Gauge::default();
+        registry.register(
+            "rlsgate_resting_clients",
+            "Idle clients resting as compact records (quiet for a second or more: their session holds only what it needs between transactions)",
+            resting_clients.clone(),
         );
 
         let checkout_wait = histogram();
@@ -461,6 +469,7 @@ impl Metrics {
             client_states,
             server_connections,
             pinned_clients,
+            resting_clients,
             checkout_wait,
             transaction_duration,
             query_duration,
@@ -603,6 +612,20 @@ impl Metrics {
     /// A cancel request was dealt with (delivered to the server, or found nothing to cancel).
     pub fn cancel(&self) {
         self.cancels.inc();
+    }
+
+    /// A quiet client's session was parked (`true`) or resumed (`false`).
+    pub fn resting(&self, parked: bool) {
+        if parked {
+            self.resting_clients.inc();
+        } else {
+            self.resting_clients.dec();
+        }
+    }
+
+    /// Clients resting now.
+    pub fn resting_clients(&self) -> i64 {
+        self.resting_clients.get()
     }
 
     /// Cancel requests dealt with so far.

@@ -36,6 +36,74 @@ pub struct ClientEntry {
     /// per client instead of a timer and two cancellation futures: an idle session waits on its
     /// socket and this alone.
     pub wake: Wake,
+    /// How long the client has been quiet, on the registry's clock (see [`Quiet`]).
+    pub quiet: Quiet,
+}
+
+/// How long a client has said nothing, counted in ticks of the registry's clock (once a
+/// second): a client quiet for a whole tick is asked to rest (its session shrinks to what it
+/// needs between transactions, see `Session::park`). No timer per session: the tick that already
+/// looks for expired tokens moves the mark, the session clears it when its client speaks.
+#[derive(Default)]
+pub struct Quiet(AtomicU8);
+
+impl Quiet {
+    /// The client spoke since the last tick.
+    const HEARD: u8 = 0;
+    /// A tick passed without a word.
+    const ONE_TICK: u8 = 1;
+    /// A whole tick passed without a word: the session was asked to rest (once per quiet spell).
+    const RESTING: u8 = 2;
+
+    /// The client spoke (a load, and a store only at the first word after a quiet spell).
+    pub fn heard(&self) {
+        if self.0.load(Ordering::Relaxed) != Self::HEARD {
+            self.0.store(Self::HEARD, Ordering::Relaxed);
+        }
+    }
+
+    /// The session may rest now (asked to, and nothing was heard since).
+    pub fn resting(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::RESTING
+    }
+
+    /// The session rests: the clock leaves it alone.
+    pub fn parked(&self) {
+        self.0.store(Self::RESTING, Ordering::Relaxed);
+    }
+
+    /// The session woke from its rest: if nothing comes from the client (a wake-up with nothing
+    /// to read), the next tick sends it back to rest.
+    pub fn resumed(&self) {
+        self.0.store(Self::ONE_TICK, Ordering::Relaxed);
+    }
+
+    /// A tick of the registry's clock: `true` = the client has been quiet for a whole tick (wake
+    /// its session to rest).
+    fn tick(&self) -> bool {
+        match self.0.load(Ordering::Relaxed) {
+            Self::HEARD => {
+                // (a word heard meanwhile wins: it stores HEARD after this)
+                let _ = self.0.compare_exchange(
+                    Self::HEARD,
+                    Self::ONE_TICK,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                false
+            }
+            Self::ONE_TICK => self
+                .0
+                .compare_exchange(
+                    Self::ONE_TICK,
+                    Self::RESTING,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok(),
+            _ => false,
+        }
+    }
 }
 
 /// A wake-up call for one session: cheaper to wait on than tokio's `Notify` (no lock to take
@@ -133,6 +201,7 @@ impl Registry {
             killed: AtomicBool::new(false),
             expires_at: AtomicU64::new(expires_at),
             wake: Wake::default(),
+            quiet: Quiet::default(),
         });
         if let Ok(mut c) = self.clients.lock() {
             c.insert(conn_id, Arc::clone(&entry));
@@ -179,10 +248,12 @@ impl Registry {
         victims.len()
     }
 
-    /// Wake every session whose token has expired (`now` in seconds since the Unix epoch): an
-    /// idle session ends then (see `Session::serve`). Called once a second.
-    pub fn wake_expired(&self, now: u64) {
-        self.wake_where(|e| e.expired(now));
+    /// The registry's clock, called once a second: wake every session whose token has expired
+    /// (`now` in seconds since the Unix epoch; an idle session ends then, see `Session::serve`)
+    /// and every session whose client has been quiet for a whole tick (it rests then).
+    pub fn tick(&self, now: u64) {
+        // (both looked at: the quiet mark moves on every tick)
+        self.wake_where(|e| e.quiet.tick() | e.expired(now));
     }
 
     /// Wake every session (rlsgate is shutting down: idle ones end now).

@@ -13,6 +13,7 @@ pub use inject::{OwnStatement, SharedParse, WrapStatements};
 pub use settings::StartupCache;
 pub use statements::Prepared;
 mod io;
+mod park;
 mod pipelined;
 mod reauth;
 mod relay;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::auth::Identity;
@@ -239,6 +241,8 @@ pub(crate) enum PieceKind {
 
 pub struct Session {
     shared: Arc<Shared>,
+    /// The config at login (the fields below copied from it are read on the hot path).
+    config: Arc<crate::config::Config>,
     id: u64,
     mode: PoolMode,
     client: Stream,
@@ -346,8 +350,21 @@ pub struct Session {
     lane_tenant: Option<Arc<str>>,
     /// Units may go to pipeline lanes (fixed at login).
     pipeline_ok: bool,
+    /// The client's span (made again when a resting client resumes).
+    span: tracing::Span,
     /// A lane gave the next unit back: it takes the usual path.
     pipeline_skip: bool,
+}
+
+/// Report `e` to a client whose session could not go on, as a boxed future (the task's own
+/// future does not carry room for it).
+fn tell_and_close(
+    mut client: Stream,
+    e: SessionError,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        crate::client::report(&mut client, &e.to_client_error()).await;
+    })
 }
 
 /// Which deadline of the session loop fires first.
@@ -355,6 +372,14 @@ pub struct Session {
 enum Deadline {
     IdleInTransaction,
     Query,
+}
+
+/// How a session's loop ended without an error.
+enum Served {
+    /// The client left.
+    Left,
+    /// The client has been quiet for a while and the session is at rest: it may park.
+    Quiet,
 }
 
 enum Flow {
@@ -374,15 +399,9 @@ impl Session {
         id: u64,
         shutdown: CancellationToken,
         tenant_slot: crate::limits::ClientSlot,
+        span: tracing::Span,
     ) -> Result<Box<Self>, SessionError> {
         let config = shared.config();
-        let context = inject::Context::new(
-            &login.identity,
-            config.upstream.citus_propagate_set,
-            &shared.stmt_hasher,
-            &shared.context_parse,
-        )
-        .map_err(|e| SessionError::Injection(e.to_string()))?;
         let cancel = shared.cancels.register();
         let client_entry = shared.registry.register(
             id,
@@ -400,77 +419,18 @@ impl Session {
             shared.live().guard.protected(),
             &shared.startup_settings,
         );
-        let pipeline_ok = Session::pipelining_allowed(
-            &shared,
-            config.upstream.transaction_wrap,
-            config.server.pool_mode,
-        );
-        // Boxed: the task that serves the client then holds a pointer, and the session is never
-        // moved (an idle client costs the box, the task and its sockets).
-        Ok(Box::new(Session {
-            lane_reply: None,
-            lane_tenant: None,
-            pipeline_ok,
-            pipeline_skip: false,
-            id,
-            mode: config.server.pool_mode,
-            max_message: config.server.max_message_size,
+        let login = park::Login {
             client: login.stream,
-            client_buf: login.read_buf,
-            // (grown on first use: an idle client holds as little as possible)
-            client_out: BytesMut::new(),
-            client_unflushed: false,
-            server: None,
-            server_out: BytesMut::new(),
-            server_unflushed: false,
+            read_buf: login.read_buf,
             identity: login.identity,
-            context,
-            expect: VecDeque::new(),
-            reauth: Default::default(),
-            in_flight: 0,
-            predicted: Predicted::Idle,
-            unit_open: false,
-            unit_effect: TxEffect::None,
-            copy_in: false,
-            copy_awaited: false,
-            copy_portal: None,
-            wrap: config.upstream.transaction_wrap,
-            wrapping: false,
-            wrapping_copy: false,
-            begin_portal: None,
-            reapply: None,
-            ending_portals: EndingPortals::default(),
-            chained: false,
-            skip_until_sync: false,
-            local_failed_unit: false,
-            stmts: Statements::default(),
             settings,
-            units_sent: 0,
-            units_done: 0,
-            tx_failed: false,
-            last_status: TxStatus::Idle,
-            split: None,
-            pinned: None,
-            pin_slot: None,
             client_entry,
             tracker,
-            held_since: None,
-            tenant_permit: None,
             tenant_slot,
-            query_started: None,
-            passthrough: 0,
-            idle_tx_timeout: config.server.idle_in_transaction_timeout,
-            query_timeout: config.server.query_timeout,
-            server_heard: None,
-            timer: None,
-            leeway: config.auth.leeway.as_secs(),
-            pending: None,
-            upstream_fatal: false,
-            server_lost: false,
             cancel,
-            shared,
-            shutdown,
-        }))
+        };
+        let (parked, read_buf) = park::Parked::at_login(login, shared, id, shutdown);
+        parked.into_session_with(read_buf, span).map_err(|(_, e)| e)
     }
 
     /// Finish the login (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
@@ -503,14 +463,62 @@ impl Session {
         self.flush_client().await
     }
 
-    /// Run until the client leaves. Errors are reported to the client here.
+    /// Run until the client leaves. Errors are reported to the client here. A client quiet for
+    /// a while rests as a [`park::Parked`] record: what it costs then is the record and this
+    /// future (a few pointers), not the session, its span and its loop.
     pub fn run(self: Box<Self>) -> impl Future<Output = ()> + Send {
         let mut session = self;
         async move {
-            let result = session.serve().await;
-            // Boxed: the goodbye's futures would otherwise size the future while it serves.
-            Box::pin(session.end(result)).await;
+            // A client that has not spoken yet rests at once: a new session's memory is given
+            // back before the next client's login needs as much (freed after a quiet spell
+            // instead, the sessions of a crowd of clients that logged in together would leave
+            // holes that no later allocation fills).
+            let mut quiet = session.parkable();
+            loop {
+                if !std::mem::take(&mut quiet) {
+                    let span = session.span.clone();
+                    // Boxed: the loop's futures exist only while the client is not resting.
+                    if Box::pin(session.serve_until_quiet().instrument(span)).await {
+                        return;
+                    }
+                }
+                // (boxed: the task's future stays small, and a session in use does not carry
+                // room for the record)
+                let parked = Box::new(session.park());
+                std::future::poll_fn(|cx| parked.poll_wait(cx)).await;
+                // (in a block: what it moves is not kept in this future across the await)
+                let goodbye = match parked.into_session(BytesMut::new()) {
+                    Ok(s) => {
+                        session = s;
+                        continue;
+                    }
+                    Err((client, e)) => {
+                        // (not expected: the same identity gave a context at login)
+                        tracing::error!(error = %e, "could not resume a resting session");
+                        tell_and_close(client, e)
+                    }
+                };
+                goodbye.await;
+                return;
+            }
         }
+    }
+
+    /// Serve the client until it leaves (`true`: it was told why if it must) or rests
+    /// (`false`).
+    async fn serve_until_quiet(&mut self) -> bool {
+        let result = match self.serve().await {
+            Ok(Served::Quiet) => {
+                tracing::trace!("client resting");
+                return false;
+            }
+            Ok(Served::Left) => Ok(()),
+            Err(e) => Err(e),
+        };
+        // Boxed: the goodbye's futures would otherwise size the future while it serves.
+        Box::pin(self.end(result)).await;
+        tracing::debug!("client disconnected");
+        true
     }
 
     /// The client is leaving (or must): report the error, if any, and give the connection back.
@@ -574,13 +582,13 @@ impl Session {
         self.finish().await;
     }
 
-    async fn serve(&mut self) -> Result<(), SessionError> {
+    async fn serve(&mut self) -> Result<Served, SessionError> {
         // The registry wakes a session whose token expired (once a second, while it lives); the
         // expiry is read after such a wake-up, not on every loop (a clock read each).
         let mut woken = true;
         loop {
             if self.process_client().await? {
-                return Ok(());
+                return Ok(Served::Left);
             }
             if self.expect.is_empty() && self.lane_reply.is_none() {
                 // nothing awaits the upstream: what the client asked was answered here
@@ -661,6 +669,11 @@ impl Session {
                     None
                 }
             };
+            // Quiet for a while (the registry's clock says so) and at rest: park (see `run`).
+            if idle && timer.is_none() && self.client_entry.entry.quiet.resting() && self.parkable()
+            {
+                return Ok(Served::Quiet);
+            }
             let (io, entry) = io::Sockets::new(self);
             // In this order, without drawing a random start per wake-up: a deadline that passed
             // wins, a wake-up is never starved by a socket that is always ready.
@@ -692,9 +705,10 @@ impl Session {
             };
             if event.client_read > 0 {
                 self.shared.metrics.bytes(event.client_read as u64, 0);
+                self.client_entry.entry.quiet.heard();
             }
             if event.client_closed {
-                return Ok(());
+                return Ok(Served::Left);
             }
             if event.lane {
                 if !self.query_timeout.is_zero() {

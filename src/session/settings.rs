@@ -151,6 +151,11 @@ impl Settings {
     }
 
     /// A change made by unit `unit`; it counts once that unit's transaction commits.
+    /// No change waits for its unit's end.
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     pub fn stage(&mut self, unit: u64, change: &SettingChange) {
         self.pending.push((unit, Change::Set(change.clone())));
     }

@@ -41,6 +41,11 @@ pub struct Statements {
 }
 
 impl Statements {
+    /// Nothing was ever prepared (a resting client keeps no room for the table then).
+    pub fn is_pristine(&self) -> bool {
+        self.named.is_empty() && self.unnamed.is_none() && self.parse_seq == 0 && self.bytes == 0
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
         if name.is_empty() {
             self.unnamed.as_ref().map(|(p, _)| p)
