@@ -146,7 +146,7 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                 .map(|c| {
                     vec![
                         c.conn_id.to_string(),
-                        c.tenant.clone(),
+                        c.tenant.to_string(),
                         c.user.clone(),
                         Registry::state_name(c.state.load(std::sync::atomic::Ordering::Relaxed))
                             .to_string(),
@@ -173,7 +173,7 @@ async fn command(sql: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<
                             id.to_string(),
                             "active".into(),
                             c.conn_id.to_string(),
-                            c.tenant.clone(),
+                            c.tenant.to_string(),
                         ]
                     })
                 })

@@ -595,7 +595,7 @@ async fn start(
     };
     let span = tracing::Span::current();
     span.record("user", login.user.as_str());
-    span.record("tenant", login.identity.tenant.as_str());
+    span.record("tenant", &*login.identity.tenant);
     let mut login = *login;
     let tenant_slot = match shared.limits.join(&login.identity.tenant) {
         Ok(slot) => slot,

@@ -40,7 +40,8 @@ pub struct Limits {
 /// A client slot of a tenant; released on drop.
 pub struct ClientSlot {
     limits: Arc<Limits>,
-    tenant: String,
+    /// (the identity's: one copy per client)
+    tenant: Arc<str>,
     /// The tenant's concurrent-transaction semaphore, the same for all its clients while any
     /// is connected (its entry stays as long as a slot does): taken per transaction without the
     /// map's lock. `None` once dropping.
@@ -52,11 +53,11 @@ impl Drop for ClientSlot {
         // (the entry goes with the last reference to its semaphore: not this one's)
         drop(self.transactions.take());
         if let Ok(mut t) = self.limits.tenants.lock()
-            && let Some(s) = t.get_mut(&self.tenant)
+            && let Some(s) = t.get_mut(&*self.tenant)
         {
             s.clients = s.clients.saturating_sub(1);
             if s.unused() {
-                t.remove(&self.tenant);
+                t.remove(&*self.tenant);
             }
         }
     }
@@ -71,11 +72,11 @@ pub struct PinSlot {
 impl Drop for PinSlot {
     fn drop(&mut self) {
         if let Ok(mut t) = self.limits.tenants.lock()
-            && let Some(s) = t.get_mut(&self.tenant)
+            && let Some(s) = t.get_mut(&*self.tenant)
         {
             s.pinned = s.pinned.saturating_sub(1);
             if s.unused() {
-                t.remove(&self.tenant);
+                t.remove(&*self.tenant);
             }
         }
     }
@@ -136,7 +137,7 @@ impl Limits {
     }
 
     /// A tenant's new client; FATAL 53300 over `max_clients_per_tenant`.
-    pub fn join(self: &Arc<Self>, tenant: &str) -> Result<ClientSlot, ClientError> {
+    pub fn join(self: &Arc<Self>, tenant: &Arc<str>) -> Result<ClientSlot, ClientError> {
         let mut map = self.tenants.lock().map_err(|_| ClientError::internal(0))?;
         let max = self.cfg.max_clients_per_tenant;
         let s = self.state(&mut map, tenant);
@@ -149,7 +150,7 @@ impl Limits {
         s.clients += 1;
         Ok(ClientSlot {
             limits: Arc::clone(self),
-            tenant: tenant.to_string(),
+            tenant: Arc::clone(tenant),
             transactions: Some(Arc::clone(&s.transactions)),
         })
     }
@@ -161,7 +162,7 @@ impl Limits {
         client: &ClientSlot,
         wait: Duration,
     ) -> Result<Option<OwnedSemaphorePermit>, ClientError> {
-        let tenant = client.tenant.as_str();
+        let tenant = &*client.tenant;
         let rate = self.cfg.transaction_rate_per_tenant;
         // (the clock is read only when a limit is configured)
         let started = (rate > 0).then(Instant::now);
@@ -295,9 +296,9 @@ mod tests {
         );
         let wait = Duration::from_millis(10);
         let (a1, a2, b) = (
-            l.join("a").unwrap(),
-            l.join("a").unwrap(),
-            l.join("b").unwrap(),
+            l.join(&"a".into()).unwrap(),
+            l.join(&"a".into()).unwrap(),
+            l.join(&"b".into()).unwrap(),
         );
         let p1 = l.begin_transaction(&a1, wait).await.unwrap();
         let p2 = l.begin_transaction(&a2, wait).await.unwrap();
@@ -318,7 +319,7 @@ mod tests {
         // a client leaving while its tenant still runs transactions: the state stays
         drop((a1, a2, b));
         assert_eq!(l.tenants.lock().unwrap().len(), 1);
-        let a = l.join("a").unwrap();
+        let a = l.join(&"a".into()).unwrap();
         assert!(
             l.begin_transaction(&a, wait).await.is_err(),
             "the same cap: 2 running"

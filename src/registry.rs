@@ -20,7 +20,8 @@ pub const STATE_WAITING: u8 = 2;
 
 pub struct ClientEntry {
     pub conn_id: u64,
-    pub tenant: String,
+    /// (the identity's: one copy per client)
+    pub tenant: std::sync::Arc<str>,
     pub user: String,
     /// (formatted when shown: most clients are never listed)
     pub peer: std::net::SocketAddr,
@@ -185,14 +186,14 @@ impl Registry {
     pub fn register(
         self: &Arc<Self>,
         conn_id: u64,
-        tenant: &str,
+        tenant: &std::sync::Arc<str>,
         user: String,
         peer: std::net::SocketAddr,
         expires_at: u64,
     ) -> Registration {
         let entry = Arc::new(ClientEntry {
             conn_id,
-            tenant: tenant.to_string(),
+            tenant: std::sync::Arc::clone(tenant),
             user,
             peer,
             since: SystemTime::now(),
@@ -240,7 +241,7 @@ impl Registry {
         let victims: Vec<_> = self
             .clients()
             .into_iter()
-            .filter(|e| e.tenant == tenant)
+            .filter(|e| &*e.tenant == tenant)
             .collect();
         for v in &victims {
             v.kill();
@@ -297,7 +298,7 @@ impl Registry {
     pub fn tenants(&self) -> Vec<(String, usize, TenantStats)> {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for c in self.clients() {
-            *counts.entry(c.tenant.clone()).or_default() += 1;
+            *counts.entry(c.tenant.to_string()).or_default() += 1;
         }
         let stats = self.tenants.lock().map(|t| t.clone()).unwrap_or_default();
         let mut names: Vec<String> = counts.keys().chain(stats.keys()).cloned().collect();

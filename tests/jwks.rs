@@ -561,7 +561,7 @@ async fn a_kept_token_is_refused_once_its_key_rotates_out() {
     let token_a = sign_for(&private_a, "a", "north");
     for _ in 0..3 {
         assert_eq!(
-            validator.validate(&token_a, "u").await.unwrap().tenant,
+            &*validator.validate(&token_a, "u").await.unwrap().tenant,
             "north"
         );
     }
@@ -569,7 +569,7 @@ async fn a_kept_token_is_refused_once_its_key_rotates_out() {
     std::fs::write(&path, jwks_body(&[public_b])).unwrap();
     let token_b = sign_for(&private_b, "b", "south");
     assert_eq!(
-        validator.validate(&token_b, "u").await.unwrap().tenant,
+        &*validator.validate(&token_b, "u").await.unwrap().tenant,
         "south"
     );
     for _ in 0..2 {
@@ -579,7 +579,7 @@ async fn a_kept_token_is_refused_once_its_key_rotates_out() {
         );
     }
     assert_eq!(
-        validator.validate(&token_b, "u").await.unwrap().tenant,
+        &*validator.validate(&token_b, "u").await.unwrap().tenant,
         "south"
     );
     let _ = std::fs::remove_file(&path);

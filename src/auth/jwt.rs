@@ -570,7 +570,7 @@ impl Validator {
             .as_ref()
             .is_some_and(|p| lookup(claims, p) == Some(&Value::Bool(true)));
         Ok(Identity {
-            tenant,
+            tenant: tenant.into(),
             subject,
             settings,
             expires_at,
@@ -710,7 +710,7 @@ mod tests {
         )
         .unwrap();
         let id = validator().await.validate(&t, "u").await.unwrap();
-        assert_eq!(id.tenant, "north");
+        assert_eq!(&*id.tenant, "north");
         assert_eq!(
             id.settings,
             vec![
@@ -734,7 +734,7 @@ mod tests {
             let verified = v.verify(&t, "u").await.unwrap();
             assert_eq!(verified.kid.as_deref(), kid);
             assert_eq!(verified.kid, Validator::meta(&t).kid);
-            assert_eq!(verified.identity.tenant, "north");
+            assert_eq!(&*verified.identity.tenant, "north");
         }
     }
 
@@ -902,7 +902,7 @@ mod tests {
             &json!({"store_id": "north", "sub": "u1", "exp": now() + 2, "iss": "iss-1"}),
         )
         .unwrap();
-        assert_eq!(v.validate(&t, "u1").await.unwrap().tenant, "north");
+        assert_eq!(&*v.validate(&t, "u1").await.unwrap().tenant, "north");
         assert_eq!(v.verified.len(), 1);
         // the user name is checked on every login, also from the kept claims
         assert_eq!(
@@ -919,7 +919,7 @@ mod tests {
         )
         .unwrap();
         v.verified.insert(&t, swapped, now());
-        assert_eq!(v.validate(&t, "u1").await.unwrap().tenant, "south");
+        assert_eq!(&*v.validate(&t, "u1").await.unwrap().tenant, "south");
         // …and a token is never reused past its exp (leeway 0 here)
         tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
         assert_eq!(v.validate(&t, "u1").await, Err(AuthError::Expired));

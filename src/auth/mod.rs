@@ -17,7 +17,7 @@ pub use jwt::{
 /// Who a client is, as proven by its token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub tenant: String,
+    pub tenant: std::sync::Arc<str>,
     /// `sub`, when the token has one (for logs).
     pub subject: Option<String>,
     /// Protected settings to apply on every transaction, `(guc, value)`, in config order.

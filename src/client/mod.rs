@@ -372,7 +372,7 @@ async fn login(
             shared.audit.record(AuditEvent::LoginOk {
                 peer: peer.to_string(),
                 user: user.clone(),
-                tenant: identity.tenant.clone(),
+                tenant: identity.tenant.to_string(),
                 kid,
                 jti: identity.jti.clone(),
                 subject: identity.subject.clone(),

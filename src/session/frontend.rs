@@ -355,7 +355,7 @@ impl Session {
             self.shared.audit.record(AuditEvent::StatementDenied {
                 peer: self.client_entry.entry.peer.to_string(),
                 user: self.client_entry.entry.user.clone(),
-                tenant: self.identity.tenant.clone(),
+                tenant: self.identity.tenant.to_string(),
                 rule: d.rule.to_string(),
                 fingerprint: crate::audit::fingerprint(sql),
             });

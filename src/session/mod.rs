@@ -346,8 +346,6 @@ pub struct Session {
     shutdown: CancellationToken,
     /// The unit running on a pipeline lane (see [`pipelined`]).
     lane_reply: Option<Arc<crate::pipeline::Reply>>,
-    /// The tenant, shared with the lanes (made at the first pipelined unit).
-    lane_tenant: Option<Arc<str>>,
     /// Units may go to pipeline lanes (fixed at login).
     pipeline_ok: bool,
     /// The client's span (made again when a resting client resumes).
@@ -541,7 +539,7 @@ impl Session {
                         .record(crate::audit::AuditEvent::TokenExpired {
                             peer: self.client_entry.entry.peer.to_string(),
                             user: self.client_entry.entry.user.clone(),
-                            tenant: self.identity.tenant.clone(),
+                            tenant: self.identity.tenant.to_string(),
                             jti: self.identity.jti.clone(),
                         });
                 }
@@ -886,7 +884,7 @@ impl Session {
             .shared
             .sealer
             .is_some()
-            .then_some(self.identity.tenant.as_str());
+            .then_some(&*self.identity.tenant);
         let checkout = match self.shared.pool.checkout_for(sealed_for).await {
             Ok(c) => c,
             Err(e) => {
@@ -1175,7 +1173,7 @@ impl Session {
             return Ok(());
         };
         let conn = server.conn();
-        let tenant = self.identity.tenant.as_str();
+        let tenant = &*self.identity.tenant;
         if conn.sealed.as_deref() == Some(tenant) {
             return Ok(());
         }
@@ -1244,7 +1242,7 @@ impl Session {
         self.shared.audit.record(crate::audit::AuditEvent::Reauth {
             peer: self.client_entry.entry.peer.to_string(),
             user: self.client_entry.entry.user.clone(),
-            tenant: self.identity.tenant.clone(),
+            tenant: self.identity.tenant.to_string(),
             ok: result.is_ok(),
             reason: result.as_ref().err().map(|e| e.message.clone()),
         });

@@ -251,7 +251,6 @@ impl Parked {
             cancel,
             shutdown,
             lane_reply: None,
-            lane_tenant: None,
             pipeline_ok,
             pipeline_skip,
             span,
@@ -361,8 +360,6 @@ impl Session {
             cancel,
             shutdown,
             lane_reply: _,
-            // (made again at the next pipelined unit)
-            lane_tenant: _,
             pipeline_ok,
             pipeline_skip,
             span: _,

@@ -321,13 +321,7 @@ impl Session {
             }
             None => {}
         }
-        let tenant = match &self.lane_tenant {
-            Some(t) => Arc::clone(t),
-            None => Arc::clone(
-                self.lane_tenant
-                    .insert(Arc::from(self.identity.tenant.as_str())),
-            ),
-        };
+        let tenant = Arc::clone(&self.identity.tenant);
         let frames = self.client_buf.split_to(unit.len).freeze();
         let (frames, original) = match unit.named.is_empty() {
             true => (frames, None),
