@@ -171,7 +171,10 @@ impl Session {
             }
         }
         let due = self.predicted == Predicted::Idle && !outside_tx;
-        if due && !self.wrap && matches!(ahead, Ahead::Snapshot | Ahead::Unknown) {
+        if due
+            && !self.config.upstream.transaction_wrap
+            && matches!(ahead, Ahead::Snapshot | Ahead::Unknown)
+        {
             self.inject_context(ahead);
         }
         if chained && self.predicted == Predicted::InBlock && self.last_status == TxStatus::InBlock
@@ -367,7 +370,7 @@ impl Session {
         }
         let policy = self.shared.config().server.session_state;
         if let (Some(what), PoolMode::Transaction, SessionStatePolicy::Deny) =
-            (analysis.session_state, self.mode, policy)
+            (analysis.session_state, self.config.server.pool_mode, policy)
         {
             tracing::info!(what, "session state refused in transaction pooling mode");
             return Some(Refusal {
@@ -387,7 +390,7 @@ impl Session {
     /// client with temp tables or LISTEN would otherwise take the whole pool.
     fn pin_refusal(&mut self, analysis: &Analysis) -> Option<Refusal> {
         if analysis.session_state.is_none()
-            || self.mode != PoolMode::Transaction
+            || self.config.server.pool_mode != PoolMode::Transaction
             || self.pinned.is_some()
             || self.pin_slot.is_some()
         {
@@ -419,7 +422,7 @@ impl Session {
         let Some(what) = analysis.session_state else {
             return;
         };
-        if self.mode != PoolMode::Transaction || self.pinned.is_some() {
+        if self.config.server.pool_mode != PoolMode::Transaction || self.pinned.is_some() {
             return;
         }
         if self.pin_slot.is_none() {
@@ -475,7 +478,10 @@ impl Session {
             return Ok(Flow::Continue);
         }
         let analysis = self.shared.analyze(sql);
-        if self.wrap && self.in_flight > 0 && self.predicted == Predicted::InBlock {
+        if self.config.upstream.transaction_wrap
+            && self.in_flight > 0
+            && self.predicted == Predicted::InBlock
+        {
             // transaction_wrap puts the context right after a split Query's leading BEGIN, but
             // not in an aborted block (the BEGIN fails there, and so would the context): whether
             // the block is aborted is known only once the replies in flight are in (a COPY or
@@ -538,13 +544,13 @@ impl Session {
             self.mark_dirty();
         }
         self.pin_for(&analysis);
-        let mut pieces = plan_pieces(sql, &analysis, self.wrap);
+        let mut pieces = plan_pieces(sql, &analysis, self.config.upstream.transaction_wrap);
         let unit = if pieces.len() > 1 {
             // settings count once the last piece ends committed
             let first = pieces.remove(0);
             let last = first.kind;
             // plain mode: start_unit already applied the context for the first piece
-            self.send_piece(first, due && self.wrap, true)?;
+            self.send_piece(first, due && self.config.upstream.transaction_wrap, true)?;
             self.split = Some(Box::new(Split {
                 rest: pieces.into(),
                 failed: false,
@@ -553,7 +559,7 @@ impl Session {
             self.after_unit(analysis.tx_effect());
             // counted when the whole split ends (see relay::on_ready)
             SPLIT_UNIT
-        } else if self.wrap
+        } else if self.config.upstream.transaction_wrap
             && due
             && pieces
                 .first()
@@ -577,7 +583,7 @@ impl Session {
             self.server_out.extend_from_slice(&frame.bytes);
             self.forget_dropped_statements(&analysis);
             let unit = self.expect_ready(Expect::query(After::Forward, analysis.copy_from_stdin));
-            let begins = match self.wrap {
+            let begins = match self.config.upstream.transaction_wrap {
                 true => pieces.first().is_some_and(|p| p.kind == PieceKind::Begin),
                 false => ahead == Ahead::Begin,
             };
@@ -736,7 +742,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
             };
-            let wrapped = self.wrap && due;
+            let wrapped = self.config.upstream.transaction_wrap && due;
             if wrapped {
                 self.wrap_begin();
             }
@@ -814,7 +820,7 @@ impl Session {
             let ahead = match frame.tag {
                 fe::PARSE | fe::BIND => Ahead::of(first.as_deref()),
                 // (runs nothing itself: in plain mode the context waits for the first Bind)
-                _ if !self.wrap => Ahead::FirstBind,
+                _ if !self.config.upstream.transaction_wrap => Ahead::FirstBind,
                 _ => Ahead::Unknown,
             };
             let due = match self.start_unit(outside_tx, ahead).await? {
@@ -824,7 +830,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
             };
-            if self.wrap && due && !block_sensitive {
+            if self.config.upstream.transaction_wrap && due && !block_sensitive {
                 if begins {
                     // the context goes after the client's own BEGIN (see on_bind/Execute)
                     self.begin_portal = Some(None);
@@ -842,7 +848,7 @@ impl Session {
             let bare = self.predicted == Predicted::Idle
                 && (outside_tx
                     || matches!(ahead, Ahead::Begin | Ahead::FirstBind)
-                    || (self.wrap && (begins || block_sensitive)));
+                    || (self.config.upstream.transaction_wrap && (begins || block_sensitive)));
             self.reapply = bare.then_some(Reapply::Outside);
             self.unit_open = true;
             self.unit_effect = TxEffect::None;

@@ -241,16 +241,15 @@ pub(crate) enum PieceKind {
 
 pub struct Session {
     shared: Arc<Shared>,
-    /// The config at login (the fields below copied from it are read on the hot path).
+    /// The config at login: modes, limits and timeouts are read from it (a reload applies to
+    /// new sessions).
     config: Arc<crate::config::Config>,
     id: u64,
-    mode: PoolMode,
     client: Stream,
     client_buf: BytesMut,
     client_out: BytesMut,
     /// Bytes written to the client that TLS may still hold back (see [`io`]).
     client_unflushed: bool,
-    max_message: usize,
     /// (a pointer to the connection, the pool and a permit: held inline, so a checkout
     /// allocates nothing)
     server: Option<Checkout>,
@@ -269,8 +268,6 @@ pub struct Session {
     unit_open: bool,
     /// Transaction control bound in the open extended unit.
     unit_effect: TxEffect,
-    /// `[upstream] transaction_wrap`: autocommit work runs inside rlsgate's own BEGIN … COMMIT.
-    wrap: bool,
     /// The open extended unit is wrapped: close it with rlsgate's COMMIT after the client's Sync.
     wrapping: bool,
     /// …and it runs COPY FROM STDIN: the COMMIT waits for the unit's ReadyForQuery.
@@ -318,15 +315,11 @@ pub struct Session {
     tracker: crate::metrics::ClientTracker,
     /// When the current server connection was checked out.
     held_since: Option<std::time::Instant>,
-    /// From the config at login (a reload applies to new sessions): kept here, off the hot path.
-    idle_tx_timeout: std::time::Duration,
-    query_timeout: std::time::Duration,
     /// When bytes last came from the upstream (kept only with a query_timeout).
     server_heard: Option<std::time::Instant>,
     /// The timer of the earliest deadline (idle in transaction, query timeout), made when first
     /// needed and dropped when the session goes idle.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    leeway: u64,
     /// Bytes of a large server message still to stream through to the client.
     passthrough: usize,
     /// When the client's oldest unanswered request arrived (query duration metric).
@@ -628,8 +621,9 @@ impl Session {
             };
             // Holding a connection inside a transaction and waiting for the client.
             if idle_in_tx
-                && !self.idle_tx_timeout.is_zero()
-                && let Some(at) = tokio::time::Instant::now().checked_add(self.idle_tx_timeout)
+                && !self.config.server.idle_in_transaction_timeout.is_zero()
+                && let Some(at) = tokio::time::Instant::now()
+                    .checked_add(self.config.server.idle_in_transaction_timeout)
             {
                 earliest(at, Deadline::IdleInTransaction);
             }
@@ -639,12 +633,14 @@ impl Session {
             let waits_for_upstream =
                 (self.server.is_some() && !self.expect.is_empty() && !self.copy_in)
                     || self.lane_reply.is_some();
-            if let (Some(started), false) = (self.query_started, self.query_timeout.is_zero())
-                && waits_for_upstream
+            if let (Some(started), false) = (
+                self.query_started,
+                self.config.server.query_timeout.is_zero(),
+            ) && waits_for_upstream
             {
                 let since = self.server_heard.map_or(started, |h| h.max(started));
                 earliest(
-                    tokio::time::Instant::from_std(since + self.query_timeout),
+                    tokio::time::Instant::from_std(since + self.config.server.query_timeout),
                     Deadline::Query,
                 );
             }
@@ -709,13 +705,13 @@ impl Session {
                 return Ok(Served::Left);
             }
             if event.lane {
-                if !self.query_timeout.is_zero() {
+                if !self.config.server.query_timeout.is_zero() {
                     self.server_heard = Some(std::time::Instant::now());
                 }
                 self.on_lane_reply().await?;
             }
             if event.server_read {
-                if !self.query_timeout.is_zero() {
+                if !self.config.server.query_timeout.is_zero() {
                     self.server_heard = Some(std::time::Instant::now());
                 }
                 self.process_server()?;
@@ -776,11 +772,14 @@ impl Session {
             }
             let frame = match self.pending.take() {
                 Some(f) => *f,
-                None => match try_read_frame(&mut self.client_buf, self.max_message) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Ok(false),
-                    Err(e) => return Err(SessionError::ClientProtocol(e)),
-                },
+                None => {
+                    match try_read_frame(&mut self.client_buf, self.config.server.max_message_size)
+                    {
+                        Ok(Some(f)) => f,
+                        Ok(None) => return Ok(false),
+                        Err(e) => return Err(SessionError::ClientProtocol(e)),
+                    }
+                }
             };
             match self.handle_client(frame).await? {
                 Flow::Continue => {}
@@ -958,7 +957,7 @@ impl Session {
 
     /// Transaction mode: give the connection back once the server is idle and nothing is pending.
     async fn maybe_release(&mut self) {
-        if self.mode != PoolMode::Transaction
+        if self.config.server.pool_mode != PoolMode::Transaction
             || self.pinned.is_some()
             || self.server.is_none()
             || !self.server_at_rest()
@@ -1124,7 +1123,7 @@ impl Session {
     /// unit's first statement allows it): not with transaction_wrap, whose BEGIN goes first, nor
     /// with a seal, which the discard clears and which goes before the unit.
     fn may_discard_inline(&self, first_statement: bool) -> bool {
-        first_statement && !self.wrap && self.shared.sealer.is_none()
+        first_statement && !self.config.upstream.transaction_wrap && self.shared.sealer.is_none()
     }
 
     /// `DISCARD SEQUENCES` between tenants, prepared once per connection and bound in front of
@@ -1227,7 +1226,8 @@ impl Session {
                 Ok(context) => {
                     self.context = context;
                     self.client_entry.entry.expires_at.store(
-                        id.expires_at.saturating_add(self.leeway),
+                        id.expires_at
+                            .saturating_add(self.config.auth.leeway.as_secs()),
                         std::sync::atomic::Ordering::Relaxed,
                     );
                     self.identity = id;

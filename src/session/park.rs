@@ -157,12 +157,6 @@ impl Parked {
             Ok(c) => c,
             Err(e) => return Err((self.client, SessionError::Injection(e.to_string()))),
         };
-        let mode = config.server.pool_mode;
-        let max_message = config.server.max_message_size;
-        let wrap = config.upstream.transaction_wrap;
-        let idle_tx_timeout = config.server.idle_in_transaction_timeout;
-        let query_timeout = config.server.query_timeout;
-        let leeway = config.auth.leeway.as_secs();
         let Parked {
             shared,
             id,
@@ -194,13 +188,11 @@ impl Parked {
             shared,
             config,
             id,
-            mode,
             client,
             client_buf,
             // (grown on first use: an idle client holds as little as possible)
             client_out: BytesMut::new(),
             client_unflushed: false,
-            max_message,
             server: None,
             server_out: BytesMut::new(),
             server_unflushed: false,
@@ -212,7 +204,6 @@ impl Parked {
             predicted: Predicted::Idle,
             unit_open: false,
             unit_effect,
-            wrap,
             wrapping: false,
             wrapping_copy: false,
             begin_portal: None,
@@ -236,11 +227,8 @@ impl Parked {
             client_entry,
             tracker,
             held_since: None,
-            idle_tx_timeout,
-            query_timeout,
             server_heard: None,
             timer: None,
-            leeway,
             passthrough: 0,
             query_started: None,
             tenant_permit: None,
@@ -304,12 +292,10 @@ impl Session {
             shared,
             config,
             id,
-            mode: _,
             client,
             client_buf: _,
             client_out: _,
             client_unflushed: _,
-            max_message: _,
             server: _,
             server_out: _,
             server_unflushed: _,
@@ -321,7 +307,6 @@ impl Session {
             predicted: _,
             unit_open: _,
             unit_effect,
-            wrap: _,
             wrapping: _,
             wrapping_copy: _,
             begin_portal: _,
@@ -345,11 +330,8 @@ impl Session {
             client_entry,
             tracker,
             held_since: _,
-            idle_tx_timeout: _,
-            query_timeout: _,
             server_heard: _,
             timer: _,
-            leeway: _,
             passthrough: _,
             query_started: _,
             tenant_permit: _,

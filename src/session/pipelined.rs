@@ -171,7 +171,7 @@ impl Session {
             Some(Arc::clone(p))
         };
         loop {
-            let total = frame_len(&buf[pos..], self.max_message).ok()??;
+            let total = frame_len(&buf[pos..], self.config.server.max_message_size).ok()??;
             let tag = buf[pos];
             let body = &buf[pos + 5..pos + total];
             pos += total;

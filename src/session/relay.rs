@@ -95,7 +95,7 @@ impl Session {
             // unit that starts a transaction.
             server.conn().sealed = None;
         }
-        if self.wrap && tag != be::READY_FOR_QUERY {
+        if self.config.upstream.transaction_wrap && tag != be::READY_FOR_QUERY {
             // Whatever comes now follows the held completion (if any) at the client.
             self.release_held(true);
             if tag == be::COMMAND_COMPLETE
@@ -278,7 +278,8 @@ impl Session {
             .filter(|n| n.severity == "FATAL" || n.severity == "PANIC");
         if let Some(n) = fatal {
             // The server ends the connection (terminated backend, shutdown).
-            let between_transactions = self.mode == crate::config::PoolMode::Transaction
+            let between_transactions = self.config.server.pool_mode
+                == crate::config::PoolMode::Transaction
                 && self.pinned.is_none()
                 && self.expect.is_empty()
                 && self.in_flight == 0
@@ -787,7 +788,7 @@ impl Session {
         // without the context.
         let chained = status == TxStatus::InBlock
             && piece.kind == PieceKind::Statements
-            && (!self.wrap || split.last == PieceKind::Control);
+            && (!self.config.upstream.transaction_wrap || split.last == PieceKind::Control);
         split.last = piece.kind;
         if chained {
             self.inject_context(Ahead::Unknown);
@@ -809,14 +810,16 @@ impl Session {
                 self.write_client_query(&piece.text, after)?;
                 // the context goes right after the client's own BEGIN, inside its block — not
                 // in an aborted block, where the BEGIN fails (25P02) and so would the context
-                if self.wrap && self.last_status != TxStatus::Failed {
+                if self.config.upstream.transaction_wrap && self.last_status != TxStatus::Failed {
                     self.inject_context(Ahead::Unknown);
                 }
             }
             PieceKind::Control => self.write_client_query(&piece.text, after)?,
             // (a COPY piece runs unwrapped, with the context of plain mode: rlsgate's COMMIT
             // could not follow it before the COPY ends)
-            PieceKind::Statements if idle && self.wrap && !piece.copy => {
+            PieceKind::Statements
+                if idle && self.config.upstream.transaction_wrap && !piece.copy =>
+            {
                 self.wrap_begin();
                 self.write_client_query(&piece.text, After::Swallow)?;
                 // (DEALLOCATE ALL is refused in a Query of several statements)
