@@ -447,6 +447,10 @@ pub struct GuardConfig {
     /// Large objects belong to the upstream role, not to a tenant: RLS cannot protect them.
     #[serde(default)]
     pub allow_large_objects: bool,
+    /// Allow `LISTEN`, `NOTIFY` and `pg_notify()`. Notification channels belong to the
+    /// database, not to a tenant: a listener hears every tenant's notifications.
+    #[serde(default)]
+    pub allow_notifications: bool,
 }
 
 impl Default for GuardConfig {
@@ -459,6 +463,7 @@ impl Default for GuardConfig {
             verdict_cache_bytes: default_cache_bytes(),
             max_statement_bytes: default_max_statement_bytes(),
             allow_large_objects: false,
+            allow_notifications: false,
         }
     }
 }

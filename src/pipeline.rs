@@ -1023,6 +1023,20 @@ impl Lane {
                 }
                 tracing::debug!(code = %n.code, in_context, "a statement rlsgate runs in front of a unit failed; the server skips the unit");
             }
+            if tag == be::NOTIFICATION {
+                // A unit on a lane runs no LISTEN (session state): the connection listens for
+                // someone else, out of the guard's sight. Not this client's to hear.
+                tracing::warn!("dropped a notification on a shared connection");
+                // (what came before it in the run goes now, as at the end of the input)
+                if let Some(from) = run_from.take()
+                    && pos > from
+                    && !u.job.reply.deliver(&self.input[from..pos], None, waker)
+                {
+                    self.blocked = true;
+                }
+                pos += total;
+                continue;
+            }
             if u.at_risk && error.as_ref().is_some_and(user_cancel) {
                 // the cancel meant for the unit ahead: the server skips this unit up to its
                 // Sync; it runs again

@@ -359,7 +359,12 @@ async fn a_skipped_discard_all_leaves_the_context_working() {
 async fn deallocate_all_on_a_pinned_connection_after_and_chain() {
     let proxy = copy_proxy().await;
     let mut c = RawClient::connect(&proxy, &token("north")).await;
-    for sql in ["BEGIN", "LISTEN chan", "COMMIT AND CHAIN", "DEALLOCATE ALL"] {
+    for sql in [
+        "BEGIN",
+        "PREPARE pin_me AS SELECT 1",
+        "COMMIT AND CHAIN",
+        "DEALLOCATE ALL",
+    ] {
         c.query(sql).await;
         let msgs = c.until_ready().await;
         assert_eq!(tags(&msgs), "C Z", "{sql}: {msgs:?}");

@@ -340,6 +340,45 @@ async fn protected_setting_defaults() {
 }
 
 #[tokio::test]
+async fn create_on_the_database() {
+    let (_, found) = broken(
+        "DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO PUBLIC', current_database()); END $$;",
+        "database-create",
+        Severity::Critical,
+    )
+    .await;
+    assert!(
+        found[0].fix.contains("REVOKE CREATE ON DATABASE"),
+        "{found:?}"
+    );
+}
+
+/// The role owns the database: it may create schemas (and, as `pg_database_owner`, owns
+/// `public`). The fixes hand both to another role; the role keeps its data access.
+#[tokio::test]
+async fn a_role_that_owns_the_database() {
+    let db = demo_db();
+    admin_sql(&db, &format!("ALTER DATABASE {db} OWNER TO rlsgate_app;"));
+    let report = check(&db).await;
+    let found = expect(&report, "database-create", Severity::Critical);
+    assert!(
+        found[0]
+            .fix
+            .contains(&format!("ALTER DATABASE {db} OWNER TO")),
+        "{found:?}"
+    );
+    let schema = expect(&report, "schema-create", Severity::Warning);
+    fix_and_recheck(&db, None, "database-create", &found).await;
+    let after = fix_and_recheck(&db, None, "schema-create", &schema).await;
+    assert!(after.findings.is_empty(), "{}", after.render_text(false));
+    // the proxy's role still reads its tenant's rows
+    let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
+    let north = client(&proxy, "north").await;
+    assert_eq!(count(&north, "customers").await, 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn hardening_warnings() {
     let db = demo_db();
     admin_sql(

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// `config_text` with `server` keys (before `[upstream]`) and a `[limits]` table.
+/// `config_text` with `server` keys (before `[upstream]`) and a `[limits]` table. LISTEN is
+/// allowed (`[guard] allow_notifications`): these tests pin connections with it.
 fn config(db: &str, pool: usize, server: &str, limits: &str) -> String {
     let text = config_text(db, pool, "admin_claim = \"rlsgate_admin\"")
         .replace("[upstream]", &format!("{server}\n[upstream]"));
-    format!("{text}\n[limits]\n{limits}\n")
+    format!("{text}\n[guard]\nallow_notifications = true\n[limits]\n{limits}\n")
 }
 
 /// An admin console command that must succeed.
@@ -318,9 +319,9 @@ async fn statement_and_lock_timeouts_can_be_pinned_on_the_upstream_role() {
             "ALTER ROLE rlsgate_app IN DATABASE {db} SET statement_timeout = '1s'; ALTER ROLE rlsgate_app IN DATABASE {db} SET lock_timeout = '500ms'"
         ),
     );
-    let cfg = format!(
-        "{}\n[guard]\nprotected = [\"app.*\", \"statement_timeout\", \"lock_timeout\"]\n",
-        config(&db, 2, "", "")
+    let cfg = config(&db, 2, "", "").replace(
+        "[guard]\n",
+        "[guard]\nprotected = [\"app.*\", \"statement_timeout\", \"lock_timeout\"]\n",
     );
     let proxy = start_proxy_with(&db, &cfg).await;
     let north = client(&proxy, "north").await;

@@ -52,6 +52,10 @@ const ALLOW: &[&str] = &[
     "RESET ALL",
     "DISCARD ALL",
     "SELECT version()",
+    // stopping to listen touches only the session's own channels (drivers' resets send it)
+    "UNLISTEN *",
+    "UNLISTEN channel_a",
+    "SELECT pg_notification_queue_usage()",
     "SELECT p.name, sum(i.quantity) FROM sales_items i JOIN products p USING (product_id) GROUP BY 1",
     "INSERT INTO customers (store_id, name) VALUES ('north', 'Allowed Insert'); \
      UPDATE customers SET email = 'x@north.example' WHERE name = 'Allowed Insert'; \

@@ -756,6 +756,7 @@ impl Checker {
             allow_do_blocks: true,
             allow_create_function: true,
             allow_large_objects: true,
+            allow_notifications: true,
             ..GuardConfig::default()
         };
         let tiny = GuardConfig {

@@ -25,13 +25,6 @@ async fn until_resting(proxy: &Proxy, n: i64) {
     );
 }
 
-/// First column of the first DataRow, as text.
-fn first_value(msgs: &[Msg]) -> Option<String> {
-    let b = &msgs.iter().find(|m| m.tag == 'D')?.body;
-    let len = usize::try_from(i32::from_be_bytes(b.get(2..6)?.try_into().ok()?)).ok()?;
-    Some(String::from_utf8_lossy(b.get(6..6 + len)?).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resting_client_comes_back_with_its_statements_settings_and_tenant() {
     // one connection: the other tenant's work runs on it while north rests

@@ -14,6 +14,7 @@ pub(crate) async fn check(
 ) -> Result<(), DoctorError> {
     setting_functions(client, ctx, out).await?;
     hardening(client, ctx, out).await?;
+    database_create(client, ctx, out).await?;
     schema_create(client, ctx, out).await
 }
 
@@ -282,6 +283,60 @@ async fn hardening(client: &Client, ctx: &Ctx, out: &mut Vec<Finding>) -> Result
             ),
         );
     }
+    Ok(())
+}
+
+/// `CREATE` on the database lets the role create schemas, among them one named after itself:
+/// `"$user"` comes first in the default search_path, so its tables and functions would stand
+/// in for those of `public` in every tenant's statements.
+async fn database_create(
+    client: &Client,
+    ctx: &Ctx,
+    out: &mut Vec<Finding>,
+) -> Result<(), DoctorError> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT has_database_privilege(d.oid, 'CREATE'),
+                        pg_has_role(current_user, d.datdba, 'MEMBER'), {}
+                   FROM pg_database d WHERE d.datname = current_database()",
+                grantees_sql("d.datacl", "d", "d.datdba", "CREATE")
+            ),
+            &[],
+        )
+        .await?;
+    let (may_create, owner_reachable, grantees): (bool, bool, Vec<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    if !may_create || ctx.superuser {
+        // (a superuser is reported as role-superuser)
+        return Ok(());
+    }
+    let mut fix = String::new();
+    if owner_reachable {
+        fix.push_str(&ctx.owner_transfer(&format!("ALTER DATABASE {}", ctx.database_ident)));
+    }
+    if !grantees.is_empty() {
+        if !fix.is_empty() {
+            fix.push('\n');
+        }
+        fix.push_str(&format!(
+            "REVOKE CREATE ON DATABASE {} FROM {};",
+            ctx.database_ident,
+            grantees.join(", ")
+        ));
+    }
+    ctx.push(
+        out,
+        Critical,
+        "database-create",
+        format!("database {}", ctx.database_ident),
+        "The upstream role may create schemas. A schema named after the role (\"$user\", first \
+         in the default search_path) would take the place of public's tables and functions in \
+         every tenant's statements: a tenant could create one through the proxy and capture \
+         what the others read and write."
+            .into(),
+        fix,
+    );
     Ok(())
 }
 

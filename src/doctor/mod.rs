@@ -274,6 +274,7 @@ pub const CHECKS: &[&str] = &[
     "function-sets-protected",
     "view-bypasses-rls",
     "protected-default",
+    "database-create",
     "set-config-public",
     "temp-public",
     "activity-visible",

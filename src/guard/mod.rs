@@ -36,6 +36,7 @@ pub struct GuardOptions {
     pub allow_do_blocks: bool,
     pub allow_create_function: bool,
     pub allow_large_objects: bool,
+    pub allow_notifications: bool,
 }
 
 /// Texts longer than this are classified one at a time, process-wide, on a thread that serves
@@ -114,6 +115,7 @@ impl Guard {
             allow_do_blocks: config.allow_do_blocks,
             allow_create_function: config.allow_create_function,
             allow_large_objects: config.allow_large_objects,
+            allow_notifications: config.allow_notifications,
         };
         let shape_entries = (config.verdict_cache_size / SHAPE_SHARE).max(1);
         let shape_bytes = config.verdict_cache_bytes / SHAPE_SHARE;

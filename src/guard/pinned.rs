@@ -267,6 +267,7 @@ mod tests {
             allow_do_blocks: false,
             allow_create_function: false,
             allow_large_objects: false,
+            allow_notifications: false,
         };
         analyze(sql, &opts)
     }

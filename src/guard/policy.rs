@@ -221,6 +221,8 @@ pub enum FunctionRule {
     LargeObject,
     /// Session-level advisory locks: session state (pin).
     SessionLock,
+    /// `pg_notify`: denied unless `[guard] allow_notifications`.
+    Notification,
     /// Reads what its (constant) first argument names; non-constant arguments are denied.
     ReadsByName(NameKind),
 }
@@ -312,6 +314,7 @@ pub fn function(name: &str) -> FunctionRule {
         | "pg_advisory_lock_shared"
         | "pg_try_advisory_lock"
         | "pg_try_advisory_lock_shared" => SessionLock,
+        "pg_notify" => Notification,
         _ => Ordinary,
     }
 }

@@ -252,6 +252,13 @@ impl<'a> Search<'a> {
                 // CURSOR_OPT_HOLD = 0x0020
                 self.session("DECLARE … WITH HOLD");
             }
+            "ListenStmt" | "NotifyStmt" if !self.opts.allow_notifications => {
+                self.notification_denied(if kind == "ListenStmt" {
+                    "LISTEN"
+                } else {
+                    "NOTIFY"
+                })
+            }
             "ListenStmt" => self.session("LISTEN"),
             "DiscardStmt" if int("target") == DiscardMode::DiscardAll as i64 => {
                 self.reset = Some(SessionReset::DiscardAll);
@@ -320,6 +327,15 @@ impl<'a> Search<'a> {
         self.deny(
             "settings_write",
             "creating or renaming a relation called pg_settings is not allowed through rlsgate: it could stand in for the settings view".into(),
+        );
+    }
+
+    /// LISTEN hears, and NOTIFY speaks to, every tenant's listeners: channels belong to the
+    /// database. (UNLISTEN only stops the session's own listening.)
+    fn notification_denied(&mut self, what: &str) {
+        self.deny(
+            "notification",
+            format!("{what} is not allowed through rlsgate: notification channels are shared by every tenant of the database, so a listener would hear other tenants' notifications and a sender could reach other tenants' listeners (guard.allow_notifications)"),
         );
     }
 
@@ -471,6 +487,10 @@ impl<'a> Search<'a> {
             }
             FunctionRule::LargeObject => {}
             FunctionRule::SessionLock => self.session("session advisory lock"),
+            FunctionRule::Notification if !self.opts.allow_notifications => {
+                self.notification_denied("pg_notify()")
+            }
+            FunctionRule::Notification => {}
             FunctionRule::ReadsByName(kind) => self.reads_by_name(&name, kind, args),
         }
     }

@@ -137,8 +137,18 @@ impl Session {
                 self.client_out.extend_from_slice(frame.bytes);
                 return Ok(());
             }
-            be::NOTICE_RESPONSE | be::NOTIFICATION => {
+            be::NOTICE_RESPONSE => {
                 self.client_out.extend_from_slice(frame.bytes);
+                return Ok(());
+            }
+            be::NOTIFICATION => {
+                if self.hears_notifications() {
+                    self.client_out.extend_from_slice(frame.bytes);
+                } else {
+                    // The connection listens for someone else (something out of the guard's
+                    // sight ran LISTEN on it): not this client's to hear.
+                    tracing::warn!("dropped a notification the client did not listen for");
+                }
                 return Ok(());
             }
             be::ERROR_RESPONSE => return self.on_error(frame),
@@ -249,6 +259,15 @@ impl Session {
             self.wrapping_copy = true;
         }
         self.in_flight -= before - self.expect.len();
+    }
+
+    /// Whether a notification the server delivers is the client's: only with `[guard]
+    /// allow_notifications`, on a connection that is the client's alone (session pooling, or
+    /// pinned by its LISTEN), never on a connection other clients' transactions share.
+    fn hears_notifications(&self) -> bool {
+        self.shared.config().guard.allow_notifications
+            && (self.pinned.is_some()
+                || self.config.server.pool_mode == crate::config::PoolMode::Session)
     }
 
     /// Emit replies rlsgate produces itself that have reached the front of the queue.

@@ -1085,7 +1085,43 @@ pub const GUARD_CORPUS_DENY: &[(&str, &str)] = &[
         "42501",
         "SELECT set_config('app.current_store_id', 'south', false) SELECT",
     ),
-    ("0A000", "LISTEN channel_a"),
+    // notification channels are shared by every tenant of the database
+    ("42501", "LISTEN channel_a"),
+    ("42501", "listen \"Channel A\""),
+    ("42501", "NOTIFY channel_a"),
+    ("42501", "NOTIFY channel_a, 'north was here'"),
+    ("42501", "SELECT pg_notify('channel_a', 'x')"),
+    (
+        "42501",
+        "SELECT pg_catalog.pg_notify('channel_a', current_setting('app.current_store_id'))",
+    ),
+    ("42501", "SELECT * FROM pg_notify('channel_a', 'x')"),
+    ("42501", "SELECT \"PG_NOTIFY\"('channel_a', 'x')"),
+    (
+        "42501",
+        "WITH n AS (SELECT pg_notify('channel_a', name) FROM customers) SELECT count(*) FROM n",
+    ),
+    (
+        "42501",
+        "SELECT count(*) FROM customers WHERE pg_notify('channel_a', name) IS NULL",
+    ),
+    (
+        "42501",
+        "EXPLAIN ANALYZE SELECT pg_notify('channel_a', 'x')",
+    ),
+    ("42501", "PREPARE pn AS SELECT pg_notify('channel_a', $1)"),
+    (
+        "42501",
+        "CREATE RULE r AS ON INSERT TO customers DO ALSO NOTIFY channel_a",
+    ),
+    (
+        "42501",
+        "CREATE VIEW vn AS SELECT pg_notify('channel_a', 'x')",
+    ),
+    (
+        "42501",
+        "SELECT query_to_xml('select pg_notify(''channel_a'', ''x'')', true, true, '')",
+    ),
     ("0A000", "CREATE TEMP TABLE scratch (x int)"),
     ("0A000", "CREATE TEMPORARY VIEW tv AS SELECT 1"),
     ("0A000", "DECLARE hc CURSOR WITH HOLD FOR SELECT 1"),

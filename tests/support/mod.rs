@@ -464,6 +464,13 @@ pub fn startup_packet(version: i32, params: &[(&str, &str)]) -> bytes::BytesMut 
 }
 
 /// Tags of a message list, e.g. "1 2 T D C Z".
+/// First column of the first DataRow, as text.
+pub fn first_value(msgs: &[Msg]) -> Option<String> {
+    let b = &msgs.iter().find(|m| m.tag == 'D')?.body;
+    let len = usize::try_from(i32::from_be_bytes(b.get(2..6)?.try_into().ok()?)).ok()?;
+    Some(String::from_utf8_lossy(b.get(6..6 + len)?).into_owned())
+}
+
 pub fn tags(msgs: &[Msg]) -> String {
     msgs.iter()
         .map(|m| m.tag.to_string())
