@@ -55,18 +55,24 @@ pub enum Command {
 }
 
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::{Layer, Registry, fmt, prelude::*};
+    let spec = std::env::var("RLSGATE_LOG").unwrap_or_else(|_| "info".into());
+    // Levels per target (`debug`, `rlsgate=debug,tokio=warn`), the usual case, cost nothing when
+    // a client's span is entered and left (every time its task runs); the full filter syntax
+    // (span and field directives) takes a lock each time, so it is only used when asked for.
+    let filter: Box<dyn Layer<Registry> + Send + Sync> = match spec.parse::<Targets>() {
+        Ok(targets) => Box::new(targets),
+        Err(_) => Box::new(EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))),
+    };
     // colours only on a terminal: files, journald and container logs get plain text
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let layer = fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::registry().with(filter);
     if std::env::var("RLSGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
+        subscriber.with(layer.json()).init();
     } else {
-        builder.init();
+        subscriber.with(layer).init();
     }
 }
 
