@@ -169,6 +169,17 @@ enum Reapply {
     Unknown,
 }
 
+/// The held server connection is ending: the server sent a FATAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerEnding {
+    /// Between the client's transactions, nothing of the client's on it: the connection is
+    /// closed and the client's next transaction gets another one (see serve).
+    Quietly,
+    /// With the client's work on it: the FATAL was forwarded to the client, whose session ends
+    /// with it (no second error when the connection then closes).
+    Told,
+}
+
 /// Portals on the server that end the transaction (or run outside one) when executed: name →
 /// (their statement's effect, unit of their Bind). Rare: no map is held until one is bound.
 #[derive(Default)]
@@ -331,10 +342,8 @@ pub struct Session {
     /// A client message that waits until the replies in flight tell the transaction state
     /// (boxed: rare, and every session holds the field).
     pending: Option<Box<Frame>>,
-    /// The server sent a FATAL error (forwarded to the client): its connection is ending.
-    upstream_fatal: bool,
-    /// The server ended the held connection between transactions: close it (see serve).
-    server_lost: bool,
+    /// The server is ending the held connection, and what the client was told.
+    server_ending: Option<ServerEnding>,
     cancel: Registration,
     shutdown: CancellationToken,
     /// The unit running on a pipeline lane (see [`pipelined`]).
@@ -548,7 +557,7 @@ impl Session {
                     .upstream_error(crate::metrics::UpstreamErrorKind::Lost);
             }
             // One error per failure: after the server's own FATAL, the client has its answer.
-            let told = lost && self.upstream_fatal;
+            let told = lost && self.server_ending == Some(ServerEnding::Told);
             if told {
                 let _ = tokio::time::timeout(CLOSING_WRITE, async {
                     self.client.write_all(&self.client_out).await?;
@@ -715,7 +724,11 @@ impl Session {
                     self.server_heard = Some(std::time::Instant::now());
                 }
                 self.process_server()?;
-                if std::mem::take(&mut self.server_lost) {
+                if self
+                    .server_ending
+                    .take_if(|e| *e == ServerEnding::Quietly)
+                    .is_some()
+                {
                     self.close_lost_server().await;
                 }
             }
@@ -810,7 +823,7 @@ impl Session {
 
     fn relay_server_frames(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
         loop {
-            if self.server_lost || self.server.is_none() {
+            if self.server_ending == Some(ServerEnding::Quietly) || self.server.is_none() {
                 return Ok(());
             }
             let forwards_rows = matches!(

@@ -234,8 +234,7 @@ impl Parked {
             tenant_permit: None,
             tenant_slot,
             pending: None,
-            upstream_fatal: false,
-            server_lost: false,
+            server_ending: None,
             cancel,
             shutdown,
             lane_reply: None,
@@ -280,8 +279,7 @@ impl Session {
             && self.query_started.is_none()
             && self.tenant_permit.is_none()
             && self.pending.is_none()
-            && !self.upstream_fatal
-            && !self.server_lost
+            && self.server_ending.is_none()
             && self.settings.settled()
     }
 
@@ -337,8 +335,7 @@ impl Session {
             tenant_permit: _,
             tenant_slot,
             pending: _,
-            upstream_fatal: _,
-            server_lost: _,
+            server_ending: _,
             cancel,
             shutdown,
             lane_reply: _,

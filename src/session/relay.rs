@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::expect::{After, BlockEdge, Expect};
 use super::frontend::Ahead;
 use super::{Piece, PieceKind};
-use super::{Predicted, Session, SessionError};
+use super::{Predicted, ServerEnding, Session, SessionError};
 use crate::pool::HeldSettings;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::FrameRef;
@@ -308,12 +308,12 @@ impl Session {
                 // Nothing of the client's was on it: the connection is closed and the client's
                 // next transaction gets another one (see serve).
                 tracing::info!(code = %n.code, message = %n.message, "upstream connection ended between transactions; closing it");
-                self.server_lost = true;
+                self.server_ending = Some(ServerEnding::Quietly);
                 return Ok(());
             }
             // The client's transaction or request is lost: it gets this error, and the session
-            // ends with it (no second error when the connection then closes).
-            self.upstream_fatal = true;
+            // ends with it.
+            self.server_ending = Some(ServerEnding::Told);
             self.client_out.extend_from_slice(frame.bytes);
             return Err(SessionError::UpstreamClosed);
         }
