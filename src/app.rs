@@ -619,7 +619,9 @@ async fn start(
             return None;
         }
     };
-    tracing::info!(
+    // (debug: the audit event `login_ok` is the login's line at info, with peer, user, tenant,
+    // subject, kid and jti; one line per login instead of two)
+    tracing::debug!(
         subject = login.identity.subject.as_deref().unwrap_or(""),
         tls = login.stream.is_tls(),
         "client logged in"
