@@ -252,18 +252,9 @@ async fn hardening(client: &Client, ctx: &Ctx, out: &mut Vec<Finding>) -> Result
             );
         }
     }
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT has_database_privilege(d.oid, 'TEMP'), {}
-                   FROM pg_database d WHERE d.datname = current_database()",
-                grantees_sql("d.datacl", "d", "d.datdba", "TEMPORARY")
-            ),
-            &[],
-        )
-        .await?;
-    if row.get::<_, bool>(0) {
-        let mut from: Vec<String> = row.get(1);
+    let temp = database_privilege(client, "TEMPORARY").await?;
+    if temp.held {
+        let mut from = temp.grantees;
         if from.is_empty() {
             from.push("PUBLIC".into());
         }
@@ -286,6 +277,37 @@ async fn hardening(client: &Client, ctx: &Ctx, out: &mut Vec<Finding>) -> Result
     Ok(())
 }
 
+/// What the role holds of a privilege on the current database.
+struct DatabasePrivilege {
+    held: bool,
+    /// The role is (a member of) the database's owner.
+    owner_reachable: bool,
+    /// The grants it holds the privilege through, for REVOKE … FROM (see [`grantees_sql`]).
+    grantees: Vec<String>,
+}
+
+async fn database_privilege(
+    client: &Client,
+    privilege: &str,
+) -> Result<DatabasePrivilege, DoctorError> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT has_database_privilege(d.oid, '{privilege}'),
+                        pg_has_role(current_user, d.datdba, 'MEMBER'), {}
+                   FROM pg_database d WHERE d.datname = current_database()",
+                grantees_sql("d.datacl", "d", "d.datdba", privilege)
+            ),
+            &[],
+        )
+        .await?;
+    Ok(DatabasePrivilege {
+        held: row.get(0),
+        owner_reachable: row.get(1),
+        grantees: row.get(2),
+    })
+}
+
 /// `CREATE` on the database lets the role create schemas, among them one named after itself:
 /// `"$user"` comes first in the default search_path, so its tables and functions would stand
 /// in for those of `public` in every tenant's statements.
@@ -294,37 +316,26 @@ async fn database_create(
     ctx: &Ctx,
     out: &mut Vec<Finding>,
 ) -> Result<(), DoctorError> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT has_database_privilege(d.oid, 'CREATE'),
-                        pg_has_role(current_user, d.datdba, 'MEMBER'), {}
-                   FROM pg_database d WHERE d.datname = current_database()",
-                grantees_sql("d.datacl", "d", "d.datdba", "CREATE")
-            ),
-            &[],
-        )
-        .await?;
-    let (may_create, owner_reachable, grantees): (bool, bool, Vec<String>) =
-        (row.get(0), row.get(1), row.get(2));
-    if !may_create || ctx.superuser {
+    let create = database_privilege(client, "CREATE").await?;
+    if !create.held || ctx.superuser {
         // (a superuser is reported as role-superuser)
         return Ok(());
     }
-    let mut fix = String::new();
-    if owner_reachable {
-        fix.push_str(&ctx.owner_transfer(&format!("ALTER DATABASE {}", ctx.database_ident)));
-    }
-    if !grantees.is_empty() {
-        if !fix.is_empty() {
-            fix.push('\n');
-        }
-        fix.push_str(&format!(
+    let owner = create
+        .owner_reachable
+        .then(|| ctx.owner_transfer(&format!("ALTER DATABASE {}", ctx.database_ident)));
+    let revoke = (!create.grantees.is_empty()).then(|| {
+        format!(
             "REVOKE CREATE ON DATABASE {} FROM {};",
             ctx.database_ident,
-            grantees.join(", ")
-        ));
-    }
+            create.grantees.join(", ")
+        )
+    });
+    let fix = owner
+        .into_iter()
+        .chain(revoke)
+        .collect::<Vec<_>>()
+        .join("\n");
     ctx.push(
         out,
         Critical,
