@@ -8,7 +8,8 @@ use bytes::{Bytes, BytesMut};
 use super::expect::{After, BlockEdge, Expect};
 use super::inject;
 use super::statements::{self, MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
-use super::{Flow, Piece, PieceKind, Predicted, Reapply, Session, SessionError, Split};
+use super::unit::{Reapply, Skip, Wrap};
+use super::{Flow, Piece, PieceKind, Predicted, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
@@ -54,7 +55,7 @@ impl Session {
             self.query_started = Some(std::time::Instant::now());
         }
         tracing::trace!(tag = %(frame.tag as char), in_flight = self.in_flight, predicted = ?self.predicted, "client message");
-        if self.skip_until_sync && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
+        if self.unit.skipping() && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
             // After an error Postgres ignores everything up to Sync; so do we.
             return Ok(Flow::Continue);
         }
@@ -77,7 +78,7 @@ impl Session {
         match frame.tag {
             // (the rare paths boxed: the session's future is as large as its largest await, for
             // every client, also while idle)
-            fe::QUERY | fe::FUNCTION_CALL if self.unit_open => {
+            fe::QUERY | fe::FUNCTION_CALL if self.unit.open => {
                 Box::pin(self.inside_unit(frame)).await
             }
             fe::QUERY => self.on_query(frame).await,
@@ -128,7 +129,7 @@ impl Session {
         self.in_flight > 0
             && (self.predicted == Predicted::Unknown
                 || self.chained
-                || (self.unit_open && self.reapply.is_some())
+                || (self.unit.open && self.unit.reapply.is_some())
                 || self
                     .expect
                     .iter()
@@ -149,19 +150,19 @@ impl Session {
             return Err(SessionError::TokenExpired);
         }
         // (not for a Query inside an open unit: that one is covered by `reapply`)
-        let chained = !self.unit_open && std::mem::take(&mut self.chained);
+        let chained = !self.unit.open && std::mem::take(&mut self.chained);
         if let Err(e) = self.ensure_server().await {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
         }
-        if !self.unit_open {
+        if !self.unit.open {
             self.end_bare_query();
         }
         // (once per unit: inside an open extended unit an error could make the server skip them)
         // A sequence discard may go into the unit's own transaction when its first statement
         // takes a snapshot anyway and runs inside a transaction.
         let discard_inline = ahead == Ahead::Snapshot && !outside_tx;
-        if self.predicted == Predicted::Idle && !self.unit_open {
+        if self.predicted == Predicted::Idle && !self.unit.open {
             if self.in_flight == 0 {
                 self.sync_settings(discard_inline)?;
             } else {
@@ -285,7 +286,7 @@ impl Session {
     /// error early, while a Query is skipped like the unit's other messages.
     pub(super) fn wrap_commit(&mut self, after: After) {
         let shared = Arc::clone(&self.shared);
-        let may_sync = !self.unit_open && !self.skip_until_sync && after != After::Swallow;
+        let may_sync = !self.unit.open && !self.unit.skipping() && after != After::Swallow;
         let synced = match self.server.as_mut() {
             Some(server) if may_sync => {
                 let commit = &shared.wrap_statements.commit;
@@ -320,17 +321,17 @@ impl Session {
     /// implicit transaction with it (an explicit block goes on), so the unit's next statement
     /// needs the context again (see on_bind).
     async fn inside_unit(&mut self, frame: Frame) -> Result<Flow, SessionError> {
-        if self.wrapping && !self.wrapping_copy && !self.must_wait() {
+        if self.unit.wrap == Wrap::Block && !self.must_wait() {
             // transaction_wrap: the unit so far runs in rlsgate's block. Postgres commits the
             // unit's implicit transaction when this Query ends; rlsgate's block ends here
             // instead, and the Query becomes a unit of its own (wrapped itself if it needs it),
             // so that its errors cannot abort rlsgate's block under the unit.
-            self.wrapping = false;
+            self.unit.wrap = Wrap::Off;
             self.wrap_commit(After::Swallow);
             // A transaction ends inside this unit. An error before this COMMIT makes the server
             // skip it (up to the Sync), leaving rlsgate's block open: the state after the unit
             // is known only from the replies (see `after_unit`).
-            self.unit_effect = combine(self.unit_effect, TxEffect::End);
+            self.unit.effect = combine(self.unit.effect, TxEffect::End);
         }
         let flow = if frame.tag == fe::QUERY {
             self.on_query(frame).await?
@@ -338,7 +339,7 @@ impl Session {
             self.on_function_call(frame).await?
         };
         if matches!(flow, Flow::Continue) {
-            self.reapply = Some(Reapply::Unknown);
+            self.unit.reapply = Some(Reapply::Unknown);
         }
         Ok(flow)
     }
@@ -529,7 +530,7 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
-        if !due && self.unit_open && self.reapply.take().is_some() {
+        if !due && self.unit.open && self.unit.reapply.take().is_some() {
             // The open extended unit ended its transaction before this Query (see on_bind). In
             // an aborted block the context cannot be set (and is not needed: only the end of
             // the block can run, and what follows starts a transaction that gets it).
@@ -595,10 +596,10 @@ impl Session {
             unit
         };
         self.copy_awaited |= analysis.copy_from_stdin;
-        if analysis.copy_from_stdin && self.wrapping && self.unit_open {
+        if analysis.copy_from_stdin && self.unit.wrap != Wrap::Off && self.unit.open {
             // A COPY inside rlsgate's block around an open extended unit: the block's COMMIT
             // waits for the end of the COPY (see on_sync).
-            self.wrapping_copy = true;
+            self.unit.wrap = Wrap::BlockCopy;
         }
         self.stage_settings(unit, &analysis);
         Ok(Flow::Continue)
@@ -676,7 +677,7 @@ impl Session {
     /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
     fn apply_reset(&mut self, kind: SessionReset) {
         // Inside a transaction block Postgres refuses DISCARD ALL (25001): nothing is dropped.
-        let in_block = self.predicted == Predicted::InBlock || self.unit_effect == TxEffect::Begin;
+        let in_block = self.predicted == Predicted::InBlock || self.unit.effect == TxEffect::Begin;
         if kind != SessionReset::DiscardAll || in_block {
             return;
         }
@@ -691,7 +692,7 @@ impl Session {
     /// Answer a refused Query. With a connection (maybe inside a transaction) the server raises
     /// the error so its state is exact; without one, nothing is open and we answer ourselves.
     fn refuse_query(&mut self, refusal: Refusal) {
-        if self.wrapping && self.unit_open {
+        if self.unit.wrap != Wrap::Off && self.unit.open {
             // Still inside rlsgate's block around an unfinished extended unit (inside_unit ends
             // that block before a Query, except while a COPY in it is unfinished): a server-side
             // error would abort the block under the client's unit. Answered here, in order.
@@ -788,7 +789,7 @@ impl Session {
         if self.on_reauth_message(&frame, parse.as_ref()).await? {
             return Ok(Flow::Continue);
         }
-        if !self.unit_open
+        if !self.unit.open
             && self.server.is_none()
             && frame.tag == fe::PARSE
             && self.next_is_sync()
@@ -796,16 +797,16 @@ impl Session {
         {
             return Ok(Flow::Continue);
         }
-        if !self.unit_open && self.server.is_none() && frame.tag == fe::CLOSE {
+        if !self.unit.open && self.server.is_none() && frame.tag == fe::CLOSE {
             self.close_locally(&frame)?;
             return Ok(Flow::Continue);
         }
-        if !self.unit_open && self.must_wait() {
+        if !self.unit.open && self.must_wait() {
             return Ok(Flow::Wait(frame));
         }
         // (once per Parse: the unit's start and on_parse share it)
         let parsed = parse.as_ref().map(|p| self.parse_analysis(p));
-        if !self.unit_open {
+        if !self.unit.open {
             let first = self.unit_statement(&frame, parsed.as_ref());
             let outside_tx = first.as_ref().is_some_and(|a| a.runs_outside_transaction());
             // transaction_wrap: statements that behave differently inside a block (SAVEPOINT
@@ -833,14 +834,14 @@ impl Session {
             if self.config.upstream.transaction_wrap && due && !block_sensitive {
                 if begins {
                     // the context goes after the client's own BEGIN (see on_bind/Execute)
-                    self.begin_portal = Some(None);
+                    self.unit.begin_portal = Some(None);
                 } else {
                     self.wrap_begin();
-                    self.wrapping = true;
+                    self.unit.wrap_in_block();
                 }
             } else if due && ahead == Ahead::Begin {
                 // plain mode too: inside the client's block the context logs no WARNING
-                self.begin_portal = Some(None);
+                self.unit.begin_portal = Some(None);
             }
             // A new transaction that has no context yet: the first statement runs outside any
             // (VACUUM …), or transaction_wrap places the context later (after the client's BEGIN;
@@ -849,9 +850,9 @@ impl Session {
                 && (outside_tx
                     || matches!(ahead, Ahead::Begin | Ahead::FirstBind)
                     || (self.config.upstream.transaction_wrap && (begins || block_sensitive)));
-            self.reapply = bare.then_some(Reapply::Outside);
-            self.unit_open = true;
-            self.unit_effect = TxEffect::None;
+            self.unit.reapply = bare.then_some(Reapply::Outside);
+            self.unit.open = true;
+            self.unit.effect = TxEffect::None;
         }
         match frame.tag {
             fe::PARSE => {
@@ -863,7 +864,7 @@ impl Session {
             fe::DESCRIBE => self.on_describe(&frame)?,
             fe::EXECUTE => {
                 let portal = fe::execute_portal(frame.body()).map_err(protocol)?;
-                let after_begin = matches!(&self.begin_portal, Some(Some(p)) if p == portal);
+                let after_begin = matches!(&self.unit.begin_portal, Some(Some(p)) if p == portal);
                 let ends = match self.ending_portals.is_empty() {
                     true => None,
                     false => self.ending_portals.get(portal).map(|(effect, _)| effect),
@@ -873,16 +874,16 @@ impl Session {
                 self.expect.push_back(Expect::Execute { copy });
                 self.copy_awaited |= copy;
                 if after_begin {
-                    self.begin_portal = None;
-                    self.reapply = None;
+                    self.unit.begin_portal = None;
+                    self.unit.reapply = None;
                     self.inject_context(Ahead::Unknown);
                 }
                 if let Some(effect) = ends {
                     // Once this ran, the transaction the context was applied in is over (also
                     // for a portal bound in an earlier unit): the next statement of the unit
                     // gets the context again (see on_bind), the next unit waits for the state.
-                    self.unit_effect = combine(self.unit_effect, effect);
-                    self.reapply = Some(match effect {
+                    self.unit.effect = combine(self.unit.effect, effect);
+                    self.unit.reapply = Some(match effect {
                         TxEffect::Unknown => Reapply::Unknown,
                         _ => Reapply::Outside,
                     });
@@ -972,16 +973,15 @@ impl Session {
     /// No connection could be had for this unit: error now, skip to Sync, answer Sync ourselves.
     fn fail_unit_locally(&mut self, err: &ClientError) {
         be::write_error(err, &mut self.client_out);
-        self.skip_until_sync = true;
-        self.local_failed_unit = true;
+        self.unit.skip = Skip::LocalSync;
     }
 
     /// Refuse an extended message: the server raises the error (exact state), then everything up
     /// to Sync is skipped, as Postgres does after an error.
     pub(super) fn refuse_extended(&mut self, refusal: Refusal) -> Result<(), SessionError> {
-        self.skip_until_sync = true;
+        self.unit.skip_to_sync();
         let Some(server) = self.server.as_mut() else {
-            self.local_failed_unit = true;
+            self.unit.skip = Skip::LocalSync;
             be::write_error(&refusal.client_error(), &mut self.client_out);
             return Ok(());
         };
@@ -1201,7 +1201,7 @@ impl Session {
 
     fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let b = fe::bind(frame.body()).map_err(protocol)?;
-        if let Some(why) = self.reapply
+        if let Some(why) = self.unit.reapply
             && self.server.is_some()
             && let Some(analysis) = self.stmts.get(b.statement).map(|p| Arc::clone(&p.analysis))
         {
@@ -1228,9 +1228,9 @@ impl Session {
             self.apply_reset(kind);
         }
         let effect = prepared.analysis.tx_effect();
-        self.unit_effect = combine(self.unit_effect, effect);
-        if self.wrapping && prepared.analysis.copy_from_stdin {
-            self.wrapping_copy = true;
+        self.unit.effect = combine(self.unit.effect, effect);
+        if self.unit.wrap != Wrap::Off && prepared.analysis.copy_from_stdin {
+            self.unit.wrap = Wrap::BlockCopy;
         }
         let analysis = Arc::clone(&prepared.analysis);
         if analysis.copy_from_stdin {
@@ -1292,11 +1292,14 @@ impl Session {
         }
         if effect == TxEffect::Begin {
             // inside the client's block, after its BEGIN (see Execute): no WARNING there
-            self.begin_portal = Some(Some(portal.to_string()));
+            self.unit.begin_portal = Some(Some(portal.to_string()));
             return;
         }
-        self.reapply = None;
-        if self.wrapping && why == Reapply::Outside && !first.is_some_and(|s| s.block_sensitive) {
+        self.unit.reapply = None;
+        if self.unit.wrap != Wrap::Off
+            && why == Reapply::Outside
+            && !first.is_some_and(|s| s.block_sensitive)
+        {
             // The client's COMMIT/ROLLBACK closed rlsgate's block: open another one for the rest
             // of the unit (closed by rlsgate's COMMIT after the Sync), so that the context is set
             // inside a block, as transaction_wrap needs it.
@@ -1353,48 +1356,48 @@ impl Session {
     }
 
     fn on_sync(&mut self, frame: Frame) -> Flow {
-        let skipping = std::mem::take(&mut self.skip_until_sync);
-        self.reapply = None;
-        if self.local_failed_unit && self.server.is_none() {
-            self.local_failed_unit = false;
-            self.unit_open = false;
+        let skip = std::mem::replace(&mut self.unit.skip, Skip::No);
+        self.unit.reapply = None;
+        if skip == Skip::LocalSync && self.server.is_none() {
+            self.unit.open = false;
             be::write_ready(TxStatus::Idle, &mut self.client_out);
             return Flow::Continue;
         }
-        self.local_failed_unit = false;
         if self.server.is_none() {
             // A bare Sync outside any unit: Postgres answers ReadyForQuery.
             be::write_ready(TxStatus::Idle, &mut self.client_out);
             return Flow::Continue;
         }
-        self.begin_portal = None;
+        self.unit.begin_portal = None;
         // Where transaction_wrap's COMMIT goes, if the unit ran in rlsgate's block; and whether
         // the block's end is known only from the replies (the next unit then waits for them).
-        let (after, commit_behind, block_end_unknown) = if !std::mem::take(&mut self.wrapping) {
-            (After::Forward, false, false)
-        } else if std::mem::take(&mut self.wrapping_copy) {
-            // (see the wrapped COPY Query in on_query)
-            (After::SwallowThenCommit, false, true)
-        } else if skipping || !self.client_buf.is_empty() {
-            // The server skips to this Sync after an error (it would skip a COMMIT ahead of it
-            // too), or the client pipelines (its next message is here already): the COMMIT
-            // follows the Sync, so the next unit can follow at once.
-            (After::Swallow, true, false)
-        } else {
-            // The COMMIT goes ahead of the client's Sync, whose ReadyForQuery is then the
-            // client's: one ReadyForQuery (one flush of the server's output) for the unit. An
-            // error in the unit makes the server skip that COMMIT and leaves the block open, to
-            // be closed after the Sync (see discard_until_sync).
-            self.inject(Ahead::Unknown, BlockEdge::Commit);
-            (After::Forward, false, true)
-        };
+        let (after, commit_behind, block_end_unknown) =
+            match std::mem::replace(&mut self.unit.wrap, Wrap::Off) {
+                Wrap::Off => (After::Forward, false, false),
+                // (see the wrapped COPY Query in on_query)
+                Wrap::BlockCopy => (After::SwallowThenCommit, false, true),
+                Wrap::Block if skip != Skip::No || !self.client_buf.is_empty() => {
+                    // The server skips to this Sync after an error (it would skip a COMMIT ahead of it
+                    // too), or the client pipelines (its next message is here already): the COMMIT
+                    // follows the Sync, so the next unit can follow at once.
+                    (After::Swallow, true, false)
+                }
+                Wrap::Block => {
+                    // The COMMIT goes ahead of the client's Sync, whose ReadyForQuery is then the
+                    // client's: one ReadyForQuery (one flush of the server's output) for the unit. An
+                    // error in the unit makes the server skip that COMMIT and leaves the block open, to
+                    // be closed after the Sync (see discard_until_sync).
+                    self.inject(Ahead::Unknown, BlockEdge::Commit);
+                    (After::Forward, false, true)
+                }
+            };
         self.server_out.extend_from_slice(&frame.bytes);
         self.expect_ready(Expect::Sync { after });
         if commit_behind {
             self.wrap_commit(After::Forward);
         }
-        self.unit_open = false;
-        let effect = std::mem::replace(&mut self.unit_effect, TxEffect::None);
+        self.unit.open = false;
+        let effect = std::mem::replace(&mut self.unit.effect, TxEffect::None);
         self.after_unit(effect);
         if block_end_unknown {
             self.predicted = Predicted::Unknown;

@@ -19,6 +19,7 @@ mod reauth;
 mod relay;
 mod settings;
 mod statements;
+mod unit;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -44,6 +45,7 @@ use crate::stream::Stream;
 use expect::Expect;
 use settings::Settings;
 use statements::Statements;
+use unit::{Lanes, Unit};
 
 /// Largest server message relayed (Postgres' own limit is 1 GB).
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
@@ -157,18 +159,6 @@ enum Predicted {
     Unknown,
 }
 
-/// Why the tenant context must be applied again before the next statement of the open extended
-/// unit: the transaction it was applied in may be over, or the unit started without it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reapply {
-    /// No transaction block is open: a COMMIT/ROLLBACK/PREPARE TRANSACTION or a statement that
-    /// runs outside a transaction was executed, or the unit started without the context.
-    Outside,
-    /// Not known from the text: COMMIT/ROLLBACK AND CHAIN (a block without the context), an
-    /// unparsed statement, or a simple Query inside the unit.
-    Unknown,
-}
-
 /// The held server connection is ending: the server sent a FATAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ServerEnding {
@@ -275,19 +265,8 @@ pub struct Session {
     /// Query/Sync messages sent whose ReadyForQuery has not arrived.
     in_flight: usize,
     predicted: Predicted,
-    /// Extended-protocol messages were sent since the last Sync.
-    unit_open: bool,
-    /// Transaction control bound in the open extended unit.
-    unit_effect: TxEffect,
-    /// The open extended unit is wrapped: close it with rlsgate's COMMIT after the client's Sync.
-    wrapping: bool,
-    /// …and it runs COPY FROM STDIN: the COMMIT waits for the unit's ReadyForQuery.
-    wrapping_copy: bool,
-    /// transaction_wrap: the open extended unit starts with the client's BEGIN; inject the
-    /// context after the Execute of this portal.
-    begin_portal: Option<Option<String>>,
-    /// The open extended unit's next statement needs the context applied first.
-    reapply: Option<Reapply>,
+    /// The client's extended-protocol unit since its last Sync.
+    unit: Unit,
     /// Portals on the server that end the transaction (or run outside one) when executed:
     /// name → (their statement's effect, unit of their Bind). Portals die with their
     /// transaction: entries go when a later unit reports idle.
@@ -300,10 +279,6 @@ pub struct Session {
     copy_awaited: bool,
     /// The portal last bound to a COPY FROM STDIN statement.
     copy_portal: Option<Box<str>>,
-    /// A denied or failed extended message: drop client messages up to Sync.
-    skip_until_sync: bool,
-    /// The proxy itself failed the current extended unit (no server): answer Sync locally.
-    local_failed_unit: bool,
     stmts: Statements,
     settings: Settings,
     /// Units (Query/Sync) sent and answered, to know which setting changes a reply settles.
@@ -348,12 +323,10 @@ pub struct Session {
     shutdown: CancellationToken,
     /// The unit running on a pipeline lane (see [`pipelined`]).
     lane_reply: Option<Arc<crate::pipeline::Reply>>,
-    /// Units may go to pipeline lanes (fixed at login).
-    pipeline_ok: bool,
+    /// Whether units may go to pipeline lanes.
+    lanes: Lanes,
     /// The client's span (made again when a resting client resumes).
     span: tracing::Span,
-    /// A lane gave the next unit back: it takes the usual path.
-    pipeline_skip: bool,
 }
 
 /// Report `e` to a client whose session could not go on, as a boxed future (the task's own
@@ -739,7 +712,7 @@ impl Session {
     fn between_transactions(&self) -> bool {
         (self.server.is_none() && self.lane_reply.is_none())
             || (self.in_flight == 0
-                && !self.unit_open
+                && !self.unit.open
                 && self.expect.is_empty()
                 && self.predicted == Predicted::Idle)
     }
@@ -1035,8 +1008,8 @@ impl Session {
         self.in_flight == 0
             && self.expect.is_empty()
             && self.server_out.is_empty()
-            && !self.unit_open
-            && !self.skip_until_sync
+            && !self.unit.open
+            && !self.unit.skipping()
             && self.split.is_none()
             && self.predicted == Predicted::Idle
     }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::unit::{Lanes, Unit};
 use super::{Predicted, Session, SessionError, inject, settings::Settings, statements::Statements};
 use crate::app::Shared;
 use crate::auth::Identity;
@@ -50,8 +51,7 @@ pub(super) struct Parked {
     last_status: TxStatus,
     chained: bool,
     tx_failed: bool,
-    pipeline_ok: bool,
-    pipeline_skip: bool,
+    lanes: Lanes,
 }
 
 /// What a session's fields are given at login that the record does not hold.
@@ -76,11 +76,15 @@ impl Parked {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> (Parked, BytesMut) {
         let config = shared.config();
-        let pipeline_ok = Session::pipelining_allowed(
+        let lanes = if Session::pipelining_allowed(
             &shared,
             config.upstream.transaction_wrap,
             config.server.pool_mode,
-        );
+        ) {
+            Lanes::On
+        } else {
+            Lanes::Off
+        };
         let parked = Parked {
             id,
             client: login.client,
@@ -99,8 +103,7 @@ impl Parked {
             last_status: TxStatus::Idle,
             chained: false,
             tx_failed: false,
-            pipeline_ok,
-            pipeline_skip: false,
+            lanes,
             config,
             shared: Arc::clone(&shared),
         };
@@ -177,8 +180,7 @@ impl Parked {
             last_status,
             chained,
             tx_failed,
-            pipeline_ok,
-            pipeline_skip,
+            lanes,
         } = self;
         let reauth = reauth.map(|r| *r).unwrap_or_default();
         let stmts = stmts.map(|s| *s).unwrap_or_default();
@@ -202,19 +204,12 @@ impl Parked {
             reauth,
             in_flight: 0,
             predicted: Predicted::Idle,
-            unit_open: false,
-            unit_effect,
-            wrapping: false,
-            wrapping_copy: false,
-            begin_portal: None,
-            reapply: None,
+            unit: Unit::closed(unit_effect),
             ending_portals: Default::default(),
             chained,
             copy_in: false,
             copy_awaited: false,
             copy_portal: None,
-            skip_until_sync: false,
-            local_failed_unit: false,
             stmts,
             settings,
             units_sent,
@@ -238,8 +233,7 @@ impl Parked {
             cancel,
             shutdown,
             lane_reply: None,
-            pipeline_ok,
-            pipeline_skip,
+            lanes,
             span,
         }))
     }
@@ -259,17 +253,11 @@ impl Session {
             && self.expect.is_empty()
             && self.in_flight == 0
             && self.predicted == Predicted::Idle
-            && !self.unit_open
-            && !self.wrapping
-            && !self.wrapping_copy
-            && self.begin_portal.is_none()
-            && self.reapply.is_none()
+            && self.unit.at_rest()
             && self.ending_portals.is_empty()
             && !self.copy_in
             && !self.copy_awaited
             && self.copy_portal.is_none()
-            && !self.skip_until_sync
-            && !self.local_failed_unit
             && self.split.is_none()
             && self.pinned.is_none()
             && self.pin_slot.is_none()
@@ -303,19 +291,12 @@ impl Session {
             reauth,
             in_flight: _,
             predicted: _,
-            unit_open: _,
-            unit_effect,
-            wrapping: _,
-            wrapping_copy: _,
-            begin_portal: _,
-            reapply: _,
+            unit,
             ending_portals: _,
             chained,
             copy_in: _,
             copy_awaited: _,
             copy_portal: _,
-            skip_until_sync: _,
-            local_failed_unit: _,
             stmts,
             settings,
             units_sent,
@@ -339,8 +320,7 @@ impl Session {
             cancel,
             shutdown,
             lane_reply: _,
-            pipeline_ok,
-            pipeline_skip,
+            lanes,
             span: _,
         } = *self;
         // (the registry's clock leaves it alone until it resumes)
@@ -362,12 +342,11 @@ impl Session {
             tenant_slot,
             cancel,
             shutdown,
-            unit_effect,
+            unit_effect: unit.effect,
             last_status,
             chained,
             tx_failed,
-            pipeline_ok,
-            pipeline_skip,
+            lanes,
         }
     }
 }

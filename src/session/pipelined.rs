@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::statements::{self, Prepared};
+use super::unit::{Lanes, Skip};
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::error::UserFacing;
@@ -135,15 +136,15 @@ impl Session {
 
     /// Between transactions, nothing held or owed: the next unit may go to a lane.
     pub(super) fn may_pipeline(&self) -> bool {
-        self.pipeline_ok
+        self.lanes != Lanes::Off
             && self.server.is_none()
             && self.lane_reply.is_none()
             && self.pending.is_none()
             && self.expect.is_empty()
             && self.in_flight == 0
-            && !self.unit_open
+            && !self.unit.open
             && self.split.is_none()
-            && !self.skip_until_sync
+            && !self.unit.skipping()
             && !self.copy_in
             && !self.copy_awaited
             && self.pinned.is_none()
@@ -265,7 +266,7 @@ impl Session {
 
     /// Send the unit at the front of the client's input to a lane, if it is one for a lane.
     pub(super) async fn try_pipeline(&mut self) -> Result<Piped, SessionError> {
-        if std::mem::take(&mut self.pipeline_skip) {
+        if self.lanes.take_not_next() {
             // (a lane gave this unit back: it runs on a connection of its own)
             return Ok(Piped::No);
         }
@@ -360,8 +361,7 @@ impl Session {
         } else {
             // the usual path skips the unit's messages up to its Sync and answers it
             be::write_error(&err, &mut self.client_out);
-            self.skip_until_sync = true;
-            self.local_failed_unit = true;
+            self.unit.skip = Skip::LocalSync;
         }
         Piped::Answered
     }
@@ -402,6 +402,6 @@ impl Session {
         input.extend_from_slice(frames);
         input.extend_from_slice(&self.client_buf);
         self.client_buf = input;
-        self.pipeline_skip = true;
+        self.lanes.not_next();
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::expect::{After, BlockEdge, Expect};
 use super::frontend::Ahead;
+use super::unit::Wrap;
 use super::{Piece, PieceKind};
 use super::{Predicted, ServerEnding, Session, SessionError};
 use crate::pool::HeldSettings;
@@ -255,8 +256,7 @@ impl Session {
         });
         if rearm {
             // the wrapped unit ends at the client's next Sync (after CopyDone)
-            self.wrapping = true;
-            self.wrapping_copy = true;
+            self.unit.wrap = Wrap::BlockCopy;
         }
         self.in_flight -= before - self.expect.len();
     }
@@ -302,7 +302,7 @@ impl Session {
                 && self.pinned.is_none()
                 && self.expect.is_empty()
                 && self.in_flight == 0
-                && !self.unit_open
+                && !self.unit.open
                 && self.predicted == Predicted::Idle;
             if between_transactions {
                 // Nothing of the client's was on it: the connection is closed and the client's
@@ -404,7 +404,7 @@ impl Session {
         if !self.expect.iter().any(|e| matches!(e, Expect::Sync { .. })) {
             // The client has not sent its Sync yet (it flushed to read the error): whatever it
             // sends before the Sync is ignored by the server, so drop it here, unanswered.
-            self.skip_until_sync = true;
+            self.unit.skip_to_sync();
         }
         // transaction_wrap: skipped COMMITs of rlsgate's blocks minus skipped BEGINs. More
         // COMMITs than BEGINs: a block rlsgate opened before the error is still open (and now
@@ -477,7 +477,7 @@ impl Session {
                     *after = After::CloseBlock;
                 }
                 Some(_) => {}
-                None => self.wrapping = true,
+                None => self.unit.wrap_in_block(),
             }
         }
     }
@@ -698,7 +698,7 @@ impl Session {
         // Only a reply to the last thing in flight tells the state after the client's work; not
         // one that arrives while the client's extended unit is still open (e.g. the Z of
         // transaction_wrap's BEGIN, sent ahead of a unit whose Sync has not come yet).
-        if self.in_flight == 0 && !self.unit_open {
+        if self.in_flight == 0 && !self.unit.open {
             self.predicted = match status {
                 TxStatus::Idle => Predicted::Idle,
                 TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
@@ -747,11 +747,11 @@ impl Session {
         tracing::debug!("transaction_wrap's COMMIT did not end its block; closing it");
         self.tx_failed = true;
         self.predicted = Predicted::Unknown;
-        if self.unit_open {
+        if self.unit.open {
             // The client's next extended unit is half sent: the COMMIT must not land inside
             // it. Its first statement fails in the aborted block; rlsgate's COMMIT follows its
             // Sync (see on_sync).
-            self.wrapping = true;
+            self.unit.wrap_in_block();
             return;
         }
         self.wrap_commit(After::Swallow);
