@@ -977,6 +977,10 @@ impl Lane {
                     tag,
                     be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION
                 ) {
+                    if tag == be::NOTIFICATION {
+                        // (listening for someone else: see below)
+                        self.retiring = true;
+                    }
                     pos += total;
                     continue;
                 }
@@ -1025,8 +1029,16 @@ impl Lane {
             }
             if tag == be::NOTIFICATION {
                 // A unit on a lane runs no LISTEN (session state): the connection listens for
-                // someone else, out of the guard's sight. Not this client's to hear.
-                tracing::warn!("dropped a notification on a shared connection");
+                // someone else, out of the guard's sight. Not this client's to hear; the lane
+                // takes no more units, and its connection is reset (DISCARD ALL, which
+                // unlistens) before it is reused.
+                if std::mem::replace(&mut self.retiring, true) {
+                    tracing::debug!("dropped another notification on a retiring lane");
+                } else {
+                    tracing::warn!(
+                        "dropped a notification on a shared connection; the lane retires and its connection is reset"
+                    );
+                }
                 // (what came before it in the run goes now, as at the end of the input)
                 if let Some(from) = run_from.take()
                     && pos > from

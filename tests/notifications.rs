@@ -121,12 +121,67 @@ async fn a_shared_connection_that_listens_hands_nothing_to_its_clients() {
     assert_eq!(first_value(&msgs).as_deref(), Some("2"), "{msgs:?}");
     // the server hands the notification over as the transaction ends, before its ReadyForQuery
     run_hearing_nothing(&mut south, "COMMIT").await;
+    // The connection that dropped it was reset before its next transaction: it no longer
+    // listens (the pool's only connection, so this runs on it).
+    let msgs =
+        run_hearing_nothing(&mut south, "SELECT count(*) FROM pg_listening_channels()").await;
+    assert_eq!(first_value(&msgs).as_deref(), Some("0"), "{msgs:?}");
     for _ in 0..3 {
         admin_sql(&proxy.db, "NOTIFY leak, 'north-secret'");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let msgs = run_hearing_nothing(&mut south, "SELECT count(*) FROM customers").await;
         assert_eq!(first_value(&msgs).as_deref(), Some("2"), "{msgs:?}");
     }
+    proxy.stop().await;
+}
+
+/// A lane whose connection turns out to listen takes no more units once it has dropped a
+/// notification, and its connection is reset (it stops listening) before it is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_dropped_a_notification_retires_and_its_connection_stops_listening() {
+    let db = demo_db();
+    install_listen_anyway(&db);
+    // a pool of 2: one lane at most, and the other connection never listens
+    let cfg = config_text(&db, 2, "").replace(
+        &format!("pipeline_depth = {}", pipeline_depth()),
+        "pipeline_depth = 4",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    let units = proxy.shared.pipelines.units();
+    let mut south = RawClient::connect(&proxy, &token("south")).await;
+    run_hearing_nothing(&mut south, "SELECT listen_anyway()").await;
+    assert_eq!(proxy.shared.pipelines.units(), units + 1, "ran on a lane");
+    assert_eq!(
+        admin_sql(&db, "SELECT count(DISTINCT pid) FROM listeners"),
+        "1"
+    );
+
+    // a unit that runs while the notification is sent, on the lane's connection (the one
+    // that listens: a lane that lingered out gave it back to the pool, where it is the
+    // first one taken again)
+    south
+        .query("SELECT count(*) FROM customers, pg_listening_channels(), pg_sleep(0.3)")
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin_sql(&db, "NOTIFY leak, 'north-secret'");
+    let msgs = south.until_ready().await;
+    assert!(!msgs.iter().any(|m| m.tag == 'A'), "{msgs:?}");
+    assert_eq!(
+        first_value(&msgs).as_deref(),
+        Some("2"),
+        "ran where the channel is listened on: {msgs:?}"
+    );
+
+    // From now on no connection listens: the lane's was reset when it retired.
+    for _ in 0..4 {
+        let msgs =
+            run_hearing_nothing(&mut south, "SELECT count(*) FROM pg_listening_channels()").await;
+        assert_eq!(first_value(&msgs).as_deref(), Some("0"), "{msgs:?}");
+    }
+    assert!(
+        proxy.shared.pipelines.units() >= units + 6,
+        "the units ran on lanes"
+    );
     proxy.stop().await;
 }
 

@@ -145,10 +145,19 @@ impl Session {
             be::NOTIFICATION => {
                 if self.hears_notifications() {
                     self.client_out.extend_from_slice(frame.bytes);
-                } else {
+                } else if let Some(server) = self.server.as_mut() {
                     // The connection listens for someone else (something out of the guard's
-                    // sight ran LISTEN on it): not this client's to hear.
-                    tracing::warn!("dropped a notification the client did not listen for");
+                    // sight ran LISTEN on it): not this client's to hear. It is reset (DISCARD
+                    // ALL, which unlistens) before anyone else gets it: one warning per taint.
+                    let conn = server.conn();
+                    if std::mem::replace(&mut conn.dirty_session, true) {
+                        tracing::debug!(server_id = conn.id, "dropped another notification");
+                    } else {
+                        tracing::warn!(
+                            server_id = conn.id,
+                            "dropped a notification the client did not listen for; the connection is reset before reuse"
+                        );
+                    }
                 }
                 return Ok(());
             }
