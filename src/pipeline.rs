@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::io::poll_read_buf;
 
 use crate::error::{ClientError, sqlstate};
@@ -78,7 +77,88 @@ struct LaneHandle {
     queued: AtomicUsize,
     /// When the unit at its head started (µs since the pipelines' epoch; 0: none running).
     head_since: AtomicU64,
-    tx: mpsc::UnboundedSender<Job>,
+    inbox: Inbox,
+}
+
+/// A lane's queue of units. Sessions push (under the lanes' lock), the lane takes: a mutex
+/// and the lane's waker, uncontended in practice, instead of a channel's linked blocks and
+/// atomics on every send and receive.
+#[derive(Default)]
+struct Inbox(Mutex<InboxState>);
+
+#[derive(Default)]
+struct InboxState {
+    jobs: VecDeque<Job>,
+    /// The lane, when it waits for a unit.
+    waker: Option<Waker>,
+    /// The lane is gone: nothing more is queued.
+    closed: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a unit and wake the lane; `Err` gives it back when the lane is gone.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the unit goes back to its session by value, rarely"
+    )]
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let waker = {
+            let mut s = self.lock();
+            if s.closed {
+                return Err(job);
+            }
+            s.jobs.push_back(job);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn try_pop(&self) -> Option<Job> {
+        self.lock().jobs.pop_front()
+    }
+
+    /// The next unit, or `Pending` (woken by the next push).
+    fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Job> {
+        let mut s = self.lock();
+        if let Some(job) = s.jobs.pop_front() {
+            return Poll::Ready(job);
+        }
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The lane is gone: what is still queued goes back to its sessions, and later pushes fail.
+    fn close(&self, queued: &AtomicUsize) {
+        let jobs = {
+            let mut s = self.lock();
+            s.closed = true;
+            s.waker = None;
+            std::mem::take(&mut s.jobs)
+        };
+        for job in jobs {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            job.bounce();
+        }
+    }
+}
+
+/// Closes its lane's inbox when the lane's task ends, however it ends (a panic included), so
+/// that no unit waits in it for nobody.
+struct InboxCloser(Arc<LaneHandle>);
+
+impl Drop for InboxCloser {
+    fn drop(&mut self) {
+        self.0.inbox.close(&self.0.queued);
+    }
 }
 
 /// One client's unit for a lane.
@@ -376,7 +456,7 @@ impl Pipelines {
         };
         lane.queued.fetch_add(1, Ordering::Relaxed);
         self.units.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::error::SendError(job)) = lane.tx.send(job) {
+        if let Err(job) = lane.inbox.push(job) {
             // (the lane's task is gone without removing itself: only if it panicked)
             lanes.retain(|l| !Arc::ptr_eq(l, &lane));
             job.bounce();
@@ -385,14 +465,13 @@ impl Pipelines {
     }
 
     fn spawn_lane(self: &Arc<Self>, key: Option<Arc<str>>) -> Arc<LaneHandle> {
-        let (tx, rx) = mpsc::unbounded_channel();
         let handle = Arc::new(LaneHandle {
             key,
             queued: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
-            tx,
+            inbox: Inbox::default(),
         });
-        tokio::spawn(run_lane(Arc::clone(self), Arc::clone(&handle), rx));
+        tokio::spawn(run_lane(Arc::clone(self), Arc::clone(&handle)));
         handle
     }
 
@@ -465,7 +544,6 @@ struct UnitRoute {
 struct Lane {
     pipes: Arc<Pipelines>,
     me: Arc<LaneHandle>,
-    rx: mpsc::UnboundedReceiver<Job>,
     checkout: Checkout,
     cancel_target: CancelTarget,
     routes: VecDeque<Box<UnitRoute>>,
@@ -494,19 +572,20 @@ struct Lane {
     write_deferred: bool,
 }
 
-async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::UnboundedReceiver<Job>) {
+async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>) {
+    let _closer = InboxCloser(Arc::clone(&me));
     let checkout = match pipes.pool.checkout().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "no upstream connection for a pipeline lane");
-            bounce_all(&pipes, &me, rx);
+            bounce_all(&pipes, &me);
             return;
         }
     };
     let mut checkout = checkout;
     if let Err(e) = Box::pin(prepare(checkout.conn(), me.key.as_ref())).await {
         tracing::warn!(error = %e, "could not prepare a connection for a pipeline lane");
-        bounce_all(&pipes, &me, rx);
+        bounce_all(&pipes, &me);
         return;
     }
     let cancel_target = pipes.pool.cancel_target(checkout.conn_ref());
@@ -515,7 +594,6 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
     let mut lane = Lane {
         pipes,
         me,
-        rx,
         checkout,
         cancel_target,
         routes: VecDeque::new(),
@@ -541,11 +619,12 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>, rx: mpsc::Unbounde
                 return;
             }
             Ok(()) => {
+                let inbox = Arc::clone(&lane.me);
                 let sleep = linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
                 sleep.as_mut().reset(tokio::time::Instant::now() + LINGER);
                 tokio::select! {
                     biased;
-                    job = lane.rx.recv() => lane.next = job,
+                    job = std::future::poll_fn(|cx| inbox.inbox.poll_pop(cx)) => lane.next = Some(job),
                     () = sleep.as_mut() => {
                         if lane.pipes.retire_if_idle(&lane.me) {
                             lane.close_clean();
@@ -576,12 +655,9 @@ fn user_cancel(n: &be::ServerNotice) -> bool {
 }
 
 /// Everything sent to a lane that never ran goes back to its session.
-fn bounce_all(pipes: &Pipelines, me: &Arc<LaneHandle>, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn bounce_all(pipes: &Pipelines, me: &Arc<LaneHandle>) {
     pipes.remove(me);
-    while let Ok(job) = rx.try_recv() {
-        me.queued.fetch_sub(1, Ordering::Relaxed);
-        job.bounce();
-    }
+    me.inbox.close(&me.queued);
 }
 
 /// Give the connection the lane's settings (and close statements it evicted) before any unit.
@@ -660,7 +736,7 @@ impl Lane {
         for job in again
             .into_iter()
             .chain(next)
-            .chain(std::iter::from_fn(|| self.rx.try_recv().ok()))
+            .chain(std::iter::from_fn(|| self.me.inbox.try_pop()))
         {
             self.me.queued.fetch_sub(1, Ordering::Relaxed);
             job.bounce();
@@ -686,9 +762,9 @@ impl Lane {
             {
                 let job = match self.again.pop_front().or_else(|| self.next.take()) {
                     Some(job) => job,
-                    None => match self.rx.poll_recv(cx) {
-                        Poll::Ready(Some(job)) => job,
-                        Poll::Ready(None) | Poll::Pending => break,
+                    None => match self.me.inbox.poll_pop(cx) {
+                        Poll::Ready(job) => job,
+                        Poll::Pending => break,
                     },
                 };
                 self.write_unit(job, cx.waker())?;
