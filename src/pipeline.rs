@@ -120,10 +120,6 @@ impl Inbox {
         Ok(())
     }
 
-    fn try_pop(&self) -> Option<Job> {
-        self.lock().jobs.pop_front()
-    }
-
     /// The next unit, or `Pending` (woken by the next push).
     fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Job> {
         let mut s = self.lock();
@@ -573,19 +569,22 @@ struct Lane {
 }
 
 async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>) {
+    // (however the task ends, what is still queued goes back to its sessions)
     let _closer = InboxCloser(Arc::clone(&me));
     let checkout = match pipes.pool.checkout().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "no upstream connection for a pipeline lane");
-            bounce_all(&pipes, &me);
+            // (no more units; the closer sends back what was queued)
+            pipes.remove(&me);
             return;
         }
     };
     let mut checkout = checkout;
     if let Err(e) = Box::pin(prepare(checkout.conn(), me.key.as_ref())).await {
         tracing::warn!(error = %e, "could not prepare a connection for a pipeline lane");
-        bounce_all(&pipes, &me);
+        // (no more units; the closer sends back what was queued)
+        pipes.remove(&me);
         return;
     }
     let cancel_target = pipes.pool.cancel_target(checkout.conn_ref());
@@ -619,18 +618,21 @@ async fn run_lane(pipes: Arc<Pipelines>, me: Arc<LaneHandle>) {
                 return;
             }
             Ok(()) => {
-                let inbox = Arc::clone(&lane.me);
                 let sleep = linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
                 sleep.as_mut().reset(tokio::time::Instant::now() + LINGER);
-                tokio::select! {
+                let inbox = &lane.me.inbox;
+                let next = tokio::select! {
                     biased;
-                    job = std::future::poll_fn(|cx| inbox.inbox.poll_pop(cx)) => lane.next = Some(job),
-                    () = sleep.as_mut() => {
-                        if lane.pipes.retire_if_idle(&lane.me) {
-                            lane.close_clean();
-                            return;
-                        }
+                    job = std::future::poll_fn(|cx| inbox.poll_pop(cx)) => Some(job),
+                    () = sleep.as_mut() => None,
+                };
+                match next {
+                    Some(job) => lane.next = Some(job),
+                    None if lane.pipes.retire_if_idle(&lane.me) => {
+                        lane.close_clean();
+                        return;
                     }
+                    None => {}
                 }
             }
             Err(e) => {
@@ -652,12 +654,6 @@ fn stale_plan(n: &be::ServerNotice) -> bool {
 /// `lc_messages`). A statement timeout has the same code: such a unit simply runs once more.
 fn user_cancel(n: &be::ServerNotice) -> bool {
     n.code == sqlstate::QUERY_CANCELED
-}
-
-/// Everything sent to a lane that never ran goes back to its session.
-fn bounce_all(pipes: &Pipelines, me: &Arc<LaneHandle>) {
-    pipes.remove(me);
-    me.inbox.close(&me.queued);
 }
 
 /// Give the connection the lane's settings (and close statements it evicted) before any unit.
@@ -729,15 +725,12 @@ impl Lane {
         self.pipes.depth
     }
 
-    /// Units that never ran (queued, or taken from the queue) go back to their sessions.
+    /// Units taken from the inbox that never ran go back to their sessions (those still in it
+    /// go back as the lane's task ends: see `InboxCloser`).
     fn bounce_queued(&mut self) {
         let next = self.next.take();
         let again = std::mem::take(&mut self.again);
-        for job in again
-            .into_iter()
-            .chain(next)
-            .chain(std::iter::from_fn(|| self.me.inbox.try_pop()))
-        {
+        for job in again.into_iter().chain(next) {
             self.me.queued.fetch_sub(1, Ordering::Relaxed);
             job.bounce();
         }

@@ -63,6 +63,34 @@ fn install_listen_anyway(db: &str) {
     );
 }
 
+/// A demo database with `listen_anyway()`, behind a proxy with a pool of 2 and pipeline lanes
+/// (depth 4; a lane at most, half the pool).
+async fn lane_proxy() -> (String, Proxy) {
+    let db = demo_db();
+    install_listen_anyway(&db);
+    let cfg = config_text(&db, 2, "").replace(
+        &format!("pipeline_depth = {}", pipeline_depth()),
+        "pipeline_depth = 4",
+    );
+    let proxy = start_proxy_with(&db, &cfg).await;
+    (db, proxy)
+}
+
+/// Run `sql` (a unit that sleeps) and send a notification on `leak` while it runs: the server
+/// hands it over at the unit's end, in front of its ReadyForQuery. The replies, checked to hold
+/// no notification.
+async fn notified_during(c: &mut RawClient, db: &str, sql: &str) -> Vec<Msg> {
+    c.query(sql).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin_sql(db, "NOTIFY leak, 'north-secret'");
+    let msgs = c.until_ready().await;
+    assert!(
+        !msgs.iter().any(|m| m.tag == 'A'),
+        "{sql}: a notification reached a client that did not listen: {msgs:?}"
+    );
+    msgs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_and_notify_are_refused_by_default_and_nothing_goes_out() {
     let proxy = start_proxy(2).await;
@@ -135,66 +163,10 @@ async fn a_shared_connection_that_listens_hands_nothing_to_its_clients() {
     proxy.stop().await;
 }
 
-/// A lane whose connection turns out to listen takes no more units once it has dropped a
-/// notification, and its connection is reset (it stops listening) before it is reused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lane_that_dropped_a_notification_retires_and_its_connection_stops_listening() {
-    let db = demo_db();
-    install_listen_anyway(&db);
-    // a pool of 2: one lane at most, and the other connection never listens
-    let cfg = config_text(&db, 2, "").replace(
-        &format!("pipeline_depth = {}", pipeline_depth()),
-        "pipeline_depth = 4",
-    );
-    let proxy = start_proxy_with(&db, &cfg).await;
-    let units = proxy.shared.pipelines.units();
-    let mut south = RawClient::connect(&proxy, &token("south")).await;
-    run_hearing_nothing(&mut south, "SELECT listen_anyway()").await;
-    assert_eq!(proxy.shared.pipelines.units(), units + 1, "ran on a lane");
-    assert_eq!(
-        admin_sql(&db, "SELECT count(DISTINCT pid) FROM listeners"),
-        "1"
-    );
-
-    // a unit that runs while the notification is sent, on the lane's connection (the one
-    // that listens: a lane that lingered out gave it back to the pool, where it is the
-    // first one taken again)
-    south
-        .query("SELECT count(*) FROM customers, pg_listening_channels(), pg_sleep(0.3)")
-        .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    admin_sql(&db, "NOTIFY leak, 'north-secret'");
-    let msgs = south.until_ready().await;
-    assert!(!msgs.iter().any(|m| m.tag == 'A'), "{msgs:?}");
-    assert_eq!(
-        first_value(&msgs).as_deref(),
-        Some("2"),
-        "ran where the channel is listened on: {msgs:?}"
-    );
-
-    // From now on no connection listens: the lane's was reset when it retired.
-    for _ in 0..4 {
-        let msgs =
-            run_hearing_nothing(&mut south, "SELECT count(*) FROM pg_listening_channels()").await;
-        assert_eq!(first_value(&msgs).as_deref(), Some("0"), "{msgs:?}");
-    }
-    assert!(
-        proxy.shared.pipelines.units() >= units + 6,
-        "the units ran on lanes"
-    );
-    proxy.stop().await;
-}
-
 /// The same on a pipeline lane: the notification arrives inside another client's unit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_lane_that_listens_hands_nothing_to_its_clients() {
-    let db = demo_db();
-    install_listen_anyway(&db);
-    let cfg = config_text(&db, 2, "").replace(
-        &format!("pipeline_depth = {}", pipeline_depth()),
-        "pipeline_depth = 4",
-    );
-    let proxy = start_proxy_with(&db, &cfg).await;
+    let (db, proxy) = lane_proxy().await;
     // both pool connections listen: one held in a block while the other runs the function
     // (another tenant: one tenant may not hold the whole pool)
     let mut holder = RawClient::connect(&proxy, &token("north")).await;
@@ -211,20 +183,60 @@ async fn a_pipeline_lane_that_listens_hands_nothing_to_its_clients() {
     let units = proxy.shared.pipelines.units();
     let mut south = RawClient::connect(&proxy, &token("south")).await;
     for _ in 0..3 {
-        // a unit that runs while the notification is sent: the server hands it over at the
-        // unit's end, in front of its ReadyForQuery
-        south
-            .query("SELECT count(*) FROM customers, pg_sleep(0.3)")
-            .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        admin_sql(&db, "NOTIFY leak, 'north-secret'");
-        let msgs = south.until_ready().await;
-        assert!(!msgs.iter().any(|m| m.tag == 'A'), "{msgs:?}");
+        let msgs = notified_during(
+            &mut south,
+            &db,
+            "SELECT count(*) FROM customers, pg_sleep(0.3)",
+        )
+        .await;
         assert_eq!(first_value(&msgs).as_deref(), Some("2"), "{msgs:?}");
     }
     assert!(
         proxy.shared.pipelines.units() >= units + 3,
         "the units ran on a lane"
+    );
+    proxy.stop().await;
+}
+
+/// A lane whose connection turns out to listen takes no more units once it has dropped a
+/// notification, and its connection is reset (it stops listening) before it is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_dropped_a_notification_retires_and_its_connection_stops_listening() {
+    // (one lane at most, and the other connection never listens)
+    let (db, proxy) = lane_proxy().await;
+    let units = proxy.shared.pipelines.units();
+    let mut south = RawClient::connect(&proxy, &token("south")).await;
+    run_hearing_nothing(&mut south, "SELECT listen_anyway()").await;
+    assert_eq!(proxy.shared.pipelines.units(), units + 1, "ran on a lane");
+    assert_eq!(
+        admin_sql(&db, "SELECT count(DISTINCT pid) FROM listeners"),
+        "1"
+    );
+
+    // a unit that runs while the notification is sent, on the lane's connection (the one
+    // that listens: a lane that lingered out gave it back to the pool, where it is the
+    // first one taken again)
+    let msgs = notified_during(
+        &mut south,
+        &db,
+        "SELECT count(*) FROM customers, pg_listening_channels(), pg_sleep(0.3)",
+    )
+    .await;
+    assert_eq!(
+        first_value(&msgs).as_deref(),
+        Some("2"),
+        "ran where the channel is listened on: {msgs:?}"
+    );
+
+    // From now on no connection listens: the lane's was reset when it retired.
+    for _ in 0..4 {
+        let msgs =
+            run_hearing_nothing(&mut south, "SELECT count(*) FROM pg_listening_channels()").await;
+        assert_eq!(first_value(&msgs).as_deref(), Some("0"), "{msgs:?}");
+    }
+    assert!(
+        proxy.shared.pipelines.units() >= units + 6,
+        "the units ran on lanes"
     );
     proxy.stop().await;
 }
