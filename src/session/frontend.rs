@@ -9,7 +9,7 @@ use super::expect::{After, BlockEdge, Expect};
 use super::inject;
 use super::statements::{self, MAX_STATEMENT_BYTES, MAX_STATEMENTS, Prepared, server_name};
 use super::unit::{Reapply, Skip, Wrap};
-use super::{Flow, Piece, PieceKind, Predicted, Session, SessionError, Split};
+use super::{CopyState, Flow, Piece, PieceKind, Predicted, Session, SessionError, Split};
 use crate::audit::AuditEvent;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{ClientError, UserFacing, sqlstate};
@@ -54,13 +54,13 @@ impl Session {
         {
             self.query_started = Some(std::time::Instant::now());
         }
-        tracing::trace!(tag = %(frame.tag as char), in_flight = self.in_flight, predicted = ?self.predicted, "client message");
+        tracing::trace!(tag = %(frame.tag as char), in_flight = self.in_flight, tx = ?self.tx, copy = ?self.copy, "client message");
         if self.unit.skipping() && !matches!(frame.tag, fe::SYNC | fe::TERMINATE) {
             // After an error Postgres ignores everything up to Sync; so do we.
             return Ok(Flow::Continue);
         }
         let ignored_in_copy = matches!(frame.tag, fe::FLUSH | fe::SYNC | fe::TERMINATE);
-        if !ignored_in_copy && self.copy_awaited {
+        if !ignored_in_copy && self.copy == CopyState::Awaited {
             // A COPY FROM STDIN was sent and the server has not said yet whether it reads data
             // now: what it makes of the next message depends on that (also of COPY data: a
             // CopyDone must not be sent before the server is in COPY, or Syncs after it would be
@@ -68,11 +68,11 @@ impl Session {
             if self.expect.iter().any(Expect::awaits_copy) {
                 return Ok(Flow::Wait(frame));
             }
-            self.copy_awaited = false;
+            self.copy = CopyState::Off;
         }
         let copy_traffic =
             ignored_in_copy || matches!(frame.tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL);
-        if !copy_traffic && self.copy_in {
+        if !copy_traffic && self.copy == CopyState::In {
             return Ok(self.interrupt_copy(&frame));
         }
         match frame.tag {
@@ -85,14 +85,14 @@ impl Session {
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
                 self.on_extended(frame).await
             }
-            fe::SYNC if self.copy_in => {
+            fe::SYNC if self.copy == CopyState::In => {
                 // Ignored by the server during COPY FROM STDIN; no ReadyForQuery will answer it.
                 self.server_out.extend_from_slice(&frame.bytes);
                 Ok(Flow::Continue)
             }
             fe::SYNC => Ok(self.on_sync(frame)),
             fe::COPY_DONE | fe::COPY_FAIL => {
-                self.copy_in = false;
+                self.leave_copy_in();
                 if self.server.is_some() {
                     self.server_out.extend_from_slice(&frame.bytes);
                 }
@@ -101,7 +101,7 @@ impl Session {
                     // the client sends next waits until the server says (CopyInResponse, or the
                     // Query's end).
                     *copy = true;
-                    self.copy_awaited = true;
+                    self.copy_sent();
                 }
                 Ok(Flow::Continue)
             }
@@ -127,8 +127,8 @@ impl Session {
     /// should it fail, the connection still holds the previous tenant's sequence state.
     fn must_wait(&self) -> bool {
         self.in_flight > 0
-            && (self.predicted == Predicted::Unknown
-                || self.chained
+            && (self.tx.predicted() == Predicted::Unknown
+                || self.tx.chained()
                 || (self.unit.open && self.unit.reapply.is_some())
                 || self
                     .expect
@@ -145,12 +145,12 @@ impl Session {
         outside_tx: bool,
         ahead: Ahead,
     ) -> Result<Result<bool, PoolError>, SessionError> {
-        let new_tx = self.server.is_none() || self.predicted == Predicted::Idle;
+        let new_tx = self.server.is_none() || self.tx.predicted() == Predicted::Idle;
         if new_tx && self.token_expired() {
             return Err(SessionError::TokenExpired);
         }
         // (not for a Query inside an open unit: that one is covered by `reapply`)
-        let chained = !self.unit.open && std::mem::take(&mut self.chained);
+        let chained = !self.unit.open && self.tx.take_chained();
         if let Err(e) = self.ensure_server().await {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
@@ -162,7 +162,7 @@ impl Session {
         // A sequence discard may go into the unit's own transaction when its first statement
         // takes a snapshot anyway and runs inside a transaction.
         let discard_inline = ahead == Ahead::Snapshot && !outside_tx;
-        if self.predicted == Predicted::Idle && !self.unit.open {
+        if self.tx.predicted() == Predicted::Idle && !self.unit.open {
             if self.in_flight == 0 {
                 self.sync_settings(discard_inline)?;
             } else {
@@ -171,14 +171,16 @@ impl Session {
                 self.discard_sequences(discard_inline)?;
             }
         }
-        let due = self.predicted == Predicted::Idle && !outside_tx;
+        let due = self.tx.predicted() == Predicted::Idle && !outside_tx;
         if due
             && !self.config.upstream.transaction_wrap
             && matches!(ahead, Ahead::Snapshot | Ahead::Unknown)
         {
             self.inject_context(ahead);
         }
-        if chained && self.predicted == Predicted::InBlock && self.last_status == TxStatus::InBlock
+        if chained
+            && self.tx.predicted() == Predicted::InBlock
+            && self.tx.observed() == TxStatus::InBlock
         {
             // COMMIT/ROLLBACK AND CHAIN opened this block: it has none of rlsgate's settings.
             self.inject_context(Ahead::Unknown);
@@ -305,16 +307,6 @@ impl Session {
             held: None,
             synced,
         });
-    }
-
-    fn after_unit(&mut self, effect: TxEffect) {
-        if effect != TxEffect::None {
-            self.predicted = Predicted::Unknown;
-        }
-        if effect == TxEffect::Unknown {
-            // maybe COMMIT/ROLLBACK AND CHAIN: see start_unit
-            self.chained = true;
-        }
     }
 
     /// A simple Query (or FunctionCall) inside an open extended unit: the server ends the unit's
@@ -462,11 +454,7 @@ impl Session {
             }
             match self.reauth(&token).await {
                 Ok(()) => {
-                    let status = if self.server.is_none() {
-                        TxStatus::Idle
-                    } else {
-                        self.last_status
-                    };
+                    let status = self.tx.reported(self.server.is_some());
                     be::write_single_text_row("reauth", "ok", &mut self.client_out);
                     be::write_ready(status, &mut self.client_out);
                 }
@@ -481,7 +469,7 @@ impl Session {
         let analysis = self.shared.analyze(sql);
         if self.config.upstream.transaction_wrap
             && self.in_flight > 0
-            && self.predicted == Predicted::InBlock
+            && self.tx.predicted() == Predicted::InBlock
         {
             // transaction_wrap puts the context right after a split Query's leading BEGIN, but
             // not in an aborted block (the BEGIN fails there, and so would the context): whether
@@ -534,7 +522,7 @@ impl Session {
             // The open extended unit ended its transaction before this Query (see on_bind). In
             // an aborted block the context cannot be set (and is not needed: only the end of
             // the block can run, and what follows starts a transaction that gets it).
-            if self.last_status != TxStatus::Failed {
+            if self.tx.observed() != TxStatus::Failed {
                 self.inject_context(ahead);
             }
         }
@@ -557,7 +545,7 @@ impl Session {
                 failed: false,
                 last,
             }));
-            self.after_unit(analysis.tx_effect());
+            self.tx.after_unit(analysis.tx_effect());
             // counted when the whole split ends (see relay::on_ready)
             SPLIT_UNIT
         } else if self.config.upstream.transaction_wrap
@@ -573,7 +561,7 @@ impl Session {
                 self.expect_ready(Expect::query(After::SwallowThenCommit, true));
                 // rlsgate's COMMIT goes only once the COPY is over: until its answer the
                 // client's next unit would land inside this block.
-                self.predicted = Predicted::Unknown;
+                self.tx.unknown();
                 self.units_sent + 1
             } else {
                 self.expect_ready(Expect::query(After::Swallow, false));
@@ -592,10 +580,12 @@ impl Session {
                 // right after the client's BEGIN, inside its block: no WARNING, no snapshot
                 self.inject_context(Ahead::Unknown);
             }
-            self.after_unit(analysis.tx_effect());
+            self.tx.after_unit(analysis.tx_effect());
             unit
         };
-        self.copy_awaited |= analysis.copy_from_stdin;
+        if analysis.copy_from_stdin {
+            self.copy_sent();
+        }
         if analysis.copy_from_stdin && self.unit.wrap != Wrap::Off && self.unit.open {
             // A COPY inside rlsgate's block around an open extended unit: the block's COMMIT
             // waits for the end of the COPY (see on_sync).
@@ -623,11 +613,7 @@ impl Session {
     /// them under other, shared names), so forget it and answer as Postgres would. Returns false
     /// when the server must see the statement (SQL-PREPAREd names, an aborted transaction).
     fn deallocate_locally(&mut self, name: Option<&str>) -> bool {
-        let status = if self.server.is_none() {
-            TxStatus::Idle
-        } else {
-            self.last_status
-        };
+        let status = self.tx.reported(self.server.is_some());
         if status == TxStatus::Failed {
             return false;
         }
@@ -651,7 +637,7 @@ impl Session {
     /// `RESET ALL` inside a transaction block would clear the tenant context for the rest of it.
     /// (`DISCARD ALL` there is rejected by Postgres itself.) Outside, both run without context.
     fn reset_refusal(&self, kind: SessionReset) -> Option<Refusal> {
-        let in_block = self.server.is_some() && self.predicted != Predicted::Idle;
+        let in_block = self.server.is_some() && self.tx.predicted() != Predicted::Idle;
         (in_block && kind == SessionReset::ResetAll).then(|| Refusal {
             sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
             message: "rlsgate: RESET ALL inside a transaction block is not allowed: it would clear the tenant context"
@@ -677,7 +663,8 @@ impl Session {
     /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
     fn apply_reset(&mut self, kind: SessionReset) {
         // Inside a transaction block Postgres refuses DISCARD ALL (25001): nothing is dropped.
-        let in_block = self.predicted == Predicted::InBlock || self.unit.effect == TxEffect::Begin;
+        let in_block =
+            self.tx.predicted() == Predicted::InBlock || self.unit.effect == TxEffect::Begin;
         if kind != SessionReset::DiscardAll || in_block {
             return;
         }
@@ -707,10 +694,8 @@ impl Session {
         if self.server.is_some()
             && fe::write_query(inject::REFUSED_SQL, &mut self.server_out).is_ok()
         {
-            if self.predicted == Predicted::InBlock {
-                // the error aborts the block: what follows waits to see it
-                self.predicted = Predicted::Unknown;
-            }
+            // the error aborts a block: what follows waits to see it
+            self.tx.error_sent();
             self.expect_ready(Expect::Query {
                 after: After::Forward,
                 copy: false,
@@ -846,7 +831,7 @@ impl Session {
             // A new transaction that has no context yet: the first statement runs outside any
             // (VACUUM …), or transaction_wrap places the context later (after the client's BEGIN;
             // a block-sensitive statement goes unwrapped). Whatever else the unit binds gets it.
-            let bare = self.predicted == Predicted::Idle
+            let bare = self.tx.predicted() == Predicted::Idle
                 && (outside_tx
                     || matches!(ahead, Ahead::Begin | Ahead::FirstBind)
                     || (self.config.upstream.transaction_wrap && (begins || block_sensitive)));
@@ -872,7 +857,9 @@ impl Session {
                 self.server_out.extend_from_slice(&frame.bytes);
                 let copy = self.copy_portal.as_deref() == Some(portal);
                 self.expect.push_back(Expect::Execute { copy });
-                self.copy_awaited |= copy;
+                if copy {
+                    self.copy_sent();
+                }
                 if after_begin {
                     self.unit.begin_portal = None;
                     self.unit.reapply = None;
@@ -1398,9 +1385,9 @@ impl Session {
         }
         self.unit.open = false;
         let effect = std::mem::replace(&mut self.unit.effect, TxEffect::None);
-        self.after_unit(effect);
+        self.tx.after_unit(effect);
         if block_end_unknown {
-            self.predicted = Predicted::Unknown;
+            self.tx.unknown();
         }
         Flow::Continue
     }
@@ -1408,7 +1395,7 @@ impl Session {
     /// Another message during COPY FROM STDIN: Postgres fails the COPY with it (the message is
     /// consumed, not run). The same happens here without sending it: a CopyFail naming it.
     fn interrupt_copy(&mut self, frame: &Frame) -> Flow {
-        self.copy_in = false;
+        self.leave_copy_in();
         let reason = format!(
             "unexpected message type 0x{:02X} during COPY from stdin",
             frame.tag

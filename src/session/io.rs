@@ -166,7 +166,7 @@ impl<'a> Sockets<'a> {
     pub(super) fn new(s: &'a mut Session) -> (Sockets<'a>, &'a ClientEntry) {
         // Client frames wait (a split Query or a held frame waits for replies; output is full):
         // read ahead only so far, enough to see the client leave.
-        let waiting = (s.split.is_some() && !s.copy_in)
+        let waiting = (s.split.is_some() && s.copy != super::CopyState::In)
             || s.pending.is_some()
             || s.server_out.len() >= OUT_CAP
             || s.client_out.len() >= OUT_CAP;

@@ -19,6 +19,7 @@ mod reauth;
 mod relay;
 mod settings;
 mod statements;
+mod tx;
 mod unit;
 
 use std::collections::VecDeque;
@@ -45,6 +46,7 @@ use crate::stream::Stream;
 use expect::Expect;
 use settings::Settings;
 use statements::Statements;
+use tx::{CopyState, Predicted, Tx};
 use unit::{Lanes, Unit};
 
 /// Largest server message relayed (Postgres' own limit is 1 GB).
@@ -148,15 +150,6 @@ impl UserFacing for SessionError {
             }
         }
     }
-}
-
-/// What the server state will be once everything sent so far has run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Predicted {
-    Idle,
-    InBlock,
-    /// Depends on replies still in flight (transaction control was pipelined).
-    Unknown,
 }
 
 /// The held server connection is ending: the server sent a FATAL.
@@ -264,19 +257,15 @@ pub struct Session {
     reauth: reauth::ReauthState,
     /// Query/Sync messages sent whose ReadyForQuery has not arrived.
     in_flight: usize,
-    predicted: Predicted,
+    /// The transaction on the held connection (see [`tx`]).
+    tx: Tx,
     /// The client's extended-protocol unit since its last Sync.
     unit: Unit,
     /// Portals on the server that end the transaction (or run outside one) when executed:
     /// name → (their statement's effect, unit of their Bind). Portals die with their
     /// transaction: entries go when a later unit reports idle.
     ending_portals: EndingPortals,
-    /// COMMIT/ROLLBACK AND CHAIN may have opened the current block without the context.
-    chained: bool,
-    /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
-    copy_in: bool,
-    /// A COPY FROM STDIN may still be unanswered (see `Expect::awaits_copy`): other messages wait.
-    copy_awaited: bool,
+    copy: CopyState,
     /// The portal last bound to a COPY FROM STDIN statement.
     copy_portal: Option<Box<str>>,
     stmts: Statements,
@@ -284,10 +273,6 @@ pub struct Session {
     /// Units (Query/Sync) sent and answered, to know which setting changes a reply settles.
     units_sent: u64,
     units_done: u64,
-    /// An error happened in the current transaction (its setting changes do not count).
-    tx_failed: bool,
-    /// Status from the last ReadyForQuery (Idle when no connection is held).
-    last_status: TxStatus,
     /// Boxed: rare, and every session holds the field.
     split: Option<Box<Split>>,
     /// Transaction mode: the server connection stays with this client (session state), and why.
@@ -613,7 +598,7 @@ impl Session {
             // Measured from the request or the last bytes from the upstream, whichever is later:
             // long results and COPY TO keep it alive; COPY FROM STDIN waits for the client.
             let waits_for_upstream =
-                (self.server.is_some() && !self.expect.is_empty() && !self.copy_in)
+                (self.server.is_some() && !self.expect.is_empty() && self.copy != CopyState::In)
                     || self.lane_reply.is_some();
             if let (Some(started), false) = (
                 self.query_started,
@@ -714,7 +699,7 @@ impl Session {
             || (self.in_flight == 0
                 && !self.unit.open
                 && self.expect.is_empty()
-                && self.predicted == Predicted::Idle)
+                && self.tx.predicted() == Predicted::Idle)
     }
 
     /// The held connection was ended by the server between transactions: close it, count it.
@@ -734,7 +719,7 @@ impl Session {
     /// excepted), and while the output towards either side is full (backpressure).
     async fn process_client(&mut self) -> Result<bool, SessionError> {
         loop {
-            if self.split.is_some() && !self.copy_in {
+            if self.split.is_some() && self.copy != CopyState::In {
                 return Ok(false);
             }
             if self.lane_reply.is_some() {
@@ -888,7 +873,7 @@ impl Session {
             "checked out upstream connection"
         );
         self.server = Some(checkout);
-        self.predicted = Predicted::Idle;
+        self.tx.connected();
         Ok(())
     }
 
@@ -1011,7 +996,7 @@ impl Session {
             && !self.unit.open
             && !self.unit.skipping()
             && self.split.is_none()
-            && self.predicted == Predicted::Idle
+            && self.tx.predicted() == Predicted::Idle
     }
 
     /// Expect a ReadyForQuery for this entry; returns the unit's number.

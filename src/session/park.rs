@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::tx::{CopyState, Predicted, Tx};
 use super::unit::{Lanes, Unit};
-use super::{Predicted, Session, SessionError, inject, settings::Settings, statements::Statements};
+use super::{Session, SessionError, inject, settings::Settings, statements::Statements};
 use crate::app::Shared;
 use crate::auth::Identity;
 use crate::config::Config;
 use crate::guard::TxEffect;
-use crate::protocol::backend::TxStatus;
 use crate::stream::Stream;
 
 /// What a resting client keeps (see the module docs). Every field of [`Session`] is either here
@@ -48,9 +48,7 @@ pub(super) struct Parked {
     /// applies to new sessions).
     config: Arc<Config>,
     unit_effect: TxEffect,
-    last_status: TxStatus,
-    chained: bool,
-    tx_failed: bool,
+    tx: Tx,
     lanes: Lanes,
 }
 
@@ -100,9 +98,7 @@ impl Parked {
             cancel: login.cancel,
             shutdown,
             unit_effect: TxEffect::None,
-            last_status: TxStatus::Idle,
-            chained: false,
-            tx_failed: false,
+            tx: Tx::default(),
             lanes,
             config,
             shared: Arc::clone(&shared),
@@ -177,9 +173,7 @@ impl Parked {
             shutdown,
             config,
             unit_effect,
-            last_status,
-            chained,
-            tx_failed,
+            tx,
             lanes,
         } = self;
         let reauth = reauth.map(|r| *r).unwrap_or_default();
@@ -203,19 +197,15 @@ impl Parked {
             expect: Default::default(),
             reauth,
             in_flight: 0,
-            predicted: Predicted::Idle,
+            tx: tx.resumed(),
             unit: Unit::closed(unit_effect),
             ending_portals: Default::default(),
-            chained,
-            copy_in: false,
-            copy_awaited: false,
+            copy: CopyState::Off,
             copy_portal: None,
             stmts,
             settings,
             units_sent,
             units_done,
-            tx_failed,
-            last_status,
             split: None,
             pinned: None,
             pin_slot: None,
@@ -252,11 +242,10 @@ impl Session {
             && !self.server_unflushed
             && self.expect.is_empty()
             && self.in_flight == 0
-            && self.predicted == Predicted::Idle
+            && self.tx.predicted() == Predicted::Idle
             && self.unit.at_rest()
             && self.ending_portals.is_empty()
-            && !self.copy_in
-            && !self.copy_awaited
+            && self.copy == CopyState::Off
             && self.copy_portal.is_none()
             && self.split.is_none()
             && self.pinned.is_none()
@@ -290,19 +279,15 @@ impl Session {
             expect: _,
             reauth,
             in_flight: _,
-            predicted: _,
+            tx,
             unit,
             ending_portals: _,
-            chained,
-            copy_in: _,
-            copy_awaited: _,
+            copy: _,
             copy_portal: _,
             stmts,
             settings,
             units_sent,
             units_done,
-            tx_failed,
-            last_status,
             split: _,
             pinned: _,
             pin_slot: _,
@@ -343,9 +328,7 @@ impl Session {
             cancel,
             shutdown,
             unit_effect: unit.effect,
-            last_status,
-            chained,
-            tx_failed,
+            tx,
             lanes,
         }
     }

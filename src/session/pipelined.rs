@@ -11,7 +11,7 @@ use bytes::BytesMut;
 
 use super::statements::{self, Prepared};
 use super::unit::{Lanes, Skip};
-use super::{Session, SessionError};
+use super::{CopyState, Session, SessionError};
 use crate::config::PoolMode;
 use crate::error::UserFacing;
 use crate::guard::{Analysis, TxEffect, reauth_token};
@@ -145,8 +145,7 @@ impl Session {
             && !self.unit.open
             && self.split.is_none()
             && !self.unit.skipping()
-            && !self.copy_in
-            && !self.copy_awaited
+            && self.copy == CopyState::Off
             && self.pinned.is_none()
             && self.reauth.is_empty()
             && self.shared.pipelines.enabled()

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use super::expect::{After, BlockEdge, Expect};
 use super::frontend::Ahead;
 use super::unit::Wrap;
+use super::{CopyState, ServerEnding, Session, SessionError, tx::Settle};
 use super::{Piece, PieceKind};
-use super::{Predicted, ServerEnding, Session, SessionError};
 use crate::pool::HeldSettings;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::FrameRef;
@@ -78,7 +78,7 @@ impl Session {
                 }
                 be::COMMAND_COMPLETE => {
                     if frame.body() == b"ROLLBACK\0" {
-                        self.tx_failed = true;
+                        self.tx.fail();
                     }
                     self.release_held(true);
                     Ok(())
@@ -114,7 +114,7 @@ impl Session {
                 // a piece of a split Query that more pieces follow: Postgres completes it before
                 // the client's own COMMIT after it runs.)
                 if frame.body() == b"ROLLBACK\0" {
-                    self.tx_failed = true;
+                    self.tx.fail();
                 }
                 *held = Some(bytes::Bytes::copy_from_slice(frame.bytes));
                 return Ok(());
@@ -224,7 +224,7 @@ impl Session {
         };
         if tag == be::COMMAND_COMPLETE && frame.body() == b"ROLLBACK\0" {
             // The transaction did not commit (ROLLBACK, or a COMMIT of a failed transaction).
-            self.tx_failed = true;
+            self.tx.fail();
         }
         if forward {
             self.client_out.extend_from_slice(frame.bytes);
@@ -236,10 +236,28 @@ impl Session {
         Ok(())
     }
 
+    /// A COPY FROM STDIN was sent: what the client sends next waits for the server's answer.
+    pub(super) fn copy_sent(&mut self) {
+        if self.copy == CopyState::Off {
+            self.copy = CopyState::Awaited;
+        }
+    }
+
+    /// The server left COPY FROM STDIN (or never entered it): still awaited while a later COPY
+    /// sent may be unanswered.
+    pub(super) fn leave_copy_in(&mut self) {
+        if self.copy == CopyState::In {
+            self.copy = match self.expect.iter().any(Expect::awaits_copy) {
+                true => CopyState::Awaited,
+                false => CopyState::Off,
+            };
+        }
+    }
+
     /// The server entered COPY FROM STDIN: Syncs the client sent after the COPY (drivers send one
     /// right behind Execute) are ignored by the server until CopyDone, so expect no reply to them.
     fn enter_copy_in(&mut self) {
-        self.copy_in = true;
+        self.copy = CopyState::In;
         if let Some(Expect::Query { copy, .. } | Expect::Execute { copy }) = self.expect.front_mut()
         {
             // answered: the server reads COPY data now
@@ -312,7 +330,7 @@ impl Session {
                 && self.expect.is_empty()
                 && self.in_flight == 0
                 && !self.unit.open
-                && self.predicted == Predicted::Idle;
+                && self.tx.predicted() == super::Predicted::Idle;
             if between_transactions {
                 // Nothing of the client's was on it: the connection is closed and the client's
                 // next transaction gets another one (see serve).
@@ -327,7 +345,7 @@ impl Session {
             return Err(SessionError::UpstreamClosed);
         }
         // An error ends COPY FROM STDIN on the server: what the client sends next is not data.
-        self.copy_in = false;
+        self.leave_copy_in();
         // A Bind or Describe of rlsgate's statement refused because a migration changed its
         // result type: this connection's copy is retired, and the change may be news for the
         // other connections and clients.
@@ -370,7 +388,7 @@ impl Session {
         };
         match front {
             Expect::Query { .. } | Expect::WrapCommit { .. } => {
-                self.tx_failed = true;
+                self.tx.fail();
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
                 }
@@ -384,7 +402,7 @@ impl Session {
                 // transaction_wrap's COMMIT failed (a deferred constraint, a serialization
                 // failure): the transaction is over and the error is the client's. The server
                 // skips to the client's Sync.
-                self.tx_failed = true;
+                self.tx.fail();
                 self.client_out.extend_from_slice(frame.bytes);
                 self.expect.pop_front();
                 self.discard_until_sync();
@@ -400,7 +418,7 @@ impl Session {
             Expect::Inject { .. } => self.on_injection_error(frame),
             _ => {
                 // Extended protocol: the server now skips everything up to Sync.
-                self.tx_failed = true;
+                self.tx.fail();
                 self.client_out.extend_from_slice(error);
                 self.discard_until_sync();
                 Ok(())
@@ -637,7 +655,7 @@ impl Session {
                     Some(_) => return Err(SessionError::Injection(detail)),
                 }
                 self.client_out.extend_from_slice(error);
-                self.tx_failed = true;
+                self.tx.fail();
                 if let Some(split) = self.split.as_mut() {
                     split.failed = true;
                 }
@@ -645,7 +663,7 @@ impl Session {
             }
             _ => {
                 self.client_out.extend_from_slice(error);
-                self.tx_failed = true;
+                self.tx.fail();
                 self.discard_until_sync();
                 Ok(())
             }
@@ -680,8 +698,7 @@ impl Session {
         };
         self.in_flight -= 1;
         self.units_done += 1;
-        self.last_status = status;
-        self.copy_in = false;
+        self.leave_copy_in();
         // transaction_wrap: rlsgate's block outlived the COMMIT meant to end it (a cancel or a
         // statement_timeout interrupted that COMMIT before it ended the block, or an error in
         // rlsgate's statements ahead of it made the server skip it). The client never opened a
@@ -699,19 +716,16 @@ impl Session {
             self.settings
                 .retag(super::frontend::SPLIT_UNIT, self.units_done);
         }
-        self.settle_settings(status);
-        if status == TxStatus::Idle && !self.ending_portals.is_empty() {
-            // No transaction, so no portals: those bound before this unit's end are gone.
-            self.ending_portals.forget_up_to(self.units_done);
-        }
         // Only a reply to the last thing in flight tells the state after the client's work; not
         // one that arrives while the client's extended unit is still open (e.g. the Z of
         // transaction_wrap's BEGIN, sent ahead of a unit whose Sync has not come yet).
-        if self.in_flight == 0 && !self.unit.open {
-            self.predicted = match status {
-                TxStatus::Idle => Predicted::Idle,
-                TxStatus::InBlock | TxStatus::Failed => Predicted::InBlock,
-            };
+        let settle = self
+            .tx
+            .on_ready(status, self.in_flight == 0 && !self.unit.open);
+        self.settle_settings(settle);
+        if status == TxStatus::Idle && !self.ending_portals.is_empty() {
+            // No transaction, so no portals: those bound before this unit's end are gone.
+            self.ending_portals.forget_up_to(self.units_done);
         }
         if own_block_left {
             self.close_own_block();
@@ -724,7 +738,7 @@ impl Session {
                 // server would read it as part of the copy), so it goes now; the client's next
                 // unit waits for its answer (it must not run inside this block).
                 self.wrap_commit(After::Forward);
-                self.predicted = Predicted::Unknown;
+                self.tx.unknown();
                 false
             }
             After::FinishSplit => {
@@ -754,8 +768,8 @@ impl Session {
     /// on_injection_error); the next ones wait for the block's end.
     fn close_own_block(&mut self) {
         tracing::debug!("transaction_wrap's COMMIT did not end its block; closing it");
-        self.tx_failed = true;
-        self.predicted = Predicted::Unknown;
+        self.tx.fail();
+        self.tx.unknown();
         if self.unit.open {
             // The client's next extended unit is half sent: the COMMIT must not land inside
             // it. Its first statement fails in the aborted block; rlsgate's COMMIT follows its
@@ -767,22 +781,22 @@ impl Session {
     }
 
     /// A unit ended: its setting changes count if its transaction committed.
-    fn settle_settings(&mut self, status: TxStatus) {
-        match status {
-            TxStatus::InBlock => {}
-            TxStatus::Failed => self.tx_failed = true,
-            TxStatus::Idle => {
-                if std::mem::take(&mut self.tx_failed) {
-                    if self.settings.discard_through(self.units_done)
-                        && let Some(server) = self.server.as_mut()
-                    {
-                        // Some of them may have taken effect all the same (a SET before a
-                        // ROLLBACK TO SAVEPOINT, a piece of a split Query that committed before
-                        // a later one failed): what the connection holds is unknown now, so it
-                        // gets RESET ALL (and the client's replay) before the next transaction.
-                        server.conn().settings = HeldSettings::Unknown;
-                    }
-                } else if let Some(reset) = self.settings.commit_through(self.units_done)
+    fn settle_settings(&mut self, settle: Settle) {
+        match settle {
+            Settle::Open => {}
+            Settle::Discard => {
+                if self.settings.discard_through(self.units_done)
+                    && let Some(server) = self.server.as_mut()
+                {
+                    // Some of them may have taken effect all the same (a SET before a ROLLBACK
+                    // TO SAVEPOINT, a piece of a split Query that committed before a later one
+                    // failed): what the connection holds is unknown now, so it gets RESET ALL
+                    // (and the client's replay) before the next transaction.
+                    server.conn().settings = HeldSettings::Unknown;
+                }
+            }
+            Settle::Commit => {
+                if let Some(reset) = self.settings.commit_through(self.units_done)
                     && let Some(server) = self.server.as_mut()
                 {
                     // After RESET/DISCARD ALL the connection holds upstream defaults, not the
@@ -838,7 +852,7 @@ impl Session {
                 self.write_client_query(&piece.text, after)?;
                 // the context goes right after the client's own BEGIN, inside its block — not
                 // in an aborted block, where the BEGIN fails (25P02) and so would the context
-                if self.config.upstream.transaction_wrap && self.last_status != TxStatus::Failed {
+                if self.config.upstream.transaction_wrap && self.tx.observed() != TxStatus::Failed {
                     self.inject_context(Ahead::Unknown);
                 }
             }
@@ -860,10 +874,12 @@ impl Session {
                 fe::write_query(&piece.text, &mut self.server_out)
                     .map_err(SessionError::ClientProtocol)?;
                 self.expect_ready(Expect::query(after, piece.copy));
-                self.copy_awaited |= piece.copy;
+                if piece.copy {
+                    self.copy_sent();
+                }
             }
         }
-        self.predicted = Predicted::Unknown;
+        self.tx.unknown();
         Ok(())
     }
 
