@@ -341,7 +341,33 @@ impl Reply {
     fn end(&self, outcome: Outcome) {
         self.deliver(&[], Some(outcome), Waker::noop());
     }
+
+    /// Make a finished unit's `Reply` ready for its session's next unit, if nothing else holds
+    /// it any more (its lane and the cancel slot let go once the unit ended).
+    pub fn reuse(this: &mut Arc<Reply>) -> bool {
+        let Some(reply) = Arc::get_mut(this) else {
+            return false;
+        };
+        *reply.timed_out.get_mut() = false;
+        *reply.cancel_wanted.get_mut() = false;
+        let s = reply.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if s.buf.capacity() > REUSED_BUF_MAX {
+            // (a large result's buffer is not kept for an idle client)
+            s.buf = BytesMut::new();
+        } else {
+            s.buf.clear();
+        }
+        s.end = None;
+        s.lane = None;
+        s.gone = false;
+        s.running_on = None;
+        // (`session` stays: the same task waits on the next unit)
+        true
+    }
 }
+
+/// The largest reply buffer a reused `Reply` keeps.
+const REUSED_BUF_MAX: usize = 8 * 1024;
 
 impl ContextRun {
     pub fn of(statement: &OwnStatement) -> ContextRun {
@@ -405,7 +431,12 @@ impl Pipelines {
     }
 
     fn now_us(&self) -> u64 {
-        (self.epoch.elapsed().as_micros() as u64).max(1)
+        self.us_at(std::time::Instant::now())
+    }
+
+    /// `at` in microseconds since the lanes' epoch (never 0: that means "no unit running").
+    fn us_at(&self, at: std::time::Instant) -> u64 {
+        (at.saturating_duration_since(self.epoch).as_micros() as u64).max(1)
     }
 
     /// A lane that takes a unit with `settings` now: room in its pipeline, no slow unit at its
@@ -419,10 +450,10 @@ impl Pipelines {
             }
     }
 
-    /// Whether a unit with these settings would find a lane now.
-    pub fn has_room(&self, settings: Option<&Arc<str>>) -> bool {
+    /// Whether a unit with these settings would find a lane `now`.
+    pub fn has_room(&self, settings: Option<&Arc<str>>, now: std::time::Instant) -> bool {
         let lanes = self.lanes();
-        let now = self.now_us();
+        let now = self.us_at(now);
         lanes.len() < self.max_lanes || lanes.iter().any(|l| self.open_to(l, settings, now))
     }
 
@@ -433,9 +464,14 @@ impl Pipelines {
         clippy::result_large_err,
         reason = "the unit goes back to its session by value, rarely"
     )]
-    pub fn submit(self: &Arc<Self>, job: Job, settings: Option<&Arc<str>>) -> Result<(), Job> {
+    pub fn submit(
+        self: &Arc<Self>,
+        job: Job,
+        settings: Option<&Arc<str>>,
+        now: std::time::Instant,
+    ) -> Result<(), Job> {
         let mut lanes = self.lanes();
-        let now = self.now_us();
+        let now = self.us_at(now);
         let best = lanes
             .iter()
             .filter(|l| self.open_to(l, settings, now))

@@ -88,7 +88,9 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
         return None;
     }
     let mut key = String::with_capacity(b.len() + 16);
-    let mut kinds = String::new();
+    // (the kinds of the first literals on the stack: one allocation per statement, not two)
+    let mut kinds_first = [0u8; 16];
+    let mut kinds_more = String::new();
     let mut copied = 0; // `sql[..copied]` is in the key already (or replaced)
     let mut literals = 0;
     let mut first_literal = None;
@@ -144,8 +146,11 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
             return None;
         }
         key.push_str(sql.get(copied..i)?);
+        match kinds_first.get_mut(literals) {
+            Some(k) => *k = kind.letter() as u8,
+            None => kinds_more.push(kind.letter()),
+        }
         literals += 1;
-        kinds.push(kind.letter());
         first_literal.get_or_insert(i);
         push_parameter(&mut key, literals);
         copied = literal_end;
@@ -155,7 +160,10 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     key.push_str(sql.get(copied..)?);
     let key_len = key.len();
     key.push('\0');
-    key.push_str(&kinds);
+    for &k in &kinds_first[..literals.min(kinds_first.len())] {
+        key.push(char::from(k));
+    }
+    key.push_str(&kinds_more);
     Some(Normalized {
         shape: key,
         key_len,
@@ -492,6 +500,10 @@ mod tests {
             kinds("SELECT 2147483648, 99999999999999999999, 1.5, .5, 1e3, 10E-2"),
             "ffffff"
         );
+        // more literals than the kinds kept on the stack: all of them, in order
+        let values: Vec<&str> = (0..40).map(|i| ["'s'", "7", "1.5"][i % 3]).collect();
+        let want: String = (0..40).map(|i| ['s', 'i', 'f'][i % 3]).collect();
+        assert_eq!(kinds(&format!("SELECT {}", values.join(", "))), want);
         // same key, other kinds: another shape
         let a = normalize("SELECT date '2024-01-01'").unwrap();
         let b = normalize("SELECT date 20240101").unwrap();

@@ -475,8 +475,9 @@ impl Session {
             // not in an aborted block (the BEGIN fails there, and so would the context): whether
             // the block is aborted is known only once the replies in flight are in (a COPY or
             // a statement pipelined ahead may still fail it).
-            let pieces = plan_pieces(sql, &analysis, true);
-            if pieces.len() > 1 && pieces[0].kind == PieceKind::Begin {
+            if let Plan::Split(pieces) = plan_pieces(sql, &analysis, true)
+                && pieces[0].kind == PieceKind::Begin
+            {
                 return Ok(Flow::Wait(frame));
             }
         }
@@ -533,8 +534,8 @@ impl Session {
             self.mark_dirty();
         }
         self.pin_for(&analysis);
-        let mut pieces = plan_pieces(sql, &analysis, self.config.upstream.transaction_wrap);
-        let unit = if pieces.len() > 1 {
+        let plan = plan_pieces(sql, &analysis, self.config.upstream.transaction_wrap);
+        let unit = if let Plan::Split(mut pieces) = plan {
             // settings count once the last piece ends committed
             let first = pieces.remove(0);
             let last = first.kind;
@@ -550,9 +551,7 @@ impl Session {
             SPLIT_UNIT
         } else if self.config.upstream.transaction_wrap
             && due
-            && pieces
-                .first()
-                .is_some_and(|p| p.kind == PieceKind::Statements)
+            && matches!(plan, Plan::Whole(PieceKind::Statements))
         {
             self.wrap_begin();
             self.server_out.extend_from_slice(&frame.bytes);
@@ -573,7 +572,7 @@ impl Session {
             self.forget_dropped_statements(&analysis);
             let unit = self.expect_ready(Expect::query(After::Forward, analysis.copy_from_stdin));
             let begins = match self.config.upstream.transaction_wrap {
-                true => pieces.first().is_some_and(|p| p.kind == PieceKind::Begin),
+                true => matches!(plan, Plan::Whole(PieceKind::Begin)),
                 false => ahead == Ahead::Begin,
             };
             if due && begins {
@@ -1452,23 +1451,24 @@ pub(super) fn prepare_own(
 /// Stand-in unit number for setting changes of a split Query, settled when the split ends.
 pub(super) const SPLIT_UNIT: u64 = u64::MAX;
 
-/// How a Query is sent: one piece, or pieces split so that every statement runs with the context.
+/// How a Query is sent.
+enum Plan {
+    /// As the client sent it (most Queries: nothing is copied); the kind of its statements.
+    Whole(PieceKind),
+    /// In pieces (at least two), each sent on its own.
+    Split(Vec<Piece>),
+}
+
+/// How a Query is sent: whole, or in pieces so that every statement runs with the context.
 /// Plain mode splits after COMMIT/ROLLBACK (DESIGN §3); transaction_wrap also isolates every
 /// transaction-control statement so that ordinary pieces can be wrapped in rlsgate's own block.
-fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
+fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Plan {
     // (per piece by its text: a false positive only makes rlsgate wait for the server)
     let copy = |text: &str| analysis.copy_from_stdin && text.to_ascii_lowercase().contains("stdin");
-    let whole = |kind| {
-        vec![Piece {
-            text: sql.to_string(),
-            kind,
-            copy: analysis.copy_from_stdin,
-        }]
-    };
     if !wrap {
         let splits = analysis.split_points();
         if splits.is_empty() {
-            return whole(PieceKind::Statements);
+            return Plan::Whole(PieceKind::Statements);
         }
         let mut pieces = Vec::new();
         let mut start = 0;
@@ -1481,7 +1481,7 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
             });
             start = at;
         }
-        return pieces;
+        return Plan::Split(pieces);
     }
     let kind_of = |st: &crate::guard::Statement| match st.tx {
         TxEffect::Begin => PieceKind::Begin,
@@ -1490,7 +1490,7 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
         TxEffect::None => PieceKind::Statements,
     };
     if !analysis.parsed {
-        return whole(PieceKind::Statements);
+        return Plan::Whole(PieceKind::Statements);
     }
     let mut pieces: Vec<(usize, usize, PieceKind)> = Vec::new();
     for (i, st) in analysis.statements.iter().enumerate() {
@@ -1508,19 +1508,21 @@ fn plan_pieces(sql: &str, analysis: &Analysis, wrap: bool) -> Vec<Piece> {
         }
     }
     if pieces.len() <= 1 {
-        return whole(pieces.first().map(|p| p.2).unwrap_or(PieceKind::Statements));
+        return Plan::Whole(pieces.first().map_or(PieceKind::Statements, |p| p.2));
     }
-    pieces
-        .into_iter()
-        .map(|(a, b, kind)| {
-            let text = sql.get(a..b).unwrap_or_default();
-            Piece {
-                text: text.to_string(),
-                kind,
-                copy: copy(text),
-            }
-        })
-        .collect()
+    Plan::Split(
+        pieces
+            .into_iter()
+            .map(|(a, b, kind)| {
+                let text = sql.get(a..b).unwrap_or_default();
+                Piece {
+                    text: text.to_string(),
+                    kind,
+                    copy: copy(text),
+                }
+            })
+            .collect(),
+    )
 }
 
 /// lo_create, lo_open, lo_close, loread, lowrite, lo_lseek, lo_creat, lo_tell, lo_unlink,

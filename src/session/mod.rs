@@ -308,6 +308,8 @@ pub struct Session {
     shutdown: CancellationToken,
     /// The unit running on a pipeline lane (see [`pipelined`]).
     lane_reply: Option<Arc<crate::pipeline::Reply>>,
+    /// The last unit's, kept for the next one (no allocation per unit).
+    spare_reply: Option<Arc<crate::pipeline::Reply>>,
     /// Whether units may go to pipeline lanes.
     lanes: Lanes,
     /// The client's span (made again when a resting client resumes).
@@ -559,7 +561,8 @@ impl Session {
             let idle_in_tx =
                 self.server.is_some() && !idle && self.in_flight == 0 && self.pending.is_none();
             if idle && self.pending.is_none() {
-                // Between transactions: buffers go until the next message needs them.
+                // Between transactions: large buffers go (small ones serve the next transaction;
+                // all go when the client rests).
                 io::release_idle(&mut self.client_buf);
                 io::release_idle(&mut self.client_out);
                 io::release_idle(&mut self.server_out);
@@ -849,7 +852,7 @@ impl Session {
     }
 
     async fn check_out(&mut self) -> Result<(), PoolError> {
-        let started = self.admit().await?;
+        let started = self.admit(std::time::Instant::now()).await?;
         let sealed_for = self
             .shared
             .sealer
@@ -864,7 +867,13 @@ impl Session {
                 return Err(e);
             }
         };
-        self.admitted(started, checkout.conn_ref().id);
+        self.took(checkout, started, std::time::Instant::now());
+        Ok(())
+    }
+
+    /// The client holds `checkout` now (asked for at `started`).
+    fn took(&mut self, checkout: Checkout, started: std::time::Instant, now: std::time::Instant) {
+        self.admitted_at(started, now, checkout.conn_ref().id);
         self.cancel
             .slot
             .set(self.shared.pool.cancel_target(checkout.conn_ref()));
@@ -874,15 +883,18 @@ impl Session {
         );
         self.server = Some(checkout);
         self.tx.connected();
-        Ok(())
     }
 
     /// What a transaction waits for before it takes a connection (its own or a pipeline lane's):
     /// the end of a pause, then its tenant's transaction slot (kept in `tenant_permit`). Returns
     /// when the wait started.
-    async fn admit(&mut self) -> Result<std::time::Instant, PoolError> {
+    /// `started`: now, as the caller read it (the clock is read as few times per transaction as
+    /// it can be).
+    async fn admit(
+        &mut self,
+        started: std::time::Instant,
+    ) -> Result<std::time::Instant, PoolError> {
         self.set_client_state(crate::metrics::ClientState::Waiting, 0);
-        let started = std::time::Instant::now();
         let limit = self.shared.config().upstream.checkout_timeout;
         let permit = if !self.shared.wait_unpaused(limit).await {
             self.shared.metrics.pool_timeout();
@@ -907,10 +919,23 @@ impl Session {
     }
 
     /// The transaction that waited since `started` runs now, on server connection `server_id`
-    /// (0: a pipeline lane's).
-    fn admitted(&mut self, started: std::time::Instant, server_id: u64) {
+    /// (0: a pipeline lane's). Returns now.
+    fn admitted(&mut self, started: std::time::Instant, server_id: u64) -> std::time::Instant {
         let now = std::time::Instant::now();
-        self.shared.metrics.checkout_wait(now - started);
+        self.admitted_at(started, now, server_id);
+        now
+    }
+
+    /// [`Session::admitted`] with the clock already read.
+    fn admitted_at(
+        &mut self,
+        started: std::time::Instant,
+        now: std::time::Instant,
+        server_id: u64,
+    ) {
+        self.shared
+            .metrics
+            .checkout_wait(now.saturating_duration_since(started));
         self.set_client_state(crate::metrics::ClientState::Active, server_id);
         self.held_since = Some(now);
     }
@@ -948,9 +973,15 @@ impl Session {
 
     /// Bookkeeping when the client gives its connection back.
     fn account_release(&mut self) {
+        self.account_release_at(std::time::Instant::now());
+    }
+
+    /// [`Session::account_release`] with the clock already read.
+    fn account_release_at(&mut self, now: std::time::Instant) {
         self.tenant_permit = None;
         if let Some(since) = self.held_since.take() {
-            self.tracker.transaction_finished(since.elapsed());
+            self.tracker
+                .transaction_finished(now.saturating_duration_since(since));
         }
         self.shared.registry.transaction(&self.identity.tenant);
         self.set_client_state(crate::metrics::ClientState::Idle, 0);

@@ -223,6 +223,7 @@ impl Parked {
             cancel,
             shutdown,
             lane_reply: None,
+            spare_reply: None,
             lanes,
             span,
         }))
@@ -305,6 +306,7 @@ impl Session {
             cancel,
             shutdown,
             lane_reply: _,
+            spare_reply: _,
             lanes,
             span: _,
         } = *self;

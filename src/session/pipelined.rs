@@ -286,18 +286,20 @@ impl Session {
             },
             false => None,
         };
-        if !self.shared.pipelines.has_room(self.settings.wanted()) {
+        // (one clock read for the unit's start: its query time, its admission and its lane)
+        let now = std::time::Instant::now();
+        if !self.shared.pipelines.has_room(self.settings.wanted(), now) {
             return Ok(Piped::No);
         }
         if self.token_expired() {
             return Err(SessionError::TokenExpired);
         }
-        self.query_started = Some(std::time::Instant::now());
-        match self.admit().await {
-            // (no connection of its own: the lane's)
+        self.query_started = Some(now);
+        // (no connection of its own: the lane's)
+        let now = match self.admit(now).await {
             Ok(started) => self.admitted(started, 0),
             Err(e) => return Ok(self.unit_not_admitted(&unit, &e)),
-        }
+        };
         // the client's unnamed statement is this one now (a later Bind alone re-Parses it)
         let stamp = match unit.unnamed {
             Some(_) => self.shared.pool.plan_tick(),
@@ -327,7 +329,13 @@ impl Session {
             true => (frames, None),
             false => (server_names(&frames, &unit.named)?, Some(frames)),
         };
-        let reply = Arc::new(Reply::default());
+        let reply = match self.spare_reply.take() {
+            Some(mut reply) => match Reply::reuse(&mut reply) {
+                true => reply,
+                false => Arc::new(Reply::default()),
+            },
+            None => Arc::new(Reply::default()),
+        };
         let job = Job {
             tenant,
             set_config,
@@ -337,7 +345,11 @@ impl Session {
             original,
             reply: Arc::clone(&reply),
         };
-        if let Err(job) = self.shared.pipelines.submit(job, self.settings.wanted()) {
+        if let Err(job) = self
+            .shared
+            .pipelines
+            .submit(job, self.settings.wanted(), now)
+        {
             // the lanes filled up meanwhile: an exclusive connection (which admits it again)
             self.give_back(job.original.as_ref().unwrap_or(&job.frames));
             self.tenant_permit = None;
@@ -370,10 +382,13 @@ impl Session {
         let Some(outcome) = self.lane_reply.as_ref().and_then(|r| r.take_outcome()) else {
             return Ok(());
         };
+        let now = std::time::Instant::now();
         match outcome {
             Outcome::Done => {
                 if let Some(started) = self.query_started.take() {
-                    self.shared.metrics.query_finished(started.elapsed());
+                    self.shared
+                        .metrics
+                        .query_finished(now.saturating_duration_since(started));
                 }
             }
             Outcome::Failed(err) => {
@@ -388,9 +403,9 @@ impl Session {
                 return Err(SessionError::LexerChanged(what));
             }
         }
-        self.lane_reply = None;
+        self.spare_reply = self.lane_reply.take();
         self.cancel.slot.clear().await;
-        self.account_release();
+        self.account_release_at(now);
         Ok(())
     }
 
