@@ -218,6 +218,23 @@ impl Limits {
         })
     }
 
+    /// [`Limits::begin_transaction`] when it need not wait or refuse: no rate limit, and a free
+    /// slot under `max_transactions_per_tenant` (or none configured). `None` = take the waiting
+    /// way.
+    pub fn try_begin_transaction(
+        &self,
+        client: &ClientSlot,
+    ) -> Option<Option<OwnedSemaphorePermit>> {
+        if self.cfg.transaction_rate_per_tenant > 0 {
+            return None;
+        }
+        if self.max_transactions == 0 {
+            return Some(None);
+        }
+        let sem = client.transactions.as_ref()?;
+        Arc::clone(sem).try_acquire_owned().ok().map(Some)
+    }
+
     /// Before a client's statement pins a server connection: count the pin against the tenant's
     /// `max_pinned_per_tenant`, or refuse it. Checked and counted under one lock, so concurrent
     /// clients of a tenant cannot overshoot the cap. The slot is held while the pin is.

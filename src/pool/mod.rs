@@ -506,35 +506,18 @@ impl Pool {
             }
         };
         loop {
-            let candidate = self.inner.idle.lock().ok().and_then(|mut idle| {
-                let sealed = sealed_for.and_then(|tenant| {
-                    idle.iter()
-                        .rposition(|c| c.sealed.as_deref() == Some(tenant))
-                });
-                match sealed {
-                    Some(i) => Some(idle.remove(i)),
-                    None => idle.pop(),
+            let conn = match self.take_idle(sealed_for) {
+                Idle::Ready(conn) => conn,
+                Idle::NeedsCheck(mut conn) => {
+                    if let Err(e) = Box::pin(health_check(&mut conn)).await {
+                        tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
+                        self.inner.lost();
+                        continue;
+                    }
+                    conn
                 }
-            });
-            let Some(mut conn) = candidate else { break };
-            let now = Instant::now();
-            if self.inner.expired(&conn, now) {
-                tracing::debug!(
-                    server_id = conn.id,
-                    "closing upstream connection past idle_timeout/max_lifetime"
-                );
-                continue;
-            }
-            if self.inner.dead(&mut conn, "checkout") {
-                continue;
-            }
-            if now.saturating_duration_since(conn.last_used) >= self.inner.cfg.health_check_after
-                && let Err(e) = Box::pin(health_check(&mut conn)).await
-            {
-                tracing::info!(server_id = conn.id, error = %e, "dropping idle upstream connection that failed its check");
-                self.inner.lost();
-                continue;
-            }
+                Idle::None => break,
+            };
             return Ok(Checkout {
                 conn: Some(conn),
                 pool: Arc::clone(&self.inner),
@@ -549,6 +532,63 @@ impl Pool {
             pool: Arc::clone(&self.inner),
             permit: Some(permit),
         })
+    }
+
+    /// [`Pool::checkout_for`] when it need not wait: a free slot and an idle connection that
+    /// needs no health check. `None` = take the waiting way (no future is made for the usual
+    /// checkout).
+    pub fn try_checkout_now(&self, sealed_for: Option<&str>) -> Option<Checkout> {
+        let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
+        match self.take_idle(sealed_for) {
+            Idle::Ready(conn) => Some(Checkout {
+                conn: Some(conn),
+                pool: Arc::clone(&self.inner),
+                permit: Some(permit),
+            }),
+            Idle::NeedsCheck(conn) => {
+                // (back on top of the stack: the waiting way takes it again and checks it)
+                if let Ok(mut idle) = self.inner.idle.lock() {
+                    idle.push(conn);
+                }
+                None
+            }
+            Idle::None => None,
+        }
+    }
+
+    /// The idle connection to hand out next (sealed for `sealed_for` if there is one, else the
+    /// most recently used), closing those past their time or that the server closed.
+    fn take_idle(&self, sealed_for: Option<&str>) -> Idle {
+        loop {
+            let candidate = self.inner.idle.lock().ok().and_then(|mut idle| {
+                let sealed = sealed_for.and_then(|tenant| {
+                    idle.iter()
+                        .rposition(|c| c.sealed.as_deref() == Some(tenant))
+                });
+                match sealed {
+                    Some(i) => Some(idle.remove(i)),
+                    None => idle.pop(),
+                }
+            });
+            let Some(mut conn) = candidate else {
+                return Idle::None;
+            };
+            let now = Instant::now();
+            if self.inner.expired(&conn, now) {
+                tracing::debug!(
+                    server_id = conn.id,
+                    "closing upstream connection past idle_timeout/max_lifetime"
+                );
+                continue;
+            }
+            if self.inner.dead(&mut conn, "checkout") {
+                continue;
+            }
+            if now.saturating_duration_since(conn.last_used) >= self.inner.cfg.health_check_after {
+                return Idle::NeedsCheck(conn);
+            }
+            return Idle::Ready(conn);
+        }
     }
 
     pub fn cancel_target(&self, conn: &ServerConn) -> CancelTarget {
@@ -633,6 +673,14 @@ impl Pool {
             drop(permit);
         }
     }
+}
+
+/// What [`Pool::take_idle`] found.
+enum Idle {
+    Ready(Box<ServerConn>),
+    /// Idle `health_check_after` or longer: it must answer an empty query first.
+    NeedsCheck(Box<ServerConn>),
+    None,
 }
 
 /// Run a maintenance query (health check, reset): it must succeed and leave the connection idle.

@@ -846,9 +846,36 @@ impl Session {
         if self.server.is_some() {
             return Ok(());
         }
+        if self.check_out_now() {
+            return Ok(());
+        }
         // Boxed: the checkout's future is large and only lives while a connection is fetched;
         // inline it would size every session's future, also while the client is idle.
         Box::pin(self.check_out()).await
+    }
+
+    /// The usual checkout, when nothing need wait: no pause, a free slot for the tenant, an idle
+    /// connection that needs no health check. No future is made (and boxed) for it. False =
+    /// take the waiting way ([`Session::check_out`]).
+    fn check_out_now(&mut self) -> bool {
+        if self.shared.is_paused() {
+            return false;
+        }
+        let Some(permit) = self.shared.limits.try_begin_transaction(&self.tenant_slot) else {
+            return false;
+        };
+        let sealed_for = self
+            .shared
+            .sealer
+            .is_some()
+            .then_some(&*self.identity.tenant);
+        let Some(checkout) = self.shared.pool.try_checkout_now(sealed_for) else {
+            return false;
+        };
+        self.tenant_permit = permit;
+        let now = std::time::Instant::now();
+        self.took(checkout, now, now);
+        true
     }
 
     async fn check_out(&mut self) -> Result<(), PoolError> {
