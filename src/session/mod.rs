@@ -864,12 +864,7 @@ impl Session {
         let Some(permit) = self.shared.limits.try_begin_transaction(&self.tenant_slot) else {
             return false;
         };
-        let sealed_for = self
-            .shared
-            .sealer
-            .is_some()
-            .then_some(&*self.identity.tenant);
-        let Some(checkout) = self.shared.pool.try_checkout_now(sealed_for) else {
+        let Some(checkout) = self.shared.pool.try_checkout_now(self.sealed_for()) else {
             return false;
         };
         self.tenant_permit = permit;
@@ -880,12 +875,7 @@ impl Session {
 
     async fn check_out(&mut self) -> Result<(), PoolError> {
         let started = self.admit(std::time::Instant::now()).await?;
-        let sealed_for = self
-            .shared
-            .sealer
-            .is_some()
-            .then_some(&*self.identity.tenant);
-        let checkout = match self.shared.pool.checkout_for(sealed_for).await {
+        let checkout = match self.shared.pool.checkout_for(self.sealed_for()).await {
             Ok(c) => c,
             Err(e) => {
                 e.count(&self.shared.metrics);
@@ -896,6 +886,14 @@ impl Session {
         };
         self.took(checkout, started, std::time::Instant::now());
         Ok(())
+    }
+
+    /// Signed context: the tenant whose sealed connections are preferred (no sealing again).
+    fn sealed_for(&self) -> Option<&str> {
+        self.shared
+            .sealer
+            .is_some()
+            .then_some(&*self.identity.tenant)
     }
 
     /// The client holds `checkout` now (asked for at `started`).

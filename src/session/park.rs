@@ -197,7 +197,8 @@ impl Parked {
             expect: Default::default(),
             reauth,
             in_flight: 0,
-            tx: tx.resumed(),
+            // (a session rests only with nothing in flight: the prediction is idle)
+            tx,
             unit: Unit::closed(unit_effect),
             ending_portals: Default::default(),
             copy: CopyState::Off,

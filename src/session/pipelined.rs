@@ -329,13 +329,11 @@ impl Session {
             true => (frames, None),
             false => (server_names(&frames, &unit.named)?, Some(frames)),
         };
-        let reply = match self.spare_reply.take() {
-            Some(mut reply) => match Reply::reuse(&mut reply) {
-                true => reply,
-                false => Arc::new(Reply::default()),
-            },
-            None => Arc::new(Reply::default()),
-        };
+        let reply = self
+            .spare_reply
+            .take()
+            .and_then(|mut reply| Reply::reuse(&mut reply).then_some(reply))
+            .unwrap_or_default();
         let job = Job {
             tenant,
             set_config,

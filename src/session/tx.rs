@@ -51,15 +51,6 @@ impl Default for Tx {
 }
 
 impl Tx {
-    /// A client that rests keeps what its transaction state says about the next one; nothing
-    /// is in flight then, so the prediction is idle.
-    pub fn resumed(self) -> Tx {
-        Tx {
-            predicted: Predicted::Idle,
-            ..self
-        }
-    }
-
     pub fn predicted(&self) -> Predicted {
         self.predicted
     }
