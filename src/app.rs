@@ -76,6 +76,8 @@ pub struct Shared {
     pub stmt_hasher: RandomState,
     /// The tenant context's `set_config` statement text and Parse, shared by the sessions.
     pub context_parse: crate::session::SharedParse,
+    /// The same for the form a connection keeps (`set_config(…, false)`).
+    pub kept_context_parse: crate::session::SharedParse,
     /// Clients' startup settings, one copy per distinct request.
     pub startup_settings: crate::session::StartupCache,
     /// transaction_wrap's prepared `BEGIN` and `COMMIT`.
@@ -161,6 +163,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             stmt_hasher,
             context_parse: Default::default(),
+            kept_context_parse: Default::default(),
             startup_settings: Default::default(),
             wrap_statements,
             sealer,

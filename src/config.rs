@@ -298,6 +298,13 @@ pub struct UpstreamConfig {
     /// check` probes a worker to confirm the tenant reaches it.
     #[serde(default)]
     pub citus_propagate_set: bool,
+    /// Let a server connection keep a client's tenant context at session level between its
+    /// transactions (a hidden `set_config(…, false)`), so that they need none of their own while
+    /// the same context comes back to it; a connection is cleaned (`RESET ALL`) before a client
+    /// with another context gets it. Not with `transaction_wrap`, the signed context or a role
+    /// claim (the context is sent every transaction there).
+    #[serde(default = "default_true")]
+    pub keep_context: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

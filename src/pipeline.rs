@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use crate::error::{ClientError, sqlstate};
-use crate::pool::{CancelTarget, Checkout, HeldSettings, Pool, ServerConn};
+use crate::pool::{Ambient, CancelTarget, Checkout, HeldSettings, Pool, ServerConn};
 use crate::protocol::backend as be;
 use crate::protocol::frame::frame_len;
 use crate::protocol::frontend as fe;
@@ -704,8 +704,11 @@ async fn prepare(conn: &mut ServerConn, key: Option<&Arc<str>>) -> Result<(), La
         fe::write_sync(&mut out);
         readies += 1;
     }
-    if !conn.settings.matches(key) {
-        if conn.settings != HeldSettings::Defaults {
+    // A tenant context kept on the connection (see pool::Ambient) must not be under other
+    // tenants' units: RESET ALL takes it off.
+    let kept = conn.ambient != Ambient::Clear;
+    if !conn.settings.matches(key) || kept {
+        if conn.settings != HeldSettings::Defaults || kept {
             fe::write_query("RESET ALL", &mut out).map_err(|e| LaneError::Setup(e.to_string()))?;
             readies += 1;
         }
@@ -752,7 +755,10 @@ async fn prepare(conn: &mut ServerConn, key: Option<&Arc<str>>) -> Result<(), La
             conn.settings = HeldSettings::Unknown;
             Err(LaneError::Setup(e))
         }
-        None => Ok(()),
+        None => {
+            conn.ambient = Ambient::Clear;
+            Ok(())
+        }
     }
 }
 

@@ -158,7 +158,17 @@ fn summary(rows: &[Vec<String>]) -> String {
 
 fn proxy_config(db: &str, pool: usize) -> String {
     // A victim waiting for a connection pinned to the attacker gives up after 1 s.
-    config_text(db, pool, "").replace("checkout_timeout = \"5s\"", "checkout_timeout = \"1s\"")
+    let config =
+        config_text(db, pool, "").replace("checkout_timeout = \"5s\"", "checkout_timeout = \"1s\"");
+    if pool == 1 {
+        return config;
+    }
+    // With `keep_context` (the default) a checkout prefers a connection that keeps nothing over
+    // one that keeps the attacker's context, so a victim would rarely follow the attacker onto
+    // its connection here. The pool-1 runs cover that mode, every victim on the attacker's
+    // connection (cleaned with RESET ALL whenever it kept the attacker's context); these runs
+    // keep the stack order the landing checks rely on.
+    config.replace("[upstream]\n", "[upstream]\nkeep_context = false\n")
 }
 
 /// Settings B must keep whatever A does.

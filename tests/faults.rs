@@ -1408,10 +1408,28 @@ async fn relay_stall_both_ways_then_resume() {
 /// unit fails with it and does not run (a write that used `lastval()` would store the previous
 /// tenant's value), and the next transaction discards again. `RESET ALL` after other settings
 /// runs as a statement of its own ahead of the unit: none of the unit's replies may reach the
-/// client (they would show the previous client's settings); the session ends.
+/// client (they would show the previous client's settings); the session ends. With
+/// `keep_context` (the default) the connection kept north's context, so the `RESET ALL` is the
+/// awaited clean-up before south runs anything; without, it is pipelined ahead of south's unit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_cleanup_between_clients_never_shows_the_previous_clients_state() {
-    let (relay, proxy) = behind_relay(1).await;
+    failed_cleanup_between_clients(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cleanup_between_clients_never_shows_the_previous_clients_state_without_kept_context()
+ {
+    failed_cleanup_between_clients(false).await;
+}
+
+async fn failed_cleanup_between_clients(keep_context: bool) {
+    let db = shared_db().await;
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], pg().port()))).await;
+    let config = config(&db, relay.port(), 1).replace(
+        "[upstream]\n",
+        &format!("[upstream]\nkeep_context = {keep_context}\n"),
+    );
+    let proxy = start_proxy_with(&db, &config).await;
     let north = client(&proxy, "north").await;
     let north_insert = |n: u32| {
         format!(

@@ -91,6 +91,7 @@ pub(super) async fn connect(
         prepared: Default::default(),
         sequences: super::SequenceOwner::Nobody,
         dirty_session: false,
+        ambient: super::Ambient::Clear,
         unnamed_owner: None,
         settings: super::HeldSettings::Defaults,
         may_set_config,

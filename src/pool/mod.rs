@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -151,6 +151,8 @@ pub struct ServerConn {
     pub sequences: SequenceOwner,
     /// A session-level SET ran on it: reset before anyone else gets it.
     pub dirty_session: bool,
+    /// Which tenant context the connection keeps at session level (see [`Ambient`]).
+    pub ambient: Ambient,
     /// Which client Parse the server's unnamed statement holds: `(session id, parse sequence)`.
     pub unnamed_owner: Option<(u64, u64)>,
     /// Which session settings the connection holds (compared by content: clients with the same
@@ -484,12 +486,12 @@ impl Pool {
     /// it nor closed it since it was released) and, when it has been idle `health_check_after`
     /// or longer, it answers an empty query.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
-        self.checkout_for(None).await
+        self.checkout_for(Prefer::Recent).await
     }
 
-    /// [`Pool::checkout`], preferring an idle connection sealed for `sealed_for` (signed
-    /// context: it saves sealing the connection again), else the most recently used one.
-    pub async fn checkout_for(&self, sealed_for: Option<&str>) -> Result<Checkout, PoolError> {
+    /// [`Pool::checkout`], preferring an idle connection as `prefer` says, else the most
+    /// recently used one.
+    pub async fn checkout_for(&self, prefer: Prefer<'_>) -> Result<Checkout, PoolError> {
         let timeout = self.inner.cfg.checkout_timeout;
         // Fast path without a timer when a slot is free.
         let permit = match Arc::clone(&self.inner.permits).try_acquire_owned() {
@@ -506,7 +508,7 @@ impl Pool {
             }
         };
         loop {
-            let conn = match self.take_idle(sealed_for) {
+            let conn = match self.take_idle(prefer) {
                 Idle::Ready(conn) => conn,
                 Idle::NeedsCheck(mut conn) => {
                     if let Err(e) = Box::pin(health_check(&mut conn)).await {
@@ -537,9 +539,9 @@ impl Pool {
     /// [`Pool::checkout_for`] when it need not wait: a free slot and an idle connection that
     /// needs no health check. `None` = take the waiting way (no future is made for the usual
     /// checkout).
-    pub fn try_checkout_now(&self, sealed_for: Option<&str>) -> Option<Checkout> {
+    pub fn try_checkout_now(&self, prefer: Prefer<'_>) -> Option<Checkout> {
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
-        match self.take_idle(sealed_for) {
+        match self.take_idle(prefer) {
             Idle::Ready(conn) => Some(Checkout {
                 conn: Some(conn),
                 pool: Arc::clone(&self.inner),
@@ -556,16 +558,24 @@ impl Pool {
         }
     }
 
-    /// The idle connection to hand out next (sealed for `sealed_for` if there is one, else the
-    /// most recently used), closing those past their time or that the server closed.
-    fn take_idle(&self, sealed_for: Option<&str>) -> Idle {
+    /// The idle connection to hand out next (the most recently used of those `prefer` picks, if
+    /// any, else the most recently used), closing those past their time or that the server
+    /// closed.
+    fn take_idle(&self, prefer: Prefer<'_>) -> Idle {
         loop {
             let candidate = self.inner.idle.lock().ok().and_then(|mut idle| {
-                let sealed = sealed_for.and_then(|tenant| {
-                    idle.iter()
-                        .rposition(|c| c.sealed.as_deref() == Some(tenant))
-                });
-                match sealed {
+                let preferred = match prefer {
+                    Prefer::Recent => None,
+                    Prefer::Sealed(tenant) => idle
+                        .iter()
+                        .rposition(|c| c.sealed.as_deref() == Some(tenant)),
+                    // one that keeps this context, else one that keeps none (no clean-up)
+                    Prefer::Kept(key) => idle
+                        .iter()
+                        .rposition(|c| c.ambient.keeps(key))
+                        .or_else(|| idle.iter().rposition(|c| c.ambient.safe_for(Some(key)))),
+                };
+                match preferred {
                     Some(i) => Some(idle.remove(i)),
                     None => idle.pop(),
                 }
@@ -721,7 +731,29 @@ async fn health_check(conn: &mut ServerConn) -> Result<(), PoolError> {
 
 /// Undo session state so the next client starts from the connection's defaults.
 async fn reset_session(conn: &mut ServerConn) -> Result<(), PoolError> {
-    maintenance(conn, "DISCARD ALL").await
+    maintenance(conn, "DISCARD ALL").await?;
+    conn.ambient = Ambient::Clear;
+    Ok(())
+}
+
+/// Take a tenant context the connection keeps off it (and every other session-level setting:
+/// the caller replays its own), awaiting the answer: before a client with another context, or
+/// a pipeline lane, runs anything on it (see [`Ambient`]). On error the caller closes it.
+pub async fn clear_context(conn: &mut ServerConn) -> Result<(), PoolError> {
+    maintenance(conn, "RESET ALL").await?;
+    conn.ambient = Ambient::Clear;
+    conn.settings = HeldSettings::Defaults;
+    Ok(())
+}
+
+/// Which idle connection a checkout prefers (else the most recently used).
+#[derive(Debug, Clone, Copy)]
+pub enum Prefer<'a> {
+    Recent,
+    /// Signed context: one sealed for this tenant (it saves sealing it again).
+    Sealed(&'a str),
+    /// One that keeps this tenant context (see [`Ambient`]), else one that needs no clean-up.
+    Kept(&'a [u8]),
 }
 
 /// A borrowed connection. Dropping it without [`Checkout::release`] closes the connection, so
@@ -742,6 +774,70 @@ pub enum SequenceOwner {
     Tenant(Arc<str>),
     /// A discard failed or may not have run: discarded before any tenant's next transaction.
     Unknown,
+}
+
+/// The tenant context a server connection keeps at session level, `set_config(…, false)`
+/// committed by a hidden statement of its own (`[upstream] keep_context`), identified by the
+/// context's key (`session::inject::Context::key`: its values). While a connection keeps the
+/// context of the client that holds it, that client's transactions need no context of their
+/// own in front of them.
+///
+/// The rule that makes this safe: a client's statements only ever run on a connection whose
+/// session-level value is empty or the client's own context. A connection that may keep any
+/// other context is cleaned (`RESET ALL`, a round trip whose answer is awaited) before it is
+/// handed to a client with another context or to a pipeline lane; so whatever runs out of
+/// reach of the per-transaction context (a procedure's `COMMIT`, a statement outside a
+/// transaction) sees nothing or its own tenant, never another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Ambient {
+    /// Nothing of rlsgate's at session level (a new connection, after `RESET ALL`/`DISCARD ALL`).
+    #[default]
+    Clear,
+    /// The hidden `set_config(…, false)` for this context is in flight: empty or this context.
+    Setting(Bytes),
+    /// Committed: this context, for sure.
+    Kept(Bytes),
+    /// Empty or this context (the hidden statement failed, or a `RESET ALL` was sent).
+    Maybe(Bytes),
+}
+
+impl Ambient {
+    /// Whether the context `key` is certainly in effect: its transactions need none of their own.
+    pub fn keeps(&self, key: &[u8]) -> bool {
+        matches!(self, Ambient::Kept(k) if **k == *key)
+    }
+
+    /// Whether a client with the context `key` (`None`: none kept, e.g. a pipeline lane) may
+    /// run statements on the connection as it is: it holds nothing or only that context.
+    pub fn safe_for(&self, key: Option<&[u8]>) -> bool {
+        match (self, key) {
+            (Ambient::Clear, _) => true,
+            (Ambient::Setting(k) | Ambient::Kept(k) | Ambient::Maybe(k), Some(key)) => **k == *key,
+            (_, None) => false,
+        }
+    }
+
+    /// A `RESET ALL` (the client's, or rlsgate's between clients) was sent: the context may be
+    /// gone.
+    pub fn reset_sent(&mut self) {
+        if let Ambient::Setting(k) | Ambient::Kept(k) = self {
+            *self = Ambient::Maybe(std::mem::take(k));
+        }
+    }
+
+    /// The hidden `set_config(…, false)` answered ReadyForQuery without an error.
+    pub fn confirmed(&mut self) {
+        if let Ambient::Setting(k) = self {
+            *self = Ambient::Kept(std::mem::take(k));
+        }
+    }
+
+    /// The hidden `set_config(…, false)` failed (rolled back): what was there before is left.
+    pub fn failed(&mut self) {
+        if let Ambient::Setting(k) = self {
+            *self = Ambient::Maybe(std::mem::take(k));
+        }
+    }
 }
 
 impl SequenceOwner {
@@ -830,5 +926,45 @@ impl Drop for Checkout {
                 "closing upstream connection that was not released clean"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ambient;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_context_counts_as_kept_only_once_it_committed() {
+        let north = Bytes::from_static(b"north");
+        let south = Bytes::from_static(b"south");
+        let mut a = Ambient::Clear;
+        assert!(a.safe_for(Some(&north)) && a.safe_for(None) && !a.keeps(&north));
+        a = Ambient::Setting(north.clone());
+        assert!(!a.keeps(&north), "not before its answer");
+        assert!(a.safe_for(Some(&north)));
+        assert!(!a.safe_for(Some(&south)) && !a.safe_for(None));
+        a.confirmed();
+        assert_eq!(a, Ambient::Kept(north.clone()));
+        assert!(a.keeps(&north) && !a.keeps(&south));
+        assert!(!a.safe_for(Some(&south)) && !a.safe_for(None));
+        a.reset_sent();
+        assert_eq!(a, Ambient::Maybe(north.clone()));
+        assert!(!a.keeps(&north) && a.safe_for(Some(&north)) && !a.safe_for(Some(&south)));
+        // a failed hidden statement leaves what was there
+        let mut b = Ambient::Setting(north.clone());
+        b.failed();
+        assert_eq!(b, Ambient::Maybe(north.clone()));
+        b.confirmed();
+        assert_eq!(
+            b,
+            Ambient::Maybe(north),
+            "a failure is not undone by its ReadyForQuery"
+        );
+        let mut c = Ambient::Clear;
+        c.reset_sent();
+        c.confirmed();
+        c.failed();
+        assert_eq!(c, Ambient::Clear);
     }
 }

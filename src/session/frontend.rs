@@ -151,9 +151,20 @@ impl Session {
         }
         // (not for a Query inside an open unit: that one is covered by `reapply`)
         let chained = !self.unit.open && self.tx.take_chained();
+        // (a connection just taken has nothing in flight; one the client holds, only between
+        // transactions with nothing sent)
+        let quiet = self.server.is_none()
+            || (new_tx
+                && !self.unit.open
+                && self.in_flight == 0
+                && self.expect.is_empty()
+                && self.server_out.is_empty());
         if let Err(e) = self.ensure_server().await {
             tracing::warn!(error = %e, "no upstream connection for the client");
             return Ok(Err(e));
+        }
+        if quiet {
+            self.clear_foreign_context().await?;
         }
         if !self.unit.open {
             self.end_bare_query();
@@ -225,6 +236,17 @@ impl Session {
             return;
         };
         let conn = server.conn();
+        if block == BlockEdge::Neither
+            && self
+                .context
+                .key()
+                .is_some_and(|key| conn.ambient.keeps(key))
+        {
+            // The connection keeps this very context (committed, see pool::Ambient): nothing to
+            // send, it is in effect for the whole transaction.
+            shared.metrics.injection();
+            return;
+        }
         let form = if conn.may_set_config && ahead == Ahead::Snapshot {
             inject::ContextForm::SetConfig
         } else {
@@ -661,6 +683,10 @@ impl Session {
 
     /// What RESET ALL / DISCARD ALL change in what the proxy tracks for the client.
     fn apply_reset(&mut self, kind: SessionReset) {
+        if let Some(server) = self.server.as_mut() {
+            // (a tenant context the connection keeps goes with it)
+            server.conn().ambient.reset_sent();
+        }
         // Inside a transaction block Postgres refuses DISCARD ALL (25001): nothing is dropped.
         let in_block =
             self.tx.predicted() == Predicted::InBlock || self.unit.effect == TxEffect::Begin;

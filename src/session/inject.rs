@@ -152,6 +152,11 @@ pub struct Context {
     set_config: Option<OwnStatement>,
     /// The `SET LOCAL` form, built when a connection first needs it.
     set_local: Option<Arc<[OwnStatement]>>,
+    /// The context a connection keeps (see `pool::Ambient`), built when a connection first gets
+    /// it: `set_config(…, false)`, or `SET …` (one per setting and value) where the connection
+    /// may not call `set_config`.
+    kept_set_config: Option<OwnStatement>,
+    kept_set: Option<Box<[OwnStatement]>>,
     citus_propagate_set: bool,
 }
 
@@ -165,13 +170,46 @@ impl Context {
         let set_config = if citus_propagate_set {
             None
         } else {
-            Some(set_config_statement(identity, hasher, shared)?)
+            Some(set_config_statement(identity, hasher, shared, true)?)
         };
         Ok(Context {
             set_config,
             set_local: None,
+            kept_set_config: None,
+            kept_set: None,
             citus_propagate_set,
         })
+    }
+
+    /// What tells this context from every other (the `set_config` form's Bind, which carries
+    /// the values): the key of a connection that keeps it ([`Ambient`]). `None` with
+    /// `citus_propagate_set`.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.set_config.as_ref().map(|s| &s.run)
+    }
+
+    /// The session-level statements a connection keeps the context with once they commit:
+    /// `set_config(…, false)` in the `SetConfig` form, else a `SET` per setting (a session-level
+    /// `SET` outside a block needs no privilege and draws no WARNING).
+    pub fn kept_form(
+        &mut self,
+        form: ContextForm,
+        identity: &Identity,
+        hasher: &impl BuildHasher,
+        shared: &SharedParse,
+    ) -> Result<&[OwnStatement], ProtocolError> {
+        if form == ContextForm::SetConfig {
+            let statement = match self.kept_set_config.take() {
+                Some(statement) => statement,
+                None => set_config_statement(identity, hasher, shared, false)?,
+            };
+            return Ok(std::slice::from_ref(self.kept_set_config.insert(statement)));
+        }
+        let statements = match self.kept_set.take() {
+            Some(statements) => statements,
+            None => set_statements(identity, hasher)?,
+        };
+        Ok(self.kept_set.insert(statements))
     }
 
     /// The `set_config` form (`None` with `citus_propagate_set`).
@@ -210,14 +248,15 @@ impl Context {
     }
 }
 
-/// `SELECT pg_catalog.set_config('<guc>', $1, true), …, pg_catalog.set_config('role', $n,
-/// true)`: the text depends only on the configured setting names (validated at config load:
-/// `prefix.name`, lower-case identifier characters), the values are bind parameters (never in
-/// query text, which other backends of the role can read in `pg_stat_activity`).
+/// `SELECT pg_catalog.set_config('<guc>', $1, <local>), …, pg_catalog.set_config('role', $n,
+/// <local>)`: the text depends only on the configured setting names (validated at config load:
+/// `prefix.name`, lower-case identifier characters) and `local`, the values are bind parameters
+/// (never in query text, which other backends of the role can read in `pg_stat_activity`).
 fn set_config_statement(
     identity: &Identity,
     hasher: &impl BuildHasher,
     shared: &SharedParse,
+    local: bool,
 ) -> Result<OwnStatement, ProtocolError> {
     let names = identity
         .settings
@@ -235,7 +274,7 @@ fn set_config_statement(
             sql.push_str(", ");
         }
         sql.push_str(&format!(
-            "pg_catalog.set_config({}, ${}, true)",
+            "pg_catalog.set_config({}, ${}, {local})",
             escape_literal(name),
             i + 1
         ));
@@ -270,6 +309,21 @@ fn set_local_statements(
     texts
         .iter()
         .map(|sql| OwnStatement::new(hasher, sql, &[0, 0], &text_params(&[])?))
+        .collect()
+}
+
+/// `SET <guc> = '<value>'` for each setting (session level: what a connection keeps).
+fn set_statements(
+    identity: &Identity,
+    hasher: &impl BuildHasher,
+) -> Result<Box<[OwnStatement]>, ProtocolError> {
+    identity
+        .settings
+        .iter()
+        .map(|(guc, value)| {
+            let sql = format!("SET {guc} = {}", escape_literal(value));
+            OwnStatement::new(hasher, &sql, &[0, 0], &text_params(&[])?)
+        })
         .collect()
 }
 

@@ -38,7 +38,7 @@ use crate::client::LoggedIn;
 use crate::config::PoolMode;
 use crate::error::{ClientError, UserFacing, sqlstate};
 use crate::guard::TxEffect;
-use crate::pool::{Checkout, HeldSettings, PoolError};
+use crate::pool::{Ambient, Checkout, HeldSettings, PoolError, Prefer, SequenceOwner};
 use crate::protocol::ProtocolError;
 use crate::protocol::backend::{self as be, TxStatus};
 use crate::protocol::frame::{Frame, FrameRef, try_read_frame};
@@ -56,12 +56,22 @@ const STREAM_AT: usize = 1 << 20;
 /// How long the last words to a leaving client may take.
 const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Which form of the kept context a connection takes (see inject::Context::kept_form).
+fn kept_form_for(conn: &crate::pool::ServerConn) -> inject::ContextForm {
+    match conn.may_set_config {
+        true => inject::ContextForm::SetConfig,
+        false => inject::ContextForm::SetLocal,
+    }
+}
+
 /// The hidden statement that seals a connection for a tenant (signed context).
 const SEAL: &str = "tenant seal";
 /// The `DISCARD SEQUENCES` between clients of different tenants (see `sync_settings`).
 const SEQUENCE_DISCARD: &str = "sequence discard";
 /// The `RESET ALL` between clients with different settings.
 const SETTINGS_RESET: &str = "settings reset";
+/// The `set_config(…, false)` that a connection keeps the client's context with.
+const KEEP_CONTEXT: &str = "kept context";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -864,7 +874,7 @@ impl Session {
         let Some(permit) = self.shared.limits.try_begin_transaction(&self.tenant_slot) else {
             return false;
         };
-        let Some(checkout) = self.shared.pool.try_checkout_now(self.sealed_for()) else {
+        let Some(checkout) = self.shared.pool.try_checkout_now(self.prefer()) else {
             return false;
         };
         self.tenant_permit = permit;
@@ -875,7 +885,7 @@ impl Session {
 
     async fn check_out(&mut self) -> Result<(), PoolError> {
         let started = self.admit(std::time::Instant::now()).await?;
-        let checkout = match self.shared.pool.checkout_for(self.sealed_for()).await {
+        let checkout = match self.shared.pool.checkout_for(self.prefer()).await {
             Ok(c) => c,
             Err(e) => {
                 e.count(&self.shared.metrics);
@@ -888,12 +898,123 @@ impl Session {
         Ok(())
     }
 
-    /// Signed context: the tenant whose sealed connections are preferred (no sealing again).
-    fn sealed_for(&self) -> Option<&str> {
-        self.shared
-            .sealer
-            .is_some()
-            .then_some(&*self.identity.tenant)
+    /// Which idle connection suits this client best: with the signed context one sealed for its
+    /// tenant (no sealing again), else one that keeps its context (none to send).
+    fn prefer(&self) -> Prefer<'_> {
+        if self.shared.sealer.is_some() {
+            return Prefer::Sealed(&self.identity.tenant);
+        }
+        match self.kept_key() {
+            Some(key) => Prefer::Kept(key),
+            None => Prefer::Recent,
+        }
+    }
+
+    /// The key of the context a connection may keep for this client (`[upstream]
+    /// keep_context`; see pool::Ambient). None where the context is sent every transaction:
+    /// transaction_wrap and Citus (SET LOCAL inside rlsgate's block), the signed context (its
+    /// seal is kept instead), a role claim (a session-level role changes more than settings).
+    fn kept_key(&self) -> Option<&bytes::Bytes> {
+        let upstream = &self.config.upstream;
+        if !upstream.keep_context
+            || upstream.transaction_wrap
+            || self.shared.sealer.is_some()
+            || self.identity.role.is_some()
+        {
+            return None;
+        }
+        self.context.key()
+    }
+
+    /// Before a transaction on a connection with nothing in flight: a context the connection
+    /// keeps for another client (another tenant, or this client before a reauth changed its
+    /// claims) is taken off with `RESET ALL`, awaited, so that nothing of this client's ever
+    /// runs under it (see pool::Ambient). A connection that cannot be cleaned is closed and the
+    /// session ends, as when rlsgate's other statements between clients fail.
+    async fn clear_foreign_context(&mut self) -> Result<(), SessionError> {
+        let key = self.kept_key().cloned();
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if server.conn_ref().ambient.safe_for(key.as_deref()) {
+            return Ok(());
+        }
+        match Box::pin(crate::pool::clear_context(server.conn())).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "a statement rlsgate runs between clients failed; ending the session");
+                self.cancel.slot.clear().await;
+                drop(self.server.take());
+                self.account_release();
+                Err(SessionError::Cleanup(format!("RESET ALL: {e}")))
+            }
+        }
+    }
+
+    /// Before a transaction, when the connection served this client's tenant last and keeps no
+    /// context yet: a hidden `set_config(…, false)` of the client's context, in a transaction
+    /// of its own ahead of the unit (which still brings its own context, since this one is not
+    /// confirmed yet). Once it answers without an error the connection keeps the context, and
+    /// transactions with the same context need none of their own (see pool::Ambient). Should
+    /// it fail, nothing is lost: the connection holds what it held.
+    fn keep_context(&mut self, served_tenant: bool) -> Result<(), SessionError> {
+        let Some(key) = self.kept_key().cloned() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let conn = server.conn();
+        if !served_tenant
+            || !matches!(conn.ambient, Ambient::Clear | Ambient::Maybe(_))
+            || !conn.ambient.safe_for(Some(&key))
+        {
+            return Ok(());
+        }
+        let statements = self
+            .context
+            .kept_form(
+                kept_form_for(conn),
+                &self.identity,
+                &shared.stmt_hasher,
+                &shared.kept_context_parse,
+            )
+            .map_err(|e| SessionError::Injection(e.to_string()))?;
+        for statement in statements {
+            frontend::prepare_own(statement, conn, &self.expect, &mut self.server_out);
+        }
+        for statement in statements {
+            self.server_out.extend_from_slice(&statement.run);
+        }
+        crate::protocol::frontend::write_sync(&mut self.server_out);
+        conn.ambient = Ambient::Setting(key);
+        self.expect_ready(Expect::HiddenQuery { what: KEEP_CONTEXT });
+        // (a cancel of the client's waits for it, as for rlsgate's other statements: it is
+        // meant for the client's own)
+        self.cancel.slot.hold();
+        Ok(())
+    }
+
+    /// The hidden `set_config(…, false)` failed: the connection holds what it held, and the
+    /// statement may not exist there (it is prepared again next time).
+    fn keep_context_failed(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let conn = server.conn();
+        conn.ambient.failed();
+        if let Ok(statements) = self.context.kept_form(
+            kept_form_for(conn),
+            &self.identity,
+            &shared.stmt_hasher,
+            &shared.kept_context_parse,
+        ) {
+            for statement in statements {
+                conn.prepared.retire(&statement.name);
+            }
+        }
     }
 
     /// The client holds `checkout` now (asked for at `started`).
@@ -1082,6 +1203,8 @@ impl Session {
                 prepared: None,
             });
         }
+        let served_tenant =
+            matches!(&conn.sequences, SequenceOwner::Tenant(t) if **t == *self.identity.tenant);
         let other_tenant = conn.sequences.hand_to(&self.identity.tenant);
         let discard_inline = other_tenant && inline_ok;
         let wanted = self.settings.wanted();
@@ -1091,11 +1214,15 @@ impl Session {
             conn.sealed = None;
         }
         if held && !other_tenant {
-            return self.seal();
+            self.seal()?;
+            return self.keep_context(served_tenant);
         }
         // Statements of their own (each its own implicit transaction), so that a replay that
         // fails cannot roll back the reset and leave the previous client's settings.
         let reset = !held && conn.settings != HeldSettings::Defaults;
+        if reset {
+            conn.ambient.reset_sent();
+        }
         conn.settings = HeldSettings::wanted(wanted);
         if other_tenant && !discard_inline {
             self.hidden_query("DISCARD SEQUENCES", SEQUENCE_DISCARD)?;
@@ -1120,6 +1247,8 @@ impl Session {
                 self.cancel.slot.hold();
             }
         }
+        // (its own transaction: before the inline discard, which goes into the unit's)
+        self.keep_context(served_tenant)?;
         if discard_inline {
             self.discard_inline();
         }

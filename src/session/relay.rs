@@ -29,6 +29,12 @@ impl Session {
                 be::ERROR_RESPONSE => {
                     let what = *what;
                     let n = be::notice_fields(frame.body()).unwrap_or_default();
+                    if what == super::KEEP_CONTEXT {
+                        // (the unit behind it brings its own context: nothing is lost)
+                        tracing::debug!(code = %n.code, message = %n.message, "keeping the tenant context on the connection failed");
+                        self.keep_context_failed();
+                        return Ok(());
+                    }
                     if what == super::SEAL {
                         // The connection may hold no seal or a broken one: the session ends
                         // and the connection is closed (a reply is still in flight).
@@ -452,6 +458,10 @@ impl Session {
                     let commit = Arc::clone(&self.shared.wrap_statements.commit.name);
                     self.context_statements_lost(&[commit]);
                 }
+                Some(Expect::HiddenQuery { what }) if what == super::KEEP_CONTEXT => {
+                    self.query_skipped();
+                    self.keep_context_failed();
+                }
                 Some(Expect::HiddenQuery { .. }) => {
                     self.query_skipped();
                     if let Some(server) = self.server.as_mut() {
@@ -683,7 +693,13 @@ impl Session {
             Expect::Sync { after }
             | Expect::Query { after, .. }
             | Expect::WrapCommit { after, .. } => after,
-            Expect::HiddenQuery { .. } => {
+            Expect::HiddenQuery { what } => {
+                if what == super::KEEP_CONTEXT
+                    && let Some(server) = self.server.as_mut()
+                {
+                    // (no error came: it committed; after one, `failed` left it unconfirmed)
+                    server.conn().ambient.confirmed();
+                }
                 if !self
                     .expect
                     .iter()
