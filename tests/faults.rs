@@ -1491,3 +1491,49 @@ async fn failed_cleanup_between_clients(keep_context: bool) {
     }
     proxy.stop().await;
 }
+
+/// The hidden statement that lets a connection keep the client's context fails (made unparsable
+/// on the way to the server): nothing reaches the client, every transaction still brings its own
+/// context, and once the statement goes through again the connection keeps the context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_keep_of_the_context_loses_nothing() {
+    let (relay, proxy) = behind_relay(1).await;
+    let north = client(&proxy, "north").await;
+    let check = |round: u32| {
+        let north = &north;
+        async move {
+            let row = north
+                .query_one(
+                    "SELECT current_setting('app.current_store_id'), count(*) FROM customers",
+                    &[],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            assert_eq!(row.get::<_, String>(0), "north", "round {round}");
+            assert!(row.get::<_, i64>(1) >= 3, "round {round}");
+            let msgs = north
+                .simple_query("SELECT current_setting('app.current_store_id')")
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            assert!(msgs.iter().any(|m| matches!(m,
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("north"))));
+        }
+    };
+    let log_from = std::fs::metadata(pg().log_path()).map_or(0, |m| m.len()) as usize;
+    // (demo.sql revokes set_config: the kept form is `SET app.… = '…'`)
+    relay.set(Dir::ToServer, Mode::Rewrite("SET app.", "SEX app."));
+    for round in 0..6 {
+        check(round).await;
+    }
+    relay.set(Dir::ToServer, Mode::Pass);
+    let log = std::fs::read(pg().log_path()).expect("server log");
+    let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
+    assert!(
+        log.contains("SEX app.current_store_id"),
+        "the connection never tried to keep the context: the check proves nothing"
+    );
+    for round in 6..12 {
+        check(round).await;
+    }
+    proxy.stop().await;
+}
