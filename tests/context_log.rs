@@ -13,18 +13,6 @@ use support::*;
 
 const WARNING: &str = "SET LOCAL can only be used in transaction blocks";
 
-/// The server log written since `from` (bytes).
-fn log_since(from: u64) -> String {
-    let bytes = std::fs::read(pg().log_path()).expect("server log");
-    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
-}
-
-fn log_len() -> u64 {
-    std::fs::metadata(pg().log_path())
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
 async fn tenant_of(c: &tokio_postgres::Client, sql: &str) -> String {
     c.query_one(sql, &[])
         .await
@@ -131,9 +119,9 @@ async fn the_context_leaves_the_server_log_clean_and_falls_back_when_set_config_
     );
     // pool of 1: every transaction switches tenants on the one connection
     let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
-    let from = log_len();
+    let from = server_log_len();
     workload(&proxy, false).await;
-    let log = log_since(from);
+    let log = server_log_since(from);
     assert!(!log.contains(WARNING), "the server log got:\n{log}");
     assert!(
         !log.contains("ERROR") && !log.contains("WARNING"),
@@ -148,8 +136,8 @@ async fn the_context_leaves_the_server_log_clean_and_falls_back_when_set_config_
         "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC;",
     );
     let proxy = start_proxy_with(&db, &config_text(&db, 1, "")).await;
-    let from = log_len();
+    let from = server_log_len();
     workload(&proxy, true).await;
-    assert!(log_since(from).contains(WARNING));
+    assert!(server_log_since(from).contains(WARNING));
     proxy.stop().await;
 }

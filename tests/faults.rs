@@ -1519,17 +1519,15 @@ async fn a_failed_keep_of_the_context_loses_nothing() {
                 tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("north"))));
         }
     };
-    let log_from = std::fs::metadata(pg().log_path()).map_or(0, |m| m.len()) as usize;
+    let log_from = server_log_len();
     // (demo.sql revokes set_config: the kept form is `SET app.… = '…'`)
     relay.set(Dir::ToServer, Mode::Rewrite("SET app.", "SEX app."));
     for round in 0..6 {
         check(round).await;
     }
     relay.set(Dir::ToServer, Mode::Pass);
-    let log = std::fs::read(pg().log_path()).expect("server log");
-    let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
     assert!(
-        log.contains("SEX app.current_store_id"),
+        server_log_since(log_from).contains("SEX app.current_store_id"),
         "the connection never tried to keep the context: the check proves nothing"
     );
     for round in 6..12 {

@@ -9,18 +9,6 @@ mod support;
 
 use support::*;
 
-/// The server log written since `from` (bytes).
-fn log_since(from: u64) -> String {
-    let bytes = std::fs::read(pg().log_path()).expect("server log");
-    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
-}
-
-fn log_len() -> u64 {
-    std::fs::metadata(pg().log_path())
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
 /// A proxy with one connection whose second context setting (`app.kept_probe`, from `sub`)
 /// names only this test's statements in the server log (every statement of the database's
 /// upstream role is logged).
@@ -70,7 +58,7 @@ async fn tenant(c: &tokio_postgres::Client) -> String {
 async fn transactions_on_a_connection_that_keeps_the_context_send_none() {
     let (proxy, db) = logged_proxy(true).await;
     let north = client(&proxy, "north").await;
-    let from = log_len();
+    let from = server_log_len();
     for _ in 0..20 {
         assert_eq!(count(&north, "customers").await, 3);
         assert_eq!(tenant(&north).await, "north");
@@ -92,7 +80,7 @@ async fn transactions_on_a_connection_that_keeps_the_context_send_none() {
         north.batch_execute("COMMIT").await.expect("commit");
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (per_transaction, kept) = context_runs(&log_since(from), &db);
+    let (per_transaction, kept) = context_runs(&server_log_since(from), &db);
     // 65 transactions: the first ones bring their context until the connection keeps it
     assert_eq!(kept, 1, "the connection took the context once");
     assert!(
@@ -106,7 +94,7 @@ async fn transactions_on_a_connection_that_keeps_the_context_send_none() {
 async fn off_every_transaction_sends_the_context() {
     let (proxy, db) = logged_proxy(false).await;
     let north = client(&proxy, "north").await;
-    let from = log_len();
+    let from = server_log_len();
     for _ in 0..10 {
         // (one unit each; an extended query with a Describe first is two)
         let msgs = north
@@ -117,7 +105,7 @@ async fn off_every_transaction_sends_the_context() {
             tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("3"))));
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(context_runs(&log_since(from), &db), (10, 0));
+    assert_eq!(context_runs(&server_log_since(from), &db), (10, 0));
     proxy.stop().await;
 }
 

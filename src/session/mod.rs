@@ -932,13 +932,17 @@ impl Session {
     /// runs under it (see pool::Ambient). A connection that cannot be cleaned is closed and the
     /// session ends, as when rlsgate's other statements between clients fail.
     async fn clear_foreign_context(&mut self) -> Result<(), SessionError> {
-        let key = self.kept_key().cloned();
+        let key = self.kept_key().map(|k| &k[..]);
+        let safe = self
+            .server
+            .as_ref()
+            .is_none_or(|server| server.conn_ref().ambient.safe_for(key));
+        if safe {
+            return Ok(());
+        }
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
-        if server.conn_ref().ambient.safe_for(key.as_deref()) {
-            return Ok(());
-        }
         match Box::pin(crate::pool::clear_context(server.conn())).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -958,7 +962,19 @@ impl Session {
     /// transactions with the same context need none of their own (see pool::Ambient). Should
     /// it fail, nothing is lost: the connection holds what it held.
     fn keep_context(&mut self, served_tenant: bool) -> Result<(), SessionError> {
-        let Some(key) = self.kept_key().cloned() else {
+        if !served_tenant {
+            return Ok(());
+        }
+        // (only a connection that keeps nothing, or maybe this context: no key cloned otherwise)
+        let due = match (self.kept_key(), self.server.as_ref()) {
+            (Some(key), Some(server)) => match &server.conn_ref().ambient {
+                Ambient::Clear => true,
+                Ambient::Maybe(k) => k == key,
+                Ambient::Setting(_) | Ambient::Kept(_) => false,
+            },
+            _ => false,
+        };
+        let (true, Some(key)) = (due, self.kept_key().cloned()) else {
             return Ok(());
         };
         let shared = Arc::clone(&self.shared);
@@ -966,12 +982,6 @@ impl Session {
             return Ok(());
         };
         let conn = server.conn();
-        if !served_tenant
-            || !matches!(conn.ambient, Ambient::Clear | Ambient::Maybe(_))
-            || !conn.ambient.safe_for(Some(&key))
-        {
-            return Ok(());
-        }
         let statements = self
             .context
             .kept_form(

@@ -195,6 +195,17 @@ pub async fn client(proxy: &Proxy, store: &str) -> tokio_postgres::Client {
         .expect("connect through rlsgate")
 }
 
+/// Length of the test cluster's server log now (bytes): where [`server_log_since`] starts.
+pub fn server_log_len() -> u64 {
+    std::fs::metadata(pg().log_path()).map_or(0, |m| m.len())
+}
+
+/// The test cluster's server log written since `from` (bytes).
+pub fn server_log_since(from: u64) -> String {
+    let bytes = std::fs::read(pg().log_path()).expect("server log");
+    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
+}
+
 /// Superuser SQL straight to Postgres (to check what reached the server).
 pub fn admin_sql(db: &str, sql: &str) -> String {
     pg().psql(db, sql).expect("admin sql").trim().to_string()
